@@ -1,0 +1,1 @@
+"""Benchmarks, the evaluation substrate and the accuracy harness (``prhs-bench``)."""
