@@ -1,0 +1,350 @@
+"""Triton decode attention over selected KV positions ("attend"), GQA-aware split-K.
+
+Semantics (see ``attend_triton``): for every query row, softmax over the selected slots
+``idx[b, h // G, :]`` that are not ``-1`` (and that the mask allows), then the weighted sum
+of the matching V rows. Nothing gathered is ever written to memory: each program reads the
+selected K/V rows straight from the (possibly strided, static) cache.
+
+Two kernels (flash-decoding):
+
+1. ``_attend_split_kernel``, grid ``(B * Hkv, num_splits, m_blocks)``. One program owns one
+   KV head of one batch row and a contiguous range of slots. Decode is memory bound and the
+   G query heads of a group share their K/V rows, so the program treats the ``G * Tq`` query
+   rows of the group as the M side of a small matmul and reads every selected K/V row once
+   for all of them. It writes an fp32 partial (normalised output, log-sum-exp) per split, or
+   the final output directly when there is a single split (saves a launch and the scratch).
+2. ``_attend_combine_kernel``, grid ``(B * Hq * Tq,)``: merges the splits of one query row.
+
+Everything is decided from shapes on the host; no tensor values are read there, so the call
+can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attend_triton"]
+
+# Scores are kept in the log2 domain so the kernels can use exp2 (a single MUFU op on GPU).
+_LOG2E = 1.4426950408889634
+
+_MASK_NONE = 0
+_MASK_BOOL = 1
+_MASK_ADD = 2
+
+# H100 SXM; only used when no CUDA device is visible (interpreter runs), where the value
+# merely decides how many splits the tests exercise.
+_DEFAULT_NUM_SMS = 132
+
+
+@triton.jit
+def _attend_split_kernel(
+    Q, K, V, IDX, MASK, O_PART, LSE_PART, OUT,
+    qk_scale_log2,
+    Hkv, G, Tq, S, L, num_splits, blocks_per_split,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ib, stride_ih, stride_is,
+    stride_mb, stride_mh, stride_mt, stride_ml,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    # int64 bases: a static cache of B * Hkv * L * D elements passes 2**31 at realistic sizes.
+    b = (pid_bh // Hkv).to(tl.int64)
+    hkv = (pid_bh % Hkv).to(tl.int64)
+    M = G * Tq
+
+    # Row m of the tile is query head hkv * G + m // Tq at query position m % Tq, so the rows
+    # of one group are contiguous in a [B, Hq, Tq, *] layout: row id = pid_bh * M + m.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    head = hkv * G + (offs_m // Tq).to(tl.int64)
+    tpos = (offs_m % Tq).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < DV
+
+    q = tl.load(
+        Q + b * stride_qb + head[:, None] * stride_qh + tpos[:, None] * stride_qt
+        + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    idx_base = IDX + b * stride_ib + hkv * stride_ih
+    mask_rows = MASK + b * stride_mb + head[:, None] * stride_mh + tpos[:, None] * stride_mt
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    lo = split * blocks_per_split * BLOCK_N
+    hi = tl.minimum(lo + blocks_per_split * BLOCK_N, S)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        pos = tl.load(idx_base + offs_n * stride_is, mask=offs_n < hi, other=-1)
+        # -1 slots (and, defensively, anything outside the cache) become predicated-off
+        # loads: they cost no memory traffic, which is what matters for a bandwidth-bound
+        # kernel. A branch skipping whole empty blocks would stop Triton from pipelining
+        # the K/V loads, so it is not worth it.
+        valid = (pos >= 0) & (pos < L)
+        pos64 = pos.to(tl.int64)
+
+        k = tl.load(
+            k_base + pos64[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+            mask=valid[:, None] & d_ok[None, :], other=0.0,
+        )
+        # "ieee" keeps fp32 inputs out of TF32; for bf16/fp16 it changes nothing.
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = s * qk_scale_log2
+        if MASK_KIND == 1:
+            mv = tl.load(mask_rows + pos64[None, :] * stride_ml,
+                         mask=m_ok[:, None] & valid[None, :], other=0)
+            s = tl.where(valid[None, :] & (mv != 0), s, float("-inf"))
+        elif MASK_KIND == 2:
+            bias = tl.load(mask_rows + pos64[None, :] * stride_ml,
+                           mask=m_ok[:, None] & valid[None, :], other=0.0)
+            s = tl.where(valid[None, :], s + bias.to(tl.float32) * 1.4426950408889634,
+                         float("-inf"))
+        else:
+            s = tl.where(valid[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # While a row has seen nothing allowed, m is -inf; subtracting 0 instead keeps
+        # exp2(-inf - -inf) = NaN out, and every p and alpha stays exactly 0.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(
+            v_base + pos64[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
+            mask=valid[:, None] & dv_ok[None, :], other=0.0,
+        )
+        # P is rounded to V's dtype, as the tensor cores need; DOT_F32 keeps that rounding.
+        pv = p.to(v.dtype)
+        if DOT_F32:
+            pv = tl.dot(pv.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(pv, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    # A row with nothing allowed keeps l = 0 and acc = 0: dividing by 1 gives the zeros the
+    # contract asks for (and a -inf lse, i.e. zero weight in the combine).
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    row = pid_bh.to(tl.int64) * M + offs_m
+    if DIRECT:
+        tl.store(OUT + row[:, None] * DV + offs_dv[None, :], o.to(OUT.dtype.element_ty),
+                 mask=m_ok[:, None] & dv_ok[None, :])
+    else:
+        part = row * num_splits + split
+        tl.store(O_PART + part[:, None] * DV + offs_dv[None, :], o,
+                 mask=m_ok[:, None] & dv_ok[None, :])
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(LSE_PART + part, lse, mask=m_ok)
+
+
+@triton.jit
+def _attend_combine_kernel(
+    O_PART, LSE_PART, OUT, num_splits,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLITS_P2: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_P2)
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits,
+                  other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    denom = tl.sum(tl.exp2(lse - lse_max), 0)
+
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < DV
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    # Loop over splits rather than loading a [splits, DV] tile: with many splits and DV=256
+    # the tile would not fit in registers.
+    for sp in range(0, num_splits):
+        w = tl.exp2(tl.load(LSE_PART + row * num_splits + sp) - lse_max)
+        o = tl.load(O_PART + (row * num_splits + sp) * DV + offs_dv, mask=dv_ok, other=0.0)
+        acc += w * o
+    out = acc / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(OUT + row * DV + offs_dv, out.to(OUT.dtype.element_ty), mask=dv_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_NUM_SMS
+
+
+def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int, int]:
+    """Return ``(num_splits, blocks_per_split)`` for ``n_blocks`` slot blocks per KV head.
+
+    Decode attention is bandwidth bound, and one SM cannot pull its share of HBM bandwidth
+    with a single resident program whose loads are dependent gathers (idx, then K/V). So aim
+    for about 4 programs per SM in total (one wave, several resident per SM to hide load
+    latency). Splitting beyond that only adds partial-result traffic and a bigger combine.
+    ``n_base_programs`` (B * Hkv * m_blocks) already fills the machine for large batches,
+    in which case one split is kept and the combine kernel is skipped entirely. The splits
+    are then evened out so that none is empty and their lengths differ by at most a block.
+    """
+    target = 4 * num_sms
+    splits = max(1, min(triton.cdiv(target, max(1, n_base_programs)), n_blocks))
+    blocks_per_split = triton.cdiv(n_blocks, splits)
+    return triton.cdiv(n_blocks, blocks_per_split), blocks_per_split
+
+
+def _kernel_config(d: int, dv: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages). Big head dims halve BLOCK_N to keep the K and V tiles (and the
+    fp32 accumulator) in registers without spilling."""
+    if max(d, dv) > 128:
+        return 32, 4, 2
+    return 64, 4, 2
+
+
+def _mask_operand(mask: torch.Tensor, B: int, Hq: int, Tq: int, L: int):
+    m4 = mask
+    while m4.dim() < 4:
+        m4 = m4.unsqueeze(0)
+    if m4.dim() != 4:
+        raise ValueError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
+    if m4.shape[0] not in (1, B) or m4.shape[1] not in (1, Hq) or m4.shape[2] not in (1, Tq):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                         f"[{B}, 1, {Tq}, {L}]")
+    # A static-cache mask may be longer than the K/V view passed in; only columns < L are
+    # ever gathered, so the extra ones are harmless.
+    if m4.shape[3] != 1 and m4.shape[3] < L:
+        raise ValueError(f"mask last dim {m4.shape[3]} is shorter than the cache length {L}")
+    if m4.dtype == torch.bool:
+        kind = _MASK_BOOL
+        # Same itemsize, so this is a free reinterpretation; it avoids relying on how each
+        # Triton version lowers loads through an i1 pointer.
+        m4 = m4.view(torch.uint8)
+    elif m4.is_floating_point():
+        kind = _MASK_ADD
+    else:
+        raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
+    # Broadcast dims read with stride 0 (no copy); expand already does that for the ones it
+    # grows, and a size-1 dim that stays size 1 may carry any stride, so zero it too.
+    strides = [0 if m4.shape[i] == 1 else m4.stride(i) for i in range(4)]
+    return m4, kind, strides
+
+
+def attend_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Attention of ``q`` over the KV positions listed in ``idx``.
+
+    q: [B, Hq, Tq, D]; k: [B, Hkv, L, D]; v: [B, Hkv, L, Dv], any strides; Hq % Hkv == 0 and
+    query head h reads KV head h // (Hq // Hkv). idx: [B, Hkv, S] integer positions in
+    [0, L), unique within a row, any order, -1 for an empty slot. mask: None, or bool
+    (True = may attend) / float (additive bias) broadcastable to [B, 1, Tq, L]; only the
+    entries at the selected positions are read. Softmax of ``q . k * scale`` (fp32) over the
+    valid slots; a query row with no valid slot yields zeros. Returns [B, Hq, Tq, Dv] in
+    q's dtype. ``scale`` defaults to 1/sqrt(D).
+
+    ``num_splits`` / ``block_n`` override the heuristics (tests and benchmarks).
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or idx.dim() != 3:
+        raise ValueError("expected q, k, v of rank 4 and idx of rank 3")
+    B, Hq, Tq, D = q.shape
+    Bk, Hkv, L, Dk = k.shape
+    if (Bk, Dk) != (B, D) or tuple(v.shape[:3]) != (B, Hkv, L):
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"Hq={Hq} is not a multiple of Hkv={Hkv}")
+    if tuple(idx.shape[:2]) != (B, Hkv):
+        raise ValueError(f"idx shape {tuple(idx.shape)} does not match [B={B}, Hkv={Hkv}, S]")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"idx must be int32 or int64, got {idx.dtype}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (
+            torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q/k/v must share one of fp16/bf16/fp32, got "
+                        f"{q.dtype}/{k.dtype}/{v.dtype}")
+    Dv = v.shape[3]
+    S = idx.shape[2]
+    G = Hq // Hkv
+    M = G * Tq
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+
+    out = torch.empty((B, Hq, Tq, Dv), dtype=q.dtype, device=q.device)
+    if B == 0 or Hq == 0 or Tq == 0 or Dv == 0:
+        return out
+
+    cfg_block_n, num_warps, num_stages = _kernel_config(D, Dv)
+    if block_n is None:
+        # Short selections would waste most of a 64-wide block on padding.
+        block_n = min(cfg_block_n, max(16, triton.next_power_of_2(S)))
+    # tl.dot needs every tile side >= 16 on GPU; padding rows/columns are masked off.
+    BLOCK_M = min(64, max(16, triton.next_power_of_2(M)))
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_DV = max(16, triton.next_power_of_2(Dv))
+    m_blocks = triton.cdiv(M, BLOCK_M)
+
+    n_blocks = max(1, triton.cdiv(S, block_n))
+    if num_splits is None:
+        num_splits, blocks_per_split = _pick_splits(n_blocks, B * Hkv * m_blocks,
+                                                    _num_sms(q.device))
+    else:
+        blocks_per_split = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks)))
+        num_splits = triton.cdiv(n_blocks, blocks_per_split)
+
+    if mask is None:
+        mask_t, mask_kind, ms = q, _MASK_NONE, [0, 0, 0, 0]
+    else:
+        mask_t, mask_kind, ms = _mask_operand(mask, B, Hq, Tq, L)
+
+    direct = num_splits == 1
+    if direct:
+        o_part = lse_part = out  # unused placeholders
+    else:
+        o_part = torch.empty((B * Hq * Tq, num_splits, Dv), dtype=torch.float32,
+                             device=q.device)
+        lse_part = torch.empty((B * Hq * Tq, num_splits), dtype=torch.float32,
+                               device=q.device)
+
+    _attend_split_kernel[(B * Hkv, num_splits, m_blocks)](
+        q, k, v, idx, mask_t, o_part, lse_part, out,
+        float(scale) * _LOG2E,
+        Hkv, G, Tq, S, L, num_splits, blocks_per_split,
+        *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *ms,
+        D=D, DV=Dv, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+        MASK_KIND=mask_kind, DIRECT=direct,
+        # The Triton interpreter (the only way CPU tensors get here) multiplies bf16 tiles as
+        # their raw uint16 bit patterns; upcasting first is exact and sidesteps that.
+        DOT_F32=q.device.type != "cuda" and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not direct:
+        _attend_combine_kernel[(B * Hq * Tq,)](
+            o_part, lse_part, out, num_splits,
+            DV=Dv, BLOCK_DV=BLOCK_DV, SPLITS_P2=triton.next_power_of_2(num_splits),
+            num_warps=4 if BLOCK_DV >= 128 else 2,
+        )
+    return out

@@ -1,0 +1,79 @@
+"""The ``prhs`` custom ops: schemas, fake (meta) implementations and device dispatch.
+
+* ``prhs::select(q, k, mask, scale, plan, state) -> idx``  pick positions for one decode step
+* ``prhs::attend(q, k, v, idx, mask, scale) -> out``       attend over the picked positions
+* ``prhs::prefill(q, k, mask, is_causal, scale, plan, state)``  reset state for a new sequence
+
+``q`` is ``[B, Hq, Tq, D]`` and ``k``/``v`` are the raw (not GQA-expanded) cache
+``[B, Hkv, L, D]``. ``plan`` is an encoded :class:`~kernels.plan.SelectPlan`. ``state`` is the
+layer's list of state tensors (see ``select_reference.py``), mutated in place so the whole
+step stays inside the graph (and inside a CUDA graph).
+
+Fake implementations only compute shapes, so symbolic sequence lengths trace; importing this
+module never imports Triton.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .attend_reference import attend_reference
+from .plan import decode_plan
+from .rules import get_rule
+from .select_reference import prefill_reference, select_reference
+
+
+@torch.library.custom_op("prhs::select", mutates_args=("state",))
+def select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    plan: str,
+    state: list[torch.Tensor],
+) -> torch.Tensor:
+    return select_reference(q, k, mask, scale, decode_plan(plan), state)
+
+
+@select.register_fake
+def _select_fake(q, k, mask, scale, plan, state):
+    p = decode_plan(plan)
+    slots = k.shape[2] if get_rule(p.policy).all_positions else p.slots
+    return k.new_empty((q.shape[0], k.shape[1], slots), dtype=torch.int32)
+
+
+@torch.library.custom_op("prhs::attend", mutates_args=())
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    return attend_reference(q, k, v, idx, mask, scale)
+
+
+@attend.register_fake
+def _attend_fake(q, k, v, idx, mask, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("prhs::prefill", mutates_args=("state",))
+def prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    is_causal: bool,
+    scale: float,
+    plan: str,
+    state: list[torch.Tensor],
+) -> None:
+    prefill_reference(q, k, mask, is_causal, scale, decode_plan(plan), state)
+
+
+@prefill.register_fake
+def _prefill_fake(q, k, mask, is_causal, scale, plan, state):
+    return None

@@ -1,0 +1,65 @@
+"""The static description of one rewritten attention call: a ``SelectPlan``.
+
+The graph pass builds one plan per attention call and passes it to the custom ops as a short
+``key=value;...`` string. A string (rather than an integer handle into a process-local table)
+keeps the rewritten graph self-describing: it reads well in graph dumps and snapshots, and a
+graph restored from Inductor's FX-graph cache in another process means the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectPlan:
+    """What one layer's ``select`` does. All fields are static for a compiled graph."""
+
+    policy: str
+    layer: int
+    budget: int  # positions attended per KV head, sinks and local window included
+    sink: int = 0  # first valid positions always kept
+    local: int = 0  # most recent valid positions always kept
+    min_context: int = 0  # rows with fewer valid positions attend to all of them
+    tau: float = 0.8  # cosine gate for reusing a selection (policies that reuse)
+    dilation_m: int = -1  # top positions whose neighbours are pulled in; -1: a third of the top-k
+    dilation_r: int = 1  # neighbourhood radius of the dilation
+    max_reuse: int = 16  # a reused selection is refreshed after this many steps
+    verify: bool = False  # measure the exact dropped attention mass every step (host sync)
+
+    @property
+    def slots(self) -> int:
+        """Number of index slots ``select`` returns per (batch row, KV head).
+
+        Rows with fewer than ``min_context`` valid positions attend to all of them, so the
+        slot count must hold ``min_context`` positions as well as ``budget``.
+        """
+        return max(self.budget, self.min_context)
+
+    def encode(self) -> str:
+        """``policy=oracle;layer=3;budget=256;sink=4`` (fields at their default are left out)."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name not in _ALWAYS_ENCODED and value == f.default:
+                continue
+            parts.append(f"{f.name}={int(value) if isinstance(value, bool) else value}")
+        return ";".join(parts)
+
+
+_ALWAYS_ENCODED = ("policy", "layer", "budget")
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(SelectPlan)}
+_CASTS = {"str": str, "int": int, "float": float, "bool": lambda s: bool(int(s))}
+
+
+@functools.lru_cache(maxsize=None)
+def decode_plan(text: str) -> SelectPlan:
+    """Inverse of :meth:`SelectPlan.encode` (cached: the ops call it on every step)."""
+    values = {}
+    for part in text.split(";"):
+        name, _, raw = part.partition("=")
+        if name not in _FIELD_TYPES:
+            raise ValueError(f"unknown select-plan field {name!r} in {text!r}")
+        values[name] = _CASTS[_FIELD_TYPES[name]](raw)
+    return SelectPlan(**values)

@@ -1,0 +1,180 @@
+"""Pure-torch reference of ``prhs::select`` and ``prhs::prefill``.
+
+This is the oracle the Triton kernels are tested against and the implementation CPU runs
+use. It favours clarity over speed: it materialises scores over the whole cache.
+
+State layout (one list of tensors per attention call, shared by the prefill and decode graphs
+of a model):
+
+* ``pos``         int64 ``[Bc]``       newest valid position seen at the last call (-1: none)
+* ``fingerprint`` fp32  ``[Bc, D]``    key of KV head 0 at ``pos``: detects a cache that no
+                                       longer holds the sequence the state was built on
+                                       (new prompt, reordered beams)
+* ``counters``    int64 ``[4]``        decode calls, (row, KV head) slots, retrievals, resets
+* then whatever the policy's rule declares.
+
+``Bc`` may exceed the batch size (a graph with a symbolic batch allocates for the largest);
+only the first ``B`` rows are used.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from .plan import SelectPlan
+from .rules import get_rule
+
+COUNTER_NAMES = ("decode_calls", "slots", "retrievals", "resets")
+CALLS, SLOTS, RETRIEVALS, RESETS = range(len(COUNTER_NAMES))
+COUNTERS_INDEX = 2  # position of ``counters`` in every state list (see state_spec)
+
+# Called with (layer, dropped_mass[B, Hq, Tq]) when a plan has verify=True. The public
+# package installs its stats recorder here; kernels never import it.
+dropped_mass_listeners: list[Callable[[int, torch.Tensor], None]] = []
+
+
+def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int):
+    """``{name: (shape, dtype, fill)}`` of every state tensor, in the order the ops take them."""
+    spec = {
+        "pos": ((batch,), torch.int64, -1),
+        "fingerprint": ((batch, head_dim), torch.float32, 0.0),
+        "counters": ((len(COUNTER_NAMES),), torch.int64, 0),
+    }
+    spec.update(get_rule(plan.policy).state_spec(plan, batch, q_heads, kv_heads, head_dim))
+    return spec
+
+
+def _state_dict(plan: SelectPlan, state: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+    names = list(state_spec(plan, 1, q.shape[1], k.shape[1], k.shape[-1]))
+    if len(names) != len(state):
+        raise ValueError(f"policy {plan.policy!r} expects {len(names)} state tensors, got {len(state)}")
+    return dict(zip(names, state))
+
+
+class StepView:
+    """Everything a selection rule may look at during one call, computed on demand."""
+
+    def __init__(self, q, k, mask, scale: float, is_causal: bool = False):
+        self.q, self.k, self.scale = q, k, scale
+        self.batch, self.q_heads, self.q_len, self.head_dim = q.shape
+        self.kv_heads, self.kv_len = k.shape[1], k.shape[2]
+        self.group = self.q_heads // self.kv_heads
+        self.row_bias = _row_bias(mask, is_causal, self.batch, self.q_len, self.kv_len, q.device)
+        # A position may be selected when at least one query row may attend to it.
+        if self.row_bias is None:
+            self.valid = torch.ones(self.batch, self.kv_len, dtype=torch.bool, device=q.device)
+        else:
+            self.valid = (self.row_bias > float("-inf")).any(dim=1)
+        self.rank = self.valid.long().cumsum(-1) - 1  # order among valid positions
+        self.count = self.valid.sum(-1)  # [B]
+        positions = torch.arange(self.kv_len, device=q.device)
+        self.newest = torch.where(self.valid, positions, -1).amax(-1)  # [B], -1 if none
+
+    def windows(self, plan: SelectPlan) -> torch.Tensor:
+        """``[B, L]``: the first ``sink`` and last ``local`` valid positions of each row."""
+        sinks = self.rank < plan.sink
+        recent = self.rank >= (self.count[:, None] - plan.local)
+        return self.valid & (sinks | recent)
+
+    @functools.cached_property
+    def probs(self) -> torch.Tensor:
+        """Exact attention ``[B, Hkv, G, Tq, L]`` (fp32) over the valid positions."""
+        qg = self.q.reshape(self.batch, self.kv_heads, self.group, self.q_len, self.head_dim)
+        logits = torch.einsum("bhgtd,bhld->bhgtl", qg.float(), self.k.float()) * self.scale
+        if self.row_bias is not None:
+            logits = logits + self.row_bias[:, None, None]
+        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+    def no_retrieval(self) -> torch.Tensor:
+        return torch.zeros(self.batch, self.kv_heads, dtype=torch.bool, device=self.q.device)
+
+    def group_mass(self) -> torch.Tensor:
+        """``[B, Hkv, L]``: attention mass per position summed over the group's query rows."""
+        return self.probs.sum(dim=(2, 3))
+
+
+def _row_bias(mask, is_causal, batch, q_len, kv_len, device):
+    """Additive fp32 bias ``[B, Tq, L]`` (0 or finite bias where allowed, -inf elsewhere)."""
+    bias = None
+    if mask is not None:
+        m = mask.expand(batch, 1, q_len, kv_len)[:, 0]
+        if m.dtype == torch.bool:
+            bias = torch.zeros(m.shape, device=device).masked_fill(~m, float("-inf"))
+        else:
+            # Additive float masks: HF's older masks use finfo.min, not -inf, for "masked".
+            allowed = m > torch.finfo(m.dtype).min / 2
+            bias = m.float().masked_fill(~allowed, float("-inf"))
+    if is_causal:  # SDPA's is_causal is top-left aligned
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
+        causal_bias = torch.zeros(q_len, kv_len, device=device).masked_fill(~causal, float("-inf"))
+        bias = causal_bias.expand(batch, -1, -1) if bias is None else bias + causal_bias
+    return bias
+
+
+def _key_at(k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``k[b, 0, pos[b]]`` as fp32 ``[B, D]`` (positions clamped into range)."""
+    index = pos.clamp(0, k.shape[2] - 1)[:, None, None].expand(-1, 1, k.shape[-1])
+    return k[:, 0].gather(1, index)[:, 0].float()
+
+
+def keep_to_indices(keep: torch.Tensor, slots: int) -> torch.Tensor:
+    """Boolean ``[B, Hkv, L]`` keep-mask -> ascending int32 positions ``[B, Hkv, slots]``, -1 padded."""
+    length = keep.shape[-1]
+    positions = torch.arange(length, device=keep.device)
+    order = torch.where(keep, positions, positions + length)  # kept first, in position order
+    if length < slots:
+        order = torch.nn.functional.pad(order, (0, slots - length), value=2 * length)
+    chosen = order.sort(dim=-1).values[..., :slots]
+    return torch.where(chosen < length, chosen, -1).to(torch.int32)
+
+
+def select_reference(q, k, mask, scale: float, plan: SelectPlan, state: list[torch.Tensor]):
+    """One decode step of selection. Mutates ``state`` in place; returns int32 positions."""
+    view = StepView(q, k, mask, scale)
+    batch = view.batch
+    st = _state_dict(plan, state, q, k)
+    pos, fingerprint = st["pos"][:batch], st["fingerprint"][:batch]
+
+    # Does this row continue the sequence the state was built on? (Rules that reuse a
+    # selection must not reuse it otherwise.)
+    follows = (pos >= 0) & (view.newest == pos + view.q_len) & (pos < view.kv_len)
+    same_cache = (_key_at(k, pos) == fingerprint).all(-1)
+    view.continuing = follows & same_cache
+
+    rule = get_rule(plan.policy)
+    keep, retrieved = rule.choose(plan, view, st)
+    if not rule.all_positions:
+        # Rows that fit attend to everything: no selection, no retrieval.
+        fits = (view.count <= plan.budget) | (view.count < plan.min_context)
+        keep = torch.where(fits[:, None, None], view.valid[:, None, :], keep)
+        retrieved = retrieved & ~fits[:, None]
+    slots = view.kv_len if rule.all_positions else plan.slots
+    indices = keep_to_indices(keep, slots)
+
+    counters = st["counters"]
+    counters[CALLS] += 1
+    counters[SLOTS] += batch * view.kv_heads
+    counters[RESETS] += (~view.continuing).sum()
+    counters[RETRIEVALS] += retrieved.sum()
+    pos.copy_(view.newest)
+    fingerprint.copy_(_key_at(k, view.newest))
+
+    if plan.verify and dropped_mass_listeners:
+        kept_mass = (view.probs * keep[:, :, None, None, :]).sum(-1)  # [B, Hkv, G, Tq]
+        dropped = (1.0 - kept_mass).clamp_min(0.0).reshape(batch, view.q_heads, view.q_len)
+        for listener in dropped_mass_listeners:
+            listener(plan.layer, dropped)
+    return indices
+
+
+def prefill_reference(q, k, mask, is_causal: bool, scale: float, plan: SelectPlan, state):
+    """A new sequence starts: remember where it ends, let the rule forget the old one."""
+    view = StepView(q, k, mask, scale, is_causal)
+    st = _state_dict(plan, state, q, k)
+    batch = view.batch
+    st["pos"][:batch].copy_(view.newest)
+    st["fingerprint"][:batch].copy_(_key_at(k, view.newest))
+    get_rule(plan.policy).on_prefill(plan, view, st)

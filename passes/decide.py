@@ -1,0 +1,82 @@
+"""Decide, for each attention call, whether it is rewritten and why not when it is not.
+
+A decision is one of
+* ``decode``  -> ``prhs.select`` + ``prhs.attend`` replace the SDPA call;
+* ``prefill`` -> SDPA stays, and ``prhs.prefill`` resets the layer's selection state;
+* ``dense``   -> SDPA stays untouched, with a reason that is logged and shown by ``explain()``.
+
+Every check names what it saw, so a user can tell why a layer stays dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .match import AttentionCall
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass
+class Decision:
+    layer: int
+    kind: str  # "decode" | "prefill" | "dense"
+    reason: str
+    module_path: str = ""
+
+    def __str__(self) -> str:
+        return f"layer {self.layer}: {self.kind} ({self.reason})"
+
+
+def decide(call: AttentionCall, max_decode_query_len: int, autograd: bool) -> Decision:
+    def dense(reason: str) -> Decision:
+        return Decision(call.layer, "dense", reason, call.module_path)
+
+    if autograd:
+        return dense("autograd is recording (grad mode on and inputs require grad): the select/attend ops have no backward; use torch.no_grad() or inference_mode() for decoding")
+    dropout = call.args["dropout_p"]
+    if not isinstance(dropout, (int, float)) or dropout != 0:
+        return dense(f"dropout_p={dropout}: only dropout-free attention is rewritten")
+
+    q, k, v = call.meta("query"), call.meta("key_source"), call.meta("value_source")
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return dense("query/key/value have no tensor metadata in the graph")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return dense(f"expected 4-D [B, H, T, D] query/key/value, got {q.dim()}-D/{k.dim()}-D/{v.dim()}-D")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return dense(f"dtypes query={q.dtype} key={k.dtype} value={v.dtype}: supported are float32, float16, bfloat16 (all equal)")
+    head_dim, value_dim = q.shape[-1], v.shape[-1]
+    if not isinstance(head_dim, int) or head_dim > MAX_HEAD_DIM or not isinstance(value_dim, int) or value_dim > MAX_HEAD_DIM:
+        return dense(f"head dim {head_dim} / value dim {value_dim}: supported up to {MAX_HEAD_DIM}")
+    q_heads, kv_heads = q.shape[1], k.shape[1]
+    if not isinstance(q_heads, int) or not isinstance(kv_heads, int) or q_heads % kv_heads:
+        return dense(f"{q_heads} query heads are not a multiple of {kv_heads} key/value heads")
+    if kv_heads != q_heads and not call.args["enable_gqa"] and not call.peeled_repeat_kv:
+        return dense(f"key has {kv_heads} heads for {q_heads} query heads without enable_gqa")
+    if k.shape[:3] != v.shape[:3] if all(isinstance(s, int) for s in (*k.shape[:3], *v.shape[:3])) else False:
+        return dense(f"key shape {tuple(k.shape)} and value shape {tuple(v.shape)} disagree")
+
+    mask = call.meta("attn_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            return dense(f"attn_mask of type {type(mask).__name__} is not a tensor")
+        if mask.dim() != 4 or not _is_one(mask.shape[1]):
+            return dense(f"attn_mask shape {tuple(mask.shape)}: only [B or 1, 1, Tq, L] masks (shared by all heads) are interpreted")
+        if mask.dtype != torch.bool and mask.dtype not in SUPPORTED_DTYPES:
+            return dense(f"attn_mask dtype {mask.dtype}: only bool or float additive masks are interpreted")
+
+    q_len = q.shape[2]
+    is_decode = isinstance(q_len, int) and q_len <= max_decode_query_len
+    if not is_decode:
+        what = "symbolic" if not isinstance(q_len, int) else str(q_len)
+        return Decision(call.layer, "prefill", f"query length {what} > max_decode_query_len={max_decode_query_len}: dense attention, selection state reset", call.module_path)
+    if call.args["is_causal"]:
+        return dense(f"is_causal=True with query length {q_len}: a top-left causal mask in a decode step is not a KV-cache decode")
+    return Decision(call.layer, "decode", f"query length {q_len}: select-then-attend", call.module_path)
+
+
+def _is_one(size) -> bool:
+    return isinstance(size, int) and size == 1

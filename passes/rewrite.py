@@ -1,0 +1,88 @@
+"""Rewrite eligible SDPA calls into ``prhs.select`` + ``prhs.attend``.
+
+Decode call (before -> after)::
+
+    key = repeat_kv(k_cache); value = repeat_kv(v_cache)
+    out = scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=s)
+  ->
+    idx = torch.ops.prhs.select(q, k_cache, mask, s, plan, [state...])
+    out = torch.ops.prhs.attend(q, k_cache, v_cache, idx, mask, s)
+
+Prefill call: SDPA stays, followed by ``torch.ops.prhs.prefill(q, k_cache, mask, is_causal,
+s, plan, [state...])``, which resets the layer's state for the new sequence.
+
+The state tensors are registered as buffers of the graph module (``get_attr`` nodes); the same
+tensor objects are shared by every graph compiled for the same attention module, so the
+prefill graph can reset what the decode graph reads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from .decide import Decision
+from .match import AttentionCall
+
+# (call, plan, batch capacity) -> the layer's state tensors, in the ops' order
+StateProvider = Callable[[AttentionCall, object, int], list]
+
+
+def rewrite_calls(
+    gm: fx.GraphModule,
+    calls: list[AttentionCall],
+    decisions: list[Decision],
+    make_plan: Callable[[int], object],
+    state_for: StateProvider,
+    max_batch_size: int,
+) -> None:
+    graph = gm.graph
+    for index, (call, decision) in enumerate(zip(calls, decisions)):
+        if decision.kind == "dense":
+            continue
+        plan = make_plan(call.layer)
+        q_val = call.meta("query")
+        batch = q_val.shape[0]
+        capacity = batch if isinstance(batch, int) else max_batch_size
+        state = state_for(call, plan, capacity)
+        scale = call.args["scale"]
+        if scale is None:
+            scale = 1.0 / math.sqrt(q_val.shape[-1])
+        node = call.node
+        with graph.inserting_before(node):
+            state_nodes = []
+            for i, tensor in enumerate(state):
+                name = f"_prhs_state_{index}_{i}"
+                gm.register_buffer(name, tensor, persistent=False)
+                state_nodes.append(graph.get_attr(name))
+        q, k, v, mask = call.args["query"], call.key_source, call.value_source, call.args["attn_mask"]
+        plan_text = plan.encode()
+        if decision.kind == "decode":
+            with graph.inserting_before(node):
+                idx = graph.call_function(torch.ops.prhs.select.default, (q, k, mask, float(scale), plan_text, state_nodes))
+                out = graph.call_function(torch.ops.prhs.attend.default, (q, k, v, idx, mask, float(scale)))
+            out.meta.update({key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta})
+            node.replace_all_uses_with(out)
+            old_key, old_value = call.args["key"], call.args["value"]
+            graph.erase_node(node)
+            _erase_if_unused(graph, old_key)
+            _erase_if_unused(graph, old_value)
+        else:  # prefill: keep dense attention, reset the selection state
+            with graph.inserting_after(node):
+                graph.call_function(
+                    torch.ops.prhs.prefill.default,
+                    (q, k, mask, bool(call.args["is_causal"]), float(scale), plan_text, state_nodes),
+                )
+    graph.lint()
+    gm.recompile()
+
+
+def _erase_if_unused(graph: fx.Graph, node) -> None:
+    """Remove the peeled ``repeat_kv`` chain (reshape <- expand <- getitem) once unused."""
+    while isinstance(node, fx.Node) and not node.users and node.op in ("call_method", "call_function"):
+        parent = node.args[0] if node.args else None
+        graph.erase_node(node)
+        node = parent

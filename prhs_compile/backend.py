@@ -1,0 +1,83 @@
+"""The ``prhs`` torch.compile backend.
+
+``torch.compile(model, backend="prhs", options={...}, mode=...)`` reaches
+:func:`prhs_backend` once per graph Dynamo captures. It validates the options, rewrites the
+attention calls (``passes/``), records what it did for :func:`prhs_compile.explain`, and hands
+the graph to Inductor (or runs it eagerly with ``inductor=False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from prhs_compile._log import enable_debug, log
+from prhs_compile.config import MODES, PrHSConfig
+from prhs_compile.passes.decide import Decision, decide
+from prhs_compile.passes.match import find_attention_calls
+from prhs_compile.passes.rewrite import rewrite_calls
+from prhs_compile.state import state_for
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """What the backend did to one captured graph."""
+
+    before: str  # graph code as Dynamo captured it
+    after: str  # graph code handed to the inner compiler
+    decisions: list[Decision]
+
+    def __str__(self) -> str:
+        lines = [str(d) for d in self.decisions] or ["(no attention calls)"]
+        return "\n".join(lines)
+
+
+# Receivers of every GraphReport (explain() installs one while it runs).
+report_listeners: list[Callable[[GraphReport], None]] = []
+
+
+def inductor_patches(mode: str | None, config: PrHSConfig) -> dict:
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"prhs backend: unknown mode={mode!r}; valid modes are {list(MODES)}")
+    if mode not in (None, "default") and not config.inductor:
+        raise ValueError(f"prhs backend: mode={mode!r} configures Inductor, but options set inductor=False")
+    patches = dict(torch._inductor.list_mode_options(mode or "default"))
+    patches.update(config.inductor_config)
+    return patches
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs, config: PrHSConfig) -> GraphReport:
+    """Apply the PrHS rewrite to ``gm`` in place and describe it."""
+    before = gm.code
+    autograd = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    )
+    calls = find_attention_calls(gm)
+    decisions = [decide(c, config.max_decode_query_len, autograd) for c in calls]
+    rewrite_calls(gm, calls, decisions, config.select_plan, state_for, config.max_batch_size)
+    return GraphReport(before=before, after=gm.code, decisions=decisions)
+
+
+def prhs_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+    config = PrHSConfig.from_options(options)
+    patches = inductor_patches(mode, config)
+    if config.debug:
+        enable_debug()
+    report = rewrite_graph(gm, example_inputs, config)
+    for decision in report.decisions:
+        if decision.kind == "dense":
+            log.info("prhs: layer %d stays dense: %s", decision.layer, decision.reason)
+        else:
+            log.info("prhs: layer %d %s: %s", decision.layer, decision.kind, decision.reason)
+    log.debug("prhs: graph before rewrite:\n%s", report.before)
+    log.debug("prhs: graph after rewrite:\n%s", report.after)
+    for listener in list(report_listeners):
+        listener(report)
+    if not config.inductor:
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -1,0 +1,59 @@
+"""``prhs_compile.explain``: what the backend does to a model's graphs, without guessing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from prhs_compile.backend import GraphReport, prhs_backend, report_listeners
+from prhs_compile.passes.decide import Decision
+
+
+@dataclasses.dataclass
+class Explanation:
+    graphs: list[GraphReport]
+    output: object = None  # what the call returned
+
+    @property
+    def decisions(self) -> list[Decision]:
+        return [d for g in self.graphs for d in g.decisions]
+
+    @property
+    def before(self) -> list[str]:
+        return [g.before for g in self.graphs]
+
+    @property
+    def after(self) -> list[str]:
+        return [g.after for g in self.graphs]
+
+    def __str__(self) -> str:
+        parts = []
+        for i, g in enumerate(self.graphs):
+            parts.append(f"=== graph {i}: decisions ===\n{g}")
+            parts.append(f"=== graph {i}: before ===\n{g.before.strip()}")
+            parts.append(f"=== graph {i}: after ===\n{g.after.strip()}")
+        return "\n\n".join(parts) if parts else "(no graph was compiled)"
+
+
+def explain(model_or_fn, *args, options: dict | None = None, **kwargs) -> Explanation:
+    """Compile ``model_or_fn`` with the ``prhs`` backend, call it once, report every graph.
+
+    ``options`` are the backend options (``inductor`` defaults to False here: the rewrite is
+    the same and the call is much faster). The function is compiled afresh, so the reports
+    describe exactly this call's graphs.
+    """
+    options = {"inductor": False, **(options or {})}
+    reports: list[GraphReport] = []
+
+    def backend(gm, example_inputs):
+        return prhs_backend(gm, example_inputs, options=options)
+
+    report_listeners.append(reports.append)
+    try:
+        compiled = torch.compile(model_or_fn, backend=backend)
+        with torch.no_grad():
+            output = compiled(*args, **kwargs)
+    finally:
+        report_listeners.remove(reports.append)
+    return Explanation(graphs=reports, output=output)

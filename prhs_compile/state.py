@@ -1,0 +1,39 @@
+"""Per-layer selection state, shared by every graph compiled for the same model.
+
+Dynamo compiles a model's prefill and decode into different graphs (and DynamicCache decode
+into a few more as shapes become symbolic). They must see the same state tensors, or a
+prefill could not reset what decode reads. This registry hands out one list of tensors per
+attention module (``nn_module_stack`` key) and plan; the rewritten graphs hold them as
+buffers and mutate them in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prhs_compile.kernels import state_spec
+from prhs_compile.kernels.plan import SelectPlan
+from prhs_compile.passes.match import AttentionCall
+
+_STATES: dict[tuple, tuple[SelectPlan, list[torch.Tensor]]] = {}
+
+
+def state_for(call: AttentionCall, plan: SelectPlan, capacity: int) -> list[torch.Tensor]:
+    q, k = call.meta("query"), call.meta("key_source")
+    q_heads, kv_heads, head_dim = q.shape[1], k.shape[1], k.shape[-1]
+    device = q.device
+    key = (call.module_key, plan.encode(), capacity, q_heads, kv_heads, head_dim, str(device))
+    if key not in _STATES:
+        spec = state_spec(plan, capacity, q_heads, kv_heads, head_dim)
+        tensors = [torch.full(shape, fill, dtype=dtype, device=device) for shape, dtype, fill in spec.values()]
+        _STATES[key] = (plan, tensors)
+    return _STATES[key][1]
+
+
+def all_states() -> list[tuple[SelectPlan, list[torch.Tensor]]]:
+    return list(_STATES.values())
+
+
+def clear_states() -> None:
+    """Drop every registered state (compiled graphs keep their own references)."""
+    _STATES.clear()

@@ -1,0 +1,111 @@
+"""Runtime statistics: decode steps, retrievals and (with ``verify=True``) dropped mass.
+
+Counters live on the device inside each layer's state and are only read here, so collecting
+them costs nothing per step. Dropped mass needs the exact attention, so it is measured only
+when a graph was compiled with ``verify=True``; those steps report to :func:`_record_dropped`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import torch
+
+from prhs_compile.kernels import COUNTER_NAMES, COUNTERS_INDEX, dropped_mass_listeners
+from prhs_compile.state import all_states
+
+# layer -> list of (mean, max) dropped mass per decode step (verify mode)
+_DROPPED: dict[int, list[tuple[float, float]]] = defaultdict(list)
+
+
+@dataclasses.dataclass
+class LayerStats:
+    layer: int
+    decode_steps: int = 0
+    slots: int = 0  # (batch row, KV head) pairs that went through select
+    retrievals: int = 0  # of those, how many scored the keys to choose
+    resets: int = 0  # rows whose state did not continue the previous step
+    dropped_mass: list = dataclasses.field(default_factory=list)  # (mean, max) per step
+
+    @property
+    def retrieval_rate(self) -> float:
+        return self.retrievals / self.slots if self.slots else 0.0
+
+    @property
+    def dropped_mean(self) -> float | None:
+        return sum(m for m, _ in self.dropped_mass) / len(self.dropped_mass) if self.dropped_mass else None
+
+    @property
+    def dropped_max(self) -> float | None:
+        return max(x for _, x in self.dropped_mass) if self.dropped_mass else None
+
+
+@dataclasses.dataclass
+class PrHSStats:
+    layers: dict[int, LayerStats]
+
+    @property
+    def decode_steps(self) -> int:
+        return max((s.decode_steps for s in self.layers.values()), default=0)
+
+    @property
+    def retrieval_rate(self) -> float:
+        slots = sum(s.slots for s in self.layers.values())
+        return sum(s.retrievals for s in self.layers.values()) / slots if slots else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "decode_steps": self.decode_steps,
+            "retrieval_rate": self.retrieval_rate,
+            "layers": {
+                layer: {
+                    **{f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "dropped_mass"},
+                    "retrieval_rate": s.retrieval_rate,
+                    "dropped_mean": s.dropped_mean,
+                    "dropped_max": s.dropped_max,
+                }
+                for layer, s in sorted(self.layers.items())
+            },
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"prhs stats: {self.decode_steps} decode steps, retrieval rate {self.retrieval_rate:.3f}",
+            f"{'layer':>5} {'steps':>6} {'slots':>7} {'retrievals':>10} {'resets':>6} {'dropped mean':>12} {'dropped max':>11}",
+        ]
+        for layer, s in sorted(self.layers.items()):
+            mean = "-" if s.dropped_mean is None else f"{s.dropped_mean:.2e}"
+            mx = "-" if s.dropped_max is None else f"{s.dropped_max:.2e}"
+            lines.append(f"{layer:>5} {s.decode_steps:>6} {s.slots:>7} {s.retrievals:>10} {s.resets:>6} {mean:>12} {mx:>11}")
+        return "\n".join(lines)
+
+
+def stats() -> PrHSStats:
+    """Statistics of every rewritten layer since the last :func:`reset_stats` (host sync)."""
+    layers: dict[int, LayerStats] = {}
+    for plan, tensors in all_states():
+        counters = tensors[COUNTERS_INDEX].tolist()
+        s = layers.setdefault(plan.layer, LayerStats(plan.layer))
+        values = dict(zip(COUNTER_NAMES, counters))
+        s.decode_steps += values["decode_calls"]
+        s.slots += values["slots"]
+        s.retrievals += values["retrievals"]
+        s.resets += values["resets"]
+    for layer, records in _DROPPED.items():
+        layers.setdefault(layer, LayerStats(layer)).dropped_mass = list(records)
+    return PrHSStats({k: v for k, v in layers.items() if v.decode_steps or v.dropped_mass})
+
+
+def reset_stats() -> None:
+    for _plan, tensors in all_states():
+        tensors[COUNTERS_INDEX].zero_()
+    _DROPPED.clear()
+
+
+def _record_dropped(layer: int, dropped: torch.Tensor) -> None:
+    _DROPPED[layer].append((dropped.mean().item(), dropped.max().item()))
+
+
+if _record_dropped not in dropped_mass_listeners:
+    dropped_mass_listeners.append(_record_dropped)
