@@ -201,8 +201,9 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
     for about 4 programs per SM in total (one wave, several resident per SM to hide load
     latency). Splitting beyond that only adds partial-result traffic and a bigger combine.
     ``n_base_programs`` (B * Hkv * m_blocks) already fills the machine for large batches,
-    in which case one split is kept and the combine kernel is skipped entirely. The splits
-    are then evened out so that none is empty and their lengths differ by at most a block.
+    in which case one split is kept and the combine kernel is skipped entirely. The split
+    count is then recomputed from the blocks per split so that no split is empty (only the
+    last may be shorter). On an H100 (B=16, Hkv=8, S=2048) 5 and 10 splits timed within 3%.
     """
     target = 4 * num_sms
     splits = max(1, min(triton.cdiv(target, max(1, n_base_programs)), n_blocks))
@@ -211,10 +212,13 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
 
 
 def _kernel_config(d: int, dv: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages). Big head dims halve BLOCK_N to keep the K and V tiles (and the
-    fp32 accumulator) in registers without spilling."""
-    if max(d, dv) > 128:
-        return 32, 4, 2
+    """(BLOCK_N, num_warps, num_stages).
+
+    Chosen from a sweep on an H100 (bf16, G=4, S=2048, CUDA-graph timings): 64 slots per
+    iteration with 4 warps and 2 stages was within ~3% of the best for D = 64..256 and
+    B = 1..64, and 8 warps was consistently worse (the tile per iteration is too small to
+    keep 8 warps busy). D=256 also preferred 64 over 32 slots: no spilling was visible.
+    """
     return 64, 4, 2
 
 
