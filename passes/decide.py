@@ -14,6 +14,8 @@ import dataclasses
 
 import torch
 
+from prhs_compile.kernels.rules import get_rule
+
 from .match import AttentionCall
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -31,7 +33,9 @@ class Decision:
         return f"layer {self.layer}: {self.kind} ({self.reason})"
 
 
-def decide(call: AttentionCall, max_decode_query_len: int, autograd: bool) -> Decision:
+def decide(call: AttentionCall, config, autograd: bool) -> Decision:
+    """``config`` is a ``PrHSConfig`` (its policy, budget and max_decode_query_len matter)."""
+    max_decode_query_len = config.max_decode_query_len
     def dense(reason: str) -> Decision:
         return Decision(call.layer, "dense", reason, call.module_path)
 
@@ -56,7 +60,7 @@ def decide(call: AttentionCall, max_decode_query_len: int, autograd: bool) -> De
         return dense(f"{q_heads} query heads are not a multiple of {kv_heads} key/value heads")
     if kv_heads != q_heads and not call.args["enable_gqa"] and not call.peeled_repeat_kv:
         return dense(f"key has {kv_heads} heads for {q_heads} query heads without enable_gqa")
-    if k.shape[:3] != v.shape[:3] if all(isinstance(s, int) for s in (*k.shape[:3], *v.shape[:3])) else False:
+    if any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(k.shape[:3], v.shape[:3])):
         return dense(f"key shape {tuple(k.shape)} and value shape {tuple(v.shape)} disagree")
 
     mask = call.meta("attn_mask")
@@ -75,6 +79,11 @@ def decide(call: AttentionCall, max_decode_query_len: int, autograd: bool) -> De
         return Decision(call.layer, "prefill", f"query length {what} > max_decode_query_len={max_decode_query_len}: dense attention, selection state reset", call.module_path)
     if call.args["is_causal"]:
         return dense(f"is_causal=True with query length {q_len}: a top-left causal mask in a decode step is not a KV-cache decode")
+    kv_len = k.shape[2]
+    if isinstance(kv_len, int) and kv_len <= config.budget and not get_rule(config.policy).all_positions:
+        # Sliding-window layers (a cache as long as the window) and short static caches:
+        # every position would be selected, so SDPA is already the exact, cheapest answer.
+        return dense(f"key length {kv_len} <= budget={config.budget}: selection would keep every position")
     return Decision(call.layer, "decode", f"query length {q_len}: select-then-attend", call.module_path)
 
 

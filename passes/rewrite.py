@@ -56,7 +56,7 @@ def rewrite_calls(
             state_nodes = []
             for i, tensor in enumerate(state):
                 name = f"_prhs_state_{index}_{i}"
-                gm.register_buffer(name, tensor, persistent=False)
+                _register_state_buffer(gm, name, tensor)
                 state_nodes.append(graph.get_attr(name))
         q, k, v, mask = call.args["query"], call.key_source, call.value_source, call.args["attn_mask"]
         plan_text = plan.encode()
@@ -78,6 +78,21 @@ def rewrite_calls(
                 )
     graph.lint()
     gm.recompile()
+
+
+def _register_state_buffer(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> None:
+    """Attach a state tensor to a Dynamo graph so AOTAutograd lifts it as a static input.
+
+    AOTAutograd expects every parameter/buffer of a Dynamo graph to have a Dynamo source
+    (it uses them to dedup inputs and to mark static inputs for CUDA graphs). A constant
+    source names ours; being static is what lets CUDA graphs update the state in place.
+    """
+    gm.register_buffer(name, tensor, persistent=False)
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        from torch._dynamo.source import ConstantSource
+
+        sources[name] = ConstantSource(f"__prhs_state_{id(tensor)}")
 
 
 def _erase_if_unused(graph: fx.Graph, node) -> None:

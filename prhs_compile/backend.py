@@ -42,6 +42,7 @@ report_listeners: list[Callable[[GraphReport], None]] = []
 def inductor_patches(mode: str | None, config: PrHSConfig) -> dict:
     if mode is not None and mode not in MODES:
         raise ValueError(f"prhs backend: unknown mode={mode!r}; valid modes are {list(MODES)}")
+    mode = config.mode if mode in (None, "default") else mode
     if mode not in (None, "default") and not config.inductor:
         raise ValueError(f"prhs backend: mode={mode!r} configures Inductor, but options set inductor=False")
     patches = dict(torch._inductor.list_mode_options(mode or "default"))
@@ -56,7 +57,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: PrHSConfig) -> Gra
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
     )
     calls = find_attention_calls(gm)
-    decisions = [decide(c, config.max_decode_query_len, autograd) for c in calls]
+    decisions = [decide(c, config, autograd) for c in calls]
     rewrite_calls(gm, calls, decisions, config.select_plan, state_for, config.max_batch_size)
     return GraphReport(before=before, after=gm.code, decisions=decisions)
 

@@ -38,6 +38,9 @@ class PrHSConfig:
         verify: compute the exact dropped attention mass at every step (slow; syncs the host).
         inductor: lower the rewritten graph with Inductor (False: run it eagerly, same rewrite).
         inductor_config: extra Inductor config patches, e.g. ``{"triton.cudagraphs": True}``.
+        mode: a torch.compile mode given through options, for callers that cannot pass
+            ``mode=`` together with ``options=`` (``torch.compile`` refuses both at once, and
+            transformers' ``CompileConfig`` defaults ``mode`` to "reduce-overhead").
     """
 
     policy: str = "oracle"
@@ -55,6 +58,7 @@ class PrHSConfig:
     verify: bool = False
     inductor: bool = True
     inductor_config: dict = dataclasses.field(default_factory=dict)
+    mode: str = "default"
 
     def __post_init__(self):
         _check_type(self)
@@ -64,7 +68,10 @@ class PrHSConfig:
         _check_range("sink", self.sink, 0, None)
         _check_range("local", self.local, 0, None)
         if self.sink + self.local > self.budget:
-            _bad("sink + local", self.sink + self.local, f"at most budget={self.budget}")
+            raise ValueError(
+                f"prhs options sink={self.sink} + local={self.local} exceed budget={self.budget}: "
+                "the always-kept positions must fit in the budget"
+            )
         _check_range("min_context", self.min_context, 0, None)
         _check_range("tau", self.tau, 0.0, 1.0)
         if self.dilation_m != -1:
@@ -73,6 +80,8 @@ class PrHSConfig:
         _check_range("max_reuse", self.max_reuse, 1, None)
         _check_range("max_decode_query_len", self.max_decode_query_len, 1, None)
         _check_range("max_batch_size", self.max_batch_size, 1, None)
+        if self.mode not in MODES:
+            _bad("mode", self.mode, f"one of {list(MODES)}")
         plan_problem = RULES[self.policy].validate(self.select_plan(layer=0))
         if plan_problem:
             raise ValueError(f"prhs option policy={self.policy!r}: {plan_problem}")

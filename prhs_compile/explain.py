@@ -10,6 +10,9 @@ from prhs_compile.backend import GraphReport, prhs_backend, report_listeners
 from prhs_compile.passes.decide import Decision
 
 
+_RECOMPILE_LIMIT = 1 << 16
+
+
 @dataclasses.dataclass
 class Explanation:
     graphs: list[GraphReport]
@@ -52,7 +55,9 @@ def explain(model_or_fn, *args, options: dict | None = None, **kwargs) -> Explan
     report_listeners.append(reports.append)
     try:
         compiled = torch.compile(model_or_fn, backend=backend)
-        with torch.no_grad():
+        # Each explain() brings a new backend, hence a new Dynamo cache entry for the model's
+        # code; lift the recompile limit so repeated explains never fall back to eager.
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
             output = compiled(*args, **kwargs)
     finally:
         report_listeners.remove(reports.append)

@@ -1,0 +1,52 @@
+"""Tiny random-init configurations of real Hugging Face decoder architectures.
+
+No weights can be downloaded in tests, and the rewrite only depends on the graph shape, so
+each architecture is built from its own config class with a few small layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+VOCAB = 128
+
+
+def _common(**extra):
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    base.update(extra)
+    return base
+
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**_common()),
+    "mistral": lambda: transformers.MistralConfig(**_common(sliding_window=None)),
+    "qwen3": lambda: transformers.Qwen3Config(**_common(head_dim=16)),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **_common(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    ),
+    "phi3": lambda: transformers.Phi3Config(**_common(pad_token_id=0)),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        **_common(num_key_value_heads=None), rotary_pct=0.5
+    ),
+    "falcon": lambda: transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, bias=False,
+    ),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
+    config = CONFIGS[arch]()
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
