@@ -77,3 +77,10 @@ def prefill(
 @prefill.register_fake
 def _prefill_fake(q, k, mask, is_causal, scale, plan, state):
     return None
+
+
+@attend.register_kernel("cuda")
+def _attend_cuda(q, k, v, idx, mask, scale):
+    from .attend_triton import attend_triton  # Triton is imported only when a GPU runs it
+
+    return attend_triton(q, k, v, idx, mask, scale)

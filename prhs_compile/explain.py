@@ -44,7 +44,8 @@ def explain(model_or_fn, *args, options: dict | None = None, **kwargs) -> Explan
 
     ``options`` are the backend options (``inductor`` defaults to False here: the rewrite is
     the same and the call is much faster). The function is compiled afresh, so the reports
-    describe exactly this call's graphs.
+    describe exactly this call's graphs. The call runs under the caller's grad mode: call it
+    inside ``torch.no_grad()`` as you would decode, or every layer reports autograd.
     """
     options = {"inductor": False, **(options or {})}
     reports: list[GraphReport] = []
@@ -57,7 +58,7 @@ def explain(model_or_fn, *args, options: dict | None = None, **kwargs) -> Explan
         compiled = torch.compile(model_or_fn, backend=backend)
         # Each explain() brings a new backend, hence a new Dynamo cache entry for the model's
         # code; lift the recompile limit so repeated explains never fall back to eager.
-        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=_RECOMPILE_LIMIT):
             output = compiled(*args, **kwargs)
     finally:
         report_listeners.remove(reports.append)

@@ -33,7 +33,7 @@ CONFIGS = {
     "gemma3": lambda: transformers.Gemma3TextConfig(
         **_common(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
     ),
-    "phi3": lambda: transformers.Phi3Config(**_common(pad_token_id=0)),
+    "phi3": lambda: transformers.Phi3Config(**_common(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
         **_common(num_key_value_heads=None), rotary_pct=0.5
     ),
