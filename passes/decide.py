@@ -79,11 +79,11 @@ def decide(call: AttentionCall, config, autograd: bool) -> Decision:
         return Decision(call.layer, "prefill", f"query length {what} > max_decode_query_len={max_decode_query_len}: dense attention, selection state reset", call.module_path)
     if call.args["is_causal"]:
         return dense(f"is_causal=True with query length {q_len}: a top-left causal mask in a decode step is not a KV-cache decode")
-    kv_len = k.shape[2]
-    if isinstance(kv_len, int) and kv_len <= config.budget and not get_rule(config.policy).all_positions:
+    kv_len, slots = k.shape[2], max(config.budget, config.min_context)
+    if isinstance(kv_len, int) and kv_len <= slots and not get_rule(config.policy).all_positions:
         # Sliding-window layers (a cache as long as the window) and short static caches:
         # every position would be selected, so SDPA is already the exact, cheapest answer.
-        return dense(f"key length {kv_len} <= budget={config.budget}: selection would keep every position")
+        return dense(f"key length {kv_len} <= max(budget, min_context)={slots}: selection would keep every position")
     return Decision(call.layer, "decode", f"query length {q_len}: select-then-attend", call.module_path)
 
 

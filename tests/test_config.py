@@ -92,3 +92,13 @@ def test_backend_is_found_by_name_without_importing_the_package():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("True")
+
+
+def test_source_checkout_kernels_folder_does_not_shadow_the_ops():
+    """transformers probes for a top-level ``kernels`` package; from the repository root ours
+    is importable under that name and must then register nothing."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import kernels, torch, prhs_compile; print(kernels.__all__, torch.ops.prhs.select.default.name())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "prhs::select"]

@@ -86,7 +86,7 @@ attend_default = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_valu
         self.assertExpectedInline(decisions, """\
 layer 0: prefill (query length 12 > max_decode_query_len=1: dense attention, selection state reset)
 layer 1: prefill (query length 12 > max_decode_query_len=1: dense attention, selection state reset)
-layer 0: dense (key length 8 <= budget=16: selection would keep every position)
+layer 0: dense (key length 8 <= max(budget, min_context)=16: selection would keep every position)
 layer 1: decode (query length 1: select-then-attend)""")
 
     def test_phi3(self):

@@ -49,4 +49,7 @@ def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    # Random weights emit any token: never stop early at an "end of sequence", so runs of
+    # different batch layouts always produce the same number of tokens.
+    model.generation_config.eos_token_id = None
     return model.eval()
