@@ -1,0 +1,29 @@
+"""The examples run as a user would run them, on a fresh machine."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_example(name, *args):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", name), *args],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_generate_prints_ids_time_and_stats():
+    text = run_example("generate.py", "--no-inductor", "--prompt-len", "96", "--new-tokens", "5", "--verify")
+    assert "generated ids: [" in text
+    assert "ms per token" in text
+    assert "prhs stats: 4 decode steps" in text
+
+
+def test_inspect_graph_prints_the_rewritten_calls():
+    text = run_example("inspect_graph.py")
+    assert "torch.ops.prhs.select.default" in text and "torch.ops.prhs.attend.default" in text
+    assert "layer 1: decode (query length 1: select-then-attend)" in text
