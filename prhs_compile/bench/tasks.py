@@ -26,7 +26,10 @@ answer spells out the hops, ending at the number.
 Haystack text is Python standard library source (code, comments and docstrings: real text on
 every machine). The modules in ``EVAL_MODULES`` are held out: they give the haystacks of the
 evaluation examples (``split="eval"``, the default) and the ``natural_text`` continuations;
-training (``split="train"``, ``training_sequence``) uses every other stdlib ``.py`` file. The
+training (``split="train"``, ``training_sequence``) uses every other stdlib ``.py`` file plus
+the Python source of the installed ``torch``, ``sympy`` and ``transformers`` (present wherever
+this project runs; without them a small model memorises the stdlib, where Linux distributions
+often leave out the test suite, and stops generalising to held-out text). The
 random choices (keys, values, depths, the haystack offset as a fraction) do not depend on the
 corpus, so an example differs between Python versions only in its haystack bytes;
 ``meta["corpus_sha256"]`` names the text used.
@@ -66,6 +69,8 @@ EVAL_MODULES = (
 # ``encodings`` (megabytes of hex tables, not text); ``_sysconfigdata*`` is machine-specific.
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "encodings"}
 _MIN_EVAL_BYTES = 256 * 1024
+# Extra training text: installed packages the project depends on (found without importing).
+TRAIN_PACKAGES = ("torch", "sympy", "transformers")
 
 KEY_LEN = 6
 VALUE_LEN = 7
@@ -138,21 +143,40 @@ def stdlib_dir() -> Path:
 @lru_cache(maxsize=1)
 def _stdlib_files() -> tuple[str, ...]:
     """All stdlib ``.py`` files we may read, as sorted relative POSIX paths (fixed order)."""
-    root = stdlib_dir()
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]  # prune, don't descend
-        rel_dir = Path(dirpath).relative_to(root)
-        out += [(rel_dir / f).as_posix() for f in filenames
-                if f.endswith(".py") and not f.startswith("_sysconfigdata")]
-    return tuple(sorted(out))
+    return tuple(f for f in _walk_py(stdlib_dir()) if not f.rsplit("/", 1)[-1].startswith("_sysconfigdata"))
 
 
-def _read(rel: str) -> bytes:
+def _read(rel: str, root: Path | None = None) -> bytes:
     try:
-        return (stdlib_dir() / rel).read_bytes()
+        return ((root or stdlib_dir()) / rel).read_bytes()
     except OSError:
         return b""
+
+
+def _walk_py(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        rel_dir = Path(dirpath).relative_to(root)
+        out += [(rel_dir / f).as_posix() for f in filenames if f.endswith(".py")]
+    return sorted(out)
+
+
+def _package_files() -> list[tuple[str, bytes]]:
+    """Source files of ``TRAIN_PACKAGES`` as ``("pkg/rel/path.py", bytes)``, fixed order."""
+    import importlib.util
+
+    files = []
+    for name in TRAIN_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)  # locates the package, does not import it
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(list(spec.submodule_search_locations)[0])
+        files += [(f"{name}/{rel}", d) for rel in _walk_py(root) if (d := _read(rel, root))]
+    return files
 
 
 def _eval_files() -> list[str]:
@@ -167,16 +191,14 @@ def _eval_files() -> list[str]:
 
 @lru_cache(maxsize=2)
 def get_corpus(split: str = "eval") -> Corpus:
-    """The held-out (``"eval"``) or training (``"train"``) stdlib text."""
+    """The held-out (``"eval"``) stdlib text, or the training (``"train"``) text."""
     if split not in ("eval", "train"):
         raise ValueError(f"split must be 'eval' or 'train', not {split!r}")
     held_out = _eval_files()
     if split == "eval":
-        names = held_out
-    else:
-        names = [f for f in _stdlib_files() if f not in set(held_out)] or held_out
-    files = [(f, d) for f in names if (d := _read(f))]
-    return Corpus(split, files)
+        return Corpus(split, [(f, d) for f in held_out if (d := _read(f))])
+    names = [f for f in _stdlib_files() if f not in set(held_out)] or held_out
+    return Corpus(split, [(f"stdlib/{f}", d) for f in names if (d := _read(f))] + _package_files())
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -454,13 +476,13 @@ def _episode(rng: random.Random, taken: set) -> tuple[list[list[int]], list[int]
     """Facts, question and answer of one training episode (formats as the eval tasks).
 
     Kinds: a single needle (the facts of the other episodes in the sequence act as the
-    distractors of multikey), a key bound 1..5 times, and an assignment chain of 1..5 hops.
+    distractors of multikey), a key bound 2..5 times, and an assignment chain of 1..5 hops.
     """
     kind = rng.random()
-    if kind < 0.35:
+    if kind < 0.3:
         key, value = _unique_words(rng, 1, taken)[0], _number(rng)
         return [fact(key, value)], question(key), value
-    if kind < 0.65:
+    if kind < 0.7:  # the hardest kind (retrieve every occurrence, in order): the largest share
         key = _unique_words(rng, 1, taken)[0]
         values = [_number(rng) for _ in range(rng.randint(2, 5))]
         answer: list[int] = []
