@@ -1,6 +1,7 @@
 """The ``prhs`` custom ops: schemas, fake (meta) implementations and device dispatch.
 
-* ``prhs::select(q, k, mask, scale, plan, state) -> idx``  pick positions for one decode step
+* ``prhs::select(q, k, v, mask, scale, plan, state, shared) -> idx``  pick positions for one
+  decode step (``v`` is read only by ``verify``; ``shared`` is an earlier layer's selection)
 * ``prhs::attend(q, k, v, idx, mask, scale) -> out``       attend over the picked positions
 * ``prhs::prefill(q, k, mask, is_causal, scale, plan, state)``  reset state for a new sequence
 
@@ -29,16 +30,20 @@ from .select_reference import prefill_reference, select_reference
 def select(
     q: torch.Tensor,
     k: torch.Tensor,
+    v: torch.Tensor,
     mask: Optional[torch.Tensor],
     scale: float,
     plan: str,
     state: list[torch.Tensor],
+    shared: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return select_reference(q, k, mask, scale, decode_plan(plan), state)
+    return select_reference(q, k, v, mask, scale, decode_plan(plan), state, shared)
 
 
 @select.register_fake
-def _select_fake(q, k, mask, scale, plan, state):
+def _select_fake(q, k, v, mask, scale, plan, state, shared=None):
+    if shared is not None:
+        return torch.empty_like(shared)
     p = decode_plan(plan)
     slots = k.shape[2] if get_rule(p.policy).all_positions else p.slots
     return k.new_empty((q.shape[0], k.shape[1], slots), dtype=torch.int32)

@@ -25,8 +25,30 @@ class SelectPlan:
     tau: float = 0.8  # cosine gate for reusing a selection (policies that reuse)
     dilation_m: int = -1  # top positions whose neighbours are pulled in; -1: a third of the top-k
     dilation_r: int = 1  # neighbourhood radius of the dilation
-    max_reuse: int = 16  # a reused selection is refreshed after this many steps
+    max_reuse: int = 16  # a selection serves at most this many steps (1: retrieve every step)
+    delta_target: float = 0.0  # > 0: keep the smallest set whose retained mass >= 1 - delta_target
+    psaw_start: int = -1  # first layer of the progressive recency window (-1: off)
+    psaw_phi: float = 0.5
+    psaw_alpha: float = 1.0
+    num_layers: int = 0  # decoder layers of the model (for the recency window schedule)
+    share_from: int = -1  # reuse the selection of this (earlier) layer instead of retrieving
     verify: bool = False  # measure the exact dropped attention mass every step (host sync)
+
+    @property
+    def middle(self) -> int:
+        """Retrieved positions per KV head: the budget left after sinks and local window."""
+        return self.budget - self.sink - self.local
+
+    def psaw_excluded(self, count):
+        """Oldest non-sink positions outside this layer's progressive recency window.
+
+        P_l(t) = floor((1 - phi ** (alpha * (l - l_s) / (N - l_s))) * t) for l >= l_s.
+        ``count`` is the number of valid positions t (a tensor); returns a tensor like it.
+        """
+        if self.psaw_start < 0 or self.layer < self.psaw_start or self.num_layers <= self.psaw_start:
+            return count * 0
+        depth = (self.layer - self.psaw_start) / (self.num_layers - self.psaw_start)
+        return ((1.0 - self.psaw_phi ** (self.psaw_alpha * depth)) * count).floor().long()
 
     @property
     def slots(self) -> int:

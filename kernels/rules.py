@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .bounds import reuse_bound
 from .plan import SelectPlan
 
 
@@ -90,7 +91,150 @@ class OracleRule(SelectionRule):
         return keep, ~view.no_retrieval()
 
 
-RULES: dict[str, SelectionRule] = {r.name: r for r in (DenseRule(), StreamingRule(), OracleRule())}
+def retrieval_region(plan: SelectPlan, view) -> torch.Tensor:
+    """``[B, L]`` positions a retrieval may pick: valid, outside the windows, and inside the
+    layer's progressive recency window (PSAW) when that selector is on."""
+    region = view.valid & ~view.windows(plan)
+    excluded = plan.psaw_excluded(view.count)  # [B] oldest non-sink positions left out
+    if plan.psaw_start >= 0:
+        region = region & ((view.rank < plan.sink) | (view.rank >= (plan.sink + excluded)[:, None]))
+    return region
+
+
+def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan) -> torch.Tensor:
+    """Top positions by group mass, each of the best ``m`` pulling in its +-r neighbours.
+
+    ``mass`` [B, Hkv, L], ``region`` [B, L]. Returns a keep-mask [B, Hkv, L] of at most
+    ``plan.middle`` positions: first the top ``m`` and their neighbours, then the next best.
+    With ``dilation_m == 0`` or ``dilation_r == 0`` this is exactly the top-k.
+    """
+    length = mass.shape[-1]
+    k = min(plan.middle, length)
+    score = mass.masked_fill(~region[:, None, :], float("-inf"))
+    radius = plan.dilation_r
+    m = plan.dilation_m if plan.dilation_m >= 0 else k // (2 * radius + 1)
+    priority = score
+    if m > 0 and radius > 0:
+        cores = score.topk(min(m, length), dim=-1)
+        offsets = torch.arange(-radius, radius + 1, device=mass.device)
+        neighbours = (cores.indices[..., None] + offsets).clamp(0, length - 1).flatten(-2)
+        core_ok = (cores.values > float("-inf"))[..., None].expand(-1, -1, -1, offsets.numel()).flatten(-2)
+        dilated = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, neighbours, core_ok)
+        # Dilated positions first (mass is a probability sum, so +1e6 puts them ahead).
+        priority = torch.where(dilated & region[:, None, :], score + 1e6, score)
+    top = priority.topk(k, dim=-1)
+    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, top.values > float("-inf"))
+    return keep
+
+
+def smallest_sufficient(mass: torch.Tensor, region: torch.Tensor, windows: torch.Tensor, rows: int, plan: SelectPlan):
+    """``delta_target`` mode: the fewest top positions whose retained mass reaches
+    ``1 - delta_target`` (windows included), capped by the budget. ``mass`` sums ``rows``
+    query rows, so the retained share is ``mass / rows``."""
+    share = mass / rows
+    base = (share * windows[:, None, :]).sum(-1)  # [B, Hkv] mass of sinks + local window
+    score = share.masked_fill(~region[:, None, :], float("-inf"))
+    k = min(plan.middle, score.shape[-1])
+    top = score.topk(k, dim=-1)
+    gained = base[..., None] + top.values.clamp_min(0).cumsum(-1)  # retained after n+1 picks
+    need = (gained < 1.0 - plan.delta_target).sum(-1, keepdim=True) + 1  # picks to reach target
+    take = (torch.arange(k, device=mass.device) < need) & (top.values > float("-inf"))
+    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, take)
+    return keep
+
+
+class PrHSRule(SelectionRule):
+    """PrHS: pre-hoc sparsity on three axes (DESIGN.md section 4).
+
+    * time (CIS): a retrieval scores the group's exact attention mass over the retrieval
+      region, keeps the top positions with dilation, and stores them with the anchor queries;
+      later steps reuse the set while every query head of the group stays within cosine
+      ``tau`` of its anchor (or, with ``delta_target``, while the reuse bound stays within the
+      slack the retrieval left), for at most ``max_reuse`` steps. Sinks and the local window
+      always slide with the sequence.
+    * depth (PSAW): from ``psaw_start`` on, the oldest non-sink positions are outside the
+      layer's recency window and never retrieved.
+    * layer: a layer with ``share_from`` takes that layer's selection (see ``select_reference``).
+    """
+
+    name = "prhs"
+
+    def validate(self, plan):
+        if plan.middle <= 0:
+            return f"sink + local = {plan.sink + plan.local} leaves no room for retrieved positions in budget={plan.budget}"
+        return None
+
+    def state_spec(self, plan, batch, q_heads, kv_heads, head_dim):
+        return {
+            "age": ((batch, kv_heads), torch.int32, -1),  # steps since retrieval; -1: no set
+            "kept": ((batch, kv_heads, plan.middle), torch.int32, -1),  # retrieved positions
+            "anchor": ((batch, q_heads, head_dim), torch.float32, 0.0),  # queries at retrieval
+            "anchor_dropped": ((batch, kv_heads), torch.float32, 0.0),  # group's dropped mass at retrieval
+            "key_norm": ((batch, kv_heads), torch.float32, 0.0),  # max key norm seen
+        }
+
+    def on_prefill(self, plan, view, state):
+        state["age"][: view.batch].fill_(-1)
+
+    def choose(self, plan, view, state):
+        b, hkv, group = view.batch, view.kv_heads, view.group
+        age, kept, anchor = state["age"][:b], state["kept"][:b], state["anchor"][:b]
+        anchor_dropped, key_norm = state["anchor_dropped"][:b], state["key_norm"][:b]
+        query = view.q[:, :, -1].float()  # [B, Hq, D] newest query row
+
+        # Largest key norm, kept up to date with the newest key (for the reuse bound).
+        newest_key = view.k.float().gather(2, view.newest.clamp_min(0)[:, None, None, None].expand(-1, hkv, 1, view.head_dim))
+        key_norm.copy_(torch.where(view.continuing[:, None], torch.maximum(key_norm, newest_key.norm(dim=-1)[..., 0]), key_norm))
+        shift = (query - anchor).norm(dim=-1).reshape(b, hkv, group).amax(-1)  # [B, Hkv]
+        view.reuse_bound = reuse_bound(anchor_dropped, view.scale, key_norm, shift)
+
+        if plan.delta_target > 0:
+            similar = view.reuse_bound <= plan.delta_target
+        else:
+            cosine = torch.nn.functional.cosine_similarity(query, anchor, dim=-1)  # [B, Hq]
+            similar = (cosine >= plan.tau).reshape(b, hkv, group).all(-1)
+        reuse = view.continuing[:, None] & (age >= 0) & (age + 1 < plan.max_reuse) & similar
+        retrieve = ~reuse & ~view.fits[:, None]
+        view.reused = reuse & ~view.fits[:, None]
+
+        region = retrieval_region(plan, view)
+        windows = view.windows(plan)
+        mass = view.group_mass()  # a kernel computes this only for retrieving heads
+        rows = group * view.q_len
+        if plan.delta_target > 0:
+            fresh = smallest_sufficient(mass, region, windows, rows, plan)
+        else:
+            fresh = dilate_and_pick(mass, region, plan)
+        retained = ((mass / rows) * (fresh | windows[:, None, :])).sum(-1)
+        anchor_dropped.copy_(torch.where(retrieve, (1.0 - retained).clamp_min(0.0), anchor_dropped))
+        fresh_idx = keep_positions(fresh, plan.middle)
+
+        kept.copy_(torch.where(retrieve[..., None], fresh_idx, kept))
+        anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], query, anchor))
+        fresh_norm = view.k.float().norm(dim=-1).masked_fill(~view.valid[:, None, :], 0.0).amax(-1)
+        key_norm.copy_(torch.where(retrieve, fresh_norm, key_norm))
+        age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
+
+        stored = torch.zeros(b, hkv, view.kv_len + 1, dtype=torch.bool, device=view.q.device)
+        stored.scatter_(-1, torch.where(kept >= 0, kept, view.kv_len).long(), True)
+        keep = stored[..., :-1] & view.valid[:, None, :] | windows[:, None, :]
+        return keep, retrieve
+
+
+def keep_positions(keep: torch.Tensor, slots: int) -> torch.Tensor:
+    """Boolean [B, Hkv, L] -> ascending int32 positions [B, Hkv, slots], -1 padded."""
+    length = keep.shape[-1]
+    positions = torch.arange(length, device=keep.device)
+    order = torch.where(keep, positions, positions + length)
+    if length < slots:
+        order = torch.nn.functional.pad(order, (0, slots - length), value=2 * length)
+    chosen = order.sort(dim=-1).values[..., :slots]
+    return torch.where(chosen < length, chosen, -1).to(torch.int32)
+
+
+RULES: dict[str, SelectionRule] = {
+    r.name: r for r in (DenseRule(), StreamingRule(), OracleRule(), PrHSRule())
+}
 
 
 def get_rule(policy: str) -> SelectionRule:

@@ -24,16 +24,17 @@ from typing import Callable
 
 import torch
 
+from .bounds import output_error_bound
 from .plan import SelectPlan
-from .rules import get_rule
+from .rules import get_rule, keep_positions as keep_to_indices
 
 COUNTER_NAMES = ("decode_calls", "slots", "retrievals", "resets")
 CALLS, SLOTS, RETRIEVALS, RESETS = range(len(COUNTER_NAMES))
 COUNTERS_INDEX = 2  # position of ``counters`` in every state list (see state_spec)
 
-# Called with (layer, dropped_mass[B, Hq, Tq]) when a plan has verify=True. The public
-# package installs its stats recorder here; kernels never import it.
-dropped_mass_listeners: list[Callable[[int, torch.Tensor], None]] = []
+# Called with a verify record (a dict, see ``_verify_record``) when a plan has verify=True.
+# The public package installs its stats recorder here; kernels never import it.
+dropped_mass_listeners: list[Callable[[dict], None]] = []
 
 
 def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int):
@@ -120,19 +121,12 @@ def _key_at(k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return k[:, 0].gather(1, index)[:, 0].float()
 
 
-def keep_to_indices(keep: torch.Tensor, slots: int) -> torch.Tensor:
-    """Boolean ``[B, Hkv, L]`` keep-mask -> ascending int32 positions ``[B, Hkv, slots]``, -1 padded."""
-    length = keep.shape[-1]
-    positions = torch.arange(length, device=keep.device)
-    order = torch.where(keep, positions, positions + length)  # kept first, in position order
-    if length < slots:
-        order = torch.nn.functional.pad(order, (0, slots - length), value=2 * length)
-    chosen = order.sort(dim=-1).values[..., :slots]
-    return torch.where(chosen < length, chosen, -1).to(torch.int32)
+def select_reference(q, k, v, mask, scale: float, plan: SelectPlan, state: list[torch.Tensor], shared=None):
+    """One decode step of selection. Mutates ``state`` in place; returns int32 positions.
 
-
-def select_reference(q, k, mask, scale: float, plan: SelectPlan, state: list[torch.Tensor]):
-    """One decode step of selection. Mutates ``state`` in place; returns int32 positions."""
+    ``shared`` is the selection an earlier layer made this step (cross-layer sharing): when
+    given, it is used as is and nothing is retrieved.
+    """
     view = StepView(q, k, mask, scale)
     batch = view.batch
     st = _state_dict(plan, state, q, k)
@@ -145,14 +139,21 @@ def select_reference(q, k, mask, scale: float, plan: SelectPlan, state: list[tor
     view.continuing = follows & same_cache
 
     rule = get_rule(plan.policy)
-    keep, retrieved = rule.choose(plan, view, st)
-    if not rule.all_positions:
-        # Rows that fit attend to everything: no selection, no retrieval.
-        fits = (view.count <= plan.budget) | (view.count < plan.min_context)
-        keep = torch.where(fits[:, None, None], view.valid[:, None, :], keep)
-        retrieved = retrieved & ~fits[:, None]
-    slots = view.kv_len if rule.all_positions else plan.slots
-    indices = keep_to_indices(keep, slots)
+    # Rows that fit attend to everything: no selection, no retrieval.
+    view.fits = (view.count <= plan.budget) | (view.count < plan.min_context)
+    if shared is not None:
+        indices = shared.clone()
+        keep = torch.zeros(batch, view.kv_heads, view.kv_len + 1, dtype=torch.bool, device=q.device)
+        keep.scatter_(-1, torch.where(indices >= 0, indices, view.kv_len).long(), True)
+        keep = keep[..., :-1]
+        retrieved = view.no_retrieval()
+    else:
+        keep, retrieved = rule.choose(plan, view, st)
+        if not rule.all_positions:
+            keep = torch.where(view.fits[:, None, None], view.valid[:, None, :], keep)
+            retrieved = retrieved & ~view.fits[:, None]
+        slots = view.kv_len if rule.all_positions else plan.slots
+        indices = keep_to_indices(keep, slots)
 
     counters = st["counters"]
     counters[CALLS] += 1
@@ -163,11 +164,35 @@ def select_reference(q, k, mask, scale: float, plan: SelectPlan, state: list[tor
     fingerprint.copy_(_key_at(k, view.newest))
 
     if plan.verify and dropped_mass_listeners:
-        kept_mass = (view.probs * keep[:, :, None, None, :]).sum(-1)  # [B, Hkv, G, Tq]
-        dropped = (1.0 - kept_mass).clamp_min(0.0).reshape(batch, view.q_heads, view.q_len)
+        record = _verify_record(plan, view, keep, retrieved, v)
         for listener in dropped_mass_listeners:
-            listener(plan.layer, dropped)
+            listener(record)
     return indices
+
+
+def _verify_record(plan, view, keep, retrieved, v) -> dict:
+    """Exact dropped mass of this step's selection, with the bounds it must satisfy.
+
+    * ``dropped`` [B, Hq, Tq]: attention mass outside the selection, per query row;
+    * ``output_bound`` [B, Hq, Tq]: ``2 * dropped * max ||v_j||`` bounds the L2 error of the
+      renormalised sparse output against dense attention;
+    * ``reused`` [B, Hkv] and ``reuse_bound`` [B, Hkv] (policies that reuse, else None):
+      which groups reused a set, and the dropped mass predicted for them.
+    """
+    kept_mass = (view.probs * keep[:, :, None, None, :]).sum(-1)  # [B, Hkv, G, Tq]
+    dropped = (1.0 - kept_mass).clamp_min(0.0)
+    v_norm = v.float().norm(dim=-1).masked_fill(~view.valid[:, None, :], 0.0).amax(-1)  # [B, Hkv]
+    output_bound = output_error_bound(dropped, v_norm[:, :, None, None])
+    shape = (view.batch, view.q_heads, view.q_len)
+    return {
+        "layer": plan.layer,
+        "dropped": dropped.reshape(shape),
+        "output_bound": output_bound.reshape(shape),
+        "group_dropped": dropped.mean(dim=(2, 3)),
+        "retrieved": retrieved,
+        "reused": getattr(view, "reused", None),
+        "reuse_bound": getattr(view, "reuse_bound", None),
+    }
 
 
 def prefill_reference(q, k, mask, is_causal: bool, scale: float, plan: SelectPlan, state):

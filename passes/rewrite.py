@@ -5,7 +5,7 @@ Decode call (before -> after)::
     key = repeat_kv(k_cache); value = repeat_kv(v_cache)
     out = scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=s)
   ->
-    idx = torch.ops.prhs.select(q, k_cache, mask, s, plan, [state...])
+    idx = torch.ops.prhs.select(q, k_cache, v_cache, mask, s, plan, [state...], shared)
     out = torch.ops.prhs.attend(q, k_cache, v_cache, idx, mask, s)
 
 Prefill call: SDPA stays, followed by ``torch.ops.prhs.prefill(q, k_cache, mask, is_causal,
@@ -40,6 +40,7 @@ def rewrite_calls(
     max_batch_size: int,
 ) -> None:
     graph = gm.graph
+    selections: dict[int, fx.Node] = {}  # layer -> its select node in this graph (for sharing)
     for index, (call, decision) in enumerate(zip(calls, decisions)):
         if decision.kind == "dense":
             continue
@@ -61,9 +62,15 @@ def rewrite_calls(
         q, k, v, mask = call.args["query"], call.key_source, call.value_source, call.args["attn_mask"]
         plan_text = plan.encode()
         if decision.kind == "decode":
+            # Cross-layer sharing: the anchor layer's selection of this step, when it was
+            # rewritten earlier in this graph (otherwise this layer retrieves for itself).
+            shared = selections.get(getattr(plan, "share_from", -1))
             with graph.inserting_before(node):
-                idx = graph.call_function(torch.ops.prhs.select.default, (q, k, mask, float(scale), plan_text, state_nodes))
+                idx = graph.call_function(
+                    torch.ops.prhs.select.default, (q, k, v, mask, float(scale), plan_text, state_nodes, shared)
+                )
                 out = graph.call_function(torch.ops.prhs.attend.default, (q, k, v, idx, mask, float(scale)))
+            selections[call.layer] = idx
             out.meta.update({key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta})
             node.replace_all_uses_with(out)
             old_key, old_value = call.args["key"], call.args["value"]

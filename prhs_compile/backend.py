@@ -9,6 +9,7 @@ the graph to Inductor (or runs it eagerly with ``inductor=False``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -58,8 +59,37 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: PrHSConfig) -> Gra
     )
     calls = find_attention_calls(gm)
     decisions = [decide(c, config, autograd) for c in calls]
-    rewrite_calls(gm, calls, decisions, config.select_plan, state_for, config.max_batch_size)
+    num_layers = max((c.layer for c in calls), default=-1) + 1
+    check_share_map(config, calls, num_layers)
+    make_plan = functools.partial(_plan_for, config, num_layers)
+    rewrite_calls(gm, calls, decisions, make_plan, state_for, config.max_batch_size)
     return GraphReport(before=before, after=gm.code, decisions=decisions)
+
+
+def _plan_for(config: PrHSConfig, num_layers: int, layer: int):
+    return config.select_plan(layer, num_layers)
+
+
+def check_share_map(config: PrHSConfig, calls, num_layers: int) -> None:
+    """A sharing map must fit the model it is applied to."""
+    shares = config.layer_share
+    if not shares.share:
+        return
+    total = config.num_layers or num_layers
+    if shares.num_layers is not None and shares.num_layers != total:
+        raise ValueError(
+            f"prhs option layer_share was calibrated for {shares.num_layers} layers, "
+            f"but this model has {total}: calibrate it for this model"
+        )
+    for follower in shares.share:
+        if follower >= total:
+            raise ValueError(f"prhs option layer_share names layer {follower}, but the model has {total} layers")
+    heads = {c.meta("key_source").shape[1] for c in calls if isinstance(c.meta("key_source"), torch.Tensor)}
+    if shares.kv_heads is not None and heads and heads != {shares.kv_heads}:
+        raise ValueError(
+            f"prhs option layer_share was calibrated with {shares.kv_heads} KV heads, "
+            f"but this model has {sorted(heads)}"
+        )
 
 
 def prhs_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 from prhs_compile.kernels.rules import RULES
@@ -16,19 +18,34 @@ class PrHSConfig:
     """Options of the ``prhs`` backend. Every field can be passed in ``options={...}``.
 
     Selection:
-        policy: selection rule for decode attention (``"oracle"``, ``"streaming"``,
-            ``"dense"``; see ``prhs_compile.available_policies()``).
+        policy: selection rule for decode attention (``"prhs"``, ``"oracle"``,
+            ``"streaming"``, ``"dense"``; see ``prhs_compile.available_policies()``).
         budget: positions attended per KV head and batch row at a decode step, sinks and
             local window included.
         sink: first valid positions always attended (attention sinks).
         local: most recent valid positions always attended.
         min_context: rows with fewer valid positions than this attend to all of them
             (the op reserves ``max(budget, min_context)`` index slots).
-        tau: cosine threshold for reusing a selection across steps (policies that reuse).
-        dilation_m: how many of the top positions pull in their neighbours; -1 = a third of
-            the retrieved top-k.
-        dilation_r: neighbourhood radius of that dilation.
-        max_reuse: a reused selection is refreshed after at most this many steps.
+        tau: PrHS time axis: a group reuses its selection while the cosine between every
+            query head and its anchor query (from the last retrieval) is at least ``tau``;
+            1.0 disables reuse.
+        dilation_m: how many of the top positions pull in their +-``dilation_r`` neighbours
+            at a retrieval; -1 = k / (2r + 1) of the k retrieved, 0 = no dilation.
+        dilation_r: neighbourhood radius of that dilation (0 = no dilation).
+        max_reuse: a selection serves at most this many steps, its retrieval included
+            (1 = retrieve every step).
+        delta_target: PrHS accuracy control: > 0 keeps, at a retrieval, the smallest set whose
+            retained attention mass is at least ``1 - delta_target`` (capped by the budget,
+            no dilation), and reuses it only while the reuse bound stays within the slack
+            left (replaces ``tau``). 0 = off.
+        psaw_start_layer: PrHS depth axis: from this layer on, the oldest
+            ``floor((1 - phi ** (alpha * (l - start) / (N - start))) * t)`` non-sink tokens
+            are outside layer ``l``'s recency window and never retrieved. -1 = off.
+        psaw_phi, psaw_alpha: the window's schedule (phi in (0, 1), alpha > 0).
+        num_layers: N in that schedule; 0 = the number of attention calls in the graph.
+        layer_share: PrHS layer axis: ``{follower: anchor}`` layers that reuse an earlier
+            layer's selection of the same step, or the path of a JSON map written by
+            ``prhs_compile.calibrate``.
         max_decode_query_len: attention calls whose query length is at most this are
             decode steps (rewritten); longer ones are prefill (kept dense).
         max_batch_size: rows of selection state allocated when the batch size is symbolic.
@@ -43,7 +60,7 @@ class PrHSConfig:
             transformers' ``CompileConfig`` defaults ``mode`` to "reduce-overhead").
     """
 
-    policy: str = "oracle"
+    policy: str = "prhs"
     budget: int = 1024
     sink: int = 4
     local: int = 64
@@ -52,6 +69,12 @@ class PrHSConfig:
     dilation_m: int = -1
     dilation_r: int = 1
     max_reuse: int = 16
+    delta_target: float = 0.0
+    psaw_start_layer: int = -1
+    psaw_phi: float = 0.5
+    psaw_alpha: float = 1.0
+    num_layers: int = 0
+    layer_share: object = None
     max_decode_query_len: int = 1
     max_batch_size: int = 64
     debug: bool = False
@@ -78,6 +101,15 @@ class PrHSConfig:
             _check_range("dilation_m", self.dilation_m, 0, None)
         _check_range("dilation_r", self.dilation_r, 0, None)
         _check_range("max_reuse", self.max_reuse, 1, None)
+        _check_range("delta_target", self.delta_target, 0.0, 1.0)
+        if self.psaw_start_layer != -1:
+            _check_range("psaw_start_layer", self.psaw_start_layer, 0, None)
+        if not 0.0 < self.psaw_phi < 1.0:
+            _bad("psaw_phi", self.psaw_phi, "in the open interval (0, 1)")
+        if not self.psaw_alpha > 0:
+            _bad("psaw_alpha", self.psaw_alpha, "> 0")
+        _check_range("num_layers", self.num_layers, 0, None)
+        object.__setattr__(self, "layer_share", load_share_map(self.layer_share))
         _check_range("max_decode_query_len", self.max_decode_query_len, 1, None)
         _check_range("max_batch_size", self.max_batch_size, 1, None)
         if self.mode not in MODES:
@@ -98,7 +130,7 @@ class PrHSConfig:
             )
         return cls(**options)
 
-    def select_plan(self, layer: int):
+    def select_plan(self, layer: int, num_layers: int = 0):
         from prhs_compile.kernels.plan import SelectPlan
 
         return SelectPlan(
@@ -112,8 +144,62 @@ class PrHSConfig:
             dilation_m=self.dilation_m,
             dilation_r=self.dilation_r,
             max_reuse=self.max_reuse,
+            delta_target=self.delta_target,
+            psaw_start=self.psaw_start_layer,
+            psaw_phi=self.psaw_phi,
+            psaw_alpha=self.psaw_alpha,
+            num_layers=self.num_layers or num_layers,
+            share_from=self.layer_share.get(layer, -1) if self.policy == "prhs" else -1,
             verify=self.verify,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class ShareMap:
+    """Cross-layer sharing: ``share[follower] = anchor``, and what the map was made for."""
+
+    share: dict
+    num_layers: int | None = None  # set when loaded from a calibration JSON
+    kv_heads: int | None = None
+
+    def get(self, layer: int, default: int = -1) -> int:
+        return self.share.get(layer, default)
+
+
+def load_share_map(value) -> ShareMap:
+    """``layer_share`` option -> :class:`ShareMap` (from a dict, a JSON path, or a ShareMap)."""
+    if isinstance(value, ShareMap):
+        return value
+    if value is None:
+        return ShareMap({})
+    num_layers = kv_heads = None
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"prhs option layer_share={path!r}: cannot read a JSON sharing map ({err})") from None
+        if isinstance(data, dict) and "share" in data:
+            num_layers, kv_heads = data.get("num_layers"), data.get("num_kv_heads")
+            value = data["share"]
+        else:
+            value = data
+    if not isinstance(value, dict):
+        _bad("layer_share", value, "a dict {follower layer: anchor layer} or a path to a JSON map")
+    share = {}
+    for follower, anchor in value.items():
+        try:
+            follower, anchor = int(follower), int(anchor)
+        except (TypeError, ValueError):
+            _bad("layer_share", value, "integer layer indices")
+        if not 0 <= anchor < follower:
+            raise ValueError(
+                f"prhs option layer_share: layer {follower} cannot share layer {anchor}'s selection: "
+                "the anchor must be an earlier layer (0 <= anchor < follower)"
+            )
+        share[follower] = anchor
+    return ShareMap(share, num_layers, kv_heads)
 
 
 def _bad(name, value, allowed):
@@ -129,6 +215,8 @@ def _check_range(name, value, low, high):
 def _check_type(config: PrHSConfig) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if f.type == "object":
+            continue  # checked by its own loader
         expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}[f.type]
         # bool is an int subclass: reject True where a number is meant, and 1 where a flag is.
         if isinstance(value, bool) != (f.type == "bool") or not isinstance(value, expected):

@@ -15,8 +15,21 @@ import torch
 from prhs_compile.kernels import COUNTER_NAMES, COUNTERS_INDEX, dropped_mass_listeners
 from prhs_compile.state import all_states
 
-# layer -> list of (mean, max) dropped mass per decode step (verify mode)
-_DROPPED: dict[int, list[tuple[float, float]]] = defaultdict(list)
+# layer -> one VerifyStep per decode step (verify mode)
+_DROPPED: dict[int, list["VerifyStep"]] = defaultdict(list)
+
+
+@dataclasses.dataclass
+class VerifyStep:
+    """Exact dropped attention mass of one decode step of one layer, with its bounds."""
+
+    mean: float  # over batch rows, query heads and query rows
+    max: float
+    output_bound: float  # max of 2 * dropped * max||v||: L2 error bound of the sparse output
+    retrieved_max: float | None  # max group-mean dropped mass over groups that retrieved
+    reused_max: float | None  # max group-mean dropped mass over groups that reused a set
+    reuse_bound: float | None  # max predicted bound over those reused groups
+    reuse_violations: int  # reused groups whose dropped mass exceeded their bound
 
 
 @dataclasses.dataclass
@@ -26,7 +39,7 @@ class LayerStats:
     slots: int = 0  # (batch row, KV head) pairs that went through select
     retrievals: int = 0  # of those, how many scored the keys to choose
     resets: int = 0  # rows whose state did not continue the previous step
-    dropped_mass: list = dataclasses.field(default_factory=list)  # (mean, max) per step
+    dropped_mass: list = dataclasses.field(default_factory=list)  # VerifyStep per step
 
     @property
     def retrieval_rate(self) -> float:
@@ -34,11 +47,15 @@ class LayerStats:
 
     @property
     def dropped_mean(self) -> float | None:
-        return sum(m for m, _ in self.dropped_mass) / len(self.dropped_mass) if self.dropped_mass else None
+        return sum(s.mean for s in self.dropped_mass) / len(self.dropped_mass) if self.dropped_mass else None
 
     @property
     def dropped_max(self) -> float | None:
-        return max(x for _, x in self.dropped_mass) if self.dropped_mass else None
+        return max(s.max for s in self.dropped_mass) if self.dropped_mass else None
+
+    @property
+    def reuse_violations(self) -> int:
+        return sum(s.reuse_violations for s in self.dropped_mass)
 
 
 @dataclasses.dataclass
@@ -64,6 +81,8 @@ class PrHSStats:
                     "retrieval_rate": s.retrieval_rate,
                     "dropped_mean": s.dropped_mean,
                     "dropped_max": s.dropped_max,
+                    "reuse_violations": s.reuse_violations,
+                    "verify_steps": [dataclasses.asdict(v) for v in s.dropped_mass],
                 }
                 for layer, s in sorted(self.layers.items())
             },
@@ -103,8 +122,27 @@ def reset_stats() -> None:
     _DROPPED.clear()
 
 
-def _record_dropped(layer: int, dropped: torch.Tensor) -> None:
-    _DROPPED[layer].append((dropped.mean().item(), dropped.max().item()))
+def _record_dropped(record: dict) -> None:
+    dropped, group_dropped, retrieved = record["dropped"], record["group_dropped"], record["retrieved"]
+
+    def max_where(values, where):
+        return values[where].max().item() if bool(where.any()) else None
+
+    bound, reused = record["reuse_bound"], record["reused"]
+    if reused is None:
+        reused = torch.zeros_like(retrieved)
+    violations = int(((group_dropped > bound + 1e-6) & reused).sum()) if bound is not None else 0
+    _DROPPED[record["layer"]].append(
+        VerifyStep(
+            mean=dropped.mean().item(),
+            max=dropped.max().item(),
+            output_bound=record["output_bound"].max().item(),
+            retrieved_max=max_where(group_dropped, retrieved),
+            reused_max=max_where(group_dropped, reused),
+            reuse_bound=max_where(bound, reused) if bound is not None else None,
+            reuse_violations=violations,
+        )
+    )
 
 
 if _record_dropped not in dropped_mass_listeners:

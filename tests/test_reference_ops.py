@@ -82,9 +82,10 @@ def test_keep_to_indices_is_ascending_and_padded():
     assert keep_to_indices(keep, 7).tolist() == [[[1, 3, 4, -1, -1, -1, -1]]]
 
 
-def run_select(plan, q, k, mask=None, state=None):
+def run_select(plan, q, k, mask=None, state=None, v=None):
     state = state if state is not None else new_state(plan, q.shape[0], q.shape[1], k.shape[1], k.shape[-1])
-    idx = select_reference(q, k, mask, q.shape[-1] ** -0.5, plan, state)
+    v = k if v is None else v
+    idx = select_reference(q, k, v, mask, q.shape[-1] ** -0.5, plan, state)
     return idx, state
 
 
@@ -173,7 +174,7 @@ def test_verify_reports_exact_dropped_mass():
     from prhs_compile.kernels import dropped_mass_listeners
 
     seen = []
-    dropped_mass_listeners.append(lambda layer, d: seen.append((layer, d)))
+    dropped_mass_listeners.append(seen.append)
     try:
         plan = SelectPlan(policy="oracle", layer=3, budget=6, sink=1, local=1, verify=True)
         q, k, v = make_qkv(batch=1, kv_len=20)
@@ -182,8 +183,8 @@ def test_verify_reports_exact_dropped_mass():
         kept = torch.zeros(1, 4, 20)
         kept.scatter_(-1, idx.repeat_interleave(2, 1).long(), 1.0)
         expected = 1 - (probs[:, :, 0] * kept).sum(-1)
-        layer, dropped = seen[-1]
-        assert layer == 3
-        torch.testing.assert_close(dropped[:, :, 0], expected, rtol=0, atol=1e-6)
+        record = seen[-1]
+        assert record["layer"] == 3
+        torch.testing.assert_close(record["dropped"][:, :, 0], expected, rtol=0, atol=1e-6)
     finally:
         dropped_mass_listeners.pop()

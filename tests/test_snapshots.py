@@ -25,14 +25,15 @@ def attention_lines(code: str) -> str:
     return "\n".join(lines)
 
 
-def prefill_and_decode(arch: str) -> tuple[str, str, str]:
+def prefill_and_decode(arch: str, **options) -> tuple[str, str, str]:
     model = tiny_model(arch)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
     cache = StaticCache(config=model.config, max_cache_len=32)
+    options = {**OPTIONS, **options}
     with torch.no_grad():
-        prefill = prhs_compile.explain(model, input_ids=ids, past_key_values=cache, options=OPTIONS)
+        prefill = prhs_compile.explain(model, input_ids=ids, past_key_values=cache, options=options)
         token = prefill.output.logits[:, -1:].argmax(-1)
-        decode = prhs_compile.explain(model, input_ids=token, past_key_values=cache, options=OPTIONS)
+        decode = prhs_compile.explain(model, input_ids=token, past_key_values=cache, options=options)
     decisions = "\n".join(str(d) for d in prefill.decisions + decode.decisions)
     return attention_lines(prefill.after[0]), attention_lines(decode.after[0]), decisions
 
@@ -42,13 +43,13 @@ class TestRewriteSnapshots(expecttest.TestCase):
         prefill, decode, decisions = prefill_and_decode("llama")
         self.assertExpectedInline(prefill, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, key, value, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True, enable_gqa = True)
-prefill_default = torch.ops.prhs.prefill.default(q_embed, key, None, True, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2])
+prefill_default = torch.ops.prhs.prefill.default(q_embed, key, None, True, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7])
 attn_output_5 = torch._C._nn.scaled_dot_product_attention(q_embed_1, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True, enable_gqa = True)
-prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2])""")
+prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, attention_mask_1, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2])
+select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, attention_mask_1, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2])
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
         self.assertExpectedInline(decisions, """\
 layer 0: prefill (query length 12 > max_decode_query_len=1: dense attention, selection state reset)
@@ -59,29 +60,29 @@ layer 1: decode (query length 1: select-then-attend)""")
     def test_mistral(self):
         prefill, decode, decisions = prefill_and_decode("mistral")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, attention_mask_1, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2])
+select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, attention_mask_1, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2])
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_qwen3_qk_norm(self):
         prefill, decode, decisions = prefill_and_decode("qwen3")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, attention_mask_1, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2])
+select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, attention_mask_1, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2])
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_gemma3_sliding_window_layers(self):
         prefill, decode, decisions = prefill_and_decode("gemma3")
         self.assertExpectedInline(prefill, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, key, value, attn_mask = attention_mask, dropout_p = 0.0, scale = 0.0625, is_causal = False)
-prefill_default = torch.ops.prhs.prefill.default(q_embed, k_embed, attention_mask, False, 0.0625, 'policy=oracle;layer=0;budget=16;sink=2;local=4', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2])
+prefill_default = torch.ops.prhs.prefill.default(q_embed, k_embed, attention_mask, False, 0.0625, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7])
 attn_output_5 = torch._C._nn.scaled_dot_product_attention(q_embed_1, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.0625, is_causal = True, enable_gqa = True)
-prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.0625, 'policy=oracle;layer=1;budget=16;sink=2;local=4', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2])""")
+prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.0625, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
         self.assertExpectedInline(decode, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, key, value, attn_mask = attention_mask_2, dropout_p = 0.0, scale = 0.0625, is_causal = False)
-select_default = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, attention_mask_1, 0.0625, 'policy=oracle;layer=1;budget=16;sink=2;local=4', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2])
+select_default = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.0625, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
 attend_default = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default, attention_mask_1, 0.0625)""")
         self.assertExpectedInline(decisions, """\
 layer 0: prefill (query length 12 > max_decode_query_len=1: dense attention, selection state reset)
@@ -92,28 +93,44 @@ layer 1: decode (query length 1: select-then-attend)""")
     def test_phi3(self):
         prefill, decode, decisions = prefill_and_decode("phi3")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, attention_mask_1, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2])
+select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, attention_mask_1, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2])
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_gpt_neox_partial_rotary_no_gqa(self):
         prefill, decode, decisions = prefill_and_decode("gpt_neox")
         self.assertExpectedInline(prefill, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed_1, key, value, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True)
-prefill_default = torch.ops.prhs.prefill.default(q_embed_1, key, None, True, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2])
+prefill_default = torch.ops.prhs.prefill.default(q_embed_1, key, None, True, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7])
 attn_output_6 = torch._C._nn.scaled_dot_product_attention(q_embed_3, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True)
-prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_3, key_1, None, True, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2])""")
+prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_3, key_1, None, True, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_0_keys, attention_mask_1, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2])
+select_default = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
 attend_default = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_3, l_kwargs_past_key_values_layers_1_keys, attention_mask_1, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2])
+select_default_1 = torch.ops.prhs.select.default(q_embed_3, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_3, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_falcon_fused_qkv(self):
         prefill, decode, decisions = prefill_and_decode("falcon")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_past_key_values_layers_0_keys, attention_mask_1, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2])
+select_default = torch.ops.prhs.select.default(q_embed, l_past_key_values_layers_0_keys, l_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, l_past_key_values_layers_0_keys, l_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_past_key_values_layers_1_keys, attention_mask_1, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2])
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_past_key_values_layers_1_keys, l_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_past_key_values_layers_1_keys, l_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
+
+    def test_llama_prhs_cross_layer_sharing(self):
+        prefill, decode, decisions = prefill_and_decode("llama", layer_share={1: 0}, psaw_start_layer=1)
+        self.assertExpectedInline(decode, """\
+select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;psaw_start=1;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;psaw_start=1;num_layers=2;share_from=0', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], select_default)
+attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
+
+    def test_llama_oracle_policy(self):
+        prefill, decode, decisions = prefill_and_decode("llama", policy="oracle")
+        self.assertExpectedInline(decode, """\
+select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2], None)
+attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2], None)
+attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")

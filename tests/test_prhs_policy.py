@@ -1,0 +1,178 @@
+"""The PrHS policy: each selector on and off, its exact special cases, and its bounds."""
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from tiny_models import tiny_model
+
+import prhs_compile
+from prhs_compile.kernels import SelectPlan, state_spec
+from prhs_compile.kernels.bounds import output_error_bound, reuse_bound
+from prhs_compile.kernels.select_reference import COUNTER_NAMES, COUNTERS_INDEX, prefill_reference, select_reference
+
+B, HQ, HKV, D, L = 2, 4, 2, 8, 48
+SCALE = D ** -0.5
+
+
+def new_state(plan):
+    return [torch.full(s, f, dtype=d) for s, d, f in state_spec(plan, B, HQ, HKV, D).values()]
+
+
+def counters(state):
+    return dict(zip(COUNTER_NAMES, state[COUNTERS_INDEX].tolist()))
+
+
+def decode_run(plan, steps=8, start=24, drift=0.05, seed=0, k=None, queries=None):
+    """A sequence of decode steps over one cache: slowly drifting queries, one new token each."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, HKV, L, D, generator=g) if k is None else k
+    state = new_state(plan)
+    prefill_reference(torch.randn(B, HQ, start, D, generator=g), k[:, :, :start], None, True, SCALE, plan, state)
+    q = torch.randn(B, HQ, 1, D, generator=g)
+    out = []
+    for t in range(start, start + steps):
+        q = q + drift * torch.randn(q.shape, generator=g) if queries is None else queries[t - start]
+        mask = (torch.arange(L) <= t).reshape(1, 1, 1, L)
+        out.append(select_reference(q, k, k, mask, SCALE, plan, state))
+    return out, state
+
+
+def test_no_reuse_no_dilation_no_sharing_is_exactly_oracle():
+    prhs = SelectPlan(policy="prhs", layer=0, budget=12, sink=1, local=2, tau=1.0, max_reuse=1, dilation_m=0)
+    oracle = SelectPlan(policy="oracle", layer=0, budget=12, sink=1, local=2)
+    got, state = decode_run(prhs)
+    want, _ = decode_run(oracle)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert counters(state)["retrievals"] == 8 * B * HKV
+
+
+def test_dilation_adds_exactly_the_neighbours():
+    plan = SelectPlan(policy="prhs", layer=0, budget=6, sink=1, local=1, dilation_m=1, dilation_r=1, max_reuse=1)
+    k = torch.zeros(1, 1, 32, 4)
+    k[0, 0, 10, 0] = 5.0  # the single best middle position
+    k[0, 0, 20, 0] = 4.0  # second best: not a core (m = 1), picked only after the neighbours
+    k[0, 0, 25, 0] = 3.0
+    q = torch.zeros(1, 1, 1, 4)
+    q[..., 0] = 1.0
+    state = [torch.full(s, f, dtype=d) for s, d, f in state_spec(plan, 1, 1, 1, 4).values()]
+    idx = select_reference(q, k, k, None, 1.0, plan, state)
+    middle = sorted(p for p in idx[0, 0].tolist() if p not in (-1, 0, 31))
+    # 4 retrieved: the core 10, its neighbours 9 and 11, then the next best, 20
+    assert middle == [9, 10, 11, 20]
+
+
+def test_time_axis_reuses_until_max_reuse():
+    plan = SelectPlan(policy="prhs", layer=0, budget=12, sink=1, local=2, tau=0.0, max_reuse=4)
+    _, state = decode_run(plan, steps=8)
+    # tau = 0 accepts any query: a retrieval every 4th step per (row, KV head)
+    assert counters(state)["retrievals"] == 2 * B * HKV
+    assert counters(state)["slots"] == 8 * B * HKV
+
+
+def test_time_axis_cosine_gate_triggers_a_retrieval():
+    plan = SelectPlan(policy="prhs", layer=0, budget=12, sink=1, local=2, tau=0.9, max_reuse=100)
+    q = torch.randn(B, HQ, 1, D)
+    queries = [q, q * 1.1, q.flip(-1), q.flip(-1)]  # same direction, then a very different one
+    _, state = decode_run(plan, steps=4, queries=queries)
+    assert counters(state)["retrievals"] == 2 * B * HKV
+
+
+def test_reused_selection_keeps_the_local_window_sliding():
+    plan = SelectPlan(policy="prhs", layer=0, budget=12, sink=1, local=2, tau=0.0, max_reuse=100)
+    out, _ = decode_run(plan, steps=3)
+    for step, idx in enumerate(out):
+        newest = 24 + step
+        assert {newest - 1, newest} <= set(idx[0, 0].tolist())
+
+
+def test_depth_axis_excludes_the_oldest_positions_from_retrieval():
+    plan = SelectPlan(policy="prhs", layer=3, budget=12, sink=1, local=2, psaw_start=1, psaw_phi=0.5, psaw_alpha=1.0, num_layers=4, max_reuse=1)
+    out, _ = decode_run(plan, steps=1, start=40)
+    excluded = int((1 - 0.5 ** (1.0 * (3 - 1) / (4 - 1))) * 41)  # 41 valid tokens
+    picked = [p for p in out[0].flatten().tolist() if p > 0]  # everything but the sink
+    assert min(picked) >= 1 + excluded
+
+
+def test_delta_target_keeps_the_smallest_sufficient_set_at_retrieval():
+    plan = SelectPlan(policy="prhs", layer=0, budget=30, sink=1, local=2, delta_target=0.1, max_reuse=1, verify=True)
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(B, HKV, L, D, generator=g) * 3  # peaked attention: a few positions hold the mass
+    records = []
+    from prhs_compile.kernels import dropped_mass_listeners
+
+    dropped_mass_listeners.append(records.append)
+    try:
+        out, _ = decode_run(plan, k=k, steps=3)
+    finally:
+        dropped_mass_listeners.remove(records.append)
+    for record, idx in zip(records, out):
+        assert (record["group_dropped"] <= 0.1 + 1e-6).all()
+        assert ((idx >= 0).sum(-1) < 30).any()  # fewer than the budget where that suffices
+
+
+def test_layer_axis_shares_the_anchor_selection_end_to_end():
+    model = tiny_model("llama")
+    options = {"policy": "prhs", "budget": 16, "sink": 2, "local": 4, "layer_share": {1: 0}, "inductor": False}
+    ids = torch.randint(0, 128, (1, 40))
+    model.forward = torch.compile(model.forward, backend="prhs", options=options)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static", max_cache_len=64)
+    stats = prhs_compile.stats()
+    assert stats.layers[0].retrievals > 0 and stats.layers[1].retrievals == 0
+    assert stats.retrieval_rate == pytest.approx(stats.layers[0].retrievals / (2 * stats.layers[0].slots))
+
+
+def test_bad_sharing_maps_are_rejected_with_the_reason():
+    with pytest.raises(ValueError, match="the anchor must be an earlier layer"):
+        prhs_compile.PrHSConfig.from_options({"layer_share": {0: 1}})
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="prhs", options={"layer_share": {5: 0}, "inductor": False})
+    with torch.no_grad(), pytest.raises(Exception, match="names layer 5, but the model has 2 layers"):
+        compiled(torch.randint(0, 128, (1, 8)))
+
+
+def test_new_sequence_starts_without_the_old_selection():
+    plan = SelectPlan(policy="prhs", layer=0, budget=12, sink=1, local=2, tau=0.0, max_reuse=100)
+    _, state = decode_run(plan, steps=3)
+    before = counters(state)["retrievals"]
+    k = torch.randn(B, HKV, L, D)
+    prefill_reference(torch.randn(B, HQ, 30, D), k[:, :, :30], None, True, SCALE, plan, state)
+    mask = (torch.arange(L) <= 30).reshape(1, 1, 1, L)
+    select_reference(torch.randn(B, HQ, 1, D), k, k, mask, SCALE, plan, state)
+    assert counters(state)["retrievals"] == before + B * HKV
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    length=st.integers(4, 64),
+    keep=st.floats(0.05, 0.95),
+    shift=st.floats(0.0, 2.0),
+)
+def test_bounds_hold_on_random_inputs(seed, length, keep, shift):
+    g = torch.Generator().manual_seed(seed)
+    d = 16
+    scale = d ** -0.5
+    keys = torch.randn(length, d, generator=g, dtype=torch.float64) * 2
+    values = torch.randn(length, d, generator=g, dtype=torch.float64)
+    q_anchor = torch.randn(d, generator=g, dtype=torch.float64)
+    q_now = q_anchor + shift * torch.randn(d, generator=g, dtype=torch.float64)
+    subset = torch.rand(length, generator=g) < keep
+    subset[0] = True
+
+    def dropped(q):
+        p = torch.softmax(scale * keys @ q, dim=0)
+        return p[~subset].sum(), p
+
+    d_anchor, _ = dropped(q_anchor)
+    d_now, p = dropped(q_now)
+    bound = reuse_bound(d_anchor, scale, keys.norm(dim=-1).max(), (q_now - q_anchor).norm())
+    assert d_now <= bound + 1e-12
+    sparse = torch.softmax((scale * keys @ q_now).masked_fill(~subset, float("-inf")), 0) @ values
+    dense = p @ values
+    assert (sparse - dense).norm() <= output_error_bound(d_now, values.norm(dim=-1).max()) + 1e-12
+    # total variation between the sparse and dense distributions is exactly the dropped mass
+    p_sparse = torch.where(subset, p / p[subset].sum(), torch.zeros_like(p))
+    assert torch.isclose(0.5 * (p_sparse - p).abs().sum(), d_now)
