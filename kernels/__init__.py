@@ -7,7 +7,13 @@ if __name__ == "prhs_compile.kernels":
     from . import ops  # noqa: F401  (registers torch.ops.prhs.*)
     from .plan import SelectPlan, decode_plan
     from .rules import RULES, get_rule
-    from .select_reference import COUNTER_NAMES, COUNTERS_INDEX, dropped_mass_listeners, state_spec
+    from .select_reference import (
+        COUNTER_NAMES,
+        COUNTERS_INDEX,
+        dropped_mass_listeners,
+        selection_listeners,
+        state_spec,
+    )
 
     __all__ = [
         "COUNTER_NAMES",
@@ -17,6 +23,7 @@ if __name__ == "prhs_compile.kernels":
         "decode_plan",
         "dropped_mass_listeners",
         "get_rule",
+        "selection_listeners",
         "state_spec",
     ]
 else:

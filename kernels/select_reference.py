@@ -35,6 +35,9 @@ COUNTERS_INDEX = 2  # position of ``counters`` in every state list (see state_sp
 # Called with a verify record (a dict, see ``_verify_record``) when a plan has verify=True.
 # The public package installs its stats recorder here; kernels never import it.
 dropped_mass_listeners: list[Callable[[dict], None]] = []
+# Called with (layer, indices [B, Hkv, S], newest queries [B, Hq, D]) after every selection;
+# calibration records oracle selections through it. Empty (free) otherwise.
+selection_listeners: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
 
 
 def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int):
@@ -163,6 +166,8 @@ def select_reference(q, k, v, mask, scale: float, plan: SelectPlan, state: list[
     pos.copy_(view.newest)
     fingerprint.copy_(_key_at(k, view.newest))
 
+    for listener in selection_listeners:
+        listener(plan.layer, indices, q[:, :, -1])
     if plan.verify and dropped_mass_listeners:
         record = _verify_record(plan, view, keep, retrieved, v)
         for listener in dropped_mass_listeners:

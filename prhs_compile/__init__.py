@@ -8,6 +8,7 @@ this package is only needed for the Python API below.
 
 from prhs_compile import kernels as _kernels  # noqa: F401  (registers torch.ops.prhs)
 from prhs_compile.backend import GraphReport, prhs_backend
+from prhs_compile.calibrate import calibrate
 from prhs_compile.config import PrHSConfig
 from prhs_compile.explain import Explanation, explain
 from prhs_compile.kernels.rules import RULES as _RULES
@@ -27,6 +28,7 @@ __all__ = [
     "PrHSConfig",
     "PrHSStats",
     "available_policies",
+    "calibrate",
     "clear_states",
     "explain",
     "prhs_backend",

@@ -176,3 +176,30 @@ def test_bounds_hold_on_random_inputs(seed, length, keep, shift):
     # total variation between the sparse and dense distributions is exactly the dropped mass
     p_sparse = torch.where(subset, p / p[subset].sum(), torch.zeros_like(p))
     assert torch.isclose(0.5 * (p_sparse - p).abs().sum(), d_now)
+
+
+def test_calibrate_writes_a_map_that_loads_and_checks_the_model(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "map.json"
+    cmd = [sys.executable, "-m", "prhs_compile.bench.cli", "calibrate", "--model", str(tmp_path / "model"),
+           "--prompt-len", "48", "--steps", "4", "--budget", "16", "--sink", "2", "--local", "4",
+           "--threshold", "0.0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["num_layers"] == 2 and data["num_kv_heads"] == 2
+    assert data["share"] == {"1": 0}  # threshold 0: layer 1 shares layer 0
+    assert 0.0 <= data["overlap"][1][0] <= 1.0 and set(data["suggested_tau"]) == {"0", "1"}
+    config = prhs_compile.PrHSConfig.from_options({"layer_share": str(out)})
+    assert config.layer_share.get(1) == 0
+    # a map made for another model is refused when compiling
+    data["num_layers"] = 32
+    out.write_text(json.dumps(data))
+    compiled = torch.compile(model, backend="prhs", options={"layer_share": str(out), "inductor": False})
+    with torch.no_grad(), pytest.raises(Exception, match="calibrated for 32 layers, but this model has 2"):
+        compiled(torch.randint(0, 128, (1, 8)))

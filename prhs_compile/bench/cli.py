@@ -14,6 +14,7 @@ import sys
 # subcommand name -> (module under prhs_compile.bench, one-line help)
 SUBCOMMANDS = {
     "train-substrate": ("train_substrate", "train the small long-context evaluation model"),
+    "calibrate": ("calibrate_cli", "write a cross-layer sharing map (PrHS layer axis) for a model"),
     "accuracy": ("accuracy", "task accuracy of policies and budgets through backend='prhs'"),
     "latency": ("latency", "decode-attention kernel latency against dense baselines (GPU)"),
     "throughput": ("throughput", "end-to-end decode throughput of a compiled model (GPU)"),
