@@ -179,3 +179,28 @@ def test_beam_search_runs_and_matches_eager_when_the_budget_covers():
     model.forward = torch.compile(model.forward, backend="prhs", options={**COVERING, **EAGER})
     out = generate(model, ids, num_beams=3, cache_implementation="static")
     assert torch.equal(out.sequences, reference.sequences)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_inductor_and_cuda_graphs_match_eager_when_the_budget_covers(mode):
+    model = tiny_model("llama").cuda()
+    ids = prompt().cuda()
+    reference = generate(model, ids, cache_implementation="static")
+    options = {**COVERING, "policy": "prhs", "mode": mode}
+    model.forward = torch.compile(model.forward, backend="prhs", options=options)
+    out = generate(model, ids, cache_implementation="static")
+    out = generate(model, ids, cache_implementation="static")  # second run replays the graphs
+    assert torch.equal(out.sequences, reference.sequences)
+    torch.testing.assert_close(logits_of(out), logits_of(reference), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_sparse_prhs_bf16_runs_and_selects():
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    options = {"policy": "prhs", "budget": 16, "sink": 2, "local": 4, "tau": 0.5, "mode": "reduce-overhead"}
+    model.forward = torch.compile(model.forward, backend="prhs", options=options)
+    out = generate(model, prompt().cuda(), cache_implementation="static")
+    assert out.sequences.shape[1] == PROMPT + NEW
+    assert not torch.isnan(logits_of(out)).any()
+    assert prhs_compile.stats().layers[0].slots > 0
