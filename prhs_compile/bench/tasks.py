@@ -19,6 +19,9 @@ variable_tracking    chains ``N0 := V``, ``Ni := N(i-1)``   ``<|query|>Nh<|value
 natural_text         none (held-out stdlib text)            --                            the next ``continuation`` tokens
 ==================== ====================================== ============================= ==================================
 
+Defaults: ``n_keys=8``, ``n_values=4``, ``n_chains=2``, ``n_hops=4``, ``continuation=256``;
+needle depths are uniform at random unless ``depth=`` is given.
+
 Variable tracking resolves a variable by chasing its chain of assignments; each hop is the
 same operation as a needle retrieval (find ``name<|value|>`` and copy what follows), and the
 answer spells out the hops, ending at the number.
