@@ -1,0 +1,746 @@
+"""Triton retrieval for ``select`` with policy ``oracle``: exact group-mass top-k on the GPU.
+
+``oracle_select_triton`` returns what ``select_reference`` returns for a ``SelectPlan`` with
+``policy="oracle"`` (see ``OracleRule``): per batch row the first ``sink`` and last ``local``
+valid positions, plus, per KV head, the ``budget - sink - local`` positions of the middle with
+the largest *group mass* (softmax attention summed over the ``G = Hq / Hkv`` query heads and
+the ``Tq`` query rows of the group); rows with ``count <= budget`` or ``count < min_context``
+valid positions keep them all. Positions ascending, int32, ``-1`` padded.
+
+Pipeline (every launch decided from shapes only: no host sync, CUDA-graph capturable)::
+
+    _mask_stats_kernel  (B, L/CHUNK)        valid count / first / last per chunk of the mask
+    _bounds_kernel      (B,)                lo, hi, count, sink_end, local_start, fits per row
+    _lse_kernel         (B*Hkv, S, Mb)      pass 1 over K[lo:hi]: per-split log-sum-exp per row
+    _mass_kernel        (B*Hkv, S, Mb)      pass 2 over K[mid_lo:mid_hi]: group mass (fp32),
+                                            -inf outside the middle / at masked positions
+    torch.topk(...).values.amin(-1)         the cut-off: the kk-th largest mass per KV head
+    _count_kernel       (B*Hkv, L/CHUNK)    per chunk of the middle: masses above / at it
+    _write_kernel       (B*Hkv, max(L/CHUNK, slots/BS))  the picks of each chunk at slots from
+                                            the counts before it, plus (program 0) sinks, local
+                                            window or a whole row that fits; -1 padding
+
+Bounds. With a static cache K is ``[B, Hkv, Lmax, D]`` and the mask says which positions
+hold tokens. The first two kernels reduce the mask (1 byte per position and query row,
+against ``Hkv * D * 2`` bytes of K per position) to per-row bounds on the device; the K passes
+then split ``[lo, hi)`` (pass 1) and the middle ``[max(lo, sink_end), min(hi, local_start))``
+(pass 2) evenly over their programs, so K is never read beyond the last valid position, work
+stays balanced however full the cache is, and rows that fit the budget read no K at all.
+
+GQA. A program owns one KV head of one batch row and a contiguous range of positions; the
+``G * Tq`` query rows of the group are the M side of a small matmul (as in
+``attend_triton``), so every K row is loaded once for all of them.
+
+Why two passes over K. The group mass of position j is ``sum_r exp(s_rj - lse_r)`` over the
+``M = G * Tq`` query rows r: the rows' normalisers differ, so it cannot be formed (or ranked)
+before every row's log-sum-exp over the whole valid region is known. Per (position, KV head),
+Llama-3-8B shapes (D=128 bf16, G=4, Tq=1), bytes moved:
+
+* two passes (chosen): K twice = 2 * 256 B, + the fp32 mass (written once, read by the
+  top-k, count and write kernels: 16 B)  ~= 528 B.
+* one pass writing per-block partials: K once = 256 B, + the fp32 scores of every query row
+  (M * 4 = 16 B written, 16 B read back by a second kernel) + the same mass traffic
+  ~= 304 B.
+
+The single pass reads ~1.75x fewer bytes at these shapes, but it materialises an fp32
+``[B, Hq, Tq, L]`` scratch (268 MB at B=16, L=128K, i.e. 1/16 of the K cache, reserved
+inside every CUDA graph), and its advantage shrinks as ``M`` grows: at ``M * 4 >= 2 * D * 2``
+(G*Tq >= 64 for D=128: speculative decoding with Tq=8 on G=8 models) the scratch is as large
+as K itself and it reads more than two passes. Scores cannot be kept in bf16 instead: the
+ranking has to match the fp32 reference. So: two passes, and the retrieval floor is
+``2 * B * Hkv * n_valid * D * itemsize`` plus 16 B of mass traffic per position and KV head
+(``retrieval_bytes`` below). Retrievals are meant to
+be rare (PrHS reuses selections across steps), which is what makes the second read affordable.
+
+Top-k (first version). Pass 2 writes an fp32 ``[B, Hkv, L]`` group-mass tensor and
+``torch.topk(sorted=False)`` over it gives the cut-off (the ``kk = budget - sink - local``-th
+largest mass); the picks are the middle positions above it (plus as many tied with it as
+needed), written in position order by a chunked count-then-write compaction, so nothing is
+sorted: picks lie strictly between the sinks and the local window, and the output is
+``sinks ++ picks ++ local``. (The first cut sorted the top-k indices with ``torch.sort``:
+68 us of a 359 us retrieval at B=1, L=128K on an H100, mostly idle SMs.) The full-width top-k
+is the part left to replace: a per-block candidate scheme (each pass-2 program keeping its own
+top-k, then merging candidates) or a radix select on the mass bits.
+
+Ties between equal masses may be broken differently from the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["oracle_select_triton", "oracle_group_mass_triton", "select_bounds", "retrieval_bytes"]
+
+_LOG2E = 1.4426950408889634
+
+_MASK_NONE = 0
+_MASK_BOOL = 1
+_MASK_ADD = 2
+
+# H100 SXM; only used when no CUDA device is visible (interpreter runs).
+_DEFAULT_NUM_SMS = 132
+
+# Columns of the per-row bounds tensor [B, 8] (int32).
+_LO, _HI, _COUNT, _SINK_END, _LOCAL_START, _FITS = range(6)
+
+# Kernel configuration of the two K passes. Module-level so a benchmark can sweep it. H100
+# (torch 2.11, triton 3.6, bf16, Hq=32 Hkv=8 D=128, CUDA-graph timings of bounds + both
+# passes): (64, 4 warps, 3 stages) was the best or within 1% of it among (32|64|128, 4|8, 2-4)
+# at B=1 L=128K (207 us, 2.6 TB/s of K read), B=16 L=32K (742 us, 2.9 TB/s) and B=8 L=4K
+# (62 us, 2.2 TB/s); 8 warps lost 20-30%. The measured copy rate is about 3.0 TB/s.
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+
+_CHUNK = 2048  # mask positions per program of the stats kernel
+_BLOCK_W = 1024  # positions per iteration of the -inf fill and of the write kernel scans
+_BLOCK_S = 1024  # index slots per program of the write kernel
+_CHUNK_PICK = 2048  # middle positions per program of the count and write kernels
+_SPLIT_CHUNK = 16  # split partials combined per iteration in pass 2
+
+
+# ----------------------------------------------------------------------------------------
+# mask helpers
+
+
+@triton.jit
+def _valid_positions(MASK, b, pos, in_range, Tq, stride_mb, stride_mt, stride_ml, mask_min,
+                     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr):
+    """[BLOCK] int1: positions that at least one query row may attend to."""
+    if MASK_KIND == 0:
+        valid = in_range
+    else:
+        offs_t = tl.arange(0, TQ_P2)
+        ptrs = (MASK + b * stride_mb + offs_t[:, None].to(tl.int64) * stride_mt
+                + pos[None, :].to(tl.int64) * stride_ml)
+        ld = (offs_t[:, None] < Tq) & in_range[None, :]
+        if MASK_KIND == 1:
+            mv = tl.load(ptrs, mask=ld, other=0)
+            allowed = ld & (mv != 0)
+        else:
+            mv = tl.load(ptrs, mask=ld, other=0.0).to(tl.float32)
+            allowed = ld & (mv > mask_min)
+        valid = tl.max(allowed.to(tl.int32), 0) > 0
+    return valid
+
+
+@triton.jit
+def _masked_scores(s, mask_rows, pos, row_ok, col_ok, stride_ml, mask_min,
+                   MASK_KIND: tl.constexpr):
+    """Log2-domain scores with the mask applied; -inf where a row may not attend."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    if MASK_KIND == 1:
+        mv = tl.load(mask_rows + pos[None, :].to(tl.int64) * stride_ml, mask=ok, other=0)
+        s = tl.where(ok & (mv != 0), s, float("-inf"))
+    elif MASK_KIND == 2:
+        bias = tl.load(mask_rows + pos[None, :].to(tl.int64) * stride_ml, mask=ok,
+                       other=0.0).to(tl.float32)
+        allowed = ok & (bias > mask_min)
+        bias = tl.where(allowed, bias, 0.0)  # finfo.min * log2(e) would overflow
+        s = tl.where(allowed, s + bias * 1.4426950408889634, float("-inf"))
+    else:
+        s = tl.where(ok, s, float("-inf"))
+    return s
+
+
+# ----------------------------------------------------------------------------------------
+# per-row bounds
+
+
+@triton.jit
+def _mask_stats_kernel(
+    MASK, STATS, Tq, L, C,
+    stride_mb, stride_mt, stride_ml, mask_min,
+    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cnt = tl.full([], 0, tl.int32)
+    first = tl.full([], 0, tl.int32) + L
+    last = tl.full([], -1, tl.int32)
+    for sub in tl.static_range(0, CHUNK, SUB):
+        pos = c * CHUNK + sub + tl.arange(0, SUB)
+        v = _valid_positions(MASK, b, pos, pos < L, Tq, stride_mb, stride_mt, stride_ml,
+                             mask_min, MASK_KIND, TQ_P2)
+        cnt += tl.sum(v.to(tl.int32), 0)
+        first = tl.minimum(first, tl.min(tl.where(v, pos, L), 0))
+        last = tl.maximum(last, tl.max(tl.where(v, pos, -1), 0))
+    base = STATS + (b * C + c) * 3
+    tl.store(base + 0, cnt)
+    tl.store(base + 1, first)
+    tl.store(base + 2, last)
+
+
+@triton.jit
+def _position_of_rank(MASK, b, r, cnt, cum, offs_c, c_ok, L, Tq,
+                      stride_mb, stride_mt, stride_ml, mask_min,
+                      MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
+                      CHUNK: tl.constexpr, SUB: tl.constexpr):
+    """Position of the valid position of rank ``r`` (0-based; -1 if there is none)."""
+    cstar = tl.sum(((cum <= r) & c_ok).to(tl.int32), 0)
+    base = tl.sum(tl.where(offs_c < cstar, cnt, 0), 0)
+    found = tl.full([], -1, tl.int32)
+    running = base
+    for sub in tl.static_range(0, CHUNK, SUB):
+        pos = cstar * CHUNK + sub + tl.arange(0, SUB)
+        v = _valid_positions(MASK, b, pos, pos < L, Tq, stride_mb, stride_mt, stride_ml,
+                             mask_min, MASK_KIND, TQ_P2)
+        vi = v.to(tl.int32)
+        rank = running + tl.cumsum(vi, 0) - 1
+        found = tl.maximum(found, tl.max(tl.where(v & (rank == r), pos, -1), 0))
+        running += tl.sum(vi, 0)
+    return found
+
+
+@triton.jit
+def _bounds_kernel(
+    MASK, STATS, BOUNDS, Tq, L, C, sink, local, budget, min_context,
+    stride_mb, stride_mt, stride_ml, mask_min,
+    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+    C_P2: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    # Runtime ints equal to 1 arrive as constexprs: make them tensors for tl.where.
+    sink = tl.full([], 0, tl.int32) + sink
+    local = tl.full([], 0, tl.int32) + local
+    if MASK_KIND == 0:
+        count = tl.full([], 0, tl.int32) + L
+        lo = tl.full([], 0, tl.int32)
+        hi = count
+        sink_end = tl.minimum(count, sink)
+        local_start = tl.where(local == 0, L, tl.maximum(count - local, 0))
+    else:
+        offs_c = tl.arange(0, C_P2)
+        c_ok = offs_c < C
+        base = STATS + b * C * 3 + offs_c * 3
+        cnt = tl.load(base + 0, mask=c_ok, other=0)
+        first = tl.load(base + 1, mask=c_ok, other=L)
+        last = tl.load(base + 2, mask=c_ok, other=-1)
+        count = tl.sum(cnt, 0)
+        lo = tl.where(count > 0, tl.min(first, 0), 0)
+        hi = tl.where(count > 0, tl.max(last, 0) + 1, 0)
+        cum = tl.cumsum(cnt, 0)
+        # sink_end: valid positions below it are exactly those of rank < sink.
+        r_sink = tl.minimum(tl.maximum(sink - 1, 0), tl.maximum(count - 1, 0))
+        p_sink = _position_of_rank(MASK, b, r_sink, cnt, cum, offs_c, c_ok, L, Tq,
+                                   stride_mb, stride_mt, stride_ml, mask_min,
+                                   MASK_KIND, TQ_P2, CHUNK, SUB)
+        sink_end = tl.where(sink == 0, 0, tl.where(sink > count, L, p_sink + 1))
+        # local_start: valid positions at or above it are exactly those of rank >= count - local.
+        r_local = tl.minimum(tl.maximum(count - local, 0), tl.maximum(count - 1, 0))
+        p_local = _position_of_rank(MASK, b, r_local, cnt, cum, offs_c, c_ok, L, Tq,
+                                    stride_mb, stride_mt, stride_ml, mask_min,
+                                    MASK_KIND, TQ_P2, CHUNK, SUB)
+        local_start = tl.where(local == 0, L, tl.where(count - local <= 0, 0, p_local))
+    fits = (count <= budget) | (count < min_context)
+    out = BOUNDS + b * 8
+    tl.store(out + 0, lo)
+    tl.store(out + 1, hi)
+    tl.store(out + 2, count)
+    tl.store(out + 3, sink_end)
+    tl.store(out + 4, local_start)
+    tl.store(out + 5, fits.to(tl.int32))
+    tl.store(out + 6, tl.full([], 0, tl.int32))
+    tl.store(out + 7, tl.full([], 0, tl.int32))
+
+
+# ----------------------------------------------------------------------------------------
+# the two passes over K
+
+
+@triton.jit
+def _split_range(lo, hi, split, num_splits, BLOCK_N: tl.constexpr):
+    """This split's share of [lo, hi): whole blocks of BLOCK_N, the last one may be shorter."""
+    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    per = tl.cdiv(n_blocks, num_splits)
+    start = lo + split * per * BLOCK_N
+    end = tl.minimum(start + per * BLOCK_N, hi)
+    return start, end
+
+
+@triton.jit
+def _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt, stride_qd,
+            offs_d, d_ok):
+    m_ok = offs_m < M
+    head = hkv * G + (offs_m // Tq).to(tl.int64)
+    tpos = (offs_m % Tq).to(tl.int64)
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + tpos[:, None] * stride_qt
+                + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    return q, m_ok, tpos
+
+
+@triton.jit
+def _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
+            DOT_F32: tl.constexpr):
+    k = tl.load(k_base + pos[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    # "ieee" keeps fp32 inputs out of TF32; for bf16/fp16 it changes nothing.
+    if DOT_F32:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    return s * qk_scale_log2
+
+
+@triton.jit
+def _lse_kernel(
+    Q, K, MASK, BOUNDS, LSE_PART,
+    qk_scale_log2, mask_min,
+    Hkv, G, Tq, num_splits,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_mb, stride_mt, stride_ml,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    M_PAD: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hkv = (pid_bh % Hkv).to(tl.int64)
+    M = G * Tq
+
+    bnd = BOUNDS + b * 8
+    lo = tl.load(bnd + 0)
+    hi = tl.load(bnd + 1)
+    fits = tl.load(bnd + 5)
+    hi = tl.where(fits != 0, lo, hi)  # rows that fit the budget are not scored
+    start, end = _split_range(lo, hi, split, num_splits, BLOCK_N)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q, m_ok, tpos = _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
+                            stride_qd, offs_d, d_ok)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for s0 in range(start, end, BLOCK_N):
+        pos = s0 + tl.arange(0, BLOCK_N)
+        col_ok = pos < end
+        s = _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
+                    qk_scale_log2, DOT_F32)
+        s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    row = pid_bh.to(tl.int64) * M_PAD + offs_m
+    tl.store(LSE_PART + row * num_splits + split, lse)
+
+
+@triton.jit
+def _mass_kernel(
+    Q, K, MASK, BOUNDS, LSE_PART, MASS,
+    qk_scale_log2, mask_min,
+    B, Hkv, G, Tq, L, num_splits,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_mb, stride_mt, stride_ml,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    M_PAD: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
+    TQ_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hkv = (pid_bh % Hkv).to(tl.int64)
+    M = G * Tq
+
+    bnd = BOUNDS + b * 8
+    lo = tl.load(bnd + 0)
+    hi = tl.load(bnd + 1)
+    sink_end = tl.load(bnd + 3)
+    local_start = tl.load(bnd + 4)
+    fits = tl.load(bnd + 5)
+    mid_lo = tl.maximum(lo, sink_end)
+    mid_hi = tl.minimum(hi, local_start)
+    mid_hi = tl.where(fits != 0, mid_lo, tl.maximum(mid_hi, mid_lo))
+    start, end = _split_range(mid_lo, mid_hi, split, num_splits, BLOCK_N)
+
+    # Each row's log-sum-exp over the whole valid region, from pass 1's per-split partials.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = pid_bh.to(tl.int64) * M_PAD + offs_m
+    # Accumulate elementwise and reduce after each loop: Triton 3.6's thread-locality pass
+    # fails to compile a reduction carried through the loop here.
+    offs_s = tl.arange(0, SPLIT_CHUNK)
+    mx_t = tl.full([BLOCK_M, SPLIT_CHUNK], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        part = tl.load(LSE_PART + row[:, None] * num_splits + s0 + offs_s[None, :],
+                       mask=(s0 + offs_s[None, :]) < num_splits, other=float("-inf"))
+        mx_t = tl.maximum(mx_t, part)
+    mx = tl.max(mx_t, 1)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    acc_t = tl.zeros([BLOCK_M, SPLIT_CHUNK], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        part = tl.load(LSE_PART + row[:, None] * num_splits + s0 + offs_s[None, :],
+                       mask=(s0 + offs_s[None, :]) < num_splits, other=float("-inf"))
+        acc_t += tl.exp2(part - mx_safe[:, None])
+    acc = tl.sum(acc_t, 1)
+    # A row with nothing allowed keeps lse = -inf; its scores are all -inf too, and
+    # subtracting 0 instead makes every exp2 exactly 0 (no NaN): it adds no mass.
+    lse = tl.where(acc > 0.0, mx_safe + tl.log2(tl.where(acc > 0.0, acc, 1.0)), 0.0)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q, m_ok, tpos = _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
+                            stride_qd, offs_d, d_ok)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
+    mass_row = MASS + ((pid_m * B + b) * Hkv + hkv) * L
+
+    for s0 in range(start, end, BLOCK_N):
+        pos = s0 + tl.arange(0, BLOCK_N)
+        col_ok = pos < end
+        s = _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
+                    qk_scale_log2, DOT_F32)
+        s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
+        mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
+        # Validity from all Tq mask rows (this tile may hold only some of the group's rows).
+        valid = _valid_positions(MASK, b, pos, col_ok, Tq, stride_mb, stride_mt, stride_ml,
+                                 mask_min, MASK_KIND, TQ_P2)
+        tl.store(mass_row + pos, tl.where(valid, mass, float("-inf")), mask=col_ok)
+
+    # -inf everywhere outside the scored middle (sinks, local window, unfilled cache, whole
+    # rows that fit): pure stores, this split's share of [0, L).
+    w_start, w_end = _split_range(tl.full([], 0, tl.int32), tl.full([], 0, tl.int32) + L,
+                                  split, num_splits, BLOCK_W)
+    for s0 in range(w_start, w_end, BLOCK_W):
+        pos = s0 + tl.arange(0, BLOCK_W)
+        outside = (pos < mid_lo) | (pos >= mid_hi)
+        tl.store(mass_row + pos, tl.full([BLOCK_W], float("-inf"), tl.float32),
+                 mask=(pos < w_end) & outside)
+
+
+# ----------------------------------------------------------------------------------------
+# output
+
+
+@triton.jit
+def _write_valid_run(OUT_ROW, MASK, b, lo, hi, base, slots, Tq,
+                     stride_mb, stride_mt, stride_ml, mask_min,
+                     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Write the valid positions of [lo, hi), in order, to slots base, base + 1, ..."""
+    running = tl.full([], 0, tl.int32)
+    for s0 in range(lo, hi, BLOCK_W):
+        pos = s0 + tl.arange(0, BLOCK_W)
+        v = _valid_positions(MASK, b, pos, pos < hi, Tq, stride_mb, stride_mt, stride_ml,
+                             mask_min, MASK_KIND, TQ_P2)
+        vi = v.to(tl.int32)
+        slot = base + running + tl.cumsum(vi, 0) - 1
+        tl.store(OUT_ROW + slot, pos, mask=v & (slot < slots))
+        running += tl.sum(vi, 0)
+
+
+@triton.jit
+def _middle_range(bnd):
+    """[mid_lo, mid_hi): the positions a retrieval scores (empty for rows that fit)."""
+    lo = tl.load(bnd + 0)
+    hi = tl.load(bnd + 1)
+    sink_end = tl.load(bnd + 3)
+    local_start = tl.load(bnd + 4)
+    fits = tl.load(bnd + 5)
+    mid_lo = tl.maximum(lo, sink_end)
+    mid_hi = tl.where(fits != 0, mid_lo, tl.maximum(tl.minimum(hi, local_start), mid_lo))
+    return mid_lo, mid_hi
+
+
+@triton.jit
+def _count_kernel(
+    MASS, THR, BOUNDS, COUNTS, Hkv, L, C,
+    CHUNK: tl.constexpr, SUB: tl.constexpr,
+):
+    """Per chunk of the middle: how many masses are above the cut-off, how many equal it."""
+    pid_bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
+    thr = tl.load(THR + pid_bh)
+    row = MASS + pid_bh.to(tl.int64) * L
+    n_gt = tl.full([], 0, tl.int32)
+    n_eq = tl.full([], 0, tl.int32)
+    for sub in tl.static_range(0, CHUNK, SUB):
+        pos = c * CHUNK + sub + tl.arange(0, SUB)
+        m = tl.load(row + pos, mask=(pos >= mid_lo) & (pos < mid_hi), other=float("-inf"))
+        n_gt += tl.sum((m > thr).to(tl.int32), 0)
+        n_eq += tl.sum(((m == thr) & (m > float("-inf"))).to(tl.int32), 0)
+    out = COUNTS + (pid_bh.to(tl.int64) * C + c) * 2
+    tl.store(out, n_gt)
+    tl.store(out + 1, n_eq)
+
+
+@triton.jit
+def _write_kernel(
+    MASK, BOUNDS, MASS, THR, COUNTS, OUT,
+    Hkv, Tq, L, C, sink, kk, budget, slots,
+    stride_mb, stride_mt, stride_ml, mask_min,
+    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_W: tl.constexpr, CHUNK: tl.constexpr, C_P2: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    bnd = BOUNDS + b * 8
+    lo = tl.load(bnd + 0)
+    hi = tl.load(bnd + 1)
+    count = tl.load(bnd + 2)
+    sink_end = tl.load(bnd + 3)
+    local_start = tl.load(bnd + 4)
+    fits = tl.load(bnd + 5) != 0
+    mid_lo, mid_hi = _middle_range(bnd)
+    sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
+    kk = tl.full([], 0, tl.int32) + kk
+    out_row = OUT + pid_bh.to(tl.int64) * slots
+
+    # Rows that fit keep their `count` valid positions, the others exactly
+    # sink + kk + local = budget; the rest of the slots is -1.
+    total = tl.where(fits, count, budget)
+    slot = c * BLOCK_S + tl.arange(0, BLOCK_S)
+    tl.store(out_row + slot, tl.full([BLOCK_S], -1, tl.int32),
+             mask=(slot < slots) & (slot >= total))
+
+    # The picks of chunk c of the middle: masses above the cut-off (the kk-th largest), then
+    # as many equal to it as are needed, in position order; their slots follow from the
+    # counts of the chunks before this one.
+    offs_c = tl.arange(0, C_P2)
+    cnt = COUNTS + pid_bh.to(tl.int64) * C * 2 + offs_c * 2
+    gts = tl.load(cnt, mask=offs_c < C, other=0)
+    eqs = tl.load(cnt + 1, mask=offs_c < C, other=0)
+    need_eq = tl.maximum(kk - tl.sum(gts, 0), 0)
+    eq_seen = tl.sum(tl.where(offs_c < c, eqs, 0), 0)
+    out_seen = tl.sum(tl.where(offs_c < c, gts, 0), 0) + tl.minimum(eq_seen, need_eq)
+    thr = tl.load(THR + pid_bh)
+    row = MASS + pid_bh.to(tl.int64) * L
+    pick_hi = tl.where(c < C, mid_hi, mid_lo)  # programs past the last chunk only pad
+    for sub in tl.static_range(0, CHUNK, BLOCK_W):
+        pos = c * CHUNK + sub + tl.arange(0, BLOCK_W)
+        m = tl.load(row + pos, mask=(pos >= mid_lo) & (pos < pick_hi), other=float("-inf"))
+        is_eq = (m == thr) & (m > float("-inf"))
+        eq_rank = eq_seen + tl.cumsum(is_eq.to(tl.int32), 0) - 1
+        pick = (m > thr) | (is_eq & (eq_rank < need_eq))
+        pslot = sink + out_seen + tl.cumsum(pick.to(tl.int32), 0) - 1
+        tl.store(out_row + pslot, pos, mask=pick & (pslot < slots))
+        out_seen += tl.sum(pick.to(tl.int32), 0)
+        eq_seen += tl.sum(is_eq.to(tl.int32), 0)
+
+    # Program 0 writes the runs of valid positions: a whole row that fits, or the sinks and
+    # the local window.
+    first = c == 0
+    a_end = tl.where(first, tl.where(fits, hi, tl.maximum(sink_end, lo)), lo)
+    _write_valid_run(out_row, MASK, b, lo, a_end, 0, slots, Tq, stride_mb, stride_mt,
+                     stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
+    b_start = tl.minimum(local_start, hi)
+    b_end = tl.where(first & (tl.load(bnd + 5) == 0), hi, b_start)
+    _write_valid_run(out_row, MASK, b, b_start, b_end, sink + kk, slots, Tq, stride_mb,
+                     stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
+
+
+# ----------------------------------------------------------------------------------------
+# host side
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_NUM_SMS
+
+
+def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> int:
+    """Splits of the K passes: about 4 programs per SM in all (one wave, several resident per
+    SM to hide load latency), never more splits than blocks of the longest possible row."""
+    return max(1, min(triton.cdiv(4 * num_sms, max(1, n_base_programs)), n_blocks))
+
+
+def _mask_operand(mask, B: int, Tq: int, L: int):
+    """(tensor, kind, [stride_b, stride_t, stride_l], mask_min) for a mask broadcastable to
+    [B, 1, Tq, L] (its last dim may be longer: a static-cache mask over a shorter K view)."""
+    if mask is None:
+        return None, _MASK_NONE, [0, 0, 0], 0.0
+    m4 = mask
+    while m4.dim() < 4:
+        m4 = m4.unsqueeze(0)
+    if m4.dim() != 4:
+        raise ValueError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
+    if m4.shape[0] not in (1, B) or m4.shape[1] != 1 or m4.shape[2] not in (1, Tq):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                         f"[{B}, 1, {Tq}, {L}]")
+    if m4.shape[3] != 1 and m4.shape[3] < L:
+        raise ValueError(f"mask last dim {m4.shape[3]} is shorter than the cache length {L}")
+    if m4.dtype == torch.bool:
+        kind, mask_min = _MASK_BOOL, 0.0
+        m4 = m4.view(torch.uint8)  # same itemsize: a free reinterpretation
+    elif m4.is_floating_point():
+        # HF's older additive masks use finfo.min, not -inf, for "masked" (as the reference).
+        kind, mask_min = _MASK_ADD, float(torch.finfo(m4.dtype).min) / 2
+    else:
+        raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
+    strides = [0 if m4.shape[i] == 1 else m4.stride(i) for i in (0, 2, 3)]
+    return m4, kind, strides, mask_min
+
+
+def _check_inputs(q, k):
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError("expected q [B, Hq, Tq, D] and k [B, Hkv, L, D]")
+    B, Hq, Tq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
+        raise ValueError(f"Hq={Hq} is not a multiple of Hkv={k.shape[1]}")
+    if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q/k must share one of fp16/bf16/fp32, got {q.dtype}/{k.dtype}")
+
+
+def _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context, device):
+    """int32 [B, 8]: lo, hi, count, sink_end, local_start, fits (see module docstring)."""
+    bounds = torch.empty((B, 8), dtype=torch.int32, device=device)
+    tq_p2 = triton.next_power_of_2(max(Tq, 1))
+    sub = min(_CHUNK, max(16, 8192 // tq_p2))
+    C = triton.cdiv(max(L, 1), _CHUNK)
+    if kind == _MASK_NONE:
+        stats, mask_t = bounds, bounds  # unused placeholders
+    else:
+        stats = torch.empty((B, C, 3), dtype=torch.int32, device=device)
+        _mask_stats_kernel[(B, C)](
+            mask_t, stats, Tq, L, C, *ms, mask_min,
+            MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub, num_warps=4,
+        )
+    _bounds_kernel[(B,)](
+        mask_t, stats, bounds, Tq, L, C, sink, local, budget, min_context, *ms, mask_min,
+        MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub,
+        C_P2=triton.next_power_of_2(C), num_warps=4,
+    )
+    return bounds
+
+
+def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_splits=None,
+                block_n=None):
+    """(mass [B, Hkv, L] fp32, bounds [B, 8], mask operand): the retrieval's two K passes."""
+    _check_inputs(q, k)
+    B, Hq, Tq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    M = G * Tq
+    device = q.device
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    mask_t, kind, ms, mask_min = _mask_operand(mask, B, Tq, L)
+    bounds = _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context,
+                     device)
+    if mask_t is None:
+        mask_t = q  # unused placeholder pointer
+
+    block_n = block_n or CONFIG["block_n"]
+    BLOCK_M = min(64, max(16, triton.next_power_of_2(M)))
+    m_blocks = triton.cdiv(M, BLOCK_M)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    n_blocks = max(1, triton.cdiv(L, block_n))
+    if num_splits is None:
+        num_splits = _pick_splits(n_blocks, B * Hkv * m_blocks, _num_sms(device))
+    num_splits = max(1, min(int(num_splits), n_blocks))
+    tq_p2 = triton.next_power_of_2(Tq)
+
+    lse_part = torch.empty((B * Hkv * m_blocks * BLOCK_M, num_splits), dtype=torch.float32,
+                           device=device)
+    mass = torch.empty((m_blocks, B, Hkv, L), dtype=torch.float32, device=device)
+    common = dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
+                  M_PAD=m_blocks * BLOCK_M, MASK_KIND=kind,
+                  # The interpreter multiplies bf16 tiles as raw bit patterns; upcasting is exact.
+                  DOT_F32=device.type != "cuda" and q.dtype != torch.float32,
+                  num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    qk_scale_log2 = float(scale) * _LOG2E
+    grid = (B * Hkv, num_splits, m_blocks)
+    _lse_kernel[grid](
+        q, k, mask_t, bounds, lse_part, qk_scale_log2, mask_min,
+        Hkv, G, Tq, num_splits, *q.stride(), *k.stride(), *ms, **common,
+    )
+    _mass_kernel[grid](
+        q, k, mask_t, bounds, lse_part, mass, qk_scale_log2, mask_min,
+        B, Hkv, G, Tq, L, num_splits, *q.stride(), *k.stride(), *ms,
+        TQ_P2=tq_p2, SPLIT_CHUNK=_SPLIT_CHUNK, BLOCK_W=_BLOCK_W, **common,
+    )
+    # M > 64 query rows per group (e.g. G=8 with Tq=16): partial masses per row tile.
+    mass = mass[0] if m_blocks == 1 else mass.sum(0)
+    return mass, bounds, (mask_t, kind, ms, mask_min)
+
+
+def oracle_group_mass_triton(q, k, mask=None, scale=None, *, num_splits=None, block_n=None):
+    """The score part alone: fp32 ``[B, Hkv, L]`` group mass at the valid positions (softmax
+    of ``q . k * scale + bias`` over each query row's allowed positions, summed over the
+    group's query heads and rows), ``-inf`` at positions no query row may attend to."""
+    mass, _, _ = _group_mass(q, k, mask, scale, 0, 0, -1, 0, num_splits=num_splits,
+                             block_n=block_n)
+    return mass
+
+
+def select_bounds(q, k, mask, budget=-1, sink=0, local=0, min_context=0) -> torch.Tensor:
+    """int32 ``[B, 8]`` per-row bounds (lo, hi, count, sink_end, local_start, fits, -, -)."""
+    _check_inputs(q, k)
+    B, _, Tq, _ = q.shape
+    L = k.shape[2]
+    mask_t, kind, ms, mask_min = _mask_operand(mask, B, Tq, L)
+    return _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context,
+                   q.device)
+
+
+def oracle_select_triton(q, k, mask, scale, budget, sink=0, local=0, min_context=0, *,
+                         num_splits=None, block_n=None) -> torch.Tensor:
+    """Positions of the oracle selection, int32 ``[B, Hkv, max(budget, min_context)]``.
+
+    q: [B, Hq, Tq, D]; k: [B, Hkv, L, D] (any strides, e.g. a view of a static cache);
+    mask: None, or bool (True = may attend) / float (additive bias; entries <= finfo.min / 2
+    mean masked) broadcastable to [B, 1, Tq, L] (a longer last dim is allowed: only the
+    first L columns are read). ``scale`` defaults to 1/sqrt(D). Matches
+    ``select_reference`` with ``SelectPlan(policy="oracle", budget, sink, local,
+    min_context)`` up to the order of tied masses. No host synchronisation.
+    """
+    if budget < 1 or sink < 0 or local < 0 or min_context < 0:
+        raise ValueError(f"invalid budget={budget} sink={sink} local={local} "
+                         f"min_context={min_context}")
+    if sink + local >= budget:
+        raise ValueError(f"sink + local = {sink + local} leaves no room for retrieved "
+                         f"positions in budget={budget}")
+    _check_inputs(q, k)
+    B, Hkv, L = q.shape[0], k.shape[1], k.shape[2]
+    slots = max(budget, min_context)
+    if B == 0 or L == 0 or q.shape[2] == 0:
+        return torch.full((B, Hkv, slots), -1, dtype=torch.int32, device=q.device)
+
+    mass, bounds, (mask_t, kind, ms, mask_min) = _group_mass(
+        q, k, mask, scale, sink, local, budget, min_context, num_splits=num_splits,
+        block_n=block_n)
+    kk = min(budget - sink - local, L)
+    # First version: a full-width top-k over the fp32 group mass gives the cut-off (the kk-th
+    # largest mass of each row); see the module docstring.
+    thr = torch.topk(mass, kk, dim=-1, sorted=False).values.amin(-1)  # [B, Hkv]
+    C = triton.cdiv(L, _CHUNK_PICK)
+    counts = torch.empty((B * Hkv, C, 2), dtype=torch.int32, device=q.device)
+    _count_kernel[(B * Hkv, C)](
+        mass, thr, bounds, counts, Hkv, L, C, CHUNK=_CHUNK_PICK, SUB=_BLOCK_W, num_warps=4,
+    )
+    Tq = q.shape[2]
+    out = torch.empty((B, Hkv, slots), dtype=torch.int32, device=q.device)
+    _write_kernel[(B * Hkv, max(C, triton.cdiv(slots, _BLOCK_S)))](
+        mask_t, bounds, mass, thr, counts, out, Hkv, Tq, L, C, sink, kk, budget, slots,
+        *ms, mask_min, MASK_KIND=kind, TQ_P2=triton.next_power_of_2(Tq),
+        BLOCK_S=_BLOCK_S, BLOCK_W=_BLOCK_W, CHUNK=_CHUNK_PICK,
+        C_P2=triton.next_power_of_2(C), num_warps=4,
+    )
+    return out
+
+
+def retrieval_bytes(batch: int, kv_heads: int, n_valid: int, head_dim: int, itemsize: int,
+                    kv_len: int | None = None, q_rows: int = 1, mask_bytes: int = 1) -> int:
+    """Bytes one oracle retrieval must move with this design: K over the valid region twice,
+    the fp32 mass written once and read three times (top-k, count, write), the mask (read by
+    the bounds kernels) and nothing else of note."""
+    kv_len = n_valid if kv_len is None else kv_len
+    k_bytes = batch * kv_heads * n_valid * head_dim * itemsize
+    return 2 * k_bytes + 16 * batch * kv_heads * kv_len + batch * q_rows * kv_len * mask_bytes

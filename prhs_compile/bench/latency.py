@@ -1,0 +1,490 @@
+"""``prhs-bench latency``: decode-attention kernel latency against dense baselines, in one run.
+
+One decode step of one attention layer (Llama-3-8B shape by default: Hq=32, Hkv=8, D=128,
+bf16, one query position), for every context length x batch size x budget:
+
+=================  ===========================================================================
+``dense_sdpa``     ``F.scaled_dot_product_attention(enable_gqa=True)`` over the whole
+                   contiguous cache (flash / efficient / cuDNN backends only: never the math
+                   backend, which would materialise a GQA-expanded cache)
+``flex``           FlexAttention (compiled) with a block-sparse ``BlockMask`` of the same
+                   budget: ``budget / 128`` KV blocks of 128 per (row, KV head), the first and
+                   last block always in (sinks / local window), the rest random
+``gather_sdpa``    unfused: gather the selected K/V rows, then SDPA over them
+``attend``         ``attend_triton`` over the selected positions (the indices ``select``
+                   returned)
+``select``         ``oracle_select_triton``: one oracle retrieval (exact group-mass top-k)
+``select_score``   its two K passes alone (bounds + log-sum-exp + group mass; no top-k)
+``select_attend``  select then attend, measured back to back (a step at retrieval rate 1)
+``step``           modelled: ``rate * select + attend`` (``--retrieval-rate``)
+=================  ===========================================================================
+
+Timing: ``triton.testing.do_bench_cudagraph`` (median of 10 replays of a CUDA graph holding
+as many calls as fit in ``--rep`` ms) by default, because decode runs inside CUDA graphs
+(``mode="reduce-overhead"``) and the multi-kernel methods (select, gather+SDPA) would
+otherwise be measured mostly as Python launch overhead. Graph replays do not flush L2 between
+calls, so each method rotates over enough copies of the KV cache that the data touched by
+consecutive calls exceeds 4x the L2 size (only small caches need copies). ``--timer plain``
+uses ``triton.testing.do_bench`` (median, L2 flushed, launch overhead included) instead.
+
+Floors: the bytes a method must read divided by the device-to-device copy bandwidth measured
+in the same run (``(read + write bytes) / time`` of a 1 GiB copy). Dense reads
+``2*B*Hkv*L*D*2`` bytes; attend (and flex, gather+SDPA: the same job) ``2*B*Hkv*budget*D*2``
+plus the int32 indices; select reads K over the valid region twice (its design: see
+``kernels/select_triton.py``) plus its fp32 mass write and read. ``fraction`` is floor / time.
+
+``--quick`` runs tiny shapes (on CPU too, through the Triton interpreter, with a wall-clock
+timer) as a smoke test; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+
+log = logging.getLogger("prhs.bench.latency")
+
+_FLEX_BLOCK = 128
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--contexts", default="4K,32K,128K",
+                        help="context lengths, comma separated (K = 1024)")
+    parser.add_argument("--batches", default="1,8,16", help="batch sizes, comma separated")
+    parser.add_argument("--budgets", default="1/8,2048",
+                        help="budgets: absolute positions or fractions of the context (1/8)")
+    parser.add_argument("--retrieval-rate", type=float, default=1.0,
+                        help="share of steps that run a retrieval in the modelled step")
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--local", type=int, default=64)
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--timer", default="cudagraph", choices=["cudagraph", "plain"],
+                        help="do_bench_cudagraph (default) or do_bench")
+    parser.add_argument("--rep", type=int, default=25, help="milliseconds per measurement")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes, runs on CPU (Triton interpreter): a smoke test")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def _parse_sizes(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        if part:
+            out.append(int(float(part[:-1]) * 1024) if part.endswith("K") else int(part))
+    return out
+
+
+def _budget_for(spec: str, context: int) -> int:
+    spec = spec.strip()
+    if "/" in spec:
+        num, den = spec.split("/")
+        return int(context * int(num) // int(den))
+    return int(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+class _Timer:
+    def __init__(self, device, kind: str, rep: int, quick: bool):
+        self.device, self.kind, self.rep, self.quick = device, kind, rep, quick
+        if device.type != "cuda":
+            self.name = "wall clock (median of 3 calls after 1 warm-up; CPU smoke test)"
+        elif kind == "cudagraph":
+            self.name = ("triton.testing.do_bench_cudagraph, median of 10 replays, "
+                         f"rep={rep} ms, KV cache rotated past L2")
+        else:
+            self.name = f"triton.testing.do_bench, median, rep={rep} ms, L2 flushed"
+
+    def __call__(self, fn) -> float:
+        if self.device.type != "cuda":
+            fn()
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+        import triton.testing
+
+        if self.kind == "cudagraph":
+            return float(triton.testing.do_bench_cudagraph(fn, rep=self.rep, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=max(5, self.rep // 4), rep=self.rep,
+                                             return_mode="median"))
+
+
+def _rotating(fns):
+    """One callable cycling over per-copy callables (each call touches the next copy)."""
+    state = [0]
+
+    def call():
+        f = fns[state[0] % len(fns)]
+        state[0] += 1
+        return f()
+
+    return call
+
+
+def _copy_bandwidth(torch, device, timer) -> float:
+    """Bytes per second of a device-to-device copy, counting the read and the write."""
+    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def _l2_bytes(torch, device) -> int:
+    if device.type != "cuda":
+        return 0
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "L2_cache_size", 50 << 20) or (50 << 20))
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
+
+
+def _flex_setup(torch):
+    """(compiled flex_attention, BlockMask class) or raise with the reason."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    import torch._dynamo
+
+    # One compiled function serves every shape of the run: allow the recompiles.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    return torch.compile(flex_attention), BlockMask
+
+
+def _flex_block_mask(torch, BlockMask, B, Hq, Hkv, L, budget, gen, device):
+    nblk_total = L // _FLEX_BLOCK
+    nsel = max(1, min(nblk_total, budget // _FLEX_BLOCK))
+    # First and last block always (sinks, local window), the rest random; sorted.
+    inner = torch.rand((B, Hkv, max(nblk_total - 2, 0)), generator=gen, device=device)
+    inner = inner.argsort(-1)[..., : max(nsel - 2, 0)] + 1
+    ends = torch.tensor([0, nblk_total - 1], device=device)[: min(2, nsel)]
+    chosen = torch.cat([ends.expand(B, Hkv, -1), inner], -1).sort(-1).values.to(torch.int32)
+    chosen = chosen.repeat_interleave(Hq // Hkv, dim=1)  # the group's heads share the blocks
+    indices = torch.zeros((B, Hq, 1, nblk_total), dtype=torch.int32, device=device)
+    indices[..., : chosen.shape[-1]] = chosen[:, :, None, :]
+    full = torch.full((B, Hq, 1), chosen.shape[-1], dtype=torch.int32, device=device)
+    empty = torch.zeros_like(full)
+    # All chosen blocks are "full" blocks: no mask_mod is evaluated inside them.
+    bm = BlockMask.from_kv_blocks(empty, torch.zeros_like(indices), full, indices,
+                                  BLOCK_SIZE=_FLEX_BLOCK, seq_lengths=(1, L))
+    return bm, chosen.shape[-1] * _FLEX_BLOCK
+
+
+def _dense_backends(torch):
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION]
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def run(args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.cuda.is_available():
+        if not args.quick:
+            print("prhs-bench latency needs a CUDA GPU (use --quick for a CPU smoke test)",
+                  file=sys.stderr)
+            return 2
+        # The kernels run through the Triton interpreter; must be set before triton loads.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    import triton
+
+    try:
+        from prhs_compile.kernels.attend_triton import attend_triton
+        from prhs_compile.kernels.select_triton import (
+            _group_mass,
+            oracle_select_triton,
+            retrieval_bytes,
+        )
+    except ImportError:  # source checkout without the package mapping
+        from kernels.attend_triton import attend_triton
+        from kernels.select_triton import _group_mass, oracle_select_triton, retrieval_bytes
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    Hq, Hkv, D = args.q_heads, args.kv_heads, args.head_dim
+    sink, local = args.sink, args.local
+    contexts, batches = _parse_sizes(args.contexts), _parse_sizes(args.batches)
+    budget_specs = [s for s in args.budgets.split(",") if s.strip()]
+    if args.quick:
+        Hq, Hkv, D = 4, 2, 32
+        contexts, batches, budget_specs = [256], [1], ["1/8", "64"]
+        sink, local = 2, 8
+        if device.type != "cuda":
+            dtype = torch.float32
+    if Hq % Hkv:
+        raise SystemExit(f"--q-heads {Hq} is not a multiple of --kv-heads {Hkv}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    scale = 1.0 / math.sqrt(D)
+    rate = args.retrieval_rate
+    timer = _Timer(device, args.timer, args.rep, args.quick)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    flex = BlockMask = None
+    flex_reason = None
+    if args.no_flex:
+        flex_reason = "disabled with --no-flex"
+    elif device.type != "cuda":
+        flex_reason = "FlexAttention is compiled for CUDA only here (CPU smoke test)"
+    else:
+        try:
+            flex, BlockMask = _flex_setup(torch)
+        except Exception as exc:  # noqa: BLE001 - record any reason, keep benchmarking
+            flex_reason = f"FlexAttention unavailable: {type(exc).__name__}: {exc}"
+    if flex_reason:
+        log.warning("skipping FlexAttention: %s", flex_reason)
+
+    bandwidth = _copy_bandwidth(torch, device, timer)
+    l2 = _l2_bytes(torch, device)
+
+    configs = []
+    for L in contexts:
+        for B in batches:
+            budgets = []
+            for spec in budget_specs:
+                S = _budget_for(spec, L)
+                if S >= L or S <= sink + local or S in budgets:
+                    log.warning("skipping budget %s at context %d: %s", spec, L,
+                                "not below the context" if S >= L else
+                                ("sink + local leave no room" if S <= sink + local
+                                 else "duplicate"))
+                    continue
+                budgets.append(S)
+            configs.append((B, L, budgets))
+    total = sum(1 + 6 * len(b) for _, _, b in configs)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="latency", unit="bench", dynamic_ncols=True)
+
+    def tick(desc):
+        if bar is not None:
+            bar.set_postfix_str(desc, refresh=False)
+            bar.update(1)
+
+    results = []
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "quick": bool(args.quick),
+        "complete": False,
+        "timer": timer.name,
+        "copy_bandwidth_gbps": bandwidth / 1e9,
+        "l2_bytes": l2,
+        "shape": {"q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "dtype": str(dtype),
+                  "q_len": 1},
+        "sink": sink, "local": local, "retrieval_rate": rate,
+        "flex_block": _FLEX_BLOCK,
+        "notes": ("floors = bytes / measured copy bandwidth; fraction = floor / time; "
+                  "vs_dense = dense time / method time; select, attend and gather_sdpa use "
+                  "the indices of an oracle retrieval over random data; the mask is the "
+                  "static-cache bool mask [B,1,1,L] (all valid) for our kernels, none for "
+                  "SDPA and flex"),
+        "results": results,
+    }
+
+    def save():
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+
+    t_start = time.perf_counter()
+    for B, L, budgets in configs:
+        kv_bytes = 2 * B * Hkv * L * D * itemsize
+        copies = 1 if l2 == 0 else max(1, min(16, math.ceil(4 * l2 / kv_bytes)))
+        q = torch.randn((B, Hq, 1, D), generator=gen, device=device, dtype=dtype)
+        caches = []
+        for _ in range(copies):
+            k = torch.randn((B, Hkv, L, D), generator=gen, device=device, dtype=dtype)
+            v = torch.randn((B, Hkv, L, D), generator=gen, device=device, dtype=dtype)
+            caches.append((k, v))
+        # The static-cache decode mask (every position holds a token).
+        mask = torch.ones((B, 1, 1, L), dtype=torch.bool, device=device)
+
+        dense_floor_bytes = kv_bytes
+        dense = {"bytes": dense_floor_bytes}
+        try:
+            backends = _dense_backends(torch) if device.type == "cuda" else None
+
+            def dense_call(k, v):
+                if backends is None:
+                    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+                from torch.nn.attention import sdpa_kernel
+
+                with sdpa_kernel(backends):
+                    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+            dense["ms"] = timer(_rotating([lambda k=k, v=v: dense_call(k, v)
+                                           for k, v in caches]))
+        except Exception as exc:  # noqa: BLE001
+            dense = {"skipped": f"{type(exc).__name__}: {exc}"}
+            log.warning("dense SDPA failed at B=%d L=%d: %s", B, L, dense["skipped"])
+        tick(f"B={B} L={L} dense")
+
+        for S in budgets:
+            methods = {"dense_sdpa": dict(dense)}
+            idx_bytes = B * Hkv * S * 4
+            attend_bytes = 2 * B * Hkv * S * D * itemsize + idx_bytes
+
+            # flex
+            if flex is None:
+                methods["flex"] = {"skipped": flex_reason}
+            else:
+                try:
+                    bm, flex_tokens = _flex_block_mask(torch, BlockMask, B, Hq, Hkv, L, S,
+                                                       gen, device)
+                    t0 = time.perf_counter()
+                    flex(q, caches[0][0], caches[0][1], block_mask=bm, scale=scale,
+                         enable_gqa=True)
+                    torch.cuda.synchronize()
+                    first_call = time.perf_counter() - t0
+                    ms = timer(_rotating([
+                        lambda k=k, v=v: flex(q, k, v, block_mask=bm, scale=scale,
+                                              enable_gqa=True)
+                        for k, v in caches]))
+                    methods["flex"] = {
+                        "ms": ms, "tokens": flex_tokens, "first_call_s": first_call,
+                        "bytes": 2 * B * Hkv * flex_tokens * D * itemsize,
+                    }
+                except Exception as exc:  # noqa: BLE001
+                    methods["flex"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+                    log.warning("FlexAttention failed at B=%d L=%d S=%d: %s", B, L, S,
+                                methods["flex"]["skipped"])
+            tick(f"B={B} L={L} S={S} flex")
+
+            # select (its output feeds attend and gather+SDPA)
+            idxs = [oracle_select_triton(q, k, mask, scale, S, sink, local, 0)
+                    for k, _ in caches]
+            sel_ms = timer(_rotating([
+                lambda k=k: oracle_select_triton(q, k, mask, scale, S, sink, local, 0)
+                for k, _ in caches]))
+            sel_bytes = retrieval_bytes(B, Hkv, L, D, itemsize, kv_len=L)
+            methods["select"] = {"ms": sel_ms, "bytes": sel_bytes}
+            tick(f"B={B} L={L} S={S} select")
+
+            score_ms = timer(_rotating([
+                lambda k=k: _group_mass(q, k, mask, scale, sink, local, S, 0)
+                for k, _ in caches]))
+            methods["select_score"] = {"ms": score_ms,
+                                       "bytes": 2 * B * Hkv * L * D * itemsize}
+            tick(f"B={B} L={L} S={S} score")
+
+            att_ms = timer(_rotating([
+                lambda k=k, v=v, i=i: attend_triton(q, k, v, i, mask, scale)
+                for (k, v), i in zip(caches, idxs)]))
+            methods["attend"] = {"ms": att_ms, "bytes": attend_bytes}
+            tick(f"B={B} L={L} S={S} attend")
+
+            def gather_sdpa(k, v, i):
+                ix = i.long()[..., None].expand(-1, -1, -1, D)
+                return F.scaled_dot_product_attention(q, k.gather(2, ix), v.gather(2, ix),
+                                                      scale=scale, enable_gqa=True)
+
+            g_ms = timer(_rotating([lambda k=k, v=v, i=i: gather_sdpa(k, v, i)
+                                    for (k, v), i in zip(caches, idxs)]))
+            methods["gather_sdpa"] = {"ms": g_ms, "bytes": attend_bytes}
+            tick(f"B={B} L={L} S={S} gather")
+
+            def select_attend(k, v):
+                i = oracle_select_triton(q, k, mask, scale, S, sink, local, 0)
+                return attend_triton(q, k, v, i, mask, scale)
+
+            sa_ms = timer(_rotating([lambda k=k, v=v: select_attend(k, v) for k, v in caches]))
+            methods["select_attend"] = {"ms": sa_ms, "bytes": sel_bytes + attend_bytes}
+            tick(f"B={B} L={L} S={S} select+attend")
+
+            methods["step"] = {
+                "ms": rate * sel_ms + att_ms, "modelled": f"{rate} * select + attend",
+                "bytes": rate * sel_bytes + attend_bytes,
+            }
+
+            for m in methods.values():
+                if "ms" in m:
+                    m["floor_ms"] = m["bytes"] / bandwidth * 1e3
+                    m["fraction"] = m["floor_ms"] / m["ms"]
+                    if "ms" in dense:
+                        m["vs_dense"] = dense["ms"] / m["ms"]  # speed-up over dense
+            results.append({"batch": B, "context": L, "budget": S, "copies": copies,
+                            "methods": methods})
+            save()  # partial results survive an interrupted run
+            if bar is None:
+                print(f"[{time.perf_counter() - t_start:7.1f}s] B={B} L={L} S={S}: "
+                      + ", ".join(f"{n} {m['ms']:.3f}" for n, m in methods.items() if "ms" in m),
+                      flush=True)
+            del idxs
+        del q, caches, mask
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if bar is not None:
+        bar.close()
+
+    report["complete"] = True
+    report["wall_s"] = time.perf_counter() - t_start
+    save()
+    print(_markdown(report))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _markdown(report) -> str:
+    def ms(m):
+        return f"{m['ms']:.3f}" if "ms" in m else "skip"
+
+    def frac(m):
+        return f"{100 * m['fraction']:.0f}%" if "fraction" in m else "-"
+
+    lines = [
+        f"device: {report['device']}; torch {report['torch']}, triton {report['triton']}; "
+        f"copy bandwidth {report['copy_bandwidth_gbps']:.0f} GB/s; timer: {report['timer']}",
+        f"shape Hq={report['shape']['q_heads']} Hkv={report['shape']['kv_heads']} "
+        f"D={report['shape']['head_dim']} {report['shape']['dtype']}, sink={report['sink']} "
+        f"local={report['local']}; step = {report['retrieval_rate']} * select + attend; "
+        "times in ms, (% of the byte floor)",
+        "",
+        "| B | context | budget | dense SDPA | flex | gather+SDPA | attend | select "
+        "| select (K passes) | select+attend | step | step vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        m = r["methods"]
+        cells = [str(r["batch"]), str(r["context"]), str(r["budget"])]
+        for name in ("dense_sdpa", "flex", "gather_sdpa", "attend", "select", "select_score",
+                     "select_attend", "step"):
+            cells.append(f"{ms(m[name])} ({frac(m[name])})" if "ms" in m[name] else "skip")
+        vs = m["step"].get("vs_dense")
+        cells.append(f"{vs:.2f}x" if vs is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
