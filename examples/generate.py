@@ -1,12 +1,17 @@
 """Greedy generation through ``backend="prhs"``: generated ids, time per token, selection stats.
 
-    python examples/generate.py                      # a small random-init Llama, no download
+    python examples/generate.py                      # the project's 6M-parameter model, a needle task
     python examples/generate.py --model PATH --budget 1024 --prompt-len 8192 --device cuda
+
+With no ``--model`` it loads the checkpoint committed in ``models/substrate`` (trained by
+``prhs-bench train-substrate``) and asks it to retrieve a needle from a long haystack; without
+that folder (an installed package) it falls back to a small random-init Llama.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -15,7 +20,10 @@ import transformers
 import prhs_compile
 
 
-def default_model() -> transformers.PreTrainedModel:
+SUBSTRATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "models", "substrate")
+
+
+def random_model() -> transformers.PreTrainedModel:
     """A small Llama (GQA, RoPE) with random weights: runs anywhere, downloads nothing."""
     config = transformers.LlamaConfig(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -29,10 +37,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="local path or hub id of a causal LM (default: a random-init Llama)")
     parser.add_argument("--policy", default="oracle", choices=prhs_compile.available_policies())
-    parser.add_argument("--budget", type=int, default=64, help="positions attended per KV head")
+    parser.add_argument("--budget", type=int, default=128, help="positions attended per KV head")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--local", type=int, default=16)
-    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -41,13 +49,22 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
-    if args.model:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+    path = args.model or (SUBSTRATE if os.path.isdir(SUBSTRATE) else None)
+    example = None
+    if path:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     else:
-        model = default_model().to(dtype)
+        model = random_model().to(dtype)
     model = model.to(args.device).eval()
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0)).to(args.device)
+    if path == SUBSTRATE:  # the project's model speaks the task format: ask it for a needle
+        from prhs_compile.bench.tasks import niah_single
+
+        example = niah_single(args.prompt_len, seed=0)
+        ids = torch.tensor([example.prompt_ids], device=args.device)
+        args.new_tokens = len(example.answer_ids)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=generator).to(args.device)
 
     options = {
         "policy": args.policy, "budget": args.budget, "sink": args.sink, "local": args.local,
@@ -56,7 +73,7 @@ def main() -> None:
     model.forward = torch.compile(model.forward, backend="prhs", options=options)
     # One cache length for the warm-up and the timed run, so the timed run compiles nothing.
     generate = dict(max_new_tokens=args.new_tokens, do_sample=False, cache_implementation="static",
-                    max_cache_len=args.prompt_len + args.new_tokens, pad_token_id=0, eos_token_id=None)
+                    max_cache_len=ids.shape[1] + args.new_tokens, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         start = time.perf_counter()
         model.generate(ids, **{**generate, "max_new_tokens": 2})  # compile prefill and decode
@@ -68,10 +85,15 @@ def main() -> None:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
 
-    new = out[0, args.prompt_len:].tolist()
+    new = out[0, ids.shape[1]:].tolist()
+    print(f"model: {path or 'random-init Llama'}")
     print(f"generated ids: {new}")
+    if example is not None:
+        from prhs_compile.bench.tasks import score
+
+        print(f"needle answer: {example.answer_ids} -> {'correct' if score('niah_single', new, example) else 'wrong'}")
     print(f"compile + warm-up: {compile_s:.1f} s; generate: {elapsed / len(new) * 1e3:.1f} ms per token "
-          f"(prefill of {args.prompt_len} tokens included) on {args.device}")
+          f"(prefill of {ids.shape[1]} tokens included) on {args.device}")
     print(prhs_compile.stats())
 
 

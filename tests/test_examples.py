@@ -17,10 +17,11 @@ def run_example(name, *args):
 
 
 def test_generate_prints_ids_time_and_stats():
-    text = run_example("generate.py", "--no-inductor", "--prompt-len", "96", "--new-tokens", "5", "--verify")
-    assert "generated ids: [" in text
+    # default model: the committed substrate checkpoint, asked for a needle (7-digit answer)
+    text = run_example("generate.py", "--no-inductor", "--prompt-len", "1024", "--budget", "128", "--verify")
+    assert "generated ids: [" in text and "needle answer:" in text
     assert "ms per token" in text
-    assert "prhs stats: 4 decode steps" in text
+    assert "prhs stats: 6 decode steps" in text
 
 
 def test_inspect_graph_prints_the_rewritten_calls():

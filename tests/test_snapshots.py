@@ -8,12 +8,18 @@ import re
 
 import expecttest
 import torch
+import transformers
 from tiny_models import tiny_model
 from transformers import StaticCache
 
 import prhs_compile
 
 OPTIONS = {"budget": 16, "sink": 2, "local": 4}
+
+# The prefill graphs differ between transformers releases (whether the causal mask is
+# materialised, cache slicing); they are pinned for the release CI installs
+# (.ci/constraints.txt). Decode graphs are the same from 5.17 to 5.23 and always checked.
+PREFILL_PINNED = transformers.__version__.startswith("5.23.")
 
 
 def attention_lines(code: str) -> str:
@@ -39,9 +45,13 @@ def prefill_and_decode(arch: str, **options) -> tuple[str, str, str]:
 
 
 class TestRewriteSnapshots(expecttest.TestCase):
+    def assertPrefill(self, actual, expected):
+        if PREFILL_PINNED:
+            self.assertExpectedInline(actual, expected, skip=1)
+
     def test_llama(self):
         prefill, decode, decisions = prefill_and_decode("llama")
-        self.assertExpectedInline(prefill, """\
+        self.assertPrefill(prefill, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, key, value, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True, enable_gqa = True)
 prefill_default = torch.ops.prhs.prefill.default(q_embed, key, None, True, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7])
 attn_output_5 = torch._C._nn.scaled_dot_product_attention(q_embed_1, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True, enable_gqa = True)
@@ -75,7 +85,7 @@ attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_va
 
     def test_gemma3_sliding_window_layers(self):
         prefill, decode, decisions = prefill_and_decode("gemma3")
-        self.assertExpectedInline(prefill, """\
+        self.assertPrefill(prefill, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, key, value, attn_mask = attention_mask, dropout_p = 0.0, scale = 0.0625, is_causal = False)
 prefill_default = torch.ops.prhs.prefill.default(q_embed, k_embed, attention_mask, False, 0.0625, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7])
 attn_output_5 = torch._C._nn.scaled_dot_product_attention(q_embed_1, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.0625, is_causal = True, enable_gqa = True)
@@ -100,7 +110,7 @@ attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_va
 
     def test_gpt_neox_partial_rotary_no_gqa(self):
         prefill, decode, decisions = prefill_and_decode("gpt_neox")
-        self.assertExpectedInline(prefill, """\
+        self.assertPrefill(prefill, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed_1, key, value, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True)
 prefill_default = torch.ops.prhs.prefill.default(q_embed_1, key, None, True, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7])
 attn_output_6 = torch._C._nn.scaled_dot_product_attention(q_embed_3, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True)
