@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train-substrate": ("train_substrate", "train the small long-context evaluation model"),
     "calibrate": ("calibrate_cli", "write a cross-layer sharing map (PrHS layer axis) for a model"),
     "accuracy": ("accuracy", "task accuracy of policies and budgets through backend='prhs'"),
+    "sparsity": ("sparsity", "attention mass kept by the exact top-k, per layer"),
     "latency": ("latency", "decode-attention kernel latency against dense baselines (GPU)"),
     "throughput": ("throughput", "end-to-end decode throughput of a compiled model (GPU)"),
 }
