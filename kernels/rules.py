@@ -81,14 +81,8 @@ class OracleRule(SelectionRule):
 
     def choose(self, plan, view, state):
         base = view.windows(plan)  # [B, L] sinks and local window
-        middle = view.valid & ~base
-        mass = view.group_mass()  # [B, Hkv, L]
-        score = mass.masked_fill(~middle[:, None, :], float("-inf"))
-        k = min(plan.budget - plan.sink - plan.local, score.shape[-1])
-        top = score.topk(k, dim=-1).indices
-        picked = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
-        keep = (picked & middle[:, None, :]) | base[:, None, :]
-        return keep, ~view.no_retrieval()
+        picked = dilate_and_pick(view.group_mass(), view.valid & ~base, plan, dilate=False)
+        return picked | base[:, None, :], ~view.no_retrieval()
 
 
 def retrieval_region(plan: SelectPlan, view) -> torch.Tensor:
@@ -101,12 +95,12 @@ def retrieval_region(plan: SelectPlan, view) -> torch.Tensor:
     return region
 
 
-def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan) -> torch.Tensor:
+def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan, dilate: bool = True) -> torch.Tensor:
     """Top positions by group mass, each of the best ``m`` pulling in its +-r neighbours.
 
     ``mass`` [B, Hkv, L], ``region`` [B, L]. Returns a keep-mask [B, Hkv, L] of at most
     ``plan.middle`` positions: first the top ``m`` and their neighbours, then the next best.
-    With ``dilation_m == 0`` or ``dilation_r == 0`` this is exactly the top-k.
+    With ``dilate=False``, ``dilation_m == 0`` or ``dilation_r == 0`` this is exactly the top-k.
     """
     length = mass.shape[-1]
     k = min(plan.middle, length)
@@ -114,7 +108,7 @@ def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan) 
     radius = plan.dilation_r
     m = plan.dilation_m if plan.dilation_m >= 0 else k // (2 * radius + 1)
     priority = score
-    if m > 0 and radius > 0:
+    if dilate and m > 0 and radius > 0:
         cores = score.topk(min(m, length), dim=-1)
         offsets = torch.arange(-radius, radius + 1, device=mass.device)
         neighbours = (cores.indices[..., None] + offsets).clamp(0, length - 1).flatten(-2)
@@ -207,7 +201,7 @@ class PrHSRule(SelectionRule):
             fresh = dilate_and_pick(mass, region, plan)
         retained = ((mass / rows) * (fresh | windows[:, None, :])).sum(-1)
         anchor_dropped.copy_(torch.where(retrieve, (1.0 - retained).clamp_min(0.0), anchor_dropped))
-        fresh_idx = keep_positions(fresh, plan.middle)
+        fresh_idx = keep_to_indices(fresh, plan.middle)
 
         kept.copy_(torch.where(retrieve[..., None], fresh_idx, kept))
         anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], query, anchor))
@@ -221,8 +215,8 @@ class PrHSRule(SelectionRule):
         return keep, retrieve
 
 
-def keep_positions(keep: torch.Tensor, slots: int) -> torch.Tensor:
-    """Boolean [B, Hkv, L] -> ascending int32 positions [B, Hkv, slots], -1 padded."""
+def keep_to_indices(keep: torch.Tensor, slots: int) -> torch.Tensor:
+    """Boolean keep-mask [B, Hkv, L] -> ascending int32 positions [B, Hkv, slots], -1 padded."""
     length = keep.shape[-1]
     positions = torch.arange(length, device=keep.device)
     order = torch.where(keep, positions, positions + length)

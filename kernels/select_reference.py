@@ -26,7 +26,7 @@ import torch
 
 from .bounds import output_error_bound
 from .plan import SelectPlan
-from .rules import get_rule, keep_positions as keep_to_indices
+from .rules import get_rule, keep_to_indices
 
 COUNTER_NAMES = ("decode_calls", "slots", "retrievals", "resets")
 CALLS, SLOTS, RETRIEVALS, RESETS = range(len(COUNTER_NAMES))

@@ -16,7 +16,7 @@ from prhs_compile.kernels import COUNTER_NAMES, COUNTERS_INDEX, dropped_mass_lis
 from prhs_compile.state import all_states
 
 # layer -> one VerifyStep per decode step (verify mode)
-_DROPPED: dict[int, list["VerifyStep"]] = defaultdict(list)
+_VERIFY: dict[int, list["VerifyStep"]] = defaultdict(list)
 
 
 @dataclasses.dataclass
@@ -111,7 +111,7 @@ def stats() -> PrHSStats:
         s.slots += values["slots"]
         s.retrievals += values["retrievals"]
         s.resets += values["resets"]
-    for layer, records in _DROPPED.items():
+    for layer, records in _VERIFY.items():
         layers.setdefault(layer, LayerStats(layer)).dropped_mass = list(records)
     return PrHSStats({k: v for k, v in layers.items() if v.decode_steps or v.dropped_mass})
 
@@ -119,7 +119,7 @@ def stats() -> PrHSStats:
 def reset_stats() -> None:
     for _plan, tensors in all_states():
         tensors[COUNTERS_INDEX].zero_()
-    _DROPPED.clear()
+    _VERIFY.clear()
 
 
 def _record_dropped(record: dict) -> None:
@@ -132,7 +132,7 @@ def _record_dropped(record: dict) -> None:
     if reused is None:
         reused = torch.zeros_like(retrieved)
     violations = int(((group_dropped > bound + 1e-6) & reused).sum()) if bound is not None else 0
-    _DROPPED[record["layer"]].append(
+    _VERIFY[record["layer"]].append(
         VerifyStep(
             mean=dropped.mean().item(),
             max=dropped.max().item(),
