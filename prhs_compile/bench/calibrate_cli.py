@@ -17,6 +17,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threshold", type=float, default=0.8, help="overlap needed to share")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", default=None,
+                        help="take the prompt from this task of prhs_compile.bench.tasks (byte-level models, e.g. "
+                             "the substrate); default: random token ids")
     parser.add_argument("--out", required=True, help="JSON file to write")
 
 
@@ -27,8 +30,13 @@ def run(args) -> int:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa")
     model = model.to(args.device).eval()
-    generator = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=generator).to(args.device)
+    if args.task:
+        from prhs_compile.bench.tasks import TASKS
+
+        ids = torch.tensor([TASKS[args.task](args.prompt_len, args.seed).prompt_ids], device=args.device)
+    else:
+        generator = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=generator).to(args.device)
     result = calibrate(model, ids, steps=args.steps, budget=args.budget, sink=args.sink, local=args.local,
                        threshold=args.threshold, out=args.out)
     print(json.dumps({"share": result["share"], "suggested_tau": result["suggested_tau"]}, indent=1))
