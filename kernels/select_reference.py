@@ -55,6 +55,12 @@ def _state_dict(plan: SelectPlan, state: list[torch.Tensor], q: torch.Tensor, k:
     names = list(state_spec(plan, 1, q.shape[1], k.shape[1], k.shape[-1]))
     if len(names) != len(state):
         raise ValueError(f"policy {plan.policy!r} expects {len(names)} state tensors, got {len(state)}")
+    rows = state[0].shape[0]
+    if q.shape[0] > rows:
+        raise ValueError(
+            f"batch size {q.shape[0]} exceeds the {rows} rows of selection state of layer {plan.layer}; "
+            "raise options max_batch_size (state is sized by it when the batch dimension is symbolic)"
+        )
     return dict(zip(names, state))
 
 

@@ -188,3 +188,11 @@ def test_verify_reports_exact_dropped_mass():
         torch.testing.assert_close(record["dropped"][:, :, 0], expected, rtol=0, atol=1e-6)
     finally:
         dropped_mass_listeners.pop()
+
+
+def test_batch_larger_than_the_state_is_a_clear_error():
+    plan = SelectPlan(policy="oracle", layer=2, budget=6, sink=1, local=1)
+    q, k, _ = make_qkv(batch=3, kv_len=20)
+    state = new_state(plan, 2, 4, 2, 8)
+    with pytest.raises(ValueError, match="batch size 3 exceeds the 2 rows of selection state of layer 2; raise options max_batch_size"):
+        run_select(plan, q, k, state=state)
