@@ -34,8 +34,13 @@ class SelectionRule:
     def choose(self, plan: SelectPlan, view, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def on_prefill(self, plan: SelectPlan, view, state: dict) -> None:
-        """Forget whatever the previous sequence left behind."""
+    def on_prefill(self, plan: SelectPlan, view, state: dict, tail) -> None:
+        """Forget whatever the previous sequence left behind. ``tail(rows)`` gives a view of
+        the prompt's last ``rows`` queries, for rules that select once from the prompt."""
+
+    def keeps_dense(self, plan: SelectPlan) -> str | None:
+        """A reason this rule leaves the layer dense (checked when the graph is rewritten)."""
+        return None
 
     def validate(self, plan: SelectPlan) -> str | None:
         """A reason why ``plan`` cannot work with this rule, or None."""
@@ -167,7 +172,7 @@ class PrHSRule(SelectionRule):
             "key_norm": ((batch, kv_heads), torch.float32, 0.0),  # max key norm seen
         }
 
-    def on_prefill(self, plan, view, state):
+    def on_prefill(self, plan, view, state, tail):
         state["age"][: view.batch].fill_(-1)
 
     def choose(self, plan, view, state):
@@ -226,8 +231,112 @@ def keep_to_indices(keep: torch.Tensor, slots: int) -> torch.Tensor:
     return torch.where(chosen < length, chosen, -1).to(torch.int32)
 
 
+class OneShotRule(SelectionRule):
+    """Select once from the prompt, then decode with that set plus sinks and a rolling recent
+    window; the selection is never recomputed (SAGE-KV, SnapKV). A row that reaches decode
+    without a selection of its own sequence (no prefill seen, reordered beams) makes one from
+    its first decode query."""
+
+    def validate(self, plan):
+        return None if plan.middle > 0 else f"sink + local leaves no room for selected positions in budget={plan.budget}"
+
+    def state_spec(self, plan, batch, q_heads, kv_heads, head_dim):
+        return {
+            "ready": ((batch, kv_heads), torch.int32, 0),  # 1: ``kept`` holds this sequence's set
+            "kept": ((batch, kv_heads, plan.middle), torch.int32, -1),
+        }
+
+    def prompt_scores(self, plan, tail) -> tuple[torch.Tensor, object]:
+        raise NotImplementedError
+
+    def on_prefill(self, plan, view, state, tail):
+        b = view.batch
+        scores, scored = self.prompt_scores(plan, tail)
+        region = scored.valid & ~scored.windows(plan)
+        picked = dilate_and_pick(scores, region, plan, dilate=False)
+        state["kept"][:b].copy_(keep_to_indices(picked, plan.middle))
+        state["ready"][:b].fill_(1)
+
+    def choose(self, plan, view, state):
+        b = view.batch
+        ready, kept = state["ready"][:b], state["kept"][:b]
+        have = view.continuing[:, None] & (ready > 0)
+        retrieve = ~have & ~view.fits[:, None]
+        fresh = dilate_and_pick(view.group_mass(), view.valid & ~view.windows(plan), plan, dilate=False)
+        kept.copy_(torch.where(retrieve[..., None], keep_to_indices(fresh, plan.middle), kept))
+        ready.copy_(torch.where(retrieve, 1, ready).to(ready.dtype))
+        stored = torch.zeros(b, view.kv_heads, view.kv_len + 1, dtype=torch.bool, device=view.q.device)
+        stored.scatter_(-1, torch.where(kept >= 0, kept, view.kv_len).long(), True)
+        return stored[..., :-1] & view.valid[:, None, :] | view.windows(plan)[:, None, :], retrieve
+
+
+class SageKVRule(OneShotRule):
+    """SAGE-KV: one top-k per KV head from the last prompt query's group attention mass."""
+
+    name = "sage_kv"
+
+    def prompt_scores(self, plan, tail):
+        last = tail(1)
+        return last.group_mass(), last
+
+
+class SnapKVRule(OneShotRule):
+    """SnapKV: attention of the last ``SNAP_WINDOW`` prompt queries, summed over the window
+    and the group, max-pooled over ``SNAP_KERNEL`` neighbouring positions, top-k."""
+
+    name = "snapkv"
+    SNAP_WINDOW = 32
+    SNAP_KERNEL = 7
+
+    def prompt_scores(self, plan, tail):
+        window = tail(self.SNAP_WINDOW)
+        mass = window.group_mass()  # [B, Hkv, L]
+        pooled = torch.nn.functional.max_pool1d(mass, self.SNAP_KERNEL, stride=1, padding=self.SNAP_KERNEL // 2)
+        return pooled, window
+
+
+class QuestRule(SelectionRule):
+    """Quest: pages of ``PAGE`` keys keep their elementwise min and max; a page's score for a
+    query is ``sum_d max(q_d * min_d, q_d * max_d)`` (an upper bound of any q.k in it); the
+    best pages are kept whole every step. The first two layers stay dense."""
+
+    name = "quest"
+    PAGE = 16
+    DENSE_LAYERS = 2
+
+    def validate(self, plan):
+        if plan.middle < self.PAGE:
+            return f"budget={plan.budget} minus sink and local leaves less than one page of {self.PAGE} keys"
+        return None
+
+    def keeps_dense(self, plan):
+        if plan.layer < self.DENSE_LAYERS:
+            return f"Quest keeps its first {self.DENSE_LAYERS} layers dense"
+        return None
+
+    def choose(self, plan, view, state):
+        b, hkv, length = view.batch, view.kv_heads, view.kv_len
+        pages = -(-length // self.PAGE)
+        region = view.valid & ~view.windows(plan)  # [B, L]
+        pad = pages * self.PAGE - length
+        k = torch.nn.functional.pad(view.k.float(), (0, 0, 0, pad))
+        inside = torch.nn.functional.pad(region, (0, pad))[:, None, :, None]  # [B, 1, L', 1]
+        k_min = k.masked_fill(~inside, float("inf")).unflatten(2, (pages, self.PAGE)).amin(3)
+        k_max = k.masked_fill(~inside, float("-inf")).unflatten(2, (pages, self.PAGE)).amax(3)
+        q = view.q.float().reshape(b, hkv, view.group * view.q_len, 1, view.head_dim)
+        bound = torch.maximum(q * k_min[:, :, None], q * k_max[:, :, None]).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        page_score = bound.sum(-1).sum(2)  # [B, Hkv, pages], summed over the group's queries
+        has_any = inside.unflatten(2, (pages, self.PAGE)).any(3)[:, :, :, 0]  # [B, 1, pages]
+        page_score = page_score.masked_fill(~has_any, float("-inf"))
+        top = page_score.topk(min(plan.middle // self.PAGE, pages), dim=-1)
+        chosen = torch.zeros_like(page_score, dtype=torch.bool).scatter_(-1, top.indices, top.values > float("-inf"))
+        keep = chosen.repeat_interleave(self.PAGE, dim=-1)[..., :length] & region[:, None, :]
+        return keep | view.windows(plan)[:, None, :], ~view.no_retrieval()
+
+
 RULES: dict[str, SelectionRule] = {
-    r.name: r for r in (DenseRule(), StreamingRule(), OracleRule(), PrHSRule())
+    r.name: r
+    for r in (DenseRule(), StreamingRule(), OracleRule(), PrHSRule(), SageKVRule(), SnapKVRule(), QuestRule())
 }
 
 

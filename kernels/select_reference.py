@@ -106,6 +106,24 @@ class StepView:
         return self.probs.sum(dim=(2, 3))
 
 
+def tail_view(q, k, mask, scale: float, is_causal: bool, rows: int) -> StepView:
+    """A view of only the last ``rows`` query rows of a prefill (what SAGE-KV and SnapKV
+    score), with the causal alignment of the full call kept."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    rows = min(rows, q_len)
+    tail_mask = None if mask is None else mask[..., -rows:, :] if mask.shape[-2] > 1 else mask
+    if is_causal:  # top-left aligned: query row i sees positions <= i
+        seen = torch.arange(kv_len, device=q.device)[None, :] <= torch.arange(q_len - rows, q_len, device=q.device)[:, None]
+        causal = seen[None, None]
+        if tail_mask is None:
+            tail_mask = causal
+        elif tail_mask.dtype == torch.bool:
+            tail_mask = tail_mask & causal
+        else:
+            tail_mask = tail_mask.masked_fill(~causal, float("-inf"))
+    return StepView(q[:, :, -rows:], k, tail_mask, scale)
+
+
 def _row_bias(mask, is_causal, batch, q_len, kv_len, device):
     """Additive fp32 bias ``[B, Tq, L]`` (0 or finite bias where allowed, -inf elsewhere)."""
     bias = None
@@ -213,4 +231,4 @@ def prefill_reference(q, k, mask, is_causal: bool, scale: float, plan: SelectPla
     batch = view.batch
     st["pos"][:batch].copy_(view.newest)
     st["fingerprint"][:batch].copy_(_key_at(k, view.newest))
-    get_rule(plan.policy).on_prefill(plan, view, st)
+    get_rule(plan.policy).on_prefill(plan, view, st, lambda rows: tail_view(q, k, mask, scale, is_causal, rows))

@@ -1,0 +1,77 @@
+"""SAGE-KV, SnapKV and Quest on hand-made inputs where the right selection is known."""
+
+import torch
+import torch.nn.functional as F
+
+import prhs_compile
+from prhs_compile.kernels import SelectPlan, state_spec
+from prhs_compile.kernels.select_reference import COUNTER_NAMES, COUNTERS_INDEX, prefill_reference, select_reference
+
+D = 4
+
+
+def state_for(plan, batch=1, q_heads=1, kv_heads=1):
+    return [torch.full(s, f, dtype=d) for s, d, f in state_spec(plan, batch, q_heads, kv_heads, D).values()]
+
+
+def retrievals(state):
+    return dict(zip(COUNTER_NAMES, state[COUNTERS_INDEX].tolist()))["retrievals"]
+
+
+def spike_keys(length, spikes):
+    k = torch.zeros(1, 1, length, D)
+    for position, value in spikes.items():
+        k[0, 0, position, 0] = value
+    return k
+
+
+def along(channel, scale=10.0, rows=1):
+    q = torch.zeros(1, 1, rows, D)
+    q[..., channel] = scale
+    return q
+
+
+def kept_middle(idx, sink, local_positions):
+    return sorted(p for p in idx[0, 0].tolist() if p >= sink and p not in local_positions)
+
+
+def test_sage_kv_selects_once_from_the_last_prompt_query_and_never_again():
+    plan = SelectPlan(policy="sage_kv", layer=0, budget=5, sink=1, local=2)
+    k = spike_keys(40, {7: 5.0, 19: 4.0, 30: 3.0})
+    state = state_for(plan)
+    prompt_q = torch.zeros(1, 1, 32, D)
+    prompt_q[0, 0, -1, 0] = 10.0  # only the last prompt query looks along channel 0
+    prefill_reference(prompt_q, k[:, :, :32], None, True, 1.0, plan, state)
+    for t in range(32, 36):
+        mask = (torch.arange(40) <= t).reshape(1, 1, 1, 40)
+        idx = select_reference(along(1), k, k, mask, 1.0, plan, state)  # queries look elsewhere now
+        assert kept_middle(idx, 1, {t - 1, t}) == [7, 19]  # top-2 middle of the prompt query
+    assert retrievals(state) == 0
+
+
+def test_snapkv_pools_the_observation_window_scores():
+    plan = SelectPlan(policy="snapkv", layer=0, budget=3 + 7, sink=1, local=2)
+    k = spike_keys(64, {20: 6.0})
+    state = state_for(plan)
+    prefill_reference(along(0, rows=48), k[:, :, :48], None, True, 1.0, plan, state)
+    mask = (torch.arange(64) <= 48).reshape(1, 1, 1, 64)
+    idx = select_reference(along(1), k, k, mask, 1.0, plan, state)
+    # the max-pool (kernel 7) spreads position 20's score over 17..23: those 7 are kept
+    assert kept_middle(idx, 1, {47, 48}) == list(range(17, 24))
+
+
+def test_quest_keeps_whole_pages_with_the_best_upper_bound():
+    plan = SelectPlan(policy="quest", layer=2, budget=16 + 3, sink=1, local=2)
+    k = spike_keys(64, {37: 4.0})  # page 2 (positions 32..47) holds the best key
+    state = state_for(plan)
+    idx = select_reference(along(0), k, k, None, 1.0, plan, state)
+    assert kept_middle(idx, 1, {62, 63}) == list(range(32, 48))
+
+
+def test_quest_leaves_the_first_two_layers_dense():
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 64, 16)
+    fn = lambda q, k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True)  # noqa: E731
+    with torch.no_grad():
+        explained = prhs_compile.explain(fn, q, k, options={"policy": "quest", "budget": 32, "sink": 1, "local": 2})
+    (decision,) = explained.decisions
+    assert decision.kind == "dense" and "Quest keeps its first 2 layers dense" in decision.reason
