@@ -32,12 +32,26 @@ class SelectPlan:
     psaw_alpha: float = 1.0
     num_layers: int = 0  # decoder layers of the model (for the recency window schedule)
     share_from: int = -1  # reuse the selection of this (earlier) layer instead of retrieving
+    head_budgets: str = ""  # per-KV-head budgets of this layer ("64,192"), from an LU-KV table
     verify: bool = False  # measure the exact dropped attention mass every step (host sync)
 
     @property
+    def head_budget_list(self) -> tuple[int, ...]:
+        return tuple(int(b) for b in self.head_budgets.split(",")) if self.head_budgets else ()
+
+    @property
     def middle(self) -> int:
-        """Retrieved positions per KV head: the budget left after sinks and local window."""
-        return self.budget - self.sink - self.local
+        """Retrieved positions per KV head (the largest, with per-head budgets): the budget
+        left after sinks and local window."""
+        return max(self.head_budget_list or (self.budget,)) - self.sink - self.local
+
+    def head_middles(self, device):
+        """Per-KV-head retrieved counts as a tensor, or None without per-head budgets."""
+        if not self.head_budgets:
+            return None
+        import torch
+
+        return torch.tensor([b - self.sink - self.local for b in self.head_budget_list], device=device).clamp_min(0)
 
     def psaw_excluded(self, count):
         """Oldest non-sink positions outside this layer's progressive recency window.
@@ -57,7 +71,7 @@ class SelectPlan:
         Rows with fewer than ``min_context`` valid positions attend to all of them, so the
         slot count must hold ``min_context`` positions as well as ``budget``.
         """
-        return max(self.budget, self.min_context)
+        return max(self.budget, self.min_context, *self.head_budget_list)
 
     def encode(self) -> str:
         """``policy=oracle;layer=3;budget=256;sink=4`` (fields at their default are left out)."""

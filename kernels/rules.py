@@ -122,8 +122,16 @@ def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan, 
         # Dilated positions first (mass is a probability sum, so +1e6 puts them ahead).
         priority = torch.where(dilated & region[:, None, :], score + 1e6, score)
     top = priority.topk(k, dim=-1)
-    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, top.values > float("-inf"))
-    return keep
+    take = (top.values > float("-inf")) & within_head_budget(plan, k, mass.device)
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, take)
+
+
+def within_head_budget(plan: SelectPlan, k: int, device) -> torch.Tensor:
+    """``[1, Hkv, k]`` (or ``[1, 1, k]``): which of the k best picks each KV head may keep
+    under its own budget (LU-KV per-head budgets); all of them without per-head budgets."""
+    caps = plan.head_middles(device)
+    rank = torch.arange(k, device=device)
+    return rank[None, None, :] < (caps[None, :, None] if caps is not None else k)
 
 
 def smallest_sufficient(mass: torch.Tensor, region: torch.Tensor, windows: torch.Tensor, rows: int, plan: SelectPlan):
@@ -138,6 +146,7 @@ def smallest_sufficient(mass: torch.Tensor, region: torch.Tensor, windows: torch
     gained = base[..., None] + top.values.clamp_min(0).cumsum(-1)  # retained after n+1 picks
     need = (gained < 1.0 - plan.delta_target).sum(-1, keepdim=True) + 1  # picks to reach target
     take = (torch.arange(k, device=mass.device) < need) & (top.values > float("-inf"))
+    take = take & within_head_budget(plan, k, mass.device)
     keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, take)
     return keep
 
@@ -295,6 +304,19 @@ class SnapKVRule(OneShotRule):
         return pooled, window
 
 
+class LUKVRule(OracleRule):
+    """LU-KV: per-(layer, KV head) budgets from an offline profile (``head_budgets``), the
+    exact top-k picking within each head's budget. (``prhs`` with ``head_budgets`` runs PrHS
+    selection within the same budgets.)"""
+
+    name = "lu_kv"
+
+    def validate(self, plan):
+        if not plan.head_budgets and plan.layer >= 0:
+            return "needs per-head budgets: options head_budgets=<JSON written by prhs-bench profile>"
+        return super().validate(plan)
+
+
 class QuestRule(SelectionRule):
     """Quest: pages of ``PAGE`` keys keep their elementwise min and max; a page's score for a
     query is ``sum_d max(q_d * min_d, q_d * max_d)`` (an upper bound of any q.k in it); the
@@ -336,7 +358,7 @@ class QuestRule(SelectionRule):
 
 RULES: dict[str, SelectionRule] = {
     r.name: r
-    for r in (DenseRule(), StreamingRule(), OracleRule(), PrHSRule(), SageKVRule(), SnapKVRule(), QuestRule())
+    for r in (DenseRule(), StreamingRule(), OracleRule(), PrHSRule(), SageKVRule(), SnapKVRule(), QuestRule(), LUKVRule())
 }
 
 

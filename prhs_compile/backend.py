@@ -61,6 +61,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: PrHSConfig) -> Gra
     decisions = [decide(c, config, autograd) for c in calls]
     num_layers = max((c.layer for c in calls), default=-1) + 1
     check_share_map(config, calls, num_layers)
+    check_head_budgets(config, calls, num_layers)
     make_plan = functools.partial(_plan_for, config, num_layers)
     rewrite_calls(gm, calls, decisions, make_plan, state_for, config.max_batch_size)
     return GraphReport(before=before, after=gm.code, decisions=decisions)
@@ -68,6 +69,20 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: PrHSConfig) -> Gra
 
 def _plan_for(config: PrHSConfig, num_layers: int, layer: int):
     return config.select_plan(layer, num_layers)
+
+
+def check_head_budgets(config: PrHSConfig, calls, num_layers: int) -> None:
+    """Per-head budgets must name this model's layers and KV heads."""
+    total = config.num_layers or num_layers
+    heads = {c.layer: c.meta("key_source").shape[1] for c in calls if isinstance(c.meta("key_source"), torch.Tensor)}
+    for layer, per_head in config.head_budgets.items():
+        if layer >= total:
+            raise ValueError(f"prhs option head_budgets names layer {layer}, but the model has {total} layers")
+        if layer in heads and len(per_head) != heads[layer]:
+            raise ValueError(
+                f"prhs option head_budgets gives layer {layer} {len(per_head)} budgets, "
+                f"but it has {heads[layer]} KV heads"
+            )
 
 
 def check_share_map(config: PrHSConfig, calls, num_layers: int) -> None:

@@ -46,6 +46,10 @@ class PrHSConfig:
         layer_share: PrHS layer axis: ``{follower: anchor}`` layers that reuse an earlier
             layer's selection of the same step, or the path of a JSON map written by
             ``prhs_compile.calibrate``.
+        head_budgets: LU-KV per-(layer, KV head) budgets: the path of a table written by
+            ``prhs-bench profile`` (the entry for ``budget`` as the mean per-head budget is
+            used) or ``{layer: [budget per KV head]}``. Used by ``lu_kv``, ``oracle`` and
+            ``prhs``.
         max_decode_query_len: attention calls whose query length is at most this are
             decode steps (rewritten); longer ones are prefill (kept dense).
         max_batch_size: rows of selection state allocated when the batch size is symbolic.
@@ -75,6 +79,7 @@ class PrHSConfig:
     psaw_alpha: float = 1.0
     num_layers: int = 0
     layer_share: object = None
+    head_budgets: object = None
     max_decode_query_len: int = 1
     max_batch_size: int = 64
     debug: bool = False
@@ -110,6 +115,7 @@ class PrHSConfig:
             _bad("psaw_alpha", self.psaw_alpha, "> 0")
         _check_range("num_layers", self.num_layers, 0, None)
         object.__setattr__(self, "layer_share", load_share_map(self.layer_share))
+        object.__setattr__(self, "head_budgets", load_head_budgets(self.head_budgets, self.budget))
         _check_range("max_decode_query_len", self.max_decode_query_len, 1, None)
         _check_range("max_batch_size", self.max_batch_size, 1, None)
         if self.mode not in MODES:
@@ -150,6 +156,7 @@ class PrHSConfig:
             psaw_alpha=self.psaw_alpha,
             num_layers=self.num_layers or num_layers,
             share_from=self.layer_share.get(layer, -1) if self.policy == "prhs" else -1,
+            head_budgets=",".join(map(str, self.head_budgets.get(layer, ()))),
             verify=self.verify,
         )
 
@@ -200,6 +207,34 @@ def load_share_map(value) -> ShareMap:
             )
         share[follower] = anchor
     return ShareMap(share, num_layers, kv_heads)
+
+
+def load_head_budgets(value, budget: int) -> dict[int, tuple[int, ...]]:
+    """``head_budgets`` option -> ``{layer: (budget per KV head, ...)}``."""
+    if value is None:
+        return {}
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"prhs option head_budgets={path!r}: cannot read an LU-KV table ({err})") from None
+        tables = data.get("table", {}) if isinstance(data, dict) else {}
+        if str(budget) not in tables:
+            raise ValueError(
+                f"prhs option head_budgets={path!r} has no allocation for budget={budget}; "
+                f"its mean budgets are {sorted(int(b) for b in tables)}"
+            )
+        value = tables[str(budget)]
+    if not isinstance(value, dict):
+        _bad("head_budgets", value, "a dict {layer: [budget per KV head]} or a path to an LU-KV table")
+    budgets = {}
+    for layer, per_head in value.items():
+        if not isinstance(per_head, (list, tuple)) or not per_head or not all(isinstance(b, int) and b >= 1 for b in per_head):
+            _bad("head_budgets", {layer: per_head}, "a non-empty list of positive integer budgets per layer")
+        budgets[int(layer)] = tuple(per_head)
+    return budgets
 
 
 def _bad(name, value, allowed):

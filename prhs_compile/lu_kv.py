@@ -7,8 +7,9 @@ isotonic regression on their marginal gains (pool-adjacent-violators), and the b
 handed out greedily, one step of the budget grid at a time, to the head whose next step
 lowers the loss most per token. With convex curves the greedy allocation is optimal.
 
-This module is the offline math (pure Python, tested on hand-made curves). The run-time side
-(per-head budgets in ``select``) is still to come.
+This module holds the offline side: the allocation math (tested on hand-made curves) and
+``profile`` (curves measured through the backend's verify mode). At run time the table's
+budgets reach ``select`` through ``options={"head_budgets": path}``.
 """
 
 from __future__ import annotations
@@ -78,3 +79,68 @@ def allocate(curves: dict, budgets: list[int], mean_budget: float) -> dict:
         spare -= budgets[level[best] + 1] - budgets[level[best]]
         level[best] += 1
     return {head: budgets[i] for head, i in level.items()}
+
+
+def profile(model, prompts, grid: list[int], mean_budgets: list[int], steps: int = 4) -> dict:
+    """Measure per-(layer, KV head) loss-vs-budget curves and allocate budgets.
+
+    The loss of a head at budget ``b`` is the exact attention mass its top-``b`` positions
+    drop (no sinks or local window: the oracle's own curve), averaged over ``steps`` greedy
+    decode steps after each prompt. Returns the JSON-ready table
+    ``{"table": {mean budget: {layer: [budget per KV head]}}, ...}``.
+    """
+    from collections import defaultdict
+
+    import torch
+    import transformers
+
+    import prhs_compile
+    from prhs_compile.kernels import dropped_mass_listeners
+
+    grid = sorted(grid)
+    if grid[0] < 1:
+        raise ValueError(f"profile: budgets {grid} must be >= 1")
+    losses: dict = defaultdict(lambda: [0.0] * len(grid))
+    counts: dict = defaultdict(lambda: [0] * len(grid))
+    for gi, budget in enumerate(grid):
+        def record(r, gi=gi):
+            dropped = r["group_dropped"].mean(0)  # [Hkv], mean over batch rows
+            for head, value in enumerate(dropped.tolist()):
+                losses[(r["layer"], head)][gi] += value
+                counts[(r["layer"], head)][gi] += 1
+
+        torch._dynamo.reset()
+        prhs_compile.clear_states()
+        options = {"policy": "oracle", "budget": budget, "sink": 0, "local": 0, "verify": True, "inductor": False}
+        compiled = torch.compile(model, backend="prhs", options=options)
+        dropped_mass_listeners.append(record)
+        try:
+            with torch.no_grad():
+                for ids in prompts:
+                    cache = transformers.StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
+                    logits = compiled(input_ids=ids, past_key_values=cache).logits[:, -1:]
+                    for _ in range(steps):
+                        logits = compiled(input_ids=logits.argmax(-1), past_key_values=cache).logits[:, -1:]
+        finally:
+            dropped_mass_listeners.remove(record)
+    heads = sorted(losses)
+    raw = {h: [total / max(1, n) for total, n in zip(losses[h], counts[h])] for h in heads}
+    missing = [h for h in heads if 0 in counts[h]]
+    if missing:
+        raise ValueError(f"profile: budgets {grid} left heads {missing[:4]} unmeasured; use prompts longer than {grid[-1]}")
+    convex = {h: convexify(grid, raw[h]) for h in heads}
+    layers = sorted({layer for layer, _ in heads})
+    kv_heads = 1 + max(head for _, head in heads)
+    table = {}
+    for mean in mean_budgets:
+        allocation = allocate(convex, grid, mean)
+        table[str(mean)] = {str(layer): [allocation[(layer, h)] for h in range(kv_heads)] for layer in layers}
+    return {
+        "format": "prhs-lukv/1",
+        "num_layers": layers[-1] + 1,
+        "num_kv_heads": kv_heads,
+        "grid": grid,
+        "curves": {f"{layer}.{head}": raw[(layer, head)] for layer, head in heads},
+        "convex_curves": {f"{layer}.{head}": convex[(layer, head)] for layer, head in heads},
+        "table": table,
+    }

@@ -40,3 +40,55 @@ def test_allocation_gives_budget_where_it_buys_the_most():
     assert allocate(curves, budgets, mean_budget=64) == {(0, 0): 64, (0, 1): 64}
     with pytest.raises(ValueError, match="below the smallest grid budget 16"):
         allocate(curves, budgets, mean_budget=8)
+
+
+def test_profile_table_drives_per_head_budgets_end_to_end(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from tiny_models import tiny_model
+
+    import prhs_compile
+    from prhs_compile.kernels import selection_listeners
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    table = tmp_path / "lukv.json"
+    cmd = [sys.executable, "-m", "prhs_compile.bench.cli", "profile", "--model", str(tmp_path / "model"),
+           "--prompt-len", "64", "--prompts", "1", "--steps", "2", "--grid", "8,16,32", "--mean-budgets", "16",
+           "--out", str(table)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    allocation = json.loads(table.read_text())["table"]["16"]
+    assert set(allocation) == {"0", "1"} and all(len(b) == 2 for b in allocation.values())
+    assert sum(sum(b) for b in allocation.values()) <= 16 * 4
+
+    seen = {}
+    record = lambda layer, idx, q: seen.setdefault(layer, (idx >= 0).sum(-1)[0].tolist())  # noqa: E731
+    for policy in ("lu_kv", "prhs"):
+        seen.clear()
+        torch._dynamo.reset()
+        prhs_compile.clear_states()
+        options = {"policy": policy, "budget": 16, "sink": 2, "local": 2, "head_budgets": str(table),
+                   "max_reuse": 1, "dilation_m": 0, "inductor": False}
+        model.forward = torch.compile(model.__class__.forward.__get__(model), backend="prhs", options=options)
+        selection_listeners.append(record)
+        try:
+            with torch.no_grad():
+                model.generate(torch.randint(0, 128, (1, 48)), max_new_tokens=2, do_sample=False,
+                               cache_implementation="static", max_cache_len=64)
+        finally:
+            selection_listeners.remove(record)
+        for layer, counts in seen.items():
+            assert counts == allocation[str(layer)], (policy, layer)  # each head keeps its own budget
+
+    with pytest.raises(ValueError, match="has no allocation for budget=99; its mean budgets are \\[16\\]"):
+        prhs_compile.PrHSConfig.from_options({"policy": "lu_kv", "budget": 99, "head_budgets": str(table)})
+    with pytest.raises(ValueError, match="needs per-head budgets"):
+        prhs_compile.PrHSConfig.from_options({"policy": "lu_kv"})
+    fresh = tiny_model("llama")
+    compiled = torch.compile(fresh, backend="prhs", options={"policy": "lu_kv", "budget": 16, "head_budgets": {0: [8, 8, 8], 1: [8, 8]}, "sink": 1, "local": 1, "inductor": False})
+    with torch.no_grad(), pytest.raises(Exception, match="gives layer 0 3 budgets, but it has 2 KV heads"):
+        compiled(torch.randint(0, 128, (1, 8)))

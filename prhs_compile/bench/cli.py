@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "calibrate": ("calibrate_cli", "write a cross-layer sharing map (PrHS layer axis) for a model"),
     "accuracy": ("accuracy", "task accuracy of policies and budgets through backend='prhs'"),
     "sparsity": ("sparsity", "attention mass kept by the exact top-k, per layer"),
+    "profile": ("profile_cli", "LU-KV per-(layer, KV head) budget table for a model"),
     "latency": ("latency", "decode-attention kernel latency against dense baselines (GPU)"),
     "throughput": ("throughput", "end-to-end decode throughput of a compiled model (GPU)"),
 }
