@@ -33,6 +33,7 @@ class SelectPlan:
     num_layers: int = 0  # decoder layers of the model (for the recency window schedule)
     share_from: int = -1  # reuse the selection of this (earlier) layer instead of retrieving
     head_budgets: str = ""  # per-KV-head budgets of this layer ("64,192"), from an LU-KV table
+    kv_len: int = 0  # static cache length, for rules that keep per-position state (H2O)
     verify: bool = False  # measure the exact dropped attention mass every step (host sync)
 
     @property

@@ -26,6 +26,8 @@ class SelectionRule:
     name: str = ""
     #: True when ``select`` returns one slot per cache position (``dense``).
     all_positions: bool = False
+    #: True when the rule keeps per-position state, sized by a static cache length.
+    needs_static_length: bool = False
 
     def state_spec(self, plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int):
         """Extra state tensors: ``{name: (shape, dtype, fill)}``, in a fixed order."""
@@ -317,6 +319,39 @@ class LUKVRule(OracleRule):
         return super().validate(plan)
 
 
+class H2ORule(SelectionRule):
+    """H2O: heavy hitters by accumulated attention, plus sinks and the recent window.
+
+    Every step adds the attention each position received over the kept set (so a dropped
+    position stops accumulating, as if evicted) to its score, and keeps the best accumulated
+    positions. The first decode step of a sequence seeds the scores with its exact attention
+    (the prefill graph sees only the prompt's slice of a static cache, so it cannot size
+    this state).
+    """
+
+    name = "h2o"
+    needs_static_length = True
+
+    def validate(self, plan):
+        return None if plan.middle > 0 else f"sink + local leaves no room for heavy hitters in budget={plan.budget}"
+
+    def state_spec(self, plan, batch, q_heads, kv_heads, head_dim):
+        return {"score": ((batch, kv_heads, max(plan.kv_len, 1)), torch.float32, 0.0)}
+
+    def choose(self, plan, view, state):
+        score = state["score"][: view.batch, :, : view.kv_len]
+        # A new or reordered sequence (or one whose prefill this state never saw) starts over
+        # from this step's exact attention.
+        fresh = ~view.continuing[:, None] | (score.sum(-1) == 0)  # [B, Hkv]
+        score.copy_(torch.where(fresh[..., None], view.group_mass(), score))
+        windows = view.windows(plan)
+        keep = dilate_and_pick(score, view.valid & ~windows, plan, dilate=False) | windows[:, None, :]
+        probs = (view.probs * keep[:, :, None, None, :]).sum(dim=(2, 3))  # mass each kept position got
+        kept_total = probs.sum(-1, keepdim=True).clamp_min(1e-30)
+        score.add_(probs / kept_total * view.group * view.q_len)  # renormalised over the kept set
+        return keep, ~view.no_retrieval()
+
+
 class QuestRule(SelectionRule):
     """Quest: pages of ``PAGE`` keys keep their elementwise min and max; a page's score for a
     query is ``sum_d max(q_d * min_d, q_d * max_d)`` (an upper bound of any q.k in it); the
@@ -358,7 +393,9 @@ class QuestRule(SelectionRule):
 
 RULES: dict[str, SelectionRule] = {
     r.name: r
-    for r in (DenseRule(), StreamingRule(), OracleRule(), PrHSRule(), SageKVRule(), SnapKVRule(), QuestRule(), LUKVRule())
+    for r in (
+        DenseRule(), StreamingRule(), OracleRule(), PrHSRule(), SageKVRule(), SnapKVRule(), QuestRule(), LUKVRule(), H2ORule()
+    )
 }
 
 

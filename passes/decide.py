@@ -79,10 +79,13 @@ def decide(call: AttentionCall, config, autograd: bool) -> Decision:
         return Decision(call.layer, "prefill", f"query length {what} > max_decode_query_len={max_decode_query_len}: dense attention, selection state reset", call.module_path)
     if call.args["is_causal"]:
         return dense(f"is_causal=True with query length {q_len}: a top-left causal mask in a decode step is not a KV-cache decode")
-    rule_reason = get_rule(config.policy).keeps_dense(config.select_plan(call.layer))
+    rule = get_rule(config.policy)
+    rule_reason = rule.keeps_dense(config.select_plan(call.layer))
     if rule_reason:
         return dense(rule_reason)
     kv_len, slots = k.shape[2], max(config.budget, config.min_context)
+    if rule.needs_static_length and not isinstance(kv_len, int):
+        return dense(f"policy {config.policy!r} keeps per-position state and needs a static cache length (cache_implementation='static'); the key length here is symbolic")
     if isinstance(kv_len, int) and kv_len <= slots and not get_rule(config.policy).all_positions:
         # Sliding-window layers (a cache as long as the window) and short static caches:
         # every position would be selected, so SDPA is already the exact, cheapest answer.

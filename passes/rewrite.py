@@ -35,7 +35,7 @@ def rewrite_calls(
     gm: fx.GraphModule,
     calls: list[AttentionCall],
     decisions: list[Decision],
-    make_plan: Callable[[int], object],
+    make_plan: Callable[[AttentionCall], object],
     state_for: StateProvider,
     max_batch_size: int,
 ) -> None:
@@ -44,7 +44,7 @@ def rewrite_calls(
     for index, (call, decision) in enumerate(zip(calls, decisions)):
         if decision.kind == "dense":
             continue
-        plan = make_plan(call.layer)
+        plan = make_plan(call)
         q_val = call.meta("query")
         batch = q_val.shape[0]
         capacity = batch if isinstance(batch, int) else max_batch_size

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from prhs_compile._log import enable_debug, log
 from prhs_compile.config import MODES, PrHSConfig
+from prhs_compile.kernels.rules import get_rule
 from prhs_compile.passes.decide import Decision, decide
 from prhs_compile.passes.match import find_attention_calls
 from prhs_compile.passes.rewrite import rewrite_calls
@@ -67,8 +68,12 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: PrHSConfig) -> Gra
     return GraphReport(before=before, after=gm.code, decisions=decisions)
 
 
-def _plan_for(config: PrHSConfig, num_layers: int, layer: int):
-    return config.select_plan(layer, num_layers)
+def _plan_for(config: PrHSConfig, num_layers: int, call):
+    plan = config.select_plan(call.layer, num_layers)
+    kv_len = call.meta("key_source").shape[2]
+    if get_rule(config.policy).needs_static_length and isinstance(kv_len, int):
+        plan = dataclasses.replace(plan, kv_len=kv_len)
+    return plan
 
 
 def check_head_budgets(config: PrHSConfig, calls, num_layers: int) -> None:

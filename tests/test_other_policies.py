@@ -75,3 +75,33 @@ def test_quest_leaves_the_first_two_layers_dense():
         explained = prhs_compile.explain(fn, q, k, options={"policy": "quest", "budget": 32, "sink": 1, "local": 2})
     (decision,) = explained.decisions
     assert decision.kind == "dense" and "Quest keeps its first 2 layers dense" in decision.reason
+
+
+def test_h2o_keeps_the_accumulated_heavy_hitters():
+    plan = SelectPlan(policy="h2o", layer=0, budget=4, sink=1, local=1, kv_len=32)
+    k = spike_keys(32, {9: 3.0, 14: 2.0})
+    state = state_for(plan)
+    prefill_reference(along(0, rows=20), k[:, :, :20], None, True, 1.0, plan, state)
+    # First step: heavy hitters from its exact attention; later queries look elsewhere, but the
+    # accumulated score keeps 9 and 14.
+    for t, q in ((20, along(0)), (21, along(1)), (22, along(1))):
+        mask = (torch.arange(32) <= t).reshape(1, 1, 1, 32)
+        idx = select_reference(q, k, k, mask, 1.0, plan, state)
+        assert kept_middle(idx, 1, {t}) == [9, 14]
+
+
+def test_h2o_needs_a_static_cache_length():
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        explained = prhs_compile.explain(model, input_ids=torch.randint(0, 128, (1, 40)),
+                                         options={"policy": "h2o", "budget": 16, "sink": 2, "local": 4}, use_cache=True)
+    assert explained.decisions[0].kind == "prefill"
+    out = explained.output
+    token = out.logits[:, -1:].argmax(-1)
+    with torch.no_grad():
+        step = prhs_compile.explain(model, input_ids=token, past_key_values=out.past_key_values,
+                                    options={"policy": "h2o", "budget": 16, "sink": 2, "local": 4})
+    # DynamicCache decode (first step has a static length 41 > budget: rewritten; H2O sized it)
+    assert step.decisions[0].kind == "decode"
