@@ -352,6 +352,86 @@ class H2ORule(SelectionRule):
         return keep, ~view.no_retrieval()
 
 
+class HShareRule(SelectionRule):
+    """HShare: approximate scores on a few label channels, sets reused every second step, and
+    KV heads that share another head's set.
+
+    * label channels: at prefill, the ``D // LABEL_FRACTION`` channels with the largest mean
+      |k| of each KV head; scores are ``q[c] . k[c]`` over those channels only (a retrieval
+      reads a fraction of K);
+    * reuse: a set is retrieved at one step and reused at the next;
+    * head sharing: at prefill, a head whose top set (from the last prompt query) overlaps an
+      earlier head's by at least ``HEAD_SHARE_OVERLAP`` takes that head's set.
+
+    Layer sharing comes from ``layer_share`` (the same map PrHS uses).
+    """
+
+    name = "hshare"
+    LABEL_FRACTION = 8
+    HEAD_SHARE_OVERLAP = 0.8
+
+    def validate(self, plan):
+        return None if plan.middle > 0 else f"sink + local leaves no room for selected positions in budget={plan.budget}"
+
+    def state_spec(self, plan, batch, q_heads, kv_heads, head_dim):
+        labels = max(1, head_dim // self.LABEL_FRACTION)
+        return {
+            "labels": ((batch, kv_heads, labels), torch.int64, -1),  # -1: not chosen yet
+            "head_anchor": ((batch, kv_heads), torch.int64, -1),  # head whose set this one takes
+            "age": ((batch, kv_heads), torch.int32, -1),
+            "kept": ((batch, kv_heads, plan.middle), torch.int32, -1),
+        }
+
+    def _labels(self, view, count):
+        k_abs = view.k.float().abs().masked_fill(~view.valid[:, None, :, None], 0.0)
+        return k_abs.sum(2).topk(count, dim=-1).indices  # [B, Hkv, count]
+
+    def on_prefill(self, plan, view, state, tail):
+        b = view.batch
+        labels = state["labels"][:b]
+        labels.copy_(self._labels(view, labels.shape[-1]))
+        last = tail(1)
+        picked = dilate_and_pick(last.group_mass(), last.valid & ~last.windows(plan), plan, dilate=False)
+        anchor = torch.arange(view.kv_heads, device=view.q.device).expand(b, -1).clone()
+        for h in range(1, view.kv_heads):
+            for a in range(h):
+                share = (picked[:, h] & picked[:, a]).sum(-1) / picked[:, h].sum(-1).clamp_min(1)
+                take = (anchor[:, h] == h) & (anchor[:, a] == a) & (share >= self.HEAD_SHARE_OVERLAP)
+                anchor[:, h] = torch.where(take, a, anchor[:, h])
+        state["head_anchor"][:b].copy_(anchor)
+        state["age"][:b].fill_(-1)
+
+    def choose(self, plan, view, state):
+        b, hkv = view.batch, view.kv_heads
+        labels, anchor = state["labels"][:b], state["head_anchor"][:b]
+        age, kept = state["age"][:b], state["kept"][:b]
+        unseeded = (labels[..., 0] < 0) | ~view.continuing[:, None]  # no prefill of this sequence
+        labels.copy_(torch.where(unseeded[..., None], self._labels(view, labels.shape[-1]), labels))
+        own = torch.arange(hkv, device=view.q.device).expand(b, -1)
+        anchor.copy_(torch.where(unseeded | (anchor < 0), own, anchor))
+
+        # Approximate logits on the label channels, softmax per query row, group mass.
+        qg = view.q.float().reshape(b, hkv, view.group * view.q_len, view.head_dim)
+        q_lab = qg.gather(-1, labels[:, :, None, :].expand(-1, -1, qg.shape[2], -1))
+        k_lab = view.k.float().gather(-1, labels[:, :, None, :].expand(-1, -1, view.kv_len, -1))
+        logits = torch.einsum("bhrc,bhlc->bhrl", q_lab, k_lab) * view.scale
+        if view.row_bias is not None:  # rows are ordered (group head, query row)
+            bias = view.row_bias[:, None, None].expand(-1, hkv, view.group, -1, -1)
+            logits = logits + bias.reshape(logits.shape)
+        mass = torch.softmax(logits, -1).nan_to_num(0.0).sum(2)  # [B, Hkv, L]
+
+        reuse = view.continuing[:, None] & (age == 0) & ~unseeded
+        retrieve = ~reuse & ~view.fits[:, None]
+        fresh = keep_to_indices(dilate_and_pick(mass, view.valid & ~view.windows(plan), plan, dilate=False), plan.middle)
+        fresh = fresh.gather(1, anchor[..., None].expand(-1, -1, fresh.shape[-1]))  # shared heads copy
+        kept.copy_(torch.where(retrieve[..., None], fresh, kept))
+        age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
+        stored = torch.zeros(b, hkv, view.kv_len + 1, dtype=torch.bool, device=view.q.device)
+        stored.scatter_(-1, torch.where(kept >= 0, kept, view.kv_len).long(), True)
+        own_retrieval = retrieve & (anchor == own)  # a head copying another reads no keys
+        return stored[..., :-1] & view.valid[:, None, :] | view.windows(plan)[:, None, :], own_retrieval
+
+
 class QuestRule(SelectionRule):
     """Quest: pages of ``PAGE`` keys keep their elementwise min and max; a page's score for a
     query is ``sum_d max(q_d * min_d, q_d * max_d)`` (an upper bound of any q.k in it); the
@@ -394,7 +474,8 @@ class QuestRule(SelectionRule):
 RULES: dict[str, SelectionRule] = {
     r.name: r
     for r in (
-        DenseRule(), StreamingRule(), OracleRule(), PrHSRule(), SageKVRule(), SnapKVRule(), QuestRule(), LUKVRule(), H2ORule()
+        DenseRule(), StreamingRule(), OracleRule(), PrHSRule(), SageKVRule(), SnapKVRule(), QuestRule(), LUKVRule(),
+        H2ORule(), HShareRule(),
     )
 }
 

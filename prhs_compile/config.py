@@ -155,7 +155,7 @@ class PrHSConfig:
             psaw_phi=self.psaw_phi,
             psaw_alpha=self.psaw_alpha,
             num_layers=self.num_layers or num_layers,
-            share_from=self.layer_share.get(layer, -1) if self.policy == "prhs" else -1,
+            share_from=self.layer_share.get(layer, -1) if self.policy in ("prhs", "hshare") else -1,
             head_budgets=",".join(map(str, self.head_budgets.get(layer, ()))),
             verify=self.verify,
         )

@@ -1,5 +1,6 @@
-"""SAGE-KV, SnapKV and Quest on hand-made inputs where the right selection is known."""
+"""SAGE-KV, SnapKV, Quest, H2O and HShare on hand-made inputs where the right selection is known."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -105,3 +106,42 @@ def test_h2o_needs_a_static_cache_length():
                                     options={"policy": "h2o", "budget": 16, "sink": 2, "local": 4})
     # DynamicCache decode (first step has a static length 41 > budget: rewritten; H2O sized it)
     assert step.decisions[0].kind == "decode"
+
+
+def test_hshare_label_channels_reuse_every_second_step_and_head_sharing():
+    d = 8  # one label channel (d // 8)
+    plan = SelectPlan(policy="hshare", layer=0, budget=4, sink=1, local=1)
+    k = torch.zeros(1, 2, 40, d)
+    k[0, :, :, 3] = 0.1  # channel 3 carries the most key energy: the label channel
+    k[0, :, 11, 3] = 4.0
+    k[0, :, 25, 3] = 3.0
+    state = [torch.full(s, f, dtype=dt) for s, dt, f in state_spec(plan, 1, 2, 2, d).values()]
+    q_prompt = torch.zeros(1, 2, 30, d)
+    q_prompt[..., 3] = 5.0
+    prefill_reference(q_prompt, k[:, :, :30], None, True, 1.0, plan, state)
+    q = torch.zeros(1, 2, 1, d)
+    q[..., 3] = 5.0
+    q[..., 0] = 1.0  # a non-label channel: ignored by the approximate scores
+    for t in range(30, 34):
+        mask = (torch.arange(40) <= t).reshape(1, 1, 1, 40)
+        idx = select_reference(q, k, k, mask, 1.0, plan, state)
+        assert kept_middle(idx, 1, {t}) == [11, 25]
+        assert torch.equal(idx[0, 0], idx[0, 1])  # head 1 takes head 0's set
+    # 4 steps: retrievals at steps 1 and 3, by head 0 only (head 1 shares it)
+    assert retrievals(state) == 2
+
+
+@pytest.mark.parametrize("policy", ["sage_kv", "snapkv", "quest", "h2o", "hshare", "streaming", "oracle", "prhs"])
+def test_every_policy_generates_through_the_backend(policy):
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    model.forward = torch.compile(model.forward, backend="prhs",
+                                  options={"policy": policy, "budget": 24, "sink": 2, "local": 4, "inductor": False})
+    with torch.no_grad():
+        out = model.generate(torch.randint(0, 128, (2, 40)), max_new_tokens=4, do_sample=False,
+                             cache_implementation="static", max_cache_len=64, pad_token_id=0)
+    assert out.shape == (2, 44)
+    stats = prhs_compile.stats()
+    if policy != "quest":  # Quest keeps the first two layers (all of this model) dense
+        assert stats.decode_steps == 3 and all(s.slots == 3 * 2 * 2 for s in stats.layers.values())
