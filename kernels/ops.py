@@ -4,6 +4,8 @@
   decode step (``v`` is read only by ``verify``; ``shared`` is an earlier layer's selection)
 * ``prhs::attend(q, k, v, idx, mask, scale) -> out``       attend over the picked positions
 * ``prhs::prefill(q, k, mask, is_causal, scale, plan, state)``  reset state for a new sequence
+* ``prhs::window_prefill(q, k, v, mask, is_causal, scale, plan, state) -> out``  prefill
+  attention inside the layer's PrHS recency window (PSAW), plus the reset
 
 ``q`` is ``[B, Hq, Tq, D]`` and ``k``/``v`` are the raw (not GQA-expanded) cache
 ``[B, Hkv, L, D]``. ``plan`` is an encoded :class:`~kernels.plan.SelectPlan`. ``state`` is the
@@ -23,7 +25,7 @@ import torch
 from .attend_reference import attend_reference
 from .plan import decode_plan
 from .rules import get_rule
-from .select_reference import prefill_reference, select_reference
+from .select_reference import prefill_reference, select_reference, window_prefill_reference
 
 
 @torch.library.custom_op("prhs::select", mutates_args=("state",))
@@ -82,6 +84,25 @@ def prefill(
 @prefill.register_fake
 def _prefill_fake(q, k, mask, is_causal, scale, plan, state):
     return None
+
+
+@torch.library.custom_op("prhs::window_prefill", mutates_args=("state",))
+def window_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    is_causal: bool,
+    scale: float,
+    plan: str,
+    state: list[torch.Tensor],
+) -> torch.Tensor:
+    return window_prefill_reference(q, k, v, mask, is_causal, scale, decode_plan(plan), state)
+
+
+@window_prefill.register_fake
+def _window_prefill_fake(q, k, v, mask, is_causal, scale, plan, state):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @attend.register_kernel("cuda")

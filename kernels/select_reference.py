@@ -10,7 +10,9 @@ of a model):
 * ``fingerprint`` fp32  ``[Bc, D]``    key of KV head 0 at ``pos``: detects a cache that no
                                        longer holds the sequence the state was built on
                                        (new prompt, reordered beams)
-* ``counters``    int64 ``[4]``        decode calls, (row, KV head) slots, retrievals, resets
+* ``counters``    int64 ``[6]``        decode calls, (row, KV head) slots, retrievals, resets,
+                                       and the (query, key) pairs of windowed prefill attention:
+                                       causal ones and those the window kept
 * then whatever the policy's rule declares.
 
 ``Bc`` may exceed the batch size (a graph with a symbolic batch allocates for the largest);
@@ -28,8 +30,8 @@ from .bounds import output_error_bound
 from .plan import SelectPlan
 from .rules import get_rule, keep_to_indices
 
-COUNTER_NAMES = ("decode_calls", "slots", "retrievals", "resets")
-CALLS, SLOTS, RETRIEVALS, RESETS = range(len(COUNTER_NAMES))
+COUNTER_NAMES = ("decode_calls", "slots", "retrievals", "resets", "prefill_pairs", "prefill_pairs_kept")
+CALLS, SLOTS, RETRIEVALS, RESETS, PREFILL_PAIRS, PREFILL_KEPT = range(len(COUNTER_NAMES))
 COUNTERS_INDEX = 2  # position of ``counters`` in every state list (see state_spec)
 
 # Called with a verify record (a dict, see ``_verify_record``) when a plan has verify=True.
@@ -232,3 +234,37 @@ def prefill_reference(q, k, mask, is_causal: bool, scale: float, plan: SelectPla
     st["pos"][:batch].copy_(view.newest)
     st["fingerprint"][:batch].copy_(_key_at(k, view.newest))
     get_rule(plan.policy).on_prefill(plan, view, st, lambda rows: tail_view(q, k, mask, scale, is_causal, rows))
+
+
+def psaw_window(q_len: int, kv_len: int, mask, is_causal: bool, plan: SelectPlan, batch: int, device):
+    """Which (query row, key) pairs a prefill attends to under the PrHS depth axis (PSAW).
+
+    Query row i sees ``t_i`` valid tokens; its layer's progressive window leaves out the
+    oldest ``P_l(t_i)`` non-sink ones (never eating into the last ``local``). Returns the
+    allowed pairs ``[B, Tq, L]``, the valid (causal / masked) pairs, and the additive bias.
+    """
+    bias = _row_bias(mask, is_causal, batch, q_len, kv_len, device)
+    valid = torch.ones(batch, q_len, kv_len, dtype=torch.bool, device=device) if bias is None else bias > float("-inf")
+    rank = valid.long().cumsum(-1) - 1
+    count = valid.sum(-1)  # [B, Tq]
+    excluded = torch.minimum(plan.psaw_excluded(count), (count - plan.sink - plan.local).clamp_min(0))
+    allowed = valid & ((rank < plan.sink) | (rank >= (plan.sink + excluded)[..., None]))
+    return allowed, valid, bias
+
+
+def window_prefill_reference(q, k, v, mask, is_causal: bool, scale: float, plan: SelectPlan, state):
+    """Prefill attention restricted to the layer's recency window, and the state reset.
+
+    The reference masks a dense SDPA (no FLOPs saved on its own); the counters record how
+    many (query, key) pairs a block-sparse kernel would compute against causal attention.
+    """
+    batch, _, q_len, _ = q.shape
+    allowed, valid, bias = psaw_window(q_len, k.shape[2], mask, is_causal, plan, batch, q.device)
+    attn_bias = torch.zeros(allowed.shape, device=q.device) if bias is None else bias.clone()
+    attn_bias = attn_bias.masked_fill(~allowed, float("-inf"))[:, None].to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale, enable_gqa=True)
+    prefill_reference(q, k, mask, is_causal, scale, plan, state)
+    counters = state[COUNTERS_INDEX]
+    counters[PREFILL_PAIRS] += valid.sum() * k.shape[1]
+    counters[PREFILL_KEPT] += allowed.sum() * k.shape[1]
+    return out.nan_to_num(0.0)

@@ -76,7 +76,9 @@ def decide(call: AttentionCall, config, autograd: bool) -> Decision:
     is_decode = isinstance(q_len, int) and q_len <= max_decode_query_len
     if not is_decode:
         what = "symbolic" if not isinstance(q_len, int) else str(q_len)
-        return Decision(call.layer, "prefill", f"query length {what} > max_decode_query_len={max_decode_query_len}: dense attention, selection state reset", call.module_path)
+        windowed = config.policy == "prhs" and 0 <= config.psaw_start_layer < call.layer
+        how = "attention inside the layer's recency window (PSAW)" if windowed else "dense attention"
+        return Decision(call.layer, "prefill", f"query length {what} > max_decode_query_len={max_decode_query_len}: {how}, selection state reset", call.module_path)
     if call.args["is_causal"]:
         return dense(f"is_causal=True with query length {q_len}: a top-left causal mask in a decode step is not a KV-cache decode")
     rule = get_rule(config.policy)

@@ -77,6 +77,18 @@ def rewrite_calls(
             graph.erase_node(node)
             _erase_if_unused(graph, old_key)
             _erase_if_unused(graph, old_value)
+        elif _windowed_prefill(plan):  # PrHS depth axis: prefill inside the recency window
+            with graph.inserting_before(node):
+                out = graph.call_function(
+                    torch.ops.prhs.window_prefill.default,
+                    (q, k, v, mask, bool(call.args["is_causal"]), float(scale), plan_text, state_nodes),
+                )
+            out.meta.update({key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta})
+            node.replace_all_uses_with(out)
+            old_key, old_value = call.args["key"], call.args["value"]
+            graph.erase_node(node)
+            _erase_if_unused(graph, old_key)
+            _erase_if_unused(graph, old_value)
         else:  # prefill: keep dense attention, reset the selection state
             with graph.inserting_after(node):
                 graph.call_function(
@@ -85,6 +97,11 @@ def rewrite_calls(
                 )
     graph.lint()
     gm.recompile()
+
+
+def _windowed_prefill(plan) -> bool:
+    """PrHS layers past the first of the progressive window attend inside it at prefill."""
+    return plan.policy == "prhs" and 0 <= plan.psaw_start < plan.layer and plan.num_layers > plan.psaw_start
 
 
 def _register_state_buffer(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> None:

@@ -39,6 +39,8 @@ class LayerStats:
     slots: int = 0  # (batch row, KV head) pairs that went through select
     retrievals: int = 0  # of those, how many scored the keys to choose
     resets: int = 0  # rows whose state did not continue the previous step
+    prefill_pairs: int = 0  # (query, key, KV head) pairs of causal prefill attention (PSAW layers)
+    prefill_pairs_kept: int = 0  # of those, inside the layer's recency window
     dropped_mass: list = dataclasses.field(default_factory=list)  # VerifyStep per step
 
     @property
@@ -71,10 +73,17 @@ class PrHSStats:
         slots = sum(s.slots for s in self.layers.values())
         return sum(s.retrievals for s in self.layers.values()) / slots if slots else 0.0
 
+    @property
+    def prefill_attention_fraction(self) -> float | None:
+        """Share of causal prefill attention pairs (hence FLOPs) the recency windows keep."""
+        total = sum(s.prefill_pairs for s in self.layers.values())
+        return sum(s.prefill_pairs_kept for s in self.layers.values()) / total if total else None
+
     def as_dict(self) -> dict:
         return {
             "decode_steps": self.decode_steps,
             "retrieval_rate": self.retrieval_rate,
+            "prefill_attention_fraction": self.prefill_attention_fraction,
             "layers": {
                 layer: {
                     **{f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "dropped_mass"},
@@ -89,8 +98,10 @@ class PrHSStats:
         }
 
     def __str__(self) -> str:
+        window = self.prefill_attention_fraction
         lines = [
-            f"prhs stats: {self.decode_steps} decode steps, retrieval rate {self.retrieval_rate:.3f}",
+            f"prhs stats: {self.decode_steps} decode steps, retrieval rate {self.retrieval_rate:.3f}"
+            + ("" if window is None else f", windowed prefill keeps {window:.3f} of the windowed layers' attention pairs"),
             f"{'layer':>5} {'steps':>6} {'slots':>7} {'retrievals':>10} {'resets':>6} {'dropped mean':>12} {'dropped max':>11}",
         ]
         for layer, s in sorted(self.layers.items()):
@@ -111,9 +122,11 @@ def stats() -> PrHSStats:
         s.slots += values["slots"]
         s.retrievals += values["retrievals"]
         s.resets += values["resets"]
+        s.prefill_pairs += values["prefill_pairs"]
+        s.prefill_pairs_kept += values["prefill_pairs_kept"]
     for layer, records in _VERIFY.items():
         layers.setdefault(layer, LayerStats(layer)).dropped_mass = list(records)
-    return PrHSStats({k: v for k, v in layers.items() if v.decode_steps or v.dropped_mass})
+    return PrHSStats({k: v for k, v in layers.items() if v.decode_steps or v.dropped_mass or v.prefill_pairs})
 
 
 def reset_stats() -> None:

@@ -203,3 +203,44 @@ def test_calibrate_writes_a_map_that_loads_and_checks_the_model(tmp_path):
     compiled = torch.compile(model, backend="prhs", options={"layer_share": str(out), "inductor": False})
     with torch.no_grad(), pytest.raises(Exception, match="calibrated for 32 layers, but this model has 2"):
         compiled(torch.randint(0, 128, (1, 8)))
+
+
+def test_depth_axis_window_at_prefill_keeps_sinks_and_the_recent_part():
+    from prhs_compile.kernels.select_reference import psaw_window
+
+    plan = SelectPlan(policy="prhs", layer=2, budget=16, sink=1, local=2, psaw_start=0, num_layers=2, psaw_phi=0.5, psaw_alpha=1.0)
+    allowed, valid, _ = psaw_window(12, 12, None, True, plan, 1, "cpu")
+    # row 9 sees t = 10 tokens: P = floor(0.5 * 10) = 5 non-sink tokens left out -> {0, 6, 7, 8, 9}
+    assert allowed[0, 9].nonzero().flatten().tolist() == [0, 6, 7, 8, 9]
+    # row 2 sees 3 tokens: the sink and the local window are never cut
+    assert allowed[0, 2].nonzero().flatten().tolist() == [0, 1, 2]
+    assert allowed.sum() < valid.sum() == 12 * 13 // 2
+
+
+def test_windowed_prefill_attends_only_inside_the_window_and_reports_the_pairs():
+    from prhs_compile.kernels.select_reference import psaw_window, window_prefill_reference
+
+    plan = SelectPlan(policy="prhs", layer=3, budget=16, sink=2, local=4, psaw_start=1, num_layers=4)
+    q, k, v = torch.randn(2, 4, 20, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8)
+    state = [torch.full(s, f, dtype=d) for s, d, f in state_spec(plan, 2, 4, 2, 8).values()]
+    out = window_prefill_reference(q, k, v, None, True, SCALE, plan, state)
+    allowed, valid, _ = psaw_window(20, 20, None, True, plan, 2, "cpu")
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * SCALE
+    expected = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1) @ v.repeat_interleave(2, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    c = counters(state)
+    assert c["prefill_pairs"] == valid.sum() * 2 and c["prefill_pairs_kept"] == allowed.sum() * 2
+
+
+def test_windowed_prefill_end_to_end_rewrites_later_layers_and_reports_savings():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 48))
+    options = {"policy": "prhs", "budget": 16, "sink": 2, "local": 4, "psaw_start_layer": 0}
+    with torch.no_grad():
+        explained = prhs_compile.explain(model, input_ids=ids, options=options)
+        dense = model(input_ids=ids).logits
+    assert [("window_prefill" in line) for line in explained.after[0].splitlines() if "torch.ops.prhs" in line] == [False, True]
+    assert "recency window (PSAW)" in explained.decisions[1].reason
+    assert (explained.output.logits - dense).abs().max() > 1e-4  # layer 1 saw less
+    fraction = prhs_compile.stats().prefill_attention_fraction
+    assert 0.5 < fraction < 1.0
