@@ -15,7 +15,7 @@ def attend_reference(q, k, v, idx, mask, scale: float) -> torch.Tensor:
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    group, slots = q_heads // kv_heads, idx.shape[-1]
+    group = q_heads // kv_heads
     safe = idx.clamp_min(0).long()  # [B, Hkv, S]
     k_sel = k.gather(2, safe[..., None].expand(-1, -1, -1, head_dim))
     v_sel = v.gather(2, safe[..., None].expand(-1, -1, -1, v.shape[-1]))

@@ -28,7 +28,8 @@ import torch
 
 from .bounds import output_error_bound
 from .plan import SelectPlan
-from .rules import get_rule, keep_to_indices
+from .rules import get_rule
+from .selection import indices_to_keep, keep_to_indices
 
 COUNTER_NAMES = ("decode_calls", "slots", "retrievals", "resets", "prefill_pairs", "prefill_pairs_kept")
 CALLS, SLOTS, RETRIEVALS, RESETS, PREFILL_PAIRS, PREFILL_KEPT = range(len(COUNTER_NAMES))
@@ -172,9 +173,7 @@ def select_reference(q, k, v, mask, scale: float, plan: SelectPlan, state: list[
     view.fits = (view.count <= plan.budget) | (view.count < plan.min_context)
     if shared is not None:
         indices = shared.clone()
-        keep = torch.zeros(batch, view.kv_heads, view.kv_len + 1, dtype=torch.bool, device=q.device)
-        keep.scatter_(-1, torch.where(indices >= 0, indices, view.kv_len).long(), True)
-        keep = keep[..., :-1]
+        keep = indices_to_keep(indices, view.kv_len)
         retrieved = view.no_retrieval()
     else:
         keep, retrieved = rule.choose(plan, view, st)

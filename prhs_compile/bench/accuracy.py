@@ -73,8 +73,6 @@ def load(model_id: str, device: str, dtype):
 
 def run_example(compiled, cache, codec: Codec, example, device) -> float:
     """Prefill, then one decode step per answer token; returns the example's score."""
-    import transformers
-
     prompt = codec.encode(example.prompt_ids)
     forced = example.task == "natural_text"
     target = codec.encode(example.answer_ids) if (forced or not codec.native) else list(example.answer_ids)

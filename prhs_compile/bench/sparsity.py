@@ -70,7 +70,7 @@ def run(args) -> int:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     layers = sorted(next(iter(table.values())))
-    print(f"| layer | " + " | ".join(f"top-{b} mass" for b in budgets) + " |")
+    print("| layer | " + " | ".join(f"top-{b} mass" for b in budgets) + " |")
     print("|---|" + "---|" * len(budgets))
     for layer in layers:
         print(f"| {layer} | " + " | ".join(f"{table[b][layer]:.3f}" for b in budgets) + " |")

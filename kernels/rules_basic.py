@@ -1,0 +1,48 @@
+"""The reference policies: every position, sinks + recent window, and the exact top-k."""
+
+from __future__ import annotations
+
+from .selection import SelectionRule, dilate_and_pick
+
+
+class DenseRule(SelectionRule):
+    """Every valid position: the reference the sparse policies are measured against."""
+
+    name = "dense"
+    all_positions = True
+
+    def choose(self, plan, view, state):
+        return view.valid[:, None, :].expand(-1, view.kv_heads, -1), view.no_retrieval()
+
+
+class StreamingRule(SelectionRule):
+    """StreamingLLM: the first ``sink`` positions plus the most recent ``budget - sink``."""
+
+    name = "streaming"
+
+    def choose(self, plan, view, state):
+        recent = view.rank >= (view.count[:, None] - (plan.budget - plan.sink))
+        keep = view.valid & ((view.rank < plan.sink) | recent)
+        return keep[:, None, :].expand(-1, view.kv_heads, -1), view.no_retrieval()
+
+
+class OracleRule(SelectionRule):
+    """Exact top-k of the group's attention mass every step (sinks and local window kept).
+
+    The best any selector of this budget can do on one step, and the yardstick for the others.
+    """
+
+    name = "oracle"
+
+    def validate(self, plan):
+        if plan.sink + plan.local >= plan.budget:
+            return (
+                f"sink + local = {plan.sink + plan.local} leaves no room for retrieved "
+                f"positions in budget={plan.budget}"
+            )
+        return None
+
+    def choose(self, plan, view, state):
+        base = view.windows(plan)  # [B, L] sinks and local window
+        picked = dilate_and_pick(view.group_mass(), view.valid & ~base, plan, dilate=False)
+        return picked | base[:, None, :], ~view.no_retrieval()

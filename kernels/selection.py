@@ -1,0 +1,129 @@
+"""What every selection rule shares: the base class and the selection helpers.
+
+A policy is *data plus a selection rule*: the rule declares the per-layer state it needs
+(``state_spec``), says which positions to keep at a decode step (``choose``), and how to
+(re)start at a prefill (``on_prefill``). Everything rules share (the valid region, the sink
+and local windows, state validity across steps, the index layout, the counters) lives in
+``select_reference.py``; the helpers here pick positions from scores. A new policy is a small
+class (``rules_basic.py``, ``rule_prhs.py``, ``rules_baselines.py``), not a fork of the
+pipeline.
+
+Rules see a :class:`~kernels.select_reference.StepView` and return a boolean keep-mask
+``[B, Hkv, L]`` plus a boolean ``[B, Hkv]`` saying which (row, KV head) slots ran a retrieval
+(read the keys to score them) this step. They only have to be right for rows with more valid
+positions than the budget; rows that fit entirely are kept whole by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .plan import SelectPlan
+
+
+class SelectionRule:
+    """Base class. Subclasses set ``name`` and override what they need."""
+
+    name: str = ""
+    #: True when ``select`` returns one slot per cache position (``dense``).
+    all_positions: bool = False
+    #: True when the rule keeps per-position state, sized by a static cache length.
+    needs_static_length: bool = False
+
+    def state_spec(self, plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int):
+        """Extra state tensors: ``{name: (shape, dtype, fill)}``, in a fixed order."""
+        return {}
+
+    def choose(self, plan: SelectPlan, view, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def on_prefill(self, plan: SelectPlan, view, state: dict, tail) -> None:
+        """Forget whatever the previous sequence left behind. ``tail(rows)`` gives a view of
+        the prompt's last ``rows`` queries, for rules that select once from the prompt."""
+
+    def keeps_dense(self, plan: SelectPlan) -> str | None:
+        """A reason this rule leaves the layer dense (checked when the graph is rewritten)."""
+        return None
+
+    def validate(self, plan: SelectPlan) -> str | None:
+        """A reason why ``plan`` cannot work with this rule, or None."""
+        return None
+
+
+def retrieval_region(plan: SelectPlan, view) -> torch.Tensor:
+    """``[B, L]`` positions a retrieval may pick: valid, outside the windows, and inside the
+    layer's progressive recency window (PSAW) when that selector is on."""
+    region = view.valid & ~view.windows(plan)
+    excluded = plan.psaw_excluded(view.count)  # [B] oldest non-sink positions left out
+    if plan.psaw_start >= 0:
+        region = region & ((view.rank < plan.sink) | (view.rank >= (plan.sink + excluded)[:, None]))
+    return region
+
+
+def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan, dilate: bool = True) -> torch.Tensor:
+    """Top positions by group mass, each of the best ``m`` pulling in its +-r neighbours.
+
+    ``mass`` [B, Hkv, L], ``region`` [B, L]. Returns a keep-mask [B, Hkv, L] of at most
+    ``plan.middle`` positions: first the top ``m`` and their neighbours, then the next best.
+    With ``dilate=False``, ``dilation_m == 0`` or ``dilation_r == 0`` this is exactly the top-k.
+    """
+    length = mass.shape[-1]
+    k = min(plan.middle, length)
+    score = mass.masked_fill(~region[:, None, :], float("-inf"))
+    radius = plan.dilation_r
+    m = plan.dilation_m if plan.dilation_m >= 0 else k // (2 * radius + 1)
+    priority = score
+    if dilate and m > 0 and radius > 0:
+        cores = score.topk(min(m, length), dim=-1)
+        offsets = torch.arange(-radius, radius + 1, device=mass.device)
+        neighbours = (cores.indices[..., None] + offsets).clamp(0, length - 1).flatten(-2)
+        core_ok = (cores.values > float("-inf"))[..., None].expand(-1, -1, -1, offsets.numel()).flatten(-2)
+        dilated = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, neighbours, core_ok)
+        # Dilated positions first (mass is a probability sum, so +1e6 puts them ahead).
+        priority = torch.where(dilated & region[:, None, :], score + 1e6, score)
+    top = priority.topk(k, dim=-1)
+    take = (top.values > float("-inf")) & within_head_budget(plan, k, mass.device)
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, take)
+
+
+def within_head_budget(plan: SelectPlan, k: int, device) -> torch.Tensor:
+    """``[1, Hkv, k]`` (or ``[1, 1, k]``): which of the k best picks each KV head may keep
+    under its own budget (LU-KV per-head budgets); all of them without per-head budgets."""
+    caps = plan.head_middles(device)
+    rank = torch.arange(k, device=device)
+    return rank[None, None, :] < (caps[None, :, None] if caps is not None else k)
+
+
+def smallest_sufficient(mass: torch.Tensor, region: torch.Tensor, windows: torch.Tensor, rows: int, plan: SelectPlan):
+    """``delta_target`` mode: the fewest top positions whose retained mass reaches
+    ``1 - delta_target`` (windows included), capped by the budget. ``mass`` sums ``rows``
+    query rows, so the retained share is ``mass / rows``."""
+    share = mass / rows
+    base = (share * windows[:, None, :]).sum(-1)  # [B, Hkv] mass of sinks + local window
+    score = share.masked_fill(~region[:, None, :], float("-inf"))
+    k = min(plan.middle, score.shape[-1])
+    top = score.topk(k, dim=-1)
+    gained = base[..., None] + top.values.clamp_min(0).cumsum(-1)  # retained after n+1 picks
+    need = (gained < 1.0 - plan.delta_target).sum(-1, keepdim=True) + 1  # picks to reach target
+    take = (torch.arange(k, device=mass.device) < need) & (top.values > float("-inf"))
+    take = take & within_head_budget(plan, k, mass.device)
+    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, take)
+    return keep
+
+
+def keep_to_indices(keep: torch.Tensor, slots: int) -> torch.Tensor:
+    """Boolean keep-mask [B, Hkv, L] -> ascending int32 positions [B, Hkv, slots], -1 padded."""
+    length = keep.shape[-1]
+    positions = torch.arange(length, device=keep.device)
+    order = torch.where(keep, positions, positions + length)
+    if length < slots:
+        order = torch.nn.functional.pad(order, (0, slots - length), value=2 * length)
+    chosen = order.sort(dim=-1).values[..., :slots]
+    return torch.where(chosen < length, chosen, -1).to(torch.int32)
+
+
+def indices_to_keep(indices: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions ``[B, Hkv, S]`` (-1 padded) -> boolean keep-mask ``[B, Hkv, length]``."""
+    mask = torch.zeros(*indices.shape[:-1], length + 1, dtype=torch.bool, device=indices.device)
+    mask.scatter_(-1, torch.where(indices >= 0, indices, length).long(), True)
+    return mask[..., :-1]
