@@ -71,24 +71,14 @@ def rewrite_calls(
                 )
                 out = graph.call_function(torch.ops.prhs.attend.default, (q, k, v, idx, mask, float(scale)))
             selections[call.layer] = idx
-            out.meta.update({key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta})
-            node.replace_all_uses_with(out)
-            old_key, old_value = call.args["key"], call.args["value"]
-            graph.erase_node(node)
-            _erase_if_unused(graph, old_key)
-            _erase_if_unused(graph, old_value)
+            _replace_sdpa(graph, call, out)
         elif _windowed_prefill(plan):  # PrHS depth axis: prefill inside the recency window
             with graph.inserting_before(node):
                 out = graph.call_function(
                     torch.ops.prhs.window_prefill.default,
                     (q, k, v, mask, bool(call.args["is_causal"]), float(scale), plan_text, state_nodes),
                 )
-            out.meta.update({key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta})
-            node.replace_all_uses_with(out)
-            old_key, old_value = call.args["key"], call.args["value"]
-            graph.erase_node(node)
-            _erase_if_unused(graph, old_key)
-            _erase_if_unused(graph, old_value)
+            _replace_sdpa(graph, call, out)
         else:  # prefill: keep dense attention, reset the selection state
             with graph.inserting_after(node):
                 graph.call_function(
@@ -97,6 +87,16 @@ def rewrite_calls(
                 )
     graph.lint()
     gm.recompile()
+
+
+def _replace_sdpa(graph: fx.Graph, call: AttentionCall, out: fx.Node) -> None:
+    """Route the SDPA node's users to ``out``, then drop it and the repeat_kv it read."""
+    node = call.node
+    out.meta.update({key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta})
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    _erase_if_unused(graph, call.args["key"])
+    _erase_if_unused(graph, call.args["value"])
 
 
 def _windowed_prefill(plan) -> bool:

@@ -181,12 +181,7 @@ def load_share_map(value) -> ShareMap:
         return ShareMap({})
     num_layers = kv_heads = None
     if isinstance(value, (str, os.PathLike)):
-        path = os.fspath(value)
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"prhs option layer_share={path!r}: cannot read a JSON sharing map ({err})") from None
+        data = _read_json("layer_share", value, "a JSON sharing map")
         if isinstance(data, dict) and "share" in data:
             num_layers, kv_heads = data.get("num_layers"), data.get("num_kv_heads")
             value = data["share"]
@@ -214,16 +209,11 @@ def load_head_budgets(value, budget: int) -> dict[int, tuple[int, ...]]:
     if value is None:
         return {}
     if isinstance(value, (str, os.PathLike)):
-        path = os.fspath(value)
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"prhs option head_budgets={path!r}: cannot read an LU-KV table ({err})") from None
+        data = _read_json("head_budgets", value, "an LU-KV table")
         tables = data.get("table", {}) if isinstance(data, dict) else {}
         if str(budget) not in tables:
             raise ValueError(
-                f"prhs option head_budgets={path!r} has no allocation for budget={budget}; "
+                f"prhs option head_budgets={os.fspath(value)!r} has no allocation for budget={budget}; "
                 f"its mean budgets are {sorted(int(b) for b in tables)}"
             )
         value = tables[str(budget)]
@@ -235,6 +225,15 @@ def load_head_budgets(value, budget: int) -> dict[int, tuple[int, ...]]:
             _bad("head_budgets", {layer: per_head}, "a non-empty list of positive integer budgets per layer")
         budgets[int(layer)] = tuple(per_head)
     return budgets
+
+
+def _read_json(option: str, path, what: str):
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"prhs option {option}={path!r}: cannot read {what} ({err})") from None
 
 
 def _bad(name, value, allowed):
