@@ -8,10 +8,10 @@ from .bounds import reuse_bound
 from .selection import (
     SelectionRule,
     dilate_and_pick,
-    indices_to_keep,
     keep_to_indices,
     retrieval_region,
     smallest_sufficient,
+    stored_and_windows,
 )
 
 
@@ -30,11 +30,6 @@ class PrHSRule(SelectionRule):
     """
 
     name = "prhs"
-
-    def validate(self, plan):
-        if plan.middle <= 0:
-            return f"sink + local = {plan.sink + plan.local} leaves no room for retrieved positions in budget={plan.budget}"
-        return None
 
     def state_spec(self, plan, batch, q_heads, kv_heads, head_dim):
         return {
@@ -87,6 +82,4 @@ class PrHSRule(SelectionRule):
         key_norm.copy_(torch.where(retrieve, fresh_norm, key_norm))
         age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
 
-        stored = indices_to_keep(kept, view.kv_len)
-        keep = stored & view.valid[:, None, :] | windows[:, None, :]
-        return keep, retrieve
+        return stored_and_windows(kept, plan, view), retrieve

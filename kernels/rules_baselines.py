@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .rules_basic import OracleRule
-from .selection import SelectionRule, dilate_and_pick, indices_to_keep, keep_to_indices
+from .selection import SelectionRule, dilate_and_pick, keep_to_indices, stored_and_windows
 
 
 class OneShotRule(SelectionRule):
@@ -13,9 +13,6 @@ class OneShotRule(SelectionRule):
     window; the selection is never recomputed (SAGE-KV, SnapKV). A row that reaches decode
     without a selection of its own sequence (no prefill seen, reordered beams) makes one from
     its first decode query."""
-
-    def validate(self, plan):
-        return None if plan.middle > 0 else f"sink + local leaves no room for selected positions in budget={plan.budget}"
 
     def state_spec(self, plan, batch, q_heads, kv_heads, head_dim):
         return {
@@ -42,8 +39,7 @@ class OneShotRule(SelectionRule):
         fresh = dilate_and_pick(view.group_mass(), view.valid & ~view.windows(plan), plan, dilate=False)
         kept.copy_(torch.where(retrieve[..., None], keep_to_indices(fresh, plan.middle), kept))
         ready.copy_(torch.where(retrieve, 1, ready).to(ready.dtype))
-        stored = indices_to_keep(kept, view.kv_len)
-        return stored & view.valid[:, None, :] | view.windows(plan)[:, None, :], retrieve
+        return stored_and_windows(kept, plan, view), retrieve
 
 
 class SageKVRule(OneShotRule):
@@ -97,9 +93,6 @@ class H2ORule(SelectionRule):
     name = "h2o"
     needs_static_length = True
 
-    def validate(self, plan):
-        return None if plan.middle > 0 else f"sink + local leaves no room for heavy hitters in budget={plan.budget}"
-
     def state_spec(self, plan, batch, q_heads, kv_heads, head_dim):
         return {"score": ((batch, kv_heads, max(plan.kv_len, 1)), torch.float32, 0.0)}
 
@@ -134,9 +127,6 @@ class HShareRule(SelectionRule):
     name = "hshare"
     LABEL_FRACTION = 8
     HEAD_SHARE_OVERLAP = 0.8
-
-    def validate(self, plan):
-        return None if plan.middle > 0 else f"sink + local leaves no room for selected positions in budget={plan.budget}"
 
     def state_spec(self, plan, batch, q_heads, kv_heads, head_dim):
         labels = max(1, head_dim // self.LABEL_FRACTION)
@@ -191,9 +181,8 @@ class HShareRule(SelectionRule):
         fresh = fresh.gather(1, anchor[..., None].expand(-1, -1, fresh.shape[-1]))  # shared heads copy
         kept.copy_(torch.where(retrieve[..., None], fresh, kept))
         age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
-        stored = indices_to_keep(kept, view.kv_len)
         own_retrieval = retrieve & (anchor == own)  # a head copying another reads no keys
-        return stored & view.valid[:, None, :] | view.windows(plan)[:, None, :], own_retrieval
+        return stored_and_windows(kept, plan, view), own_retrieval
 
 
 class QuestRule(SelectionRule):

@@ -19,6 +19,7 @@ class StreamingRule(SelectionRule):
     """StreamingLLM: the first ``sink`` positions plus the most recent ``budget - sink``."""
 
     name = "streaming"
+    retrieves = False
 
     def choose(self, plan, view, state):
         recent = view.rank >= (view.count[:, None] - (plan.budget - plan.sink))
@@ -33,14 +34,6 @@ class OracleRule(SelectionRule):
     """
 
     name = "oracle"
-
-    def validate(self, plan):
-        if plan.sink + plan.local >= plan.budget:
-            return (
-                f"sink + local = {plan.sink + plan.local} leaves no room for retrieved "
-                f"positions in budget={plan.budget}"
-            )
-        return None
 
     def choose(self, plan, view, state):
         base = view.windows(plan)  # [B, L] sinks and local window

@@ -226,8 +226,12 @@ def _verify_record(plan, view, keep, retrieved, v) -> dict:
 
 
 def prefill_reference(q, k, mask, is_causal: bool, scale: float, plan: SelectPlan, state):
-    """A new sequence starts: remember where it ends, let the rule forget the old one."""
-    view = StepView(q, k, mask, scale, is_causal)
+    """A new sequence starts: remember where it ends, let the rule forget the old one.
+
+    Only the last query row matters here (it sees every position the sequence holds), so the
+    view covers that row: O(L) work, not the O(Tq * L) of the prefill's full mask.
+    """
+    view = tail_view(q, k, mask, scale, is_causal, 1)
     st = _state_dict(plan, state, q, k)
     batch = view.batch
     st["pos"][:batch].copy_(view.newest)

@@ -45,8 +45,16 @@ class SelectionRule:
         """A reason this rule leaves the layer dense (checked when the graph is rewritten)."""
         return None
 
+    #: False for rules that keep only sinks and windows (they need no room to retrieve).
+    retrieves: bool = True
+
     def validate(self, plan: SelectPlan) -> str | None:
         """A reason why ``plan`` cannot work with this rule, or None."""
+        if self.retrieves and not self.all_positions and plan.middle <= 0:
+            return (
+                f"sink + local = {plan.sink + plan.local} leaves no room for retrieved "
+                f"positions in budget={plan.budget}"
+            )
         return None
 
 
@@ -120,6 +128,12 @@ def keep_to_indices(keep: torch.Tensor, slots: int) -> torch.Tensor:
         order = torch.nn.functional.pad(order, (0, slots - length), value=2 * length)
     chosen = order.sort(dim=-1).values[..., :slots]
     return torch.where(chosen < length, chosen, -1).to(torch.int32)
+
+
+def stored_and_windows(kept: torch.Tensor, plan: SelectPlan, view) -> torch.Tensor:
+    """Keep-mask of a stored selection (still valid positions) plus this step's sinks and
+    local window, which always slide with the sequence."""
+    return indices_to_keep(kept, view.kv_len) & view.valid[:, None, :] | view.windows(plan)[:, None, :]
 
 
 def indices_to_keep(indices: torch.Tensor, length: int) -> torch.Tensor:
