@@ -25,7 +25,7 @@ import torch
 from .attend_reference import attend_reference
 from .plan import decode_plan
 from .rules import get_rule
-from .select_reference import prefill_reference, select_reference, window_prefill_reference
+from .select_reference import _state_dict, prefill_reference, select_reference, window_prefill_reference
 
 
 @torch.library.custom_op("prhs::select", mutates_args=("state",))
@@ -103,6 +103,16 @@ def window_prefill(
 @window_prefill.register_fake
 def _window_prefill_fake(q, k, v, mask, is_causal, scale, plan, state):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@select.register_kernel("cuda")
+def _select_cuda(q, k, v, mask, scale, plan, state, shared=None):
+    from .select_step_triton import select_step_triton, supports  # Triton only when a GPU runs it
+
+    p = decode_plan(plan)
+    if supports(p, q, k):
+        return select_step_triton(q, k, mask, scale, p, _state_dict(p, state, q, k), shared)
+    return select_reference(q, k, v, mask, scale, p, state, shared)
 
 
 @attend.register_kernel("cuda")

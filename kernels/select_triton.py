@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -196,11 +197,19 @@ def _position_of_rank(MASK, b, r, cnt, cum, offs_c, c_ok, L, Tq,
 
 
 @triton.jit
+def _psaw_excluded(count, sink, local, psaw_frac):
+    """P_l(count): the oldest non-sink positions outside the layer's recency window (as
+    ``SelectPlan.psaw_excluded``: fp32 product, floored), never eating into the local window."""
+    excluded = tl.floor(psaw_frac * count.to(tl.float32)).to(tl.int32)
+    return tl.minimum(excluded, tl.maximum(count - sink - local, 0))
+
+
+@triton.jit
 def _bounds_kernel(
-    MASK, STATS, BOUNDS, Tq, L, C, sink, local, budget, min_context,
+    MASK, STATS, BOUNDS, Tq, L, C, sink, local, budget, min_context, psaw_frac,
     stride_mb, stride_mt, stride_ml, mask_min,
     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-    C_P2: tl.constexpr,
+    C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     # Runtime ints equal to 1 arrive as constexprs: make them tensors for tl.where.
@@ -212,6 +221,10 @@ def _bounds_kernel(
         hi = count
         sink_end = tl.minimum(count, sink)
         local_start = tl.where(local == 0, L, tl.maximum(count - local, 0))
+        if HAS_PSAW:
+            mid_start = sink + _psaw_excluded(count, sink, local, psaw_frac)
+        else:
+            mid_start = tl.full([], 0, tl.int32)
     else:
         offs_c = tl.arange(0, C_P2)
         c_ok = offs_c < C
@@ -235,6 +248,16 @@ def _bounds_kernel(
                                     stride_mb, stride_mt, stride_ml, mask_min,
                                     MASK_KIND, TQ_P2, CHUNK, SUB)
         local_start = tl.where(local == 0, L, tl.where(count - local <= 0, 0, p_local))
+        if HAS_PSAW:
+            # The middle starts at the valid position of rank sink + P_l(count).
+            r_mid = sink + _psaw_excluded(count, sink, local, psaw_frac)
+            p_mid = _position_of_rank(MASK, b, tl.minimum(r_mid, tl.maximum(count - 1, 0)),
+                                      cnt, cum, offs_c, c_ok, L, Tq,
+                                      stride_mb, stride_mt, stride_ml, mask_min,
+                                      MASK_KIND, TQ_P2, CHUNK, SUB)
+            mid_start = tl.where(r_mid >= count, L, p_mid)
+        else:
+            mid_start = tl.full([], 0, tl.int32)
     fits = (count <= budget) | (count < min_context)
     out = BOUNDS + b * 8
     tl.store(out + 0, lo)
@@ -243,7 +266,7 @@ def _bounds_kernel(
     tl.store(out + 3, sink_end)
     tl.store(out + 4, local_start)
     tl.store(out + 5, fits.to(tl.int32))
-    tl.store(out + 6, tl.full([], 0, tl.int32))
+    tl.store(out + 6, mid_start.to(tl.int32))
     tl.store(out + 7, tl.full([], 0, tl.int32))
 
 
@@ -287,7 +310,7 @@ def _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale
 
 @triton.jit
 def _lse_kernel(
-    Q, K, MASK, BOUNDS, LSE_PART,
+    Q, K, MASK, BOUNDS, LSE_PART, ACTIVE, NORM_PART,
     qk_scale_log2, mask_min,
     Hkv, G, Tq, num_splits,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -295,6 +318,7 @@ def _lse_kernel(
     stride_mb, stride_mt, stride_ml,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     M_PAD: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, WANT_NORM: tl.constexpr, TQ_P2: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -308,6 +332,8 @@ def _lse_kernel(
     hi = tl.load(bnd + 1)
     fits = tl.load(bnd + 5)
     hi = tl.where(fits != 0, lo, hi)  # rows that fit the budget are not scored
+    if HAS_ACTIVE:  # (row, KV head) slots that reuse a selection read no K at all
+        hi = tl.where(tl.load(ACTIVE + pid_bh) != 0, hi, lo)
     start, end = _split_range(lo, hi, split, num_splits, BLOCK_N)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -320,6 +346,7 @@ def _lse_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    norm_sq = tl.zeros([BLOCK_N], tl.float32)  # largest squared key norm seen, per lane
     for s0 in range(start, end, BLOCK_N):
         pos = s0 + tl.arange(0, BLOCK_N)
         col_ok = pos < end
@@ -330,14 +357,24 @@ def _lse_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m_i = m_new
+        if WANT_NORM:  # the K tile is in L1/L2 already: its norms cost no extra HBM bytes
+            kt = tl.load(k_base + pos[:, None].to(tl.int64) * stride_kl
+                         + offs_d[None, :] * stride_kd,
+                         mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            valid = _valid_positions(MASK, b, pos, col_ok, Tq, stride_mb, stride_mt,
+                                     stride_ml, mask_min, MASK_KIND, TQ_P2)
+            norm_sq = tl.maximum(norm_sq, tl.where(valid, tl.sum(kt * kt, 1), 0.0))
     lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
     row = pid_bh.to(tl.int64) * M_PAD + offs_m
     tl.store(LSE_PART + row * num_splits + split, lse)
+    if WANT_NORM:
+        if pid_m == 0:
+            tl.store(NORM_PART + pid_bh.to(tl.int64) * num_splits + split, tl.max(norm_sq, 0))
 
 
 @triton.jit
 def _mass_kernel(
-    Q, K, MASK, BOUNDS, LSE_PART, MASS,
+    Q, K, MASK, BOUNDS, LSE_PART, MASS, ACTIVE, WMASS,
     qk_scale_log2, mask_min,
     B, Hkv, G, Tq, L, num_splits,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -346,6 +383,7 @@ def _mass_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     M_PAD: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
     TQ_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, WANT_WINDOW_MASS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -355,14 +393,12 @@ def _mass_kernel(
     M = G * Tq
 
     bnd = BOUNDS + b * 8
-    lo = tl.load(bnd + 0)
-    hi = tl.load(bnd + 1)
-    sink_end = tl.load(bnd + 3)
-    local_start = tl.load(bnd + 4)
-    fits = tl.load(bnd + 5)
-    mid_lo = tl.maximum(lo, sink_end)
-    mid_hi = tl.minimum(hi, local_start)
-    mid_hi = tl.where(fits != 0, mid_lo, tl.maximum(mid_hi, mid_lo))
+    mid_lo, mid_hi = _middle_range(bnd)
+    fill_end = L
+    if HAS_ACTIVE:  # inactive slots neither read K nor write: their mass is never looked at
+        active = tl.load(ACTIVE + pid_bh) != 0
+        mid_hi = tl.where(active, mid_hi, mid_lo)
+        fill_end = tl.where(active, L, 0)
     start, end = _split_range(mid_lo, mid_hi, split, num_splits, BLOCK_N)
 
     # Each row's log-sum-exp over the whole valid region, from pass 1's per-split partials.
@@ -408,9 +444,38 @@ def _mass_kernel(
                                  mask_min, MASK_KIND, TQ_P2)
         tl.store(mass_row + pos, tl.where(valid, mass, float("-inf")), mask=col_ok)
 
+    if WANT_WINDOW_MASS:
+        # The mass the sinks and the local window hold (what a selection retains besides its
+        # picks): split 0 scores those few positions, [lo, sink_end) and [local_start, hi).
+        lo = tl.load(bnd + 0)
+        hi = tl.load(bnd + 1)
+        w_on = (split == 0) & (tl.load(bnd + 5) == 0)
+        if HAS_ACTIVE:
+            w_on = w_on & active
+        sink_hi = tl.where(w_on, tl.minimum(tl.load(bnd + 3), hi), lo)
+        loc_lo = tl.maximum(tl.load(bnd + 4), lo)
+        loc_hi = tl.where(w_on, hi, loc_lo)
+        w_acc = tl.zeros([BLOCK_N], tl.float32)
+        for s0 in range(lo, sink_hi, BLOCK_N):
+            pos = s0 + tl.arange(0, BLOCK_N)
+            col_ok = pos < sink_hi
+            s = _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
+                        qk_scale_log2, DOT_F32)
+            s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
+            w_acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
+        for s0 in range(loc_lo, loc_hi, BLOCK_N):
+            pos = s0 + tl.arange(0, BLOCK_N)
+            col_ok = pos < loc_hi
+            s = _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
+                        qk_scale_log2, DOT_F32)
+            s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
+            w_acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
+        if split == 0:
+            tl.store(WMASS + pid_m * B * Hkv + pid_bh, tl.sum(w_acc, 0))
+
     # -inf everywhere outside the scored middle (sinks, local window, unfilled cache, whole
     # rows that fit): pure stores, this split's share of [0, L).
-    w_start, w_end = _split_range(tl.full([], 0, tl.int32), tl.full([], 0, tl.int32) + L,
+    w_start, w_end = _split_range(tl.full([], 0, tl.int32), tl.full([], 0, tl.int32) + fill_end,
                                   split, num_splits, BLOCK_W)
     for s0 in range(w_start, w_end, BLOCK_W):
         pos = s0 + tl.arange(0, BLOCK_W)
@@ -441,13 +506,14 @@ def _write_valid_run(OUT_ROW, MASK, b, lo, hi, base, slots, Tq,
 
 @triton.jit
 def _middle_range(bnd):
-    """[mid_lo, mid_hi): the positions a retrieval scores (empty for rows that fit)."""
+    """[mid_lo, mid_hi): the positions a retrieval scores (empty for rows that fit): after
+    the sinks and the part the recency window (PSAW) leaves out, before the local window."""
     lo = tl.load(bnd + 0)
     hi = tl.load(bnd + 1)
     sink_end = tl.load(bnd + 3)
     local_start = tl.load(bnd + 4)
     fits = tl.load(bnd + 5)
-    mid_lo = tl.maximum(lo, sink_end)
+    mid_lo = tl.maximum(tl.maximum(lo, sink_end), tl.load(bnd + 6))
     mid_hi = tl.where(fits != 0, mid_lo, tl.maximum(tl.minimum(hi, local_start), mid_lo))
     return mid_lo, mid_hi
 
@@ -598,8 +664,10 @@ def _check_inputs(q, k):
         raise TypeError(f"q/k must share one of fp16/bf16/fp32, got {q.dtype}/{k.dtype}")
 
 
-def _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context, device):
-    """int32 [B, 8]: lo, hi, count, sink_end, local_start, fits (see module docstring)."""
+def _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context, device,
+            psaw_frac=-1.0):
+    """int32 [B, 8]: lo, hi, count, sink_end, local_start, fits, middle start (the position
+    of rank ``sink + P_l(count)`` when ``psaw_frac >= 0``, else 0), unused."""
     bounds = torch.empty((B, 8), dtype=torch.int32, device=device)
     tq_p2 = triton.next_power_of_2(max(Tq, 1))
     sub = min(_CHUNK, max(16, 8192 // tq_p2))
@@ -613,16 +681,34 @@ def _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_conte
             MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub, num_warps=4,
         )
     _bounds_kernel[(B,)](
-        mask_t, stats, bounds, Tq, L, C, sink, local, budget, min_context, *ms, mask_min,
-        MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub,
-        C_P2=triton.next_power_of_2(C), num_warps=4,
+        mask_t, stats, bounds, Tq, L, C, sink, local, budget, min_context, float(psaw_frac),
+        *ms, mask_min, MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub,
+        C_P2=triton.next_power_of_2(C), HAS_PSAW=psaw_frac >= 0, num_warps=4,
     )
     return bounds
 
 
+class Retrieval(NamedTuple):
+    """What the two K passes produce (see ``_group_mass``)."""
+
+    mass: torch.Tensor  # fp32 [B, Hkv, L]: group mass in the middle, -inf elsewhere
+    bounds: torch.Tensor  # int32 [B, 8]
+    operand: tuple  # the mask operand (tensor, kind, strides, mask_min)
+    key_norm: Optional[torch.Tensor]  # fp32 [B, Hkv]: largest ||k|| over the valid positions
+    window_mass: Optional[torch.Tensor]  # fp32 [B, Hkv]: group mass of sinks + local window
+
+
 def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_splits=None,
-                block_n=None):
-    """(mass [B, Hkv, L] fp32, bounds [B, 8], mask operand): the retrieval's two K passes."""
+                block_n=None, psaw_frac=-1.0, bounds=None, active=None, want_norm=False,
+                want_window_mass=False) -> Retrieval:
+    """The retrieval's two K passes.
+
+    ``active`` (bool/int ``[B, Hkv]``, optional): only these (row, KV head) slots are scored;
+    the others read no K and their rows of ``mass``, ``key_norm`` and ``window_mass`` are
+    left undefined (callers select them away). ``want_norm`` / ``want_window_mass`` add the
+    largest key norm over the valid positions and the mass of the sink + local windows.
+    ``bounds`` may be passed in when the caller computed them already (same arguments).
+    """
     _check_inputs(q, k)
     B, Hq, Tq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
@@ -632,10 +718,12 @@ def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_spli
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     mask_t, kind, ms, mask_min = _mask_operand(mask, B, Tq, L)
-    bounds = _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context,
-                     device)
+    if bounds is None:
+        bounds = _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget,
+                         min_context, device, psaw_frac)
     if mask_t is None:
         mask_t = q  # unused placeholder pointer
+    active_t = bounds if active is None else active.reshape(B * Hkv).to(torch.int32)
 
     block_n = block_n or CONFIG["block_n"]
     BLOCK_M = min(64, max(16, triton.next_power_of_2(M)))
@@ -657,27 +745,36 @@ def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_spli
                   num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
     qk_scale_log2 = float(scale) * _LOG2E
     grid = (B * Hkv, num_splits, m_blocks)
+    norm_part = (torch.empty((B * Hkv, num_splits), dtype=torch.float32, device=device)
+                 if want_norm else lse_part)
+    window_mass = (torch.empty((m_blocks, B, Hkv), dtype=torch.float32, device=device)
+                   if want_window_mass else lse_part)
     _lse_kernel[grid](
-        q, k, mask_t, bounds, lse_part, qk_scale_log2, mask_min,
-        Hkv, G, Tq, num_splits, *q.stride(), *k.stride(), *ms, **common,
+        q, k, mask_t, bounds, lse_part, active_t, norm_part, qk_scale_log2, mask_min,
+        Hkv, G, Tq, num_splits, *q.stride(), *k.stride(), *ms,
+        HAS_ACTIVE=active is not None, WANT_NORM=want_norm, TQ_P2=tq_p2, **common,
     )
     _mass_kernel[grid](
-        q, k, mask_t, bounds, lse_part, mass, qk_scale_log2, mask_min,
+        q, k, mask_t, bounds, lse_part, mass, active_t, window_mass, qk_scale_log2, mask_min,
         B, Hkv, G, Tq, L, num_splits, *q.stride(), *k.stride(), *ms,
-        TQ_P2=tq_p2, SPLIT_CHUNK=_SPLIT_CHUNK, BLOCK_W=_BLOCK_W, **common,
+        TQ_P2=tq_p2, SPLIT_CHUNK=_SPLIT_CHUNK, BLOCK_W=_BLOCK_W,
+        HAS_ACTIVE=active is not None, WANT_WINDOW_MASS=want_window_mass, **common,
     )
     # M > 64 query rows per group (e.g. G=8 with Tq=16): partial masses per row tile.
     mass = mass[0] if m_blocks == 1 else mass.sum(0)
-    return mass, bounds, (mask_t, kind, ms, mask_min)
+    key_norm = norm_part.amax(-1).sqrt().view(B, Hkv) if want_norm else None
+    if want_window_mass:
+        window_mass = window_mass[0] if m_blocks == 1 else window_mass.sum(0)
+    return Retrieval(mass, bounds, (mask_t, kind, ms, mask_min), key_norm,
+                     window_mass if want_window_mass else None)
 
 
 def oracle_group_mass_triton(q, k, mask=None, scale=None, *, num_splits=None, block_n=None):
     """The score part alone: fp32 ``[B, Hkv, L]`` group mass at the valid positions (softmax
     of ``q . k * scale + bias`` over each query row's allowed positions, summed over the
     group's query heads and rows), ``-inf`` at positions no query row may attend to."""
-    mass, _, _ = _group_mass(q, k, mask, scale, 0, 0, -1, 0, num_splits=num_splits,
-                             block_n=block_n)
-    return mass
+    return _group_mass(q, k, mask, scale, 0, 0, -1, 0, num_splits=num_splits,
+                       block_n=block_n).mass
 
 
 def select_bounds(q, k, mask, budget=-1, sink=0, local=0, min_context=0) -> torch.Tensor:
@@ -691,7 +788,7 @@ def select_bounds(q, k, mask, budget=-1, sink=0, local=0, min_context=0) -> torc
 
 
 def oracle_select_triton(q, k, mask, scale, budget, sink=0, local=0, min_context=0, *,
-                         num_splits=None, block_n=None) -> torch.Tensor:
+                         num_splits=None, block_n=None, bounds=None) -> torch.Tensor:
     """Positions of the oracle selection, int32 ``[B, Hkv, max(budget, min_context)]``.
 
     q: [B, Hq, Tq, D]; k: [B, Hkv, L, D] (any strides, e.g. a view of a static cache);
@@ -713,9 +810,9 @@ def oracle_select_triton(q, k, mask, scale, budget, sink=0, local=0, min_context
     if B == 0 or L == 0 or q.shape[2] == 0:
         return torch.full((B, Hkv, slots), -1, dtype=torch.int32, device=q.device)
 
-    mass, bounds, (mask_t, kind, ms, mask_min) = _group_mass(
+    mass, bounds, (mask_t, kind, ms, mask_min), _, _ = _group_mass(
         q, k, mask, scale, sink, local, budget, min_context, num_splits=num_splits,
-        block_n=block_n)
+        block_n=block_n, bounds=bounds)
     kk = min(budget - sink - local, L)
     # First version: a full-width top-k over the fp32 group mass gives the cut-off (the kk-th
     # largest mass of each row); see the module docstring.

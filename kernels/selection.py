@@ -72,34 +72,58 @@ def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan, 
     """Top positions by group mass, each of the best ``m`` pulling in its +-r neighbours.
 
     ``mass`` [B, Hkv, L], ``region`` [B, L]. Returns a keep-mask [B, Hkv, L] of at most
-    ``plan.middle`` positions: first the top ``m`` and their neighbours, then the next best.
-    With ``dilate=False``, ``dilation_m == 0`` or ``dilation_r == 0`` this is exactly the top-k.
+    ``plan.middle`` positions: first the top ``m`` and their neighbours (best first, should
+    they not all fit), then the next best. With ``dilate=False``, ``dilation_m == 0`` or
+    ``dilation_r == 0`` this is exactly the top-k.
     """
     length = mass.shape[-1]
     k = min(plan.middle, length)
     score = mass.masked_fill(~region[:, None, :], float("-inf"))
     radius = plan.dilation_r
     m = plan.dilation_m if plan.dilation_m >= 0 else k // (2 * radius + 1)
-    priority = score
-    if dilate and m > 0 and radius > 0:
-        cores = score.topk(min(m, length), dim=-1)
-        offsets = torch.arange(-radius, radius + 1, device=mass.device)
-        neighbours = (cores.indices[..., None] + offsets).clamp(0, length - 1).flatten(-2)
-        core_ok = (cores.values > float("-inf"))[..., None].expand(-1, -1, -1, offsets.numel()).flatten(-2)
-        dilated = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, neighbours, core_ok)
-        # Dilated positions first (mass is a probability sum, so +1e6 puts them ahead).
-        priority = torch.where(dilated & region[:, None, :], score + 1e6, score)
-    top = priority.topk(k, dim=-1)
-    take = (top.values > float("-inf")) & within_head_budget(plan, k, mass.device)
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, take)
+    caps = head_caps(plan, k, mass.device)
+    if not (dilate and m > 0 and radius > 0):
+        top = score.topk(k, dim=-1)
+        rank = torch.arange(k, device=mass.device)
+        return _scatter_keep(top.indices, (top.values > float("-inf")) & (rank < caps), length)
+    cores = score.topk(min(m, length), dim=-1)
+    offsets = torch.arange(-radius, radius + 1, device=mass.device)
+    neighbours = (cores.indices[..., None] + offsets).clamp(0, length - 1).flatten(-2)
+    core_ok = (cores.values > float("-inf"))[..., None].expand(-1, -1, -1, offsets.numel()).flatten(-2)
+    dilated = _scatter_keep(neighbours, core_ok, length) & region[:, None, :]
+    # Two rankings rather than one shifted score (score + constant would round masses
+    # together): the neighbours first, best first, then the best of the others.
+    lead = score.masked_fill(~dilated, float("-inf")).topk(k, dim=-1)
+    rest = score.masked_fill(dilated, float("-inf")).topk(k, dim=-1)
+    n_lead = (lead.values > float("-inf")).sum(-1, keepdim=True)
+    rank = torch.cat([torch.arange(k, device=mass.device).expand_as(lead.indices),
+                      n_lead + torch.arange(k, device=mass.device)], -1)
+    values = torch.cat([lead.values, rest.values], -1)
+    take = (values > float("-inf")) & (rank < caps)
+    return _scatter_keep(torch.cat([lead.indices, rest.indices], -1), take, length)
+
+
+def _scatter_keep(indices: torch.Tensor, take: torch.Tensor, length: int) -> torch.Tensor:
+    """Keep-mask ``[..., length]`` of ``indices`` where ``take``. Entries not taken point at a
+    spare column, so they never clear a position another entry set (scatter order is
+    unspecified)."""
+    keep = torch.zeros(*indices.shape[:-1], length + 1, dtype=torch.bool, device=indices.device)
+    return keep.scatter_(-1, torch.where(take, indices, length), True)[..., :length]
+
+
+def head_caps(plan: SelectPlan, k: int, device) -> torch.Tensor:
+    """``[1, Hkv, 1]`` (or ``[1, 1, 1]``): how many of its ranked picks each KV head may keep
+    (LU-KV per-head budgets), at most ``k``."""
+    caps = plan.head_middles(device)
+    if caps is None:
+        return torch.full((1, 1, 1), k, device=device)
+    return caps.clamp_max(k)[None, :, None]
 
 
 def within_head_budget(plan: SelectPlan, k: int, device) -> torch.Tensor:
     """``[1, Hkv, k]`` (or ``[1, 1, k]``): which of the k best picks each KV head may keep
     under its own budget (LU-KV per-head budgets); all of them without per-head budgets."""
-    caps = plan.head_middles(device)
-    rank = torch.arange(k, device=device)
-    return rank[None, None, :] < (caps[None, :, None] if caps is not None else k)
+    return torch.arange(k, device=device)[None, None, :] < head_caps(plan, k, device)
 
 
 def smallest_sufficient(mass: torch.Tensor, region: torch.Tensor, windows: torch.Tensor, rows: int, plan: SelectPlan):

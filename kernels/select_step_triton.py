@@ -1,0 +1,275 @@
+"""One decode step of ``prhs::select`` on the Triton path (what CUDA runs).
+
+``select_step_triton`` returns what ``select_reference`` returns and mutates the same state,
+for the plans it supports (``supports``): policies ``oracle`` and ``prhs`` (every selector:
+cosine or ``delta_target`` gate, dilation, PSAW recency window, cross-layer ``shared`` sets),
+without per-head budgets, verify mode or selection listeners; everything else falls back to
+the reference (which runs on the GPU too, only slower). Ties between equal masses may be
+broken differently.
+
+Why it is cheaper than the reference, per step of a ``[B, Hkv, L]`` cache:
+
+* the valid region and the windows come from the per-row bounds kernels (``[B, 8]``), not
+  from ``[B, Tq, L]`` biases and cumulative sums;
+* the cosine gate runs first (``[B, Hq, D]``), and the two K passes of
+  ``select_triton._group_mass`` score only the (row, KV head) slots that retrieve: the others
+  read no K, with no host synchronisation (a flag per slot, read by each program);
+* the key norms and the window mass the reuse bound needs come out of the same passes;
+* the top-k runs once over the fp32 mass (``torch.topk``, sorted), and dilation works on the
+  k candidates it returns (see ``_pick``), not on ``[B, Hkv, L]`` masks;
+* the output (sinks ++ stored picks ++ local window, ascending) is written by
+  ``_compose_kernel`` from the stored picks in ``O(slots)``, with no sort over L.
+
+What still costs ``O(L)`` on a step where no slot retrieves: the bounds kernels (they read
+the mask) and the top-k over the (undefined, discarded) mass of inactive slots. The top-k is
+the part to move into a gated kernel next (a radix select that skips inactive slots).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .bounds import reuse_bound
+from .plan import SelectPlan
+from .select_reference import CALLS, RESETS, RETRIEVALS, SLOTS, selection_listeners
+from .select_triton import (
+    _BLOCK_W,
+    _bounds,
+    _group_mass,
+    _mask_operand,
+    _valid_positions,
+    _write_valid_run,
+    oracle_select_triton,
+)
+
+__all__ = ["supports", "select_step_triton"]
+
+_SLOT_BLOCK = 1024  # stored picks handled per iteration of the compose kernel
+
+
+def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``select_step_triton`` implements this plan (else use the reference)."""
+    return (
+        plan.policy in ("oracle", "prhs")
+        and not plan.verify
+        and not plan.head_budgets
+        and not selection_listeners
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and q.dtype == k.dtype
+        and q.shape[-1] <= 256
+        and q.shape[2] >= 1
+        and k.shape[2] >= 1
+    )
+
+
+@triton.jit
+def _compose_kernel(
+    MASK, BOUNDS, KEPT, OUT, Hkv, Tq, middle, slots, sink, local,
+    stride_mb, stride_mt, stride_ml, mask_min,
+    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr,
+    SLOT_BLOCK: tl.constexpr,
+):
+    """Indices of one (row, KV head): sinks ++ stored picks still in the middle ++ local
+    window, ascending, -1 padded; a row that fits the budget keeps all its valid positions."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // Hkv).to(tl.int64)
+    bnd = BOUNDS + b * 8
+    lo = tl.load(bnd + 0)
+    hi = tl.load(bnd + 1)
+    count = tl.load(bnd + 2)
+    sink_end = tl.load(bnd + 3)
+    local_start = tl.load(bnd + 4)
+    fits = tl.load(bnd + 5) != 0
+    out_row = OUT + pid_bh.to(tl.int64) * slots
+    kept_row = KEPT + pid_bh.to(tl.int64) * middle
+    sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
+    local = tl.full([], 0, tl.int32) + local
+
+    # Picks stored at a retrieval stay while they lie between the sinks and the local window
+    # (the window slides over the newest of them) and are still valid positions.
+    n_kept = tl.full([], 0, tl.int32)
+    for s0 in range(0, middle, SLOT_BLOCK):
+        offs = s0 + tl.arange(0, SLOT_BLOCK)
+        p = tl.load(kept_row + offs, mask=offs < middle, other=-1)
+        inside = (p >= 0) & (p >= sink_end) & (p < local_start) & (p < hi)
+        inside = inside & _valid_positions(MASK, b, p, inside, Tq, stride_mb, stride_mt,
+                                           stride_ml, mask_min, MASK_KIND, TQ_P2)
+        inside = (inside & (tl.load(bnd + 5) == 0)) != 0  # as int1 (the interpreter needs it)
+        slot = sink + n_kept + tl.cumsum(inside.to(tl.int32), 0) - 1
+        tl.store(out_row + slot, p, mask=inside & (slot < slots))
+        n_kept += tl.sum(inside.to(tl.int32), 0)
+
+    n_local = tl.minimum(local, count)
+    total = tl.where(fits, count, tl.minimum(sink, count) + n_kept + n_local)
+    for s0 in range(0, slots, SLOT_BLOCK):
+        slot = s0 + tl.arange(0, SLOT_BLOCK)
+        tl.store(out_row + slot, tl.full([SLOT_BLOCK], -1, tl.int32),
+                 mask=(slot < slots) & (slot >= total))
+    a_end = tl.where(fits, hi, tl.maximum(tl.minimum(sink_end, hi), lo))
+    _write_valid_run(out_row, MASK, b, lo, a_end, 0, slots, Tq, stride_mb, stride_mt,
+                     stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
+    b_start = tl.maximum(tl.minimum(local_start, hi), lo)
+    b_end = tl.where(fits, b_start, hi)
+    _write_valid_run(out_row, MASK, b, b_start, b_end, sink + n_kept, slots, Tq, stride_mb,
+                     stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
+
+
+def _compose(operand, bounds, kept, plan: SelectPlan, batch: int, kv_heads: int, q_len: int):
+    mask_t, kind, ms, mask_min = operand
+    out = torch.empty((batch, kv_heads, plan.slots), dtype=torch.int32, device=kept.device)
+    _compose_kernel[(batch * kv_heads,)](
+        mask_t, bounds, kept, out, kv_heads, q_len, plan.middle, plan.slots, plan.sink,
+        plan.local, *ms, mask_min, MASK_KIND=kind, TQ_P2=triton.next_power_of_2(q_len),
+        BLOCK_W=_BLOCK_W, SLOT_BLOCK=_SLOT_BLOCK, num_warps=4,
+    )
+    return out
+
+
+def _psaw_fraction(plan: SelectPlan) -> float:
+    """The factor of ``SelectPlan.psaw_excluded`` (-1: this layer has no recency window)."""
+    if plan.psaw_start < 0 or plan.layer < plan.psaw_start or plan.num_layers <= plan.psaw_start:
+        return -1.0
+    depth = (plan.layer - plan.psaw_start) / (plan.num_layers - plan.psaw_start)
+    return 1.0 - plan.psaw_phi ** (plan.psaw_alpha * depth)
+
+
+def _pick(mass: torch.Tensor, window_mass: torch.Tensor, plan: SelectPlan, rows: int):
+    """This retrieval's picks from the middle's group mass: ascending int32 positions
+    ``[B, Hkv, middle]`` (-1 padded), and the mass they retain (windows included).
+
+    Same choice as ``selection.dilate_and_pick`` / ``smallest_sufficient``. Dilation puts the
+    +-r neighbours of the best ``m`` positions ahead of everything else, then fills up by
+    mass; those neighbours number at most ``m * (2r + 1)``, and the best non-neighbours are
+    among the plain top-k, so ranking the union of the two short lists is the same as
+    ranking all of L.
+    """
+    length = mass.shape[-1]
+    k = min(plan.middle, length)
+    top = mass.topk(k, dim=-1, sorted=True)  # best first; -inf outside the middle
+    if plan.delta_target > 0:
+        share = top.values / rows
+        gained = window_mass[..., None] / rows + share.clamp_min(0).cumsum(-1)
+        need = (gained < 1.0 - plan.delta_target).sum(-1, keepdim=True) + 1
+        take = (torch.arange(k, device=mass.device) < need) & (top.values > float("-inf"))
+        cand, cand_score = top.indices, top.values
+    else:
+        radius = plan.dilation_r
+        m = plan.dilation_m if plan.dilation_m >= 0 else k // (2 * radius + 1)
+        m = min(m, length)
+        if m > 0 and radius > 0:
+            cores = top if m <= k else mass.topk(m, dim=-1, sorted=True)
+            core_idx, core_ok = cores.indices[..., :m], cores.values[..., :m] > float("-inf")
+            offsets = torch.arange(-radius, radius + 1, device=mass.device)
+            near = (core_idx[..., None] + offsets).clamp(0, length - 1).flatten(-2)
+            near_ok = core_ok.repeat_interleave(offsets.numel(), -1)
+            near_ok = near_ok & (mass.gather(-1, near) > float("-inf"))  # inside the middle
+            # One entry per position: sort, drop repeats (and the not-ok ones).
+            near_key = torch.where(near_ok, near, length + near).sort(-1).values
+            first = torch.ones_like(near_key, dtype=torch.bool)
+            first[..., 1:] = near_key[..., 1:] != near_key[..., :-1]
+            near_ok = first & (near_key < length)
+            near = near_key.clamp_max(length - 1)
+            # The neighbours first, best first...
+            lead = mass.gather(-1, near).masked_fill(~near_ok, float("-inf"))
+            lead = lead.topk(min(k, lead.shape[-1]), dim=-1, sorted=True)
+            lead_ok = lead.values > float("-inf")
+            n_lead = lead_ok.sum(-1, keepdim=True)
+            # ...then the best of the others, in top-k order.
+            is_near = torch.searchsorted(near_key, top.indices.to(near_key.dtype))
+            is_near = near_key.gather(-1, is_near.clamp_max(near_key.shape[-1] - 1)) == top.indices
+            rest_ok = ~is_near & (top.values > float("-inf"))
+            rest_rank = n_lead + rest_ok.cumsum(-1) - 1
+            cand = torch.cat([near.gather(-1, lead.indices), top.indices], -1)
+            cand_score = torch.cat([lead.values, top.values], -1)
+            take = torch.cat([lead_ok, rest_ok & (rest_rank < k)], -1)
+        else:
+            cand, cand_score = top.indices, top.values
+            take = top.values > float("-inf")
+    retained = (window_mass + torch.where(take, cand_score, 0.0).sum(-1)) / rows
+    order = torch.where(take, cand, length + cand).sort(-1).values[..., : plan.middle]
+    picks = torch.where(order < length, order, -1).to(torch.int32)
+    if picks.shape[-1] < plan.middle:
+        picks = torch.nn.functional.pad(picks, (0, plan.middle - picks.shape[-1]), value=-1)
+    return picks, retained
+
+
+def _key_at(k: torch.Tensor, pos: torch.Tensor, heads: int) -> torch.Tensor:
+    """``k[b, :heads, pos[b]]`` as fp32 ``[B, heads, D]`` (positions clamped into range)."""
+    index = pos.clamp(0, k.shape[2] - 1)[:, None, None, None].expand(-1, heads, 1, k.shape[-1])
+    return k[:, :heads].gather(2, index)[:, :, 0].float()
+
+
+def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, shared=None):
+    """One decode step; ``st`` is the layer's named state (``select_reference._state_dict``)."""
+    batch, _, q_len, head_dim = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    psaw_frac = _psaw_fraction(plan) if plan.policy == "prhs" else -1.0
+    pos, fingerprint = st["pos"][:batch], st["fingerprint"][:batch]
+
+    operand = _mask_operand(mask, batch, q_len, length)
+    bounds = _bounds(*operand, batch, q_len, length, plan.sink, plan.local, plan.budget,
+                     plan.min_context, q.device, psaw_frac)
+    count, fits = bounds[:, 2].long(), bounds[:, 5] != 0
+    newest = torch.where(count > 0, bounds[:, 1].long() - 1, -1)
+    follows = (pos >= 0) & (newest == pos + q_len) & (pos < length)
+    continuing = follows & (_key_at(k, pos, 1)[:, 0] == fingerprint).all(-1)
+
+    if shared is not None:
+        indices = shared.clone()
+        retrieved = torch.zeros(batch, kv_heads, dtype=torch.bool, device=q.device)
+    elif plan.policy == "oracle":
+        indices = oracle_select_triton(q, k, mask, scale, plan.budget, plan.sink, plan.local,
+                                       plan.min_context, bounds=bounds)
+        retrieved = ~fits[:, None].expand(-1, kv_heads)
+    else:
+        indices, retrieved = _prhs_choose(q, k, mask, scale, plan, st, continuing, newest,
+                                          bounds, psaw_frac)
+
+    counters = st["counters"]
+    counters[CALLS] += 1
+    counters[SLOTS] += batch * kv_heads
+    counters[RESETS] += (~continuing).sum()
+    counters[RETRIEVALS] += retrieved.sum()
+    pos.copy_(newest)
+    fingerprint.copy_(_key_at(k, newest, 1)[:, 0])
+    return indices
+
+
+def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, psaw_frac):
+    """``PrHSRule.choose`` on the Triton path: gate, gated retrieval, stored picks, output."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    age, kept, anchor = st["age"][:batch], st["kept"][:batch], st["anchor"][:batch]
+    anchor_dropped, key_norm = st["anchor_dropped"][:batch], st["key_norm"][:batch]
+    query = q[:, :, -1].float()
+    fits = bounds[:, 5] != 0
+
+    newest_norm = _key_at(k, newest, kv_heads).norm(dim=-1)  # [B, Hkv]
+    key_norm.copy_(torch.where(continuing[:, None], torch.maximum(key_norm, newest_norm), key_norm))
+    shift = (query - anchor).norm(dim=-1).reshape(batch, kv_heads, group).amax(-1)
+    bound = reuse_bound(anchor_dropped, scale, key_norm, shift)
+    if plan.delta_target > 0:
+        similar = bound <= plan.delta_target
+    else:
+        cosine = torch.nn.functional.cosine_similarity(query, anchor, dim=-1)
+        similar = (cosine >= plan.tau).reshape(batch, kv_heads, group).all(-1)
+    reuse = continuing[:, None] & (age >= 0) & (age + 1 < plan.max_reuse) & similar
+    retrieve = ~reuse & ~fits[:, None]
+
+    found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget, plan.min_context,
+                        bounds=bounds, active=retrieve, want_norm=True, want_window_mass=True)
+    picks, retained = _pick(found.mass, found.window_mass, plan, group * q_len)
+    anchor_dropped.copy_(torch.where(retrieve, (1.0 - retained).clamp_min(0.0), anchor_dropped))
+    kept.copy_(torch.where(retrieve[..., None], picks, kept))
+    anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], query, anchor))
+    key_norm.copy_(torch.where(retrieve, found.key_norm, key_norm))
+    age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
+    indices = _compose(found.operand, found.bounds, kept, plan, batch, kv_heads, q_len)
+    return indices, retrieve

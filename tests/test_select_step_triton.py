@@ -1,0 +1,162 @@
+"""The Triton path of a whole ``select`` step (policies prhs and oracle) against the torch
+reference, over sequences of decode steps that share one state.
+
+Both paths start from the same prefill and see the same steps; after every step the indices
+must be the same sets and the state the same tensors (fp32 state within 1e-5). Queries drift
+slowly from step to step, so the cosine gate sometimes reuses and sometimes retrieves; random
+fp32 inputs keep masses distinct, so top-k ties do not occur. On CPU the kernels run under the
+Triton interpreter (tiny shapes); on CUDA the same tests run compiled.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+from prhs_compile.kernels.plan import SelectPlan  # noqa: E402
+from prhs_compile.kernels.select_reference import (  # noqa: E402
+    _state_dict,
+    prefill_reference,
+    select_reference,
+    state_spec,
+)
+from prhs_compile.kernels.select_step_triton import select_step_triton, supports  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_STATE = ("anchor", "anchor_dropped", "key_norm", "fingerprint")
+
+
+def _fresh_state(plan, B, Hq, Hkv, D):
+    spec = state_spec(plan, B, Hq, Hkv, D)
+    return [torch.full(shape, fill, dtype=dtype, device=DEVICE) for shape, dtype, fill in spec.values()]
+
+
+def _mask_for(lengths, pad, L, Tq, kind):
+    """Static-cache style mask [B, 1, Tq, L]: row b holds positions [pad[b], lengths[b]),
+    the last Tq of them being this step's queries (causal among themselves)."""
+    B = len(lengths)
+    pos = torch.arange(L)
+    rows = []
+    for b in range(B):
+        q_pos = torch.arange(lengths[b] - Tq, lengths[b])
+        allowed = (pos[None, :] >= pad[b]) & (pos[None, :] <= q_pos[:, None])
+        rows.append(allowed)
+    mask = torch.stack(rows)[:, None].to(DEVICE)
+    if kind == "float":
+        return torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
+def _run(plan, *, B=2, Hq=4, Hkv=2, D=16, L=96, Tq=1, prompt=(60, 44), pad=(0, 5), steps=6,
+         drift=0.25, mask_kind="bool", shared_from=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE)
+    v = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE)
+    scale = D ** -0.5
+    ref_state = _fresh_state(plan, B, Hq, Hkv, D)
+    tri_state = [t.clone() for t in ref_state]
+    lengths = list(prompt)
+    # Prefill (reference for both: what prhs::prefill runs on every device).
+    q_pre = torch.randn(B, Hq, max(lengths), D, generator=gen).to(DEVICE)
+    pre_mask = torch.zeros(B, 1, max(lengths), L, dtype=torch.bool, device=DEVICE)
+    for b in range(B):
+        for i in range(max(lengths)):
+            last = lengths[b] - max(lengths) + i
+            pre_mask[b, 0, i, pad[b]:last + 1] = last >= pad[b]
+    for state in (ref_state, tri_state):
+        prefill_reference(q_pre, k, pre_mask, False, scale, plan, state)
+    q = torch.randn(B, Hq, Tq, D, generator=gen).to(DEVICE)
+    retrievals = []
+    for _ in range(steps):
+        lengths = [n + Tq for n in lengths]
+        q = q + drift * torch.randn(B, Hq, Tq, D, generator=gen).to(DEVICE)
+        mask = _mask_for(lengths, pad, L, Tq, mask_kind)
+        shared = None
+        if shared_from is not None:
+            shared = shared_from(B, Hkv, plan.slots)
+        ref = select_reference(q, k, v, mask, scale, plan, ref_state, shared)
+        assert supports(plan, q, k)
+        tri = select_step_triton(q, k, mask, scale, plan, _state_dict(plan, tri_state, q, k), shared)
+        assert tri.shape == ref.shape and tri.dtype == ref.dtype
+        assert torch.equal(tri.sort(-1).values, ref.sort(-1).values), (tri, ref)
+        names = list(state_spec(plan, 1, Hq, Hkv, D))
+        for name, a, b in zip(names, tri_state, ref_state):
+            if name in FP32_STATE:
+                assert not a.isnan().any(), name
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+            else:
+                assert torch.equal(a, b), (name, a, b)
+        retrievals.append(int(ref_state[2][2]))
+    return retrievals
+
+
+PRHS = SelectPlan(policy="prhs", layer=2, budget=24, sink=2, local=4, tau=0.9, num_layers=4)
+
+
+def test_prhs_default_selectors_reuse_and_retrieve():
+    counts = _run(PRHS, steps=8, drift=0.08)
+    increments = [b - a for a, b in zip([0] + counts, counts)]
+    # Some steps reuse (fewer retrievals than slots) and some retrieve.
+    assert max(increments) > 0 and min(increments) < 4
+
+
+@pytest.mark.parametrize("plan", [
+    dataclasses.replace(PRHS, dilation_m=0),  # no dilation
+    dataclasses.replace(PRHS, dilation_r=2, dilation_m=3),
+    dataclasses.replace(PRHS, dilation_m=30),  # more neighbours than room: top-ranked ones win
+    dataclasses.replace(PRHS, tau=1.0, max_reuse=1),  # retrieve every step
+    dataclasses.replace(PRHS, delta_target=0.3),
+    dataclasses.replace(PRHS, psaw_start=0, psaw_phi=0.3),  # recency window bounds retrieval
+    dataclasses.replace(PRHS, min_context=50),  # the short row attends to everything
+], ids=["no-dilation", "r2", "m-large", "every-step", "delta-target", "psaw", "min-context"])
+def test_prhs_selector_variants(plan):
+    _run(plan)
+
+
+def test_prhs_float_mask_and_group_of_two_query_rows():
+    _run(PRHS, mask_kind="float", Tq=2, steps=4)
+
+
+def test_prhs_gqa_group_four_no_padding():
+    _run(dataclasses.replace(PRHS, budget=32), Hq=8, Hkv=2, pad=(0, 0), prompt=(70, 40))
+
+
+def test_prhs_follower_takes_shared_selection():
+    def shared(B, Hkv, slots):
+        return torch.arange(slots, dtype=torch.int32, device=DEVICE).expand(B, Hkv, slots).contiguous()
+
+    _run(dataclasses.replace(PRHS, share_from=1), shared_from=shared, steps=2)
+
+
+def test_oracle_step():
+    _run(SelectPlan(policy="oracle", layer=0, budget=20, sink=3, local=5), steps=3)
+
+
+def test_new_sequence_resets():
+    """A position jump (new prompt) must not reuse the old selection."""
+    plan = PRHS
+    B, Hq, Hkv, D, L = 1, 4, 2, 16, 80
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE)
+    q = torch.randn(B, Hq, 1, D, generator=gen).to(DEVICE)
+    ref_state = _fresh_state(plan, B, Hq, Hkv, D)
+    tri_state = [t.clone() for t in ref_state]
+    for n in (50, 51, 70):  # 70: a jump, not the next position
+        mask = _mask_for([n], [0], L, 1, "bool")
+        ref = select_reference(q, k, k, mask, D ** -0.5, plan, ref_state)
+        tri = select_step_triton(q, k, mask, D ** -0.5, plan, _state_dict(plan, tri_state, q, k))
+        assert torch.equal(tri.sort(-1).values, ref.sort(-1).values)
+    assert int(tri_state[2][3]) == int(ref_state[2][3]) == 2  # resets: first call and the jump
+
+
+def test_unsupported_plans_fall_back():
+    q = torch.zeros(1, 2, 1, 8)
+    assert not supports(dataclasses.replace(PRHS, verify=True), q, q)
+    assert not supports(dataclasses.replace(PRHS, head_budgets="16,24"), q, q)
+    assert not supports(SelectPlan(policy="h2o", layer=0, budget=8), q, q)
