@@ -160,3 +160,44 @@ def test_unsupported_plans_fall_back():
     assert not supports(dataclasses.replace(PRHS, verify=True), q, q)
     assert not supports(dataclasses.replace(PRHS, head_budgets="16,24"), q, q)
     assert not supports(SelectPlan(policy="h2o", layer=0, budget=8), q, q)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_capture_of_the_prhs_step_at_llama_shape():
+    """The registered op runs the Triton step on CUDA, at Llama-3-8B attention shape, and a
+    CUDA graph of it replays the same selections (no host sync, no allocation outside the
+    graph's pool)."""
+    import prhs_compile  # noqa: F401  (registers the ops)
+
+    B, Hq, Hkv, D, L = 2, 32, 8, 128, 8192
+    plan = SelectPlan(policy="prhs", layer=0, budget=1024, sink=4, local=64)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device="cuda")
+    mask[1, ..., 6000:] = False
+    state = _fresh_state(plan, B, Hq, Hkv, D)
+    text = plan.encode()
+    eager_state = [t.clone() for t in state]
+    eager = torch.ops.prhs.select(q, k, k, mask, D ** -0.5, text, eager_state)
+    ref_state = [t.clone() for t in state]
+    ref = select_reference(q, k, k, mask, D ** -0.5, plan, ref_state)
+    assert torch.equal(eager.sort(-1).values, ref.sort(-1).values)
+
+    static_state = [t.clone() for t in state]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the capture
+        torch.ops.prhs.select(q, k, k, mask, D ** -0.5, text, [t.clone() for t in state])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.prhs.select(q, k, k, mask, D ** -0.5, text, static_state)
+    for t, s in zip(static_state, state):
+        t.copy_(s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    for a, b in zip(static_state, eager_state):
+        assert torch.equal(a, b)

@@ -309,6 +309,11 @@ def test_latency_quick(tmp_path):
         assert row["methods"][name]["ms"] > 0, name
         assert row["methods"][name]["floor_ms"] > 0, name
     assert "skipped" in row["methods"]["flex"] or row["methods"]["flex"]["ms"] > 0
+    # The whole PrHS step at each retrieval rate, with the rate it really ran at.
+    for rate in (0.0, 0.1, 0.8, 1.0):
+        step = row["methods"][f"prhs@{rate:g}"]
+        assert step["ms"] > 0
+        assert step["retrieval_rate"] == round(rate * 2) / 2  # quick mode: B=1, Hkv=2
 
 
 # --- GPU only: realistic shapes -------------------------------------------------------------

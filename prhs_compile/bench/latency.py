@@ -17,6 +17,12 @@ bf16, one query position), for every context length x batch size x budget:
 ``select_score``   its two K passes alone (bounds + log-sum-exp + group mass; no top-k)
 ``select_attend``  select then attend, measured back to back (a step at retrieval rate 1)
 ``step``           modelled: ``rate * select + attend`` (``--retrieval-rate``)
+``prhs@r``         the whole PrHS decode step through the registered ops
+                   (``torch.ops.prhs.select`` with policy ``prhs`` + ``torch.ops.prhs.attend``),
+                   with a share ``r`` of the (row, KV head) slots retrieving and the others
+                   reusing their stored set (``--step-rates``); each call first restores the
+                   layer state (a few small copies, timed alone as ``restore``), so every
+                   call sees the same mix
 =================  ===========================================================================
 
 Timing: ``triton.testing.do_bench_cudagraph`` (median of 10 replays of a CUDA graph holding
@@ -61,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="budgets: absolute positions or fractions of the context (1/8)")
     parser.add_argument("--retrieval-rate", type=float, default=1.0,
                         help="share of steps that run a retrieval in the modelled step")
+    parser.add_argument("--step-rates", default="0,0.1,0.8,1",
+                        help="retrieval rates of the measured PrHS step (prhs@r), comma separated")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--local", type=int, default=64)
     parser.add_argument("--q-heads", type=int, default=32)
@@ -279,7 +287,10 @@ def run(args) -> int:
                     continue
                 budgets.append(S)
             configs.append((B, L, budgets))
-    total = sum(1 + 6 * len(b) for _, _, b in configs)
+    step_rates = [float(r) for r in args.step_rates.split(",") if r.strip()]
+    if any(not 0.0 <= r <= 1.0 for r in step_rates):
+        raise SystemExit(f"--step-rates {args.step_rates!r}: every rate must be in [0, 1]")
+    total = sum(1 + (7 + len(step_rates)) * len(b) for _, _, b in configs)
 
     bar = None
     if not args.no_progress:
@@ -430,6 +441,20 @@ def run(args) -> int:
                 "bytes": rate * sel_bytes + attend_bytes,
             }
 
+            steps = [_PrHSStep(torch, q, k, v, mask, scale, S, sink, local) for k, v in caches]
+            restore_ms = timer(_rotating([st.restore for st in steps]))
+            methods["restore"] = {"ms": restore_ms, "bytes": steps[0].state_bytes * 2}
+            tick(f"B={B} L={L} S={S} restore")
+            for r in step_rates:
+                achieved = [st.set_rate(r) for st in steps][0]
+                step_ms = timer(_rotating([st.call for st in steps]))
+                methods[f"prhs@{r:g}"] = {
+                    "ms": step_ms, "retrieval_rate": achieved, "restore_ms": restore_ms,
+                    "bytes": achieved * sel_bytes + attend_bytes + 2 * steps[0].state_bytes,
+                }
+                tick(f"B={B} L={L} S={S} prhs@{r:g}")
+            del steps
+
             for m in methods.values():
                 if "ms" in m:
                     m["floor_ms"] = m["bytes"] / bandwidth * 1e3
@@ -459,6 +484,67 @@ def run(args) -> int:
     return 0
 
 
+class _PrHSStep:
+    """One attention layer's PrHS decode step through the registered ops, on a state set up
+    so that a chosen share of the (row, KV head) slots retrieves and the rest reuses."""
+
+    def __init__(self, torch, q, k, v, mask, scale, budget, sink, local):
+        from prhs_compile.kernels.plan import SelectPlan
+        from prhs_compile.kernels.select_reference import state_spec
+
+        self.torch, self.q, self.k, self.v, self.mask, self.scale = torch, q, k, v, mask, scale
+        B, Hq, _, D = q.shape
+        self.plan = SelectPlan(policy="prhs", layer=0, budget=budget, sink=sink, local=local)
+        self.plan_text = self.plan.encode()
+        spec = state_spec(self.plan, B, Hq, k.shape[1], D)
+        self.names = list(spec)
+        self.state = [torch.full(shape, fill, dtype=dtype, device=q.device)
+                      for shape, dtype, fill in spec.values()]
+        # One full retrieval fills the stored sets; then the state is made to continue from
+        # position L - 2, so that the step at L - 1 follows it.
+        self._ops()
+        L = k.shape[2]
+        st = dict(zip(self.names, self.state))
+        st["pos"].fill_(L - 2)
+        st["fingerprint"].copy_(k[:, 0, L - 2].float())
+        st["age"].fill_(0)
+        self.snapshot = [t.clone() for t in self.state]
+        self.state_bytes = sum(t.numel() * t.element_size() for t in self.state)
+
+    def set_rate(self, rate: float) -> float:
+        """Anchors equal to the query reuse (cosine 1), opposite ones retrieve; returns the
+        share of slots that retrieves (whole slots: ``round(rate * B * Hkv)``)."""
+        torch = self.torch
+        B, Hq = self.q.shape[:2]
+        Hkv = self.k.shape[1]
+        n = round(rate * B * Hkv)
+        retrieve = torch.zeros(B * Hkv, dtype=torch.bool, device=self.q.device)
+        retrieve[torch.randperm(B * Hkv, device=self.q.device)[:n]] = True
+        sign = torch.where(retrieve.view(B, Hkv).repeat_interleave(Hq // Hkv, 1), -1.0, 1.0)
+        st = dict(zip(self.names, self.snapshot))
+        st["anchor"].copy_(self.q[:, :, -1].float() * sign[..., None])
+        self.restore()
+        self.call()
+        counters = dict(zip(self.names, self.state))["counters"]
+        measured = int(counters[2] - dict(zip(self.names, self.snapshot))["counters"][2])
+        if measured != n:
+            raise RuntimeError(f"state set up for {n} retrievals, the step ran {measured}")
+        return n / (B * Hkv)
+
+    def restore(self):
+        for t, s in zip(self.state, self.snapshot):
+            t.copy_(s)
+
+    def call(self):
+        self.restore()
+        return self._ops()
+
+    def _ops(self):
+        ops = self.torch.ops.prhs
+        idx = ops.select(self.q, self.k, self.v, self.mask, self.scale, self.plan_text, self.state)
+        return ops.attend(self.q, self.k, self.v, idx, self.mask, self.scale)
+
+
 def _markdown(report) -> str:
     def ms(m):
         return f"{m['ms']:.3f}" if "ms" in m else "skip"
@@ -475,16 +561,31 @@ def _markdown(report) -> str:
         "times in ms, (% of the byte floor)",
         "",
         "| B | context | budget | dense SDPA | flex | gather+SDPA | attend | select "
-        "| select (K passes) | select+attend | step | step vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| select (K passes) | select+attend |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         m = r["methods"]
         cells = [str(r["batch"]), str(r["context"]), str(r["budget"])]
         for name in ("dense_sdpa", "flex", "gather_sdpa", "attend", "select", "select_score",
-                     "select_attend", "step"):
+                     "select_attend"):
             cells.append(f"{ms(m[name])} ({frac(m[name])})" if "ms" in m[name] else "skip")
-        vs = m["step"].get("vs_dense")
-        cells.append(f"{vs:.2f}x" if vs is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    rates = [n for n in report["results"][0]["methods"] if n.startswith("prhs@")] if report["results"] else []
+    if rates:
+        lines += [
+            "",
+            "Whole PrHS step (select + attend through the ops, state restore included) at "
+            "retrieval rate r, ms and speed-up over dense SDPA:",
+            "",
+            "| B | context | budget | dense SDPA | " + " | ".join(rates) + " |",
+            "|---|---|---|---|" + "---|" * len(rates),
+        ]
+        for r in report["results"]:
+            m = r["methods"]
+            cells = [str(r["batch"]), str(r["context"]), str(r["budget"]), ms(m["dense_sdpa"])]
+            for name in rates:
+                vs = m[name].get("vs_dense")
+                cells.append(f"{ms(m[name])} ({vs:.1f}x)" if vs is not None else ms(m[name]))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU results of the README, each stage a separate command so that it fits one run:
+#
+#   scripts/gpu_bench.sh check       # install, CUDA-marked kernel tests, CUDA-graphs probe
+#   scripts/gpu_bench.sh latency     # prhs-bench latency, full grid -> $OUT/latency.json
+#   scripts/gpu_bench.sh throughput  # prhs-bench throughput -> $OUT/throughput.json
+#
+# Output lands in $OUT (or ./gpu_out). Runs from outside the checkout after a regular
+# install, so the source folders at its root never shadow the installed package.
+set -uo pipefail
+OUT=${OUT:-$(pwd)/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+ROOT=$(pwd)
+if ls .whl/*.whl >/dev/null 2>&1; then  # expecttest is not in the GPU image (see README)
+  python -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -2
+fi
+python -m pip install -q --no-deps --no-build-isolation "$ROOT" 2>&1 | grep -v "as the 'root' user" | tail -3
+cd /tmp
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+
+for stage in "$@"; do
+  case "$stage" in
+    check)
+      python -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
+      python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
+      python "$ROOT/scripts/cuda_graphs_probe.py" --out "$OUT/cuda_graphs_probe.json" 2>&1 | tail -40
+      ;;
+    latency)
+      prhs-bench latency --no-progress --out "$OUT/latency.json" 2>&1 | tail -60
+      ;;
+    throughput)
+      prhs-bench throughput --out "$OUT/throughput.json" 2>&1 | tail -40
+      ;;
+    *)
+      echo "unknown stage $stage (check, latency, throughput)"; exit 2;;
+  esac
+done
