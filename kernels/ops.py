@@ -5,7 +5,8 @@
 * ``prhs::attend(q, k, v, idx, mask, scale) -> out``       attend over the picked positions
 * ``prhs::prefill(q, k, mask, is_causal, scale, plan, state)``  reset state for a new sequence
 * ``prhs::window_prefill(q, k, v, mask, is_causal, scale, plan, state) -> out``  prefill
-  attention inside the layer's PrHS recency window (PSAW), plus the reset
+  attention inside the layer's PrHS recency window (PSAW), plus the reset; on CUDA a
+  block-sparse FlexAttention kernel skips the KV blocks outside the window
 
 ``q`` is ``[B, Hq, Tq, D]`` and ``k``/``v`` are the raw (not GQA-expanded) cache
 ``[B, Hkv, L, D]``. ``plan`` is an encoded :class:`~kernels.plan.SelectPlan`. ``state`` is the
@@ -120,3 +121,11 @@ def _attend_cuda(q, k, v, idx, mask, scale):
     from .attend_triton import attend_triton  # Triton is imported only when a GPU runs it
 
     return attend_triton(q, k, v, idx, mask, scale)
+
+
+@window_prefill.register_kernel("cuda")
+def _window_prefill_cuda(q, k, v, mask, is_causal, scale, plan, state):
+    # FlexAttention is imported (and compiled) only when a GPU runs it
+    from .window_prefill_flex import window_prefill_flex_and_reset
+
+    return window_prefill_flex_and_reset(q, k, v, mask, is_causal, scale, decode_plan(plan), state)

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "sparsity": ("sparsity", "attention mass kept by the exact top-k, per layer"),
     "profile": ("profile_cli", "LU-KV per-(layer, KV head) budget table for a model"),
     "latency": ("latency", "decode-attention kernel latency against dense baselines (GPU)"),
+    "prefill": ("prefill", "windowed (PSAW) prefill attention, block-sparse vs dense (GPU)"),
     "throughput": ("throughput", "end-to-end decode throughput of a compiled model (GPU)"),
 }
 
