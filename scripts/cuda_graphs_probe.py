@@ -20,11 +20,10 @@ import sys
 
 VARIANTS = {
     "inductor": {"backend": "inductor"},
-    "inductor_no_static_launcher": {"backend": "inductor", "static_launcher": False},
     "prhs_oracle": {"backend": "prhs", "policy": "oracle"},
+    "prhs_oracle_no_partition": {"backend": "prhs", "policy": "oracle", "graph_partition": False},
+    "prhs_sparse_no_partition": {"backend": "prhs", "policy": "prhs", "graph_partition": False},
     "prhs_oracle_no_static_launcher": {"backend": "prhs", "policy": "oracle", "static_launcher": False},
-    "prhs_sparse": {"backend": "prhs", "policy": "prhs"},
-    "prhs_sparse_no_static_launcher": {"backend": "prhs", "policy": "prhs", "static_launcher": False},
 }
 
 CHILD = r"""
@@ -43,15 +42,25 @@ def gen():
     return model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
                           output_logits=True, return_dict_in_generate=True)
 ref = gen()
+inductor_config = {}
 if spec.get("static_launcher") is False:
-    torch._inductor.config.use_static_cuda_launcher = False
+    inductor_config["use_static_cuda_launcher"] = False
+if spec.get("graph_partition") is False:
+    inductor_config["graph_partition"] = False
 if spec["backend"] == "inductor":
-    model.forward = torch.compile(model.forward, backend="inductor", mode="reduce-overhead")
+    for key, value in inductor_config.items():
+        setattr(torch._inductor.config, key, value)
+    compiled = torch.compile(model.forward, backend="inductor", mode="reduce-overhead")
 else:
     budget = 48 if spec["policy"] == "oracle" else 16
     options = {"policy": spec["policy"], "budget": budget, "sink": 2, "local": 4,
-               "mode": "reduce-overhead"}
-    model.forward = torch.compile(model.forward, backend="prhs", options=options)
+               "mode": "reduce-overhead", "inductor_config": inductor_config}
+    compiled = torch.compile(model.forward, backend="prhs", options=options)
+def forward(*args, **kwargs):
+    # The static cache's counters are mutated in place: a new CUDA-graph step each call.
+    torch.compiler.cudagraph_mark_step_begin()
+    return compiled(*args, **kwargs)
+model.forward = forward
 gen()
 out = gen()  # the second run replays the recorded graphs
 same = bool(torch.equal(out.sequences, ref.sequences))

@@ -2,6 +2,8 @@
 # The GPU results of the README, each stage a separate command so that it fits one run:
 #
 #   scripts/gpu_bench.sh check       # install, CUDA-marked kernel tests, CUDA-graphs probe
+#   scripts/gpu_bench.sh probe       # the CUDA-graphs probe alone
+#   scripts/gpu_bench.sh prefill     # block-sparse PSAW prefill: CUDA tests + prhs-bench prefill
 #   scripts/gpu_bench.sh latency     # prhs-bench latency, full grid -> $OUT/latency.json
 #   scripts/gpu_bench.sh throughput  # prhs-bench throughput -> $OUT/throughput.json
 #
@@ -26,6 +28,13 @@ for stage in "$@"; do
       python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
       python "$ROOT/scripts/cuda_graphs_probe.py" --out "$OUT/cuda_graphs_probe.json" 2>&1 | tail -40
       ;;
+    probe)
+      python "$ROOT/scripts/cuda_graphs_probe.py" --out "$OUT/cuda_graphs_probe.json" 2>&1 | tail -40
+      ;;
+    prefill)
+      python -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests/test_window_prefill_flex.py" 2>&1 | tee "$OUT/pytest_prefill_cuda.txt" | tail -15
+      prhs-bench prefill --no-progress --out "$OUT/prefill.json" 2>&1 | tail -30
+      ;;
     latency)
       prhs-bench latency --no-progress --out "$OUT/latency.json" 2>&1 | tail -60
       ;;
@@ -33,6 +42,6 @@ for stage in "$@"; do
       prhs-bench throughput --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     *)
-      echo "unknown stage $stage (check, latency, throughput)"; exit 2;;
+      echo "unknown stage $stage (check, probe, prefill, latency, throughput)"; exit 2;;
   esac
 done
