@@ -28,7 +28,7 @@ class PrHSConfig:
             (the op reserves ``max(budget, min_context)`` index slots).
         tau: PrHS time axis: a group reuses its selection while the cosine between every
             query head and its anchor query (from the last retrieval) is at least ``tau``;
-            1.0 disables reuse.
+            1.0 disables reuse, -1.0 reuses for ``max_reuse`` steps whatever the drift.
         dilation_m: how many of the top positions pull in their +-``dilation_r`` neighbours
             at a retrieval; -1 = k / (2r + 1) of the k retrieved, 0 = no dilation.
         dilation_r: neighbourhood radius of that dilation (0 = no dilation).
@@ -101,7 +101,7 @@ class PrHSConfig:
                 "the always-kept positions must fit in the budget"
             )
         _check_range("min_context", self.min_context, 0, None)
-        _check_range("tau", self.tau, 0.0, 1.0)
+        _check_range("tau", self.tau, -1.0, 1.0)
         if self.dilation_m != -1:
             _check_range("dilation_m", self.dilation_m, 0, None)
         _check_range("dilation_r", self.dilation_r, 0, None)

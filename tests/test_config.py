@@ -27,7 +27,7 @@ def test_defaults_are_valid_and_documented():
         ({"policy": "quest-ish"}, "policy='quest-ish' is invalid: expected one of"),
         ({"budget": 0}, "budget=0 is invalid: expected >= 1"),
         ({"budget": "64"}, "budget='64' is invalid: expected a value of type int"),
-        ({"tau": 1.5}, "tau=1.5 is invalid: expected in [0.0, 1.0]"),
+        ({"tau": 1.5}, "tau=1.5 is invalid: expected in [-1.0, 1.0]"),
         ({"sink": -1}, "sink=-1 is invalid: expected >= 0"),
         ({"budget": 16, "sink": 8, "local": 16}, "sink=8 + local=16 exceed budget=16"),
         ({"policy": "oracle", "budget": 16, "sink": 8, "local": 8}, "leaves no room for retrieved positions"),

@@ -1,0 +1,303 @@
+"""``prhs-bench throughput``: end-to-end decode throughput and compile time of a compiled model.
+
+A Llama-3-8B-shaped ``LlamaForCausalLM`` (random bf16 weights; 32 layers, hidden 4096, 32 query
+heads, 8 KV heads, head dim 128, MLP 14336, vocab 128256) decodes greedily from a static
+cache that already holds ``--context`` tokens, ``--batch`` rows at once, under CUDA graphs
+(``mode="reduce-overhead"``). Every configuration runs in the same process on the same model
+and cache, one after the other:
+
+=====================  =====================================================================
+``inductor``           ``torch.compile(backend="inductor")``, the default backend: HF's SDPA
+                       path over the whole cache (with a mask, HF expands K/V to all query
+                       heads first: what a user of the default backend gets)
+``prhs``               ``backend="prhs"``, policy ``prhs`` at ``--budget`` (default options:
+                       ``tau=0.8``), at the retrieval rate it really achieves on this model
+``prhs_reuse16``       the same with ``tau=-1``: every selection serves ``max_reuse=16``
+                       steps, a retrieval rate of 1/16 whatever the queries do (the paper
+                       reports under 10% for real models)
+``prhs_every_step``    ``max_reuse=1``: a retrieval at every step (rate 1, the worst case)
+=====================  =====================================================================
+
+The tokens fed back are the model's own greedy picks. With random weights these settle on a
+few tokens, so consecutive queries barely move and ``prhs`` reuses almost always: its rate
+is a property of this workload, not of a trained model (``distinct_tokens`` in the JSON
+shows how many different tokens the timed steps fed); the two fixed-rate configurations
+bracket it.
+
+The cache is filled with random keys and values rather than by a prefill (a 32K prefill of
+16 rows would take minutes and its content does not matter for speed); PrHS state starts
+empty, so its first step retrieves everywhere and later steps follow the cache.
+
+Reported per configuration: compile time (wall time of the first call: Dynamo, Inductor and
+the rewrite), the time of the next calls until CUDA graphs are recorded, decode tokens/s over
+``--steps`` timed steps (median of ``--repeats`` runs), the measured PrHS retrieval rate over
+those steps, peak GPU memory; and the ratios against ``inductor``. Inductor's graph
+partitioning is turned off in both backends: with it on, torch 2.11 crashes under CUDA graphs
+on this model even with the default backend (see ``scripts/cuda_graphs_probe.py``).
+
+``--quick``: a tiny model, a few steps, no CUDA graphs (runs on CPU): a smoke test whose
+numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+log = logging.getLogger("prhs.bench.throughput")
+
+LLAMA3_8B = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+}
+TINY = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--context", type=int, default=32768, help="tokens in the cache before decoding")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls after the first (CUDA-graph recording)")
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--local", type=int, default=64)
+    parser.add_argument("--configs", default="inductor,prhs,prhs_reuse16,prhs_every_step",
+                        help="comma separated: " + ", ".join(CONFIGS))
+    parser.add_argument("--layers", type=int, default=None, help="override the layer count")
+    parser.add_argument("--quick", action="store_true", help="tiny CPU smoke test")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+CONFIGS = {
+    "inductor": None,
+    "prhs": {},
+    "prhs_reuse16": {"tau": -1.0, "max_reuse": 16},
+    "prhs_every_step": {"max_reuse": 1},
+}
+
+
+def _build(torch, args, device, dtype):
+    import transformers
+
+    shape = dict(TINY if args.quick else LLAMA3_8B)
+    if args.layers is not None:
+        shape["num_hidden_layers"] = args.layers
+    config = transformers.LlamaConfig(**shape, max_position_embeddings=max(8192, 2 * args.context),
+                                      rope_theta=500000.0)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    return model, config
+
+
+def _fill_cache(torch, model, config, args, device, dtype):
+    """A static cache of ``context + steps`` positions whose first ``context`` hold random
+    keys and values (allocated by one eager 1-token call, then overwritten)."""
+    import transformers
+
+    total = args.context + (args.warmup + 1 + args.steps * args.repeats) + 8
+    cache = transformers.StaticCache(config=config, max_cache_len=total)
+    ids = torch.zeros(args.batch, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True,
+              cache_position=torch.zeros(1, dtype=torch.long, device=device))
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            t[:, :, : args.context].normal_(generator=gen)
+    _rewind(torch, cache, args.context)
+    return cache
+
+
+def _rewind(torch, cache, length: int) -> None:
+    """Make the cache hold ``length`` tokens again. Newer transformers write (and build the
+    mask) at each layer's own running length, older ones at the ``cache_position``
+    argument: the benchmark passes both, so they must agree."""
+    for layer in cache.layers:
+        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+            layer.cumulative_length.fill_(length)
+
+
+def _compile(torch, model, name, args):
+    """The compiled forward, wrapped so that each call starts a new CUDA-graph step (the
+    static cache mutates its counters in place)."""
+    no_partition = {"graph_partition": False} if hasattr(torch._inductor.config, "graph_partition") else {}
+    if name == "inductor":
+        options = {} if args.quick else {**torch._inductor.list_mode_options("reduce-overhead"), **no_partition}
+        compiled = torch.compile(model.forward, backend="inductor", options=options)
+    else:
+        options = {"policy": "prhs", "budget": args.budget, "sink": args.sink, "local": args.local,
+                   **CONFIGS[name]}
+        if not args.quick:
+            options.update(mode="reduce-overhead", inductor_config=no_partition)
+        compiled = torch.compile(model.forward, backend="prhs", options=options)
+    graphs = not args.quick
+
+    def forward(**kwargs):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(**kwargs)
+
+    return forward
+
+
+def run(args) -> int:
+    import torch
+
+    import prhs_compile
+
+    if not torch.cuda.is_available() and not args.quick:
+        print("prhs-bench throughput needs a CUDA GPU (use --quick for a CPU smoke test)", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.batch, args.context, args.steps, args.repeats, args.warmup = 2, 96, 3, 1, 1
+        args.budget, args.sink, args.local = 32, 2, 4
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    import triton
+    from tqdm.auto import tqdm
+
+    model, config = _build(torch, args, device, dtype)
+    cache = _fill_cache(torch, model, config, args, device, dtype)
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "triton": triton.__version__,
+        "transformers": __import__("transformers").__version__,
+        "quick": bool(args.quick), "batch": args.batch, "context": args.context,
+        "steps": args.steps, "repeats": args.repeats, "budget": args.budget, "sink": args.sink,
+        "local": args.local, "model": {k: getattr(config, k) for k in LLAMA3_8B},
+        "dtype": str(dtype), "command": " ".join(sys.argv), "results": {},
+    }
+
+    def save():
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    bar = tqdm(total=len(names) * (2 + args.warmup + args.repeats), desc="throughput", unit="call",
+               dynamic_ncols=True)
+    # Cold compiles for every configuration: no Inductor cache hits, and a fresh Triton
+    # kernel cache each, so compile times compare (the later configurations would otherwise
+    # reuse the kernels of the earlier ones).
+    torch._inductor.config.force_disable_caches = not args.quick
+    for name in names:
+        if not args.quick:
+            os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"prhs-bench-{name}-")
+        torch._dynamo.reset()
+        prhs_compile.clear_states()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        forward = _compile(torch, model, name, args)
+        _rewind(torch, cache, args.context)
+        position = args.context
+        tokens = torch.randint(0, config.vocab_size, (args.batch, 1), device=device)
+
+        fed = []
+
+        def step():
+            nonlocal position, tokens
+            cache_position = torch.full((1,), position, dtype=torch.long, device=device)
+            logits = forward(input_ids=tokens, past_key_values=cache, use_cache=True,
+                             cache_position=cache_position).logits
+            tokens = logits[:, -1:].argmax(-1)
+            fed.append(tokens)
+            position += 1
+
+        result = {}
+        try:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                step()
+                sync()
+                result["compile_s"] = time.perf_counter() - t0
+                bar.update(1)
+                t0 = time.perf_counter()
+                for _ in range(args.warmup):
+                    step()
+                    bar.update(1)
+                sync()
+                result["warmup_s"] = time.perf_counter() - t0
+                prhs_compile.reset_stats()
+                fed.clear()
+                rates = []
+                for _ in range(args.repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(args.steps):
+                        step()
+                    sync()
+                    rates.append(args.batch * args.steps / (time.perf_counter() - t0))
+                    bar.update(1)
+            result["tokens_per_s"] = statistics.median(rates)
+            result["tokens_per_s_runs"] = rates
+            result["ms_per_step"] = 1e3 * args.batch / result["tokens_per_s"]
+            result["distinct_tokens"] = int(torch.cat(fed).unique().numel())
+            if name != "inductor":
+                stats = prhs_compile.stats()
+                result["retrieval_rate"] = stats.retrieval_rate if stats.layers else None
+                result["options"] = {"budget": args.budget, "sink": args.sink, "local": args.local,
+                                     **CONFIGS[name]}
+            if device.type == "cuda":
+                result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        except Exception as exc:  # noqa: BLE001 - record the reason, go on with the others
+            log.exception("configuration %s failed", name)
+            result["failed"] = f"{type(exc).__name__}: {exc}"[:2000]
+        bar.update(1)
+        report["results"][name] = result
+        save()
+        print(f"{name}: {result}", flush=True)
+        del forward
+    bar.close()
+
+    base = report["results"].get("inductor", {})
+    for name, result in report["results"].items():
+        if "tokens_per_s" in result and "tokens_per_s" in base:
+            result["speedup_vs_inductor"] = result["tokens_per_s"] / base["tokens_per_s"]
+            result["compile_time_vs_inductor"] = result["compile_s"] / base["compile_s"]
+    save()
+    print(_markdown(report))
+    return 0
+
+
+def _markdown(report) -> str:
+    lines = [
+        f"device: {report['device']}; torch {report['torch']}, triton {report['triton']}, "
+        f"transformers {report['transformers']}; B={report['batch']}, context {report['context']}, "
+        f"budget {report['budget']}, {report['steps']} steps x {report['repeats']} (median)",
+        "",
+        "| config | tokens/s | ms/step | vs inductor | retrieval rate | compile s | compile vs inductor | peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["results"].items():
+        if "failed" in r:
+            lines.append(f"| {name} | failed: {r['failed'][:80]} | | | | | | |")
+            continue
+
+        def f(key, fmt):
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+
+        lines.append(f"| {name} | {f('tokens_per_s', '.0f')} | {f('ms_per_step', '.2f')} | "
+                     f"{f('speedup_vs_inductor', '.2f')} | {f('retrieval_rate', '.3f')} | "
+                     f"{f('compile_s', '.1f')} | {f('compile_time_vs_inductor', '.2f')} | "
+                     f"{f('peak_memory_gib', '.1f')} |")
+    return "\n".join(lines)

@@ -1,0 +1,23 @@
+"""Smoke test of ``prhs-bench throughput --quick`` (tiny model on CPU; its numbers mean
+nothing, the GPU figures come from scripts/gpu_bench.sh)."""
+
+import argparse
+import json
+
+from prhs_compile.bench import throughput
+
+
+def test_throughput_quick_reports_every_configuration(tmp_path):
+    parser = argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    out = tmp_path / "throughput.json"
+    args = parser.parse_args(["--quick", "--configs", "inductor,prhs,prhs_every_step", "--out", str(out)])
+    assert throughput.run(args) == 0
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {"inductor", "prhs", "prhs_every_step"}
+    for name, r in results.items():
+        assert "failed" not in r, r
+        assert r["tokens_per_s"] > 0 and r["compile_s"] > 0
+    assert results["prhs_every_step"]["retrieval_rate"] == 1.0  # a retrieval at every step
+    assert results["prhs"]["speedup_vs_inductor"] > 0
