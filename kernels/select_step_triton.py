@@ -137,7 +137,8 @@ def _psaw_fraction(plan: SelectPlan) -> float:
     return 1.0 - plan.psaw_phi ** (plan.psaw_alpha * depth)
 
 
-def _pick(mass: torch.Tensor, window_mass: torch.Tensor, plan: SelectPlan, rows: int):
+def _pick(mass: torch.Tensor, window_mass: torch.Tensor, middle: int, delta_target: float,
+          dilation_m: int, dilation_r: int, rows: int):
     """This retrieval's picks from the middle's group mass: ascending int32 positions
     ``[B, Hkv, middle]`` (-1 padded), and the mass they retain (windows included).
 
@@ -148,17 +149,17 @@ def _pick(mass: torch.Tensor, window_mass: torch.Tensor, plan: SelectPlan, rows:
     ranking all of L.
     """
     length = mass.shape[-1]
-    k = min(plan.middle, length)
+    k = min(middle, length)
     top = mass.topk(k, dim=-1, sorted=True)  # best first; -inf outside the middle
-    if plan.delta_target > 0:
+    if delta_target > 0:
         share = top.values / rows
         gained = window_mass[..., None] / rows + share.clamp_min(0).cumsum(-1)
-        need = (gained < 1.0 - plan.delta_target).sum(-1, keepdim=True) + 1
+        need = (gained < 1.0 - delta_target).sum(-1, keepdim=True) + 1
         take = (torch.arange(k, device=mass.device) < need) & (top.values > float("-inf"))
         cand, cand_score = top.indices, top.values
     else:
-        radius = plan.dilation_r
-        m = plan.dilation_m if plan.dilation_m >= 0 else k // (2 * radius + 1)
+        radius = dilation_r
+        m = dilation_m if dilation_m >= 0 else k // (2 * radius + 1)
         m = min(m, length)
         if m > 0 and radius > 0:
             cores = top if m <= k else mass.topk(m, dim=-1, sorted=True)
@@ -190,10 +191,10 @@ def _pick(mass: torch.Tensor, window_mass: torch.Tensor, plan: SelectPlan, rows:
             cand, cand_score = top.indices, top.values
             take = top.values > float("-inf")
     retained = (window_mass + torch.where(take, cand_score, 0.0).sum(-1)) / rows
-    order = torch.where(take, cand, length + cand).sort(-1).values[..., : plan.middle]
+    order = torch.where(take, cand, length + cand).sort(-1).values[..., :middle]
     picks = torch.where(order < length, order, -1).to(torch.int32)
-    if picks.shape[-1] < plan.middle:
-        picks = torch.nn.functional.pad(picks, (0, plan.middle - picks.shape[-1]), value=-1)
+    if picks.shape[-1] < middle:
+        picks = torch.nn.functional.pad(picks, (0, middle - picks.shape[-1]), value=-1)
     return picks, retained
 
 
@@ -201,6 +202,52 @@ def _key_at(k: torch.Tensor, pos: torch.Tensor, heads: int) -> torch.Tensor:
     """``k[b, :heads, pos[b]]`` as fp32 ``[B, heads, D]`` (positions clamped into range)."""
     index = pos.clamp(0, k.shape[2] - 1)[:, None, None, None].expand(-1, heads, 1, k.shape[-1])
     return k[:, :heads].gather(2, index)[:, :, 0].float()
+
+
+def _fused(fn):
+    """``fn`` compiled by Inductor when it runs on CUDA, so that its dozens of small torch ops
+    become a few fused kernels (each launch costs microseconds even inside a CUDA graph);
+    eager elsewhere (CPU tests go through the Triton interpreter). Only the glue between the
+    Triton kernels is compiled; arguments that change between layers are tensors or ints
+    shared by all layers of a model, so one compiled version serves them all."""
+    compiled = None
+
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if _COMPILE_GLUE == "never" or (_COMPILE_GLUE == "cuda" and not args[0].is_cuda):
+            return fn(*args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        return compiled(*args, **kwargs)
+
+    call.__wrapped__ = fn
+    return call
+
+
+# When to compile the glue: "cuda" (default), "always" (tests: compiled on CPU too) or
+# "never" (debugging, and timing the glue eagerly).
+_COMPILE_GLUE = "cuda"
+
+
+@_fused
+def _continuity(bounds, pos, fingerprint, k, q_len: int):
+    """Per row: the newest valid position, whether the row continues the sequence the state
+    was built on (next position, same key where it ended), and whether it fits the budget."""
+    count, fits = bounds[:, 2].long(), bounds[:, 5] != 0
+    newest = torch.where(count > 0, bounds[:, 1].long() - 1, -1)
+    follows = (pos >= 0) & (newest == pos + q_len) & (pos < k.shape[2])
+    continuing = follows & (_key_at(k, pos, 1)[:, 0] == fingerprint).all(-1)
+    return newest, continuing, fits
+
+
+@_fused
+def _bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieved):
+    counters[CALLS] += 1
+    counters[SLOTS] += retrieved.numel()
+    counters[RESETS] += (~continuing).sum()
+    counters[RETRIEVALS] += retrieved.sum()
+    pos.copy_(newest)
+    fingerprint.copy_(_key_at(k, newest, 1)[:, 0])
 
 
 def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, shared=None):
@@ -215,10 +262,7 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
     operand = _mask_operand(mask, batch, q_len, length)
     bounds = _bounds(*operand, batch, q_len, length, plan.sink, plan.local, plan.budget,
                      plan.min_context, q.device, psaw_frac)
-    count, fits = bounds[:, 2].long(), bounds[:, 5] != 0
-    newest = torch.where(count > 0, bounds[:, 1].long() - 1, -1)
-    follows = (pos >= 0) & (newest == pos + q_len) & (pos < length)
-    continuing = follows & (_key_at(k, pos, 1)[:, 0] == fingerprint).all(-1)
+    newest, continuing, fits = _continuity(bounds, pos, fingerprint, k, q_len)
 
     if shared is not None:
         indices = shared.clone()
@@ -229,47 +273,60 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
         retrieved = ~fits[:, None].expand(-1, kv_heads)
     else:
         indices, retrieved = _prhs_choose(q, k, mask, scale, plan, st, continuing, newest,
-                                          bounds, psaw_frac)
-
-    counters = st["counters"]
-    counters[CALLS] += 1
-    counters[SLOTS] += batch * kv_heads
-    counters[RESETS] += (~continuing).sum()
-    counters[RETRIEVALS] += retrieved.sum()
-    pos.copy_(newest)
-    fingerprint.copy_(_key_at(k, newest, 1)[:, 0])
+                                          bounds, fits, psaw_frac)
+    _bookkeeping(st["counters"], pos, fingerprint, k, newest, continuing, retrieved)
     return indices
 
 
-def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, psaw_frac):
-    """``PrHSRule.choose`` on the Triton path: gate, gated retrieval, stored picks, output."""
-    batch, q_heads, q_len, head_dim = q.shape
+@_fused
+def _gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_norm,
+          scale: float, tau: float, delta_target: float, max_reuse: int):
+    """PrHS's time axis: which (row, KV head) slots reuse their stored set this step and
+    which retrieve. Keeps the largest key norm up to date with the newest key."""
+    batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
-    age, kept, anchor = st["age"][:batch], st["kept"][:batch], st["anchor"][:batch]
-    anchor_dropped, key_norm = st["anchor_dropped"][:batch], st["key_norm"][:batch]
     query = q[:, :, -1].float()
-    fits = bounds[:, 5] != 0
-
     newest_norm = _key_at(k, newest, kv_heads).norm(dim=-1)  # [B, Hkv]
     key_norm.copy_(torch.where(continuing[:, None], torch.maximum(key_norm, newest_norm), key_norm))
     shift = (query - anchor).norm(dim=-1).reshape(batch, kv_heads, group).amax(-1)
     bound = reuse_bound(anchor_dropped, scale, key_norm, shift)
-    if plan.delta_target > 0:
-        similar = bound <= plan.delta_target
+    if delta_target > 0:
+        similar = bound <= delta_target
     else:
         cosine = torch.nn.functional.cosine_similarity(query, anchor, dim=-1)
-        similar = (cosine >= plan.tau).reshape(batch, kv_heads, group).all(-1)
-    reuse = continuing[:, None] & (age >= 0) & (age + 1 < plan.max_reuse) & similar
+        similar = (cosine >= tau).reshape(batch, kv_heads, group).all(-1)
+    reuse = continuing[:, None] & (age >= 0) & (age + 1 < max_reuse) & similar
     retrieve = ~reuse & ~fits[:, None]
+    return retrieve, reuse
 
-    found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget, plan.min_context,
-                        bounds=bounds, active=retrieve, want_norm=True, want_window_mass=True)
-    picks, retained = _pick(found.mass, found.window_mass, plan, group * q_len)
+
+@_fused
+def _store(q, mass, window_mass, fresh_key_norm, retrieve, reuse, age, kept, anchor,
+           anchor_dropped, key_norm, middle: int, delta_target: float, dilation_m: int,
+           dilation_r: int, rows: int):
+    """The picks of the slots that retrieved, and the state they leave for later steps."""
+    group = q.shape[1] // kept.shape[1]
+    picks, retained = _pick(mass, window_mass, middle, delta_target, dilation_m, dilation_r, rows)
     anchor_dropped.copy_(torch.where(retrieve, (1.0 - retained).clamp_min(0.0), anchor_dropped))
     kept.copy_(torch.where(retrieve[..., None], picks, kept))
-    anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], query, anchor))
-    key_norm.copy_(torch.where(retrieve, found.key_norm, key_norm))
+    anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], q[:, :, -1].float(), anchor))
+    key_norm.copy_(torch.where(retrieve, fresh_key_norm, key_norm))
     age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
+
+
+def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits, psaw_frac):
+    """``PrHSRule.choose`` on the Triton path: gate, gated retrieval, stored picks, output."""
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads = k.shape[1]
+    age, kept, anchor = st["age"][:batch], st["kept"][:batch], st["anchor"][:batch]
+    anchor_dropped, key_norm = st["anchor_dropped"][:batch], st["key_norm"][:batch]
+    retrieve, reuse = _gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_norm,
+                            float(scale), plan.tau, plan.delta_target, plan.max_reuse)
+    found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget, plan.min_context,
+                        bounds=bounds, active=retrieve, want_norm=True, want_window_mass=True)
+    _store(q, found.mass, found.window_mass, found.key_norm, retrieve, reuse, age, kept, anchor,
+           anchor_dropped, key_norm, plan.middle, plan.delta_target, plan.dilation_m,
+           plan.dilation_r, (q_heads // kv_heads) * q_len)
     indices = _compose(found.operand, found.bounds, kept, plan, batch, kv_heads, q_len)
     return indices, retrieve

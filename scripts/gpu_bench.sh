@@ -2,6 +2,7 @@
 # The GPU results of the README, each stage a separate command so that it fits one run:
 #
 #   scripts/gpu_bench.sh check       # install, CUDA-marked kernel tests, CUDA-graphs probe
+#   scripts/gpu_bench.sh tests       # the CUDA-marked tests and the Triton select-step tests
 #   scripts/gpu_bench.sh probe       # the CUDA-graphs probe alone
 #   scripts/gpu_bench.sh prefill     # block-sparse PSAW prefill: CUDA tests + prhs-bench prefill
 #   scripts/gpu_bench.sh latency     # prhs-bench latency, full grid -> $OUT/latency.json
@@ -28,6 +29,10 @@ for stage in "$@"; do
       python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
       python "$ROOT/scripts/cuda_graphs_probe.py" --out "$OUT/cuda_graphs_probe.json" 2>&1 | tail -40
       ;;
+    tests)
+      python -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
+      python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
+      ;;
     probe)
       python "$ROOT/scripts/cuda_graphs_probe.py" --out "$OUT/cuda_graphs_probe.json" 2>&1 | tail -40
       ;;
@@ -42,6 +47,6 @@ for stage in "$@"; do
       prhs-bench throughput --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     *)
-      echo "unknown stage $stage (check, probe, prefill, latency, throughput)"; exit 2;;
+      echo "unknown stage $stage (check, tests, probe, prefill, latency, throughput)"; exit 2;;
   esac
 done

@@ -119,6 +119,15 @@ def test_prhs_selector_variants(plan):
     _run(plan)
 
 
+@pytest.mark.parametrize("plan", [PRHS, dataclasses.replace(PRHS, delta_target=0.3)], ids=["cosine", "delta"])
+def test_compiled_glue_matches_the_reference(plan, monkeypatch):
+    """On CUDA the torch glue between the kernels is compiled (fullgraph): same results."""
+    from prhs_compile.kernels import select_step_triton as step
+
+    monkeypatch.setattr(step, "_COMPILE_GLUE", "always")
+    _run(plan, steps=3, drift=0.08)
+
+
 def test_prhs_float_mask_and_group_of_two_query_rows():
     _run(PRHS, mask_kind="float", Tq=2, steps=4)
 
