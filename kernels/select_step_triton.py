@@ -27,9 +27,12 @@ the part to move into a gated kernel next (a radix select that skips inactive sl
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+import torch._dynamo
+import torch._inductor
 import triton
 import triton.language as tl
 
@@ -46,7 +49,9 @@ from .select_triton import (
     oracle_select_triton,
 )
 
-__all__ = ["supports", "select_step_triton"]
+__all__ = ["select_step_triton", "supports"]
+
+log = logging.getLogger("prhs")
 
 _SLOT_BLOCK = 1024  # stored picks handled per iteration of the compose kernel
 
@@ -218,11 +223,29 @@ def _fused(fn):
             return fn(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-        return compiled(*args, **kwargs)
+        if compiled is _EAGER:
+            return fn(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except _COMPILE_ERRORS as exc:
+            # A compiler failure happens before the function runs (nothing mutated yet):
+            # run this function eagerly from now on rather than fail the decode step.
+            log.warning("prhs: compiling %s failed (%s: %s); it runs eagerly from now on",
+                        fn.__name__, type(exc).__name__, str(exc).splitlines()[0][:200])
+            compiled = _EAGER
+            return fn(*args, **kwargs)
 
     call.__wrapped__ = fn
     return call
 
+
+_EAGER = object()
+_COMPILE_ERRORS = tuple(
+    cls for cls in (
+        getattr(getattr(torch._dynamo, "exc", None), "BackendCompilerFailed", None),
+        getattr(getattr(torch._inductor, "exc", None), "InductorError", None),
+    ) if isinstance(cls, type)
+)
 
 # When to compile the glue: "cuda" (default), "always" (tests: compiled on CPU too) or
 # "never" (debugging, and timing the glue eagerly).

@@ -128,6 +128,26 @@ def test_compiled_glue_matches_the_reference(plan, monkeypatch):
     _run(plan, steps=3, drift=0.08)
 
 
+def test_glue_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
+    """An Inductor failure on some shape must not fail the decode step: that function runs
+    eagerly from then on, with a logged reason."""
+    from prhs_compile.kernels import select_step_triton as step
+
+    def broken(*args, **kwargs):
+        raise step._COMPILE_ERRORS[-1](RuntimeError("simulated compiler failure"), None)
+
+    def fake_compile(fn, **kwargs):
+        return broken
+
+    monkeypatch.setattr(step, "_COMPILE_GLUE", "always")
+    monkeypatch.setattr(step.torch, "compile", fake_compile)
+    fused = step._fused(lambda x: x + 1)
+    with caplog.at_level("WARNING", logger="prhs"):
+        assert fused(torch.ones(1)).item() == 2.0
+        assert fused(torch.ones(1)).item() == 2.0
+    assert sum("runs eagerly" in r.message for r in caplog.records) == 1
+
+
 def test_prhs_float_mask_and_group_of_two_query_rows():
     _run(PRHS, mask_kind="float", Tq=2, steps=4)
 
