@@ -216,6 +216,7 @@ def _fused(fn):
     Triton kernels is compiled; arguments that change between layers are tensors or ints
     shared by all layers of a model, so one compiled version serves them all."""
     compiled = None
+    failed = set()  # argument signatures (shapes, scalars) Inductor could not compile
 
     def call(*args, **kwargs):
         nonlocal compiled
@@ -223,23 +224,23 @@ def _fused(fn):
             return fn(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-        if compiled is _EAGER:
+        signature = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        if signature in failed:
             return fn(*args, **kwargs)
         try:
             return compiled(*args, **kwargs)
         except _COMPILE_ERRORS as exc:
             # A compiler failure happens before the function runs (nothing mutated yet):
-            # run this function eagerly from now on rather than fail the decode step.
-            log.warning("prhs: compiling %s failed (%s: %s); it runs eagerly from now on",
+            # run it eagerly for these shapes rather than fail the decode step.
+            log.warning("prhs: compiling %s failed for one shape (%s: %s); it runs eagerly there",
                         fn.__name__, type(exc).__name__, str(exc).splitlines()[0][:200])
-            compiled = _EAGER
+            failed.add(signature)
             return fn(*args, **kwargs)
 
     call.__wrapped__ = fn
     return call
 
 
-_EAGER = object()
 _COMPILE_ERRORS = tuple(
     cls for cls in (
         getattr(getattr(torch._dynamo, "exc", None), "BackendCompilerFailed", None),

@@ -130,7 +130,7 @@ def test_compiled_glue_matches_the_reference(plan, monkeypatch):
 
 def test_glue_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
     """An Inductor failure on some shape must not fail the decode step: that function runs
-    eagerly from then on, with a logged reason."""
+    eagerly for that shape from then on, with a logged reason."""
     from prhs_compile.kernels import select_step_triton as step
 
     def broken(*args, **kwargs):
