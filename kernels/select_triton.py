@@ -309,19 +309,45 @@ def _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale
 
 
 @triton.jit
+def _assignment(ACTIVE, pid_bh, split, BH, num_splits, HAS_ACTIVE: tl.constexpr,
+                BLOCK_BH: tl.constexpr):
+    """(row, split, splits, ok): which (row, KV head) slot and which of its splits this
+    program scores. Without activity flags, slot ``pid_bh`` and split ``split`` of
+    ``num_splits``. With them, the ``BH * num_splits`` programs are shared evenly among the
+    active slots only (each gets ``BH * num_splits // n_active`` splits), so a step where
+    few slots retrieve still fills the GPU; ``ok`` is False for programs left over."""
+    if HAS_ACTIVE:
+        offs = tl.arange(0, BLOCK_BH)
+        flags = tl.load(ACTIVE + offs, mask=offs < BH, other=0) != 0
+        fi = flags.to(tl.int32)
+        n_active = tl.sum(fi, 0)
+        splits = tl.maximum((BH * num_splits) // tl.maximum(n_active, 1), 1)
+        pid = pid_bh * num_splits + split
+        nth = pid // splits
+        rank = tl.cumsum(fi, 0) - 1
+        row = tl.sum(tl.where(flags & (rank == nth), offs, 0), 0)
+        return row, pid % splits, splits, nth < n_active
+    else:
+        return pid_bh, split, num_splits, pid_bh >= 0
+
+
+@triton.jit
 def _lse_kernel(
     Q, K, MASK, BOUNDS, LSE_PART, ACTIVE, NORM_PART,
     qk_scale_log2, mask_min,
-    Hkv, G, Tq, num_splits,
+    Hkv, G, Tq, num_splits, BH, lse_width,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_mb, stride_mt, stride_ml,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     M_PAD: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
     HAS_ACTIVE: tl.constexpr, WANT_NORM: tl.constexpr, TQ_P2: tl.constexpr,
+    BLOCK_BH: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
+    # (row, KV head) slots that reuse a selection read no K at all; the active ones share
+    # every program (see _assignment).
+    pid_bh, split, num_splits, ok = _assignment(ACTIVE, tl.program_id(0), tl.program_id(1), BH,
+                                                num_splits, HAS_ACTIVE, BLOCK_BH)
     pid_m = tl.program_id(2)
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
@@ -331,9 +357,7 @@ def _lse_kernel(
     lo = tl.load(bnd + 0)
     hi = tl.load(bnd + 1)
     fits = tl.load(bnd + 5)
-    hi = tl.where(fits != 0, lo, hi)  # rows that fit the budget are not scored
-    if HAS_ACTIVE:  # (row, KV head) slots that reuse a selection read no K at all
-        hi = tl.where(tl.load(ACTIVE + pid_bh) != 0, hi, lo)
+    hi = tl.where((fits != 0) | (ok == 0), lo, hi)  # rows that fit the budget are not scored
     start, end = _split_range(lo, hi, split, num_splits, BLOCK_N)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -366,27 +390,29 @@ def _lse_kernel(
             norm_sq = tl.maximum(norm_sq, tl.where(valid, tl.sum(kt * kt, 1), 0.0))
     lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
     row = pid_bh.to(tl.int64) * M_PAD + offs_m
-    tl.store(LSE_PART + row * num_splits + split, lse)
+    tl.store(LSE_PART + row * lse_width + split, lse, mask=((offs_m >= 0) & ok) != 0)
     if WANT_NORM:
-        if pid_m == 0:
-            tl.store(NORM_PART + pid_bh.to(tl.int64) * num_splits + split, tl.max(norm_sq, 0))
+        tl.store(NORM_PART + pid_bh.to(tl.int64) * lse_width + split, tl.max(norm_sq, 0),
+                 mask=(ok & (pid_m == 0)) != 0)
 
 
 @triton.jit
 def _mass_kernel(
     Q, K, MASK, BOUNDS, LSE_PART, MASS, ACTIVE, WMASS,
     qk_scale_log2, mask_min,
-    B, Hkv, G, Tq, L, num_splits,
+    B, Hkv, G, Tq, L, num_splits, BH, lse_width,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_mb, stride_mt, stride_ml,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     M_PAD: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
     TQ_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr,
-    HAS_ACTIVE: tl.constexpr, WANT_WINDOW_MASS: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, WANT_WINDOW_MASS: tl.constexpr, BLOCK_BH: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
+    # Inactive slots neither read K nor write: their mass is never looked at. The same
+    # assignment as pass 1, so each program finds its slot's partials.
+    pid_bh, split, num_splits, ok = _assignment(ACTIVE, tl.program_id(0), tl.program_id(1), BH,
+                                                num_splits, HAS_ACTIVE, BLOCK_BH)
     pid_m = tl.program_id(2)
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
@@ -394,11 +420,8 @@ def _mass_kernel(
 
     bnd = BOUNDS + b * 8
     mid_lo, mid_hi = _middle_range(bnd)
-    fill_end = L
-    if HAS_ACTIVE:  # inactive slots neither read K nor write: their mass is never looked at
-        active = tl.load(ACTIVE + pid_bh) != 0
-        mid_hi = tl.where(active, mid_hi, mid_lo)
-        fill_end = tl.where(active, L, 0)
+    mid_hi = tl.where(ok, mid_hi, mid_lo)
+    fill_end = tl.where(ok, L, 0)
     start, end = _split_range(mid_lo, mid_hi, split, num_splits, BLOCK_N)
 
     # Each row's log-sum-exp over the whole valid region, from pass 1's per-split partials.
@@ -409,15 +432,17 @@ def _mass_kernel(
     offs_s = tl.arange(0, SPLIT_CHUNK)
     mx_t = tl.full([BLOCK_M, SPLIT_CHUNK], float("-inf"), tl.float32)
     for s0 in range(0, num_splits, SPLIT_CHUNK):
-        part = tl.load(LSE_PART + row[:, None] * num_splits + s0 + offs_s[None, :],
-                       mask=(s0 + offs_s[None, :]) < num_splits, other=float("-inf"))
+        part = tl.load(LSE_PART + row[:, None] * lse_width + s0 + offs_s[None, :],
+                       mask=(((s0 + offs_s[None, :]) < num_splits) & ok) != 0,
+                       other=float("-inf"))
         mx_t = tl.maximum(mx_t, part)
     mx = tl.max(mx_t, 1)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     acc_t = tl.zeros([BLOCK_M, SPLIT_CHUNK], tl.float32)
     for s0 in range(0, num_splits, SPLIT_CHUNK):
-        part = tl.load(LSE_PART + row[:, None] * num_splits + s0 + offs_s[None, :],
-                       mask=(s0 + offs_s[None, :]) < num_splits, other=float("-inf"))
+        part = tl.load(LSE_PART + row[:, None] * lse_width + s0 + offs_s[None, :],
+                       mask=(((s0 + offs_s[None, :]) < num_splits) & ok) != 0,
+                       other=float("-inf"))
         acc_t += tl.exp2(part - mx_safe[:, None])
     acc = tl.sum(acc_t, 1)
     # A row with nothing allowed keeps lse = -inf; its scores are all -inf too, and
@@ -449,9 +474,7 @@ def _mass_kernel(
         # picks): split 0 scores those few positions, [lo, sink_end) and [local_start, hi).
         lo = tl.load(bnd + 0)
         hi = tl.load(bnd + 1)
-        w_on = (split == 0) & (tl.load(bnd + 5) == 0)
-        if HAS_ACTIVE:
-            w_on = w_on & active
+        w_on = (split == 0) & (tl.load(bnd + 5) == 0) & ok
         sink_hi = tl.where(w_on, tl.minimum(tl.load(bnd + 3), hi), lo)
         loc_lo = tl.maximum(tl.load(bnd + 4), lo)
         loc_hi = tl.where(w_on, hi, loc_lo)
@@ -470,8 +493,8 @@ def _mass_kernel(
                         qk_scale_log2, DOT_F32)
             s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
             w_acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
-        if split == 0:
-            tl.store(WMASS + pid_m * B * Hkv + pid_bh, tl.sum(w_acc, 0))
+        tl.store(WMASS + pid_m * B * Hkv + pid_bh, tl.sum(w_acc, 0),
+                 mask=((split == 0) & ok) != 0)
 
     # -inf everywhere outside the scored middle (sinks, local window, unfilled cache, whole
     # rows that fit): pure stores, this split's share of [0, L).
@@ -735,7 +758,10 @@ def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_spli
     num_splits = max(1, min(int(num_splits), n_blocks))
     tq_p2 = triton.next_power_of_2(Tq)
 
-    lse_part = torch.empty((B * Hkv * m_blocks * BLOCK_M, num_splits), dtype=torch.float32,
+    # With activity flags the active slots share all programs: up to every split of every
+    # slot may serve one slot, so the partials are as wide as the grid.
+    lse_width = B * Hkv * num_splits if active is not None else num_splits
+    lse_part = torch.empty((B * Hkv * m_blocks * BLOCK_M, lse_width), dtype=torch.float32,
                            device=device)
     mass = torch.empty((m_blocks, B, Hkv, L), dtype=torch.float32, device=device)
     common = dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
@@ -745,20 +771,23 @@ def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_spli
                   num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
     qk_scale_log2 = float(scale) * _LOG2E
     grid = (B * Hkv, num_splits, m_blocks)
-    norm_part = (torch.empty((B * Hkv, num_splits), dtype=torch.float32, device=device)
+    # Zero-filled: a slot's unused columns must not win the max.
+    norm_part = (torch.zeros((B * Hkv, lse_width), dtype=torch.float32, device=device)
                  if want_norm else lse_part)
     window_mass = (torch.empty((m_blocks, B, Hkv), dtype=torch.float32, device=device)
                    if want_window_mass else lse_part)
     _lse_kernel[grid](
         q, k, mask_t, bounds, lse_part, active_t, norm_part, qk_scale_log2, mask_min,
-        Hkv, G, Tq, num_splits, *q.stride(), *k.stride(), *ms,
-        HAS_ACTIVE=active is not None, WANT_NORM=want_norm, TQ_P2=tq_p2, **common,
+        Hkv, G, Tq, num_splits, B * Hkv, lse_width, *q.stride(), *k.stride(), *ms,
+        HAS_ACTIVE=active is not None, WANT_NORM=want_norm, TQ_P2=tq_p2,
+        BLOCK_BH=triton.next_power_of_2(B * Hkv), **common,
     )
     _mass_kernel[grid](
         q, k, mask_t, bounds, lse_part, mass, active_t, window_mass, qk_scale_log2, mask_min,
-        B, Hkv, G, Tq, L, num_splits, *q.stride(), *k.stride(), *ms,
+        B, Hkv, G, Tq, L, num_splits, B * Hkv, lse_width, *q.stride(), *k.stride(), *ms,
         TQ_P2=tq_p2, SPLIT_CHUNK=_SPLIT_CHUNK, BLOCK_W=_BLOCK_W,
-        HAS_ACTIVE=active is not None, WANT_WINDOW_MASS=want_window_mass, **common,
+        HAS_ACTIVE=active is not None, WANT_WINDOW_MASS=want_window_mass,
+        BLOCK_BH=triton.next_power_of_2(B * Hkv), **common,
     )
     # M > 64 query rows per group (e.g. G=8 with Tq=16): partial masses per row tile.
     mass = mass[0] if m_blocks == 1 else mass.sum(0)
