@@ -1,9 +1,10 @@
 """One decode step of ``prhs::select`` on the Triton path (what CUDA runs).
 
 ``select_step_triton`` returns what ``select_reference`` returns and mutates the same state,
-for the plans it supports (``supports``): policies ``oracle`` and ``prhs`` (every selector:
+for the plans it supports (``supports``): policies ``oracle``, ``prhs`` (every selector:
 cosine or ``delta_target`` gate, dilation, PSAW recency window, cross-layer ``shared`` sets),
-without per-head budgets, verify mode or selection listeners; everything else falls back to
+``streaming``, and ``sage_kv`` / ``snapkv`` at decode (their one-shot selection is made at
+prefill by ``prhs::prefill``, the reference on every device), without per-head budgets, verify mode or selection listeners; everything else falls back to
 the reference (which runs on the GPU too, only slower). Ties between equal masses may be
 broken differently.
 
@@ -59,7 +60,7 @@ _SLOT_BLOCK = 1024  # stored picks handled per iteration of the compose kernel
 def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``select_step_triton`` implements this plan (else use the reference)."""
     return (
-        plan.policy in ("oracle", "prhs")
+        plan.policy in ("oracle", "prhs", "sage_kv", "snapkv", "streaming")
         and not plan.verify
         and not plan.head_budgets
         and not selection_listeners
@@ -123,12 +124,20 @@ def _compose_kernel(
                      stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
 
 
-def _compose(operand, bounds, kept, plan: SelectPlan, batch: int, kv_heads: int, q_len: int):
+def _compose(operand, bounds, kept, plan: SelectPlan, batch: int, kv_heads: int, q_len: int,
+             local: int | None = None):
+    """Indices from the stored picks ``kept`` (``None``: none, only sinks and window) and the
+    windows; ``local`` overrides the plan's window (streaming keeps ``budget - sink``)."""
     mask_t, kind, ms, mask_min = operand
-    out = torch.empty((batch, kv_heads, plan.slots), dtype=torch.int32, device=kept.device)
+    if mask_t is None:
+        mask_t = bounds  # unused placeholder pointer
+    middle = 0 if kept is None else kept.shape[-1]
+    kept = bounds if kept is None else kept
+    out = torch.empty((batch, kv_heads, plan.slots), dtype=torch.int32, device=bounds.device)
     _compose_kernel[(batch * kv_heads,)](
-        mask_t, bounds, kept, out, kv_heads, q_len, plan.middle, plan.slots, plan.sink,
-        plan.local, *ms, mask_min, MASK_KIND=kind, TQ_P2=triton.next_power_of_2(q_len),
+        mask_t, bounds, kept, out, kv_heads, q_len, middle, plan.slots, plan.sink,
+        plan.local if local is None else local, *ms, mask_min, MASK_KIND=kind,
+        TQ_P2=triton.next_power_of_2(q_len),
         BLOCK_W=_BLOCK_W, SLOT_BLOCK=_SLOT_BLOCK, num_warps=4,
     )
     return out
@@ -282,9 +291,11 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
         scale = 1.0 / math.sqrt(head_dim)
     psaw_frac = _psaw_fraction(plan) if plan.policy == "prhs" else -1.0
     pos, fingerprint = st["pos"][:batch], st["fingerprint"][:batch]
+    # StreamingLLM's window is everything after the sinks.
+    local = plan.budget - plan.sink if plan.policy == "streaming" else plan.local
 
     operand = _mask_operand(mask, batch, q_len, length)
-    bounds = _bounds(*operand, batch, q_len, length, plan.sink, plan.local, plan.budget,
+    bounds = _bounds(*operand, batch, q_len, length, plan.sink, local, plan.budget,
                      plan.min_context, q.device, psaw_frac)
     newest, continuing, fits = _continuity(bounds, pos, fingerprint, k, q_len)
 
@@ -295,6 +306,11 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
         indices = oracle_select_triton(q, k, mask, scale, plan.budget, plan.sink, plan.local,
                                        plan.min_context, bounds=bounds)
         retrieved = ~fits[:, None].expand(-1, kv_heads)
+    elif plan.policy == "streaming":
+        indices = _compose(operand, bounds, None, plan, batch, kv_heads, q_len, local=local)
+        retrieved = torch.zeros(batch, kv_heads, dtype=torch.bool, device=q.device)
+    elif plan.policy in ("sage_kv", "snapkv"):
+        indices, retrieved = _one_shot_choose(q, k, mask, scale, plan, st, continuing, bounds, fits)
     else:
         indices, retrieved = _prhs_choose(q, k, mask, scale, plan, st, continuing, newest,
                                           bounds, fits, psaw_frac)
@@ -354,3 +370,29 @@ def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits, 
            plan.dilation_r, (q_heads // kv_heads) * q_len)
     indices = _compose(found.operand, found.bounds, kept, plan, batch, kv_heads, q_len)
     return indices, retrieve
+
+
+@_fused
+def _one_shot_gate(continuing, fits, ready):
+    """SAGE-KV / SnapKV: a slot keeps the set chosen at prefill; one that reaches decode
+    without a set of its own sequence (no prefill seen, reordered beams) retrieves once."""
+    return ~(continuing[:, None] & (ready > 0)) & ~fits[:, None]
+
+
+@_fused
+def _one_shot_store(mass, window_mass, retrieve, kept, ready, middle: int, rows: int):
+    picks, _ = _pick(mass, window_mass, middle, 0.0, 0, 0, rows)
+    kept.copy_(torch.where(retrieve[..., None], picks, kept))
+    ready.copy_(torch.where(retrieve, 1, ready).to(ready.dtype))
+
+
+def _one_shot_choose(q, k, mask, scale, plan, st, continuing, bounds, fits):
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads = k.shape[1]
+    kept, ready = st["kept"][:batch], st["ready"][:batch]
+    retrieve = _one_shot_gate(continuing, fits, ready)
+    found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget, plan.min_context,
+                        bounds=bounds, active=retrieve, want_window_mass=True)
+    _one_shot_store(found.mass, found.window_mass, retrieve, kept, ready, plan.middle,
+                    (q_heads // kv_heads) * q_len)
+    return _compose(found.operand, found.bounds, kept, plan, batch, kv_heads, q_len), retrieve

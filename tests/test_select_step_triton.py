@@ -163,6 +163,28 @@ def test_prhs_follower_takes_shared_selection():
     _run(dataclasses.replace(PRHS, share_from=1), shared_from=shared, steps=2)
 
 
+@pytest.mark.parametrize("policy", ["sage_kv", "snapkv", "streaming"])
+def test_other_policies_decode_on_the_triton_path(policy):
+    _run(SelectPlan(policy=policy, layer=0, budget=20, sink=3, local=5), steps=3)
+
+
+def test_one_shot_policy_retrieves_once_without_a_prefill_of_its_sequence():
+    """A jump to an unrelated position: SAGE-KV makes one selection from the decode query."""
+    plan = SelectPlan(policy="sage_kv", layer=0, budget=20, sink=3, local=5)
+    B, Hq, Hkv, D, L = 1, 4, 2, 16, 80
+    gen = torch.Generator().manual_seed(4)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE)
+    q = torch.randn(B, Hq, 1, D, generator=gen).to(DEVICE)
+    ref_state = _fresh_state(plan, B, Hq, Hkv, D)
+    tri_state = [t.clone() for t in ref_state]
+    for n in (50, 51, 52):
+        mask = _mask_for([n], [0], L, 1, "bool")
+        ref = select_reference(q, k, k, mask, D ** -0.5, plan, ref_state)
+        tri = select_step_triton(q, k, mask, D ** -0.5, plan, _state_dict(plan, tri_state, q, k))
+        assert torch.equal(tri.sort(-1).values, ref.sort(-1).values)
+    assert int(tri_state[2][2]) == int(ref_state[2][2]) == Hkv  # one retrieval per KV head
+
+
 def test_oracle_step():
     _run(SelectPlan(policy="oracle", layer=0, budget=20, sink=3, local=5), steps=3)
 
@@ -189,6 +211,7 @@ def test_unsupported_plans_fall_back():
     assert not supports(dataclasses.replace(PRHS, verify=True), q, q)
     assert not supports(dataclasses.replace(PRHS, head_budgets="16,24"), q, q)
     assert not supports(SelectPlan(policy="h2o", layer=0, budget=8), q, q)
+    assert not supports(SelectPlan(policy="quest", layer=0, budget=8), q, q)
 
 
 @pytest.mark.cuda
