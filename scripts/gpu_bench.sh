@@ -3,6 +3,7 @@
 #
 #   scripts/gpu_bench.sh check       # install, CUDA-marked kernel tests, CUDA-graphs probe
 #   scripts/gpu_bench.sh tests       # the CUDA-marked tests and the Triton select-step tests
+#   scripts/gpu_bench.sh profile     # the kernels of one PrHS decode step, with their times
 #   scripts/gpu_bench.sh probe       # the CUDA-graphs probe alone
 #   scripts/gpu_bench.sh prefill     # block-sparse PSAW prefill: CUDA tests + prhs-bench prefill
 #   scripts/gpu_bench.sh latency     # prhs-bench latency, full grid -> $OUT/latency.json
@@ -33,6 +34,10 @@ for stage in "$@"; do
       python -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
       python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
       ;;
+    profile)
+      python "$ROOT/scripts/profile_step.py" --batch 1 --context 4096 --budget 512 2>&1 | tee "$OUT/profile_b1.txt" | head -80
+      python "$ROOT/scripts/profile_step.py" --batch 16 --context 32768 --budget 2048 2>&1 | tee "$OUT/profile_b16.txt" | head -3
+      ;;
     probe)
       python "$ROOT/scripts/cuda_graphs_probe.py" --out "$OUT/cuda_graphs_probe.json" 2>&1 | tail -40
       ;;
@@ -47,6 +52,6 @@ for stage in "$@"; do
       prhs-bench throughput --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     *)
-      echo "unknown stage $stage (check, tests, probe, prefill, latency, throughput)"; exit 2;;
+      echo "unknown stage $stage (check, tests, profile, probe, prefill, latency, throughput)"; exit 2;;
   esac
 done

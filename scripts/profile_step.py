@@ -1,0 +1,54 @@
+"""Where the time of one PrHS decode step goes: the GPU kernels of ``select`` + ``attend``
+(through the registered ops, as ``prhs-bench latency`` runs them), per launch.
+
+    python scripts/profile_step.py [--batch 16 --context 32768 --budget 2048 --rate 0]
+
+Prints the kernels of one step in launch order with their GPU time (torch.profiler, after a
+warm-up; no CUDA graph, so the gaps between kernels are launch overhead that a graph would
+shrink but not remove), and the totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--rate", type=float, default=0.0)
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import prhs_compile  # noqa: F401  (registers the ops)
+    from prhs_compile.bench.latency import _PrHSStep
+
+    B, Hq, Hkv, D, L = args.batch, 32, 8, 128, args.context
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device="cuda")
+    step = _PrHSStep(torch, q, k, v, mask, 1 / math.sqrt(D), args.budget, 4, 64)
+    rate = step.set_rate(args.rate)
+    for _ in range(5):
+        step.call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step.call()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    print(f"B={B} L={L} budget={args.budget} retrieval rate {rate}: {len(kernels)} kernels, "
+          f"{sum(e.device_time for e in kernels):.1f} us of GPU time")
+    for e in kernels:
+        print(f"{e.device_time:9.1f} us  {e.name[:110]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
