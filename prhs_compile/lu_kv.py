@@ -81,12 +81,15 @@ def allocate(curves: dict, budgets: list[int], mean_budget: float) -> dict:
     return {head: budgets[i] for head, i in level.items()}
 
 
-def profile(model, prompts, grid: list[int], mean_budgets: list[int], steps: int = 4) -> dict:
+def profile(model, prompts, grid: list[int], mean_budgets: list[int], steps: int = 4, sink: int = 0, local: int = 0) -> dict:
     """Measure per-(layer, KV head) loss-vs-budget curves and allocate budgets.
 
-    The loss of a head at budget ``b`` is the exact attention mass its top-``b`` positions
-    drop (no sinks or local window: the oracle's own curve), averaged over ``steps`` greedy
-    decode steps after each prompt. Returns the JSON-ready table
+    The loss of a head at budget ``b`` is the exact attention mass the oracle's selection of
+    ``b`` positions drops, averaged over ``steps`` greedy decode steps after each prompt. With
+    ``sink``/``local`` the selection holds those windows plus the top ``b - sink - local``
+    of the rest, as it will at run time (a head whose budget only covers the windows
+    retrieves nothing, and its curve says what that costs); without them it is the plain
+    top-``b``. Returns the JSON-ready table
     ``{"table": {mean budget: {layer: [budget per KV head]}}, ...}``.
     """
     from collections import defaultdict
@@ -98,8 +101,8 @@ def profile(model, prompts, grid: list[int], mean_budgets: list[int], steps: int
     from prhs_compile.kernels import dropped_mass_listeners
 
     grid = sorted(grid)
-    if grid[0] < 1:
-        raise ValueError(f"profile: budgets {grid} must be >= 1")
+    if grid[0] < max(1, sink + local):
+        raise ValueError(f"profile: budgets {grid} must be >= 1 and hold sink + local = {sink + local}")
     losses: dict = defaultdict(lambda: [0.0] * len(grid))
     counts: dict = defaultdict(lambda: [0] * len(grid))
     for gi, budget in enumerate(grid):
@@ -111,7 +114,7 @@ def profile(model, prompts, grid: list[int], mean_budgets: list[int], steps: int
 
         torch._dynamo.reset()
         prhs_compile.clear_states()
-        options = {"policy": "oracle", "budget": budget, "sink": 0, "local": 0, "verify": True, "inductor": False}
+        options = {"policy": "oracle", "budget": budget, "sink": sink, "local": local, "verify": True, "inductor": False}
         compiled = torch.compile(model, backend="prhs", options=options)
         dropped_mass_listeners.append(record)
         try:
@@ -140,6 +143,8 @@ def profile(model, prompts, grid: list[int], mean_budgets: list[int], steps: int
         "num_layers": layers[-1] + 1,
         "num_kv_heads": kv_heads,
         "grid": grid,
+        "sink": sink,
+        "local": local,
         "curves": {f"{layer}.{head}": raw[(layer, head)] for layer, head in heads},
         "convex_curves": {f"{layer}.{head}": convex[(layer, head)] for layer, head in heads},
         "table": table,

@@ -94,24 +94,33 @@ def run_example(compiled, cache, codec: Codec, example, device) -> float:
     return codec.answer_matches(example.task, produced, example)
 
 
-def evaluate(model, codec, *, policies, budgets, contexts, task_names, examples, sink, local, extra, verify, inductor, device, seed, progress=None):
-    import transformers
+def backend_options(policy, budget, *, sink, local, extra, verify, inductor) -> dict:
+    """The backend options of one (policy, budget) cell: sink and local window shrink to a
+    quarter of a small budget each, so the selected positions always have room."""
+    options = {"policy": policy, "inductor": inductor, "verify": verify, **extra}
+    if budget is not None:
+        options.update(budget=budget, sink=min(sink, budget // 4), local=min(local, budget // 4))
+    return options
 
+
+def evaluate(model, codec, *, policies, budgets, contexts, task_names, examples, sink, local, extra, verify, inductor, device, seed, progress=None, task_options=None):
+    """Accuracy rows, one per (policy, budget, context, task); ``task_options`` maps a task
+    name to keyword arguments of its generator (e.g. a shorter ``natural_text``
+    continuation)."""
     import prhs_compile
 
     rows = []
+    task_options = task_options or {}
     configs = [(p, None) if p == "dense" else (p, b) for p in policies for b in (budgets if p != "dense" else [None])]
     for policy, budget in configs:
         for context in contexts:
-            task_examples = {t: task_lib.make_examples(t, examples, context, seed=seed) for t in task_names}
+            task_examples = {t: task_lib.make_examples(t, examples, context, seed=seed, **task_options.get(t, {})) for t in task_names}
             longest = max(len(codec.encode(e.prompt_ids)) + len(e.answer_ids) + 8 for ex in task_examples.values() for e in ex)
             torch._dynamo.reset()
             prhs_compile.clear_states()
-            options = {"policy": policy, "inductor": inductor, "verify": verify, **extra}
-            if budget is not None:
-                options.update(budget=budget, sink=min(sink, budget // 4), local=min(local, budget // 4))
+            options = backend_options(policy, budget, sink=sink, local=local, extra=extra, verify=verify, inductor=inductor)
             compiled = torch.compile(model, backend="prhs", options=options)
-            cache = transformers.StaticCache(config=model.config, max_cache_len=longest)
+            cache = allocated_static_cache(model, longest, device)
             for task, exs in task_examples.items():
                 prhs_compile.reset_stats()
                 start = time.perf_counter()
@@ -126,9 +135,23 @@ def evaluate(model, codec, *, policies, budgets, contexts, task_names, examples,
                     "accuracy": sum(scores) / len(scores), "examples": len(scores),
                     "retrieval_rate": stats.retrieval_rate if stats.layers else None,
                     "dropped_mean": _mean([s.dropped_mean for s in stats.layers.values()]),
+                    "sparse_layers": len(stats.layers),  # layers that ran sparse decode steps
                     "seconds": time.perf_counter() - start,
                 })
     return rows
+
+
+def allocated_static_cache(model, length: int, device):
+    """A ``StaticCache`` whose tensors already exist. Its layers allocate lazily at the first
+    update, and a prefill on a cache not yet allocated traces a different graph (Dynamo
+    guards on it) than the prefills after it: one eager token up front saves that compile."""
+    import transformers
+
+    cache = transformers.StaticCache(config=model.config, max_cache_len=length)
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), past_key_values=cache, use_cache=True)
+    cache.reset()
+    return cache
 
 
 def _mean(values):
@@ -200,6 +223,6 @@ def run(args) -> int:
     for r in rows:
         rate = "-" if r["retrieval_rate"] is None else f"{r['retrieval_rate']:.3f}"
         dropped = "-" if r["dropped_mean"] is None else f"{r['dropped_mean']:.3f}"
-        print(f"{r['policy']:>9} {str(r['budget']):>6} {r['context']:>7} {r['task']:>18} {r['accuracy']:>5.2f} {rate:>9} {dropped:>8}")
+        print(f"{r['policy']:>9} {r['budget']!s:>6} {r['context']:>7} {r['task']:>18} {r['accuracy']:>5.2f} {rate:>9} {dropped:>8}")
     print(f"wrote {args.out}" + (f" and {png}" if plotted else " (matplotlib missing: no plot)"))
     return 0

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "sparsity": ("sparsity", "attention mass kept by the exact top-k, per layer"),
     "profile": ("profile_cli", "LU-KV per-(layer, KV head) budget table for a model"),
     "latency": ("latency", "decode-attention kernel latency against dense baselines (GPU)"),
+    "compare": ("compare", "every policy: LU-KV table, accuracy, dropped mass, decode latency, one report"),
     "prefill": ("prefill", "windowed (PSAW) prefill attention, block-sparse vs dense (GPU)"),
     "throughput": ("throughput", "end-to-end decode throughput of a compiled model (GPU)"),
 }
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
     args = parser.parse_args(argv)
+    args.command_line = ["prhs-bench", *argv]  # reports record how they were made
     return int(args._run(args) or 0)
 
 

@@ -14,6 +14,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=4, help="decode steps measured after each prompt")
     parser.add_argument("--grid", default="16,32,64,128,256,512", help="budgets the curves are sampled at")
     parser.add_argument("--mean-budgets", default="64,128,256", help="mean per-head budgets to allocate")
+    parser.add_argument("--sink", type=int, default=0, help="sinks every measured selection keeps (as at run time)")
+    parser.add_argument("--local", type=int, default=0, help="local window every measured selection keeps (as at run time)")
     parser.add_argument("--task", default=None, help="prompts from this task (byte-level models); default random ids")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True)
@@ -35,7 +37,7 @@ def run(args) -> int:
             ids = torch.randint(0, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
         prompts.append(torch.tensor([ids], device=args.device))
     result = profile(model, prompts, [int(b) for b in args.grid.split(",")],
-                     [int(b) for b in args.mean_budgets.split(",")], steps=args.steps)
+                     [int(b) for b in args.mean_budgets.split(",")], steps=args.steps, sink=args.sink, local=args.local)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     for mean, layers in result["table"].items():
