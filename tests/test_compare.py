@@ -8,7 +8,8 @@ import transformers
 
 import prhs_compile
 from prhs_compile.bench import cli
-from prhs_compile.bench.compare import annotate, lu_kv_grid
+from prhs_compile.bench.compare import annotate
+from prhs_compile.bench.compare_lukv import lu_kv_grid
 from prhs_compile.bench.tokenizer import VOCAB_SIZE, save_tokenizer
 
 

@@ -1,10 +1,8 @@
 """``prhs-bench compare``: every selection policy on one footing, in one run.
 
 1. **LU-KV table**: ``lu_kv`` needs per-(layer, KV head) budgets. Unless ``--lu-kv-table``
-   names one, they are profiled first (``prhs_compile.lu_kv.profile``, as ``prhs-bench
-   profile`` does) on a small calibration set: task prompts whose seeds are negative, so they
-   never coincide with an evaluation example. Its allocation for each budget reaches
-   ``lu_kv`` through the ``head_budgets`` option.
+   names one, they are profiled first on a small calibration set (``compare_lukv.py``). Its
+   allocation for each budget reaches ``lu_kv`` through the ``head_budgets`` option.
 2. **Latency**: one decode step of one attention layer through ``torch.ops.prhs.select`` +
    ``torch.ops.prhs.attend`` per policy and budget, at the evaluation model's attention shape
    and at Llama-3-8B's, with dense SDPA as the reference (``policy_latency.py``). It needs
@@ -38,6 +36,7 @@ import torch
 
 from prhs_compile.bench import accuracy
 from prhs_compile.bench import compare_accuracy as accuracy_lib
+from prhs_compile.bench import compare_lukv as lu_kv_lib
 from prhs_compile.bench import compare_report as report_lib
 from prhs_compile.bench import policy_latency as latency_lib
 from prhs_compile.bench import tasks as task_lib
@@ -54,7 +53,6 @@ FULL = {"budgets": "64,256,1024", "contexts": "4096,16384", "examples": 2, "text
         "local": 32, "lu_kv_prompts": 2, "lu_kv_steps": 4, "lu_kv_spread": 4}
 QUICK = {"budgets": "16,32", "contexts": "256", "examples": 1, "text_tokens": 16, "sink": 4,
          "local": 4, "lu_kv_prompts": 1, "lu_kv_steps": 2, "lu_kv_spread": 2}
-LU_KV_PROMPT_LEN = 4096  # calibration prompts: at most this long (shorter contexts: their length)
 
 # What a policy's numbers mean where they could mislead, and why some are null.
 POLICY_NOTES = {
@@ -136,7 +134,7 @@ def resolve(args) -> dict:
         "lu_kv_prompts": pick("lu_kv_prompts"),
         "lu_kv_steps": pick("lu_kv_steps"),
         "lu_kv_spread": defaults["lu_kv_spread"],
-        "lu_kv_prompt_len": min(LU_KV_PROMPT_LEN, max(contexts)),
+        "lu_kv_prompt_len": min(lu_kv_lib.PROMPT_LEN, max(contexts)),
     }
 
 
@@ -159,7 +157,7 @@ def run(args) -> int:
     phase = time.perf_counter()
     table_path = None
     if "lu_kv" in settings["policies"]:
-        table_path, report["lu_kv"] = _lu_kv_table(model, codec, settings, args.lu_kv_table, stem + ".lukv.json", device)
+        table_path, report["lu_kv"] = lu_kv_lib.table_for(model, codec, settings, args.lu_kv_table, stem + ".lukv.json", device)
     report["timing_s"]["lu_kv"] = time.perf_counter() - phase
     _save(report, args.out)
 
@@ -183,91 +181,6 @@ def run(args) -> int:
     print(f"wrote {args.out}, {stem}.md" + (f" and {stem}.png" if plotted else " (matplotlib missing: no plot)")
           + f" in {report['timing_s']['total']:.0f} s")
     return 1 if report["errors"] else 0
-
-
-# --------------------------------------------------------------------------- LU-KV table
-
-
-def lu_kv_grid(budgets: list[int], window: int, prompt_len: int, spread: int) -> list[int]:
-    """Budgets the per-head loss curves are sampled at, for budgets sharing one sink + local
-    ``window``: from half the smallest budget (at least one position beyond the window: the
-    oracle must retrieve something) through the powers of two up to ``spread`` times the
-    largest (so a head may get far less or more than the mean), every budget included,
-    capped at half the calibration prompt (the curves need context beyond the budget)."""
-    top = min(spread * max(budgets), prompt_len // 2)
-    low = max(window + 1, min(budgets) // 2)
-    grid = {b for b in [low, *budgets] if low <= b <= top}
-    step = 1 << low.bit_length()  # the first power of two above low
-    while step <= top:
-        grid.add(step)
-        step *= 2
-    return sorted(grid)
-
-
-def calibration_prompts(codec, count: int, length: int) -> list[tuple[str, list[int]]]:
-    """``(task, prompt ids)`` of the calibration set: the tasks in turn, negative seeds."""
-    names = list(task_lib.TASKS)
-    prompts = []
-    for i in range(count):
-        task = names[i % len(names)]
-        prompts.append((task, codec.encode(task_lib.TASKS[task](length, -(i + 1)).prompt_ids)))
-    return prompts
-
-
-def _lu_kv_table(model, codec, settings, given: str | None, path: str, device) -> tuple[str, dict]:
-    """The LU-KV table's path and what the report says about it (profiled here unless given).
-
-    A head's budget holds the sink and local window (which shrink with small budgets), so
-    budgets are grouped by window and each group is profiled with its window: a curve then
-    says what a head loses at each budget as it will run.
-    """
-    if given:
-        with open(given) as f:
-            table = json.load(f)
-        return given, {"table_path": given, "profiled": False, "table": table.get("table", {})}
-    from prhs_compile.lu_kv import profile
-
-    start = time.perf_counter()
-    length = settings["lu_kv_prompt_len"]
-    prompts = calibration_prompts(codec, settings["lu_kv_prompts"], length)
-    ids = [torch.tensor([p], device=device) for _, p in prompts]
-    groups: dict[tuple[int, int], list[int]] = {}
-    for budget in settings["budgets"]:
-        groups.setdefault(_window(budget, settings), []).append(budget)
-    merged, profiles, not_allocated = {}, [], {}
-    for (sink, local), budgets in groups.items():
-        grid = lu_kv_grid(budgets, sink + local, length, settings["lu_kv_spread"])
-        means = [b for b in budgets if len(grid) > 1 and grid[0] <= b <= grid[-1]]
-        for b in sorted(set(budgets) - set(means)):
-            not_allocated[str(b)] = (f"budget {b} cannot be profiled on {length}-token calibration prompts "
-                                     f"(grid {grid}: budgets up to half the prompt, at least sink + local)")
-        if not means:
-            continue
-        print(f"LU-KV: profiling {len(prompts)} prompt(s) of {length} tokens, sink {sink} local {local}, "
-              f"budgets {grid}", flush=True)
-        result = profile(model, ids, grid, means, steps=settings["lu_kv_steps"], sink=sink, local=local)
-        merged.update(result.pop("table"))
-        profiles.append(result)
-    calibration = {"tasks": [t for t, _ in prompts], "seeds": [-(i + 1) for i in range(len(prompts))],
-                   "prompt_len": length, "steps": settings["lu_kv_steps"]}
-    table = {"format": "prhs-lukv/1", "table": merged, "calibration": calibration, "profiles": profiles}
-    if profiles:
-        table.update(num_layers=profiles[0]["num_layers"], num_kv_heads=profiles[0]["num_kv_heads"])
-    with open(path, "w") as f:
-        json.dump(table, f, indent=1)
-    torch._dynamo.reset()
-    info = {"table_path": path, "profiled": True, "seconds": time.perf_counter() - start, "calibration": calibration,
-            "grids": {f"sink {p['sink']} local {p['local']}": p["grid"] for p in profiles}, "table": merged}
-    if not_allocated:
-        info["not_allocated"] = not_allocated
-    return path, info
-
-
-def _window(budget: int, settings) -> tuple[int, int]:
-    """(sink, local) of a budget, as the accuracy harness sets them."""
-    options = accuracy.backend_options("oracle", budget, sink=settings["sink"], local=settings["local"], extra={},
-                                       verify=False, inductor=False)
-    return options["sink"], options["local"]
 
 
 # --------------------------------------------------------------------------- latency
@@ -317,7 +230,7 @@ def _latency(config, settings, lu_kv, device, dtype, args) -> dict:
 def _latency_row(policy, budget, stream, timer, settings, lu_kv, shape, layer, num_layers) -> tuple[dict, str | None]:
     """One policy and budget timed on ``stream`` (or nulls and the reason), and the error
     message when the measurement failed."""
-    extra, why = _lu_kv_option_for_latency(policy, budget, lu_kv, layer, shape)
+    extra, why = lu_kv_lib.head_budgets_for_latency(policy, budget, lu_kv, layer, shape)
     if why is None and budget is not None and budget >= stream.context:
         why = f"budget {budget} covers the {stream.context}-token context: every position is attended (dense)"
     if why is None:
@@ -336,20 +249,6 @@ def _latency_row(policy, budget, stream, timer, settings, lu_kv, shape, layer, n
         error = f"{type(err).__name__}: {err}"
         return {"step_ms": None, "attend_ms": None, "reason": f"error: {error}"}, error
     return {"head_budgets": plan.head_budgets or None, **timed}, None
-
-
-def _lu_kv_option_for_latency(policy, budget, lu_kv, layer, shape) -> tuple[dict, str | None]:
-    """``head_budgets`` for ``lu_kv`` from the model's table (tiled over a larger shape's KV
-    heads, which keeps each layer's mean), or the reason there are none."""
-    if policy != "lu_kv":
-        return {}, None
-    allocation = (lu_kv or {}).get("table", {}).get(str(budget), {})
-    if str(layer) not in allocation:
-        return {}, f"the LU-KV table has no allocation for budget {budget}, layer {layer}"
-    heads = len(allocation[str(layer)])
-    if shape.kv_heads % heads:
-        return {}, f"the table's {heads} KV heads do not tile the shape's {shape.kv_heads}"
-    return {"head_budgets": {int(name): b * (shape.kv_heads // heads) for name, b in allocation.items()}}, None
 
 
 # --------------------------------------------------------------------------- accuracy
