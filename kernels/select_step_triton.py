@@ -254,6 +254,9 @@ _COMPILE_ERRORS = tuple(
     cls for cls in (
         getattr(getattr(torch._dynamo, "exc", None), "BackendCompilerFailed", None),
         getattr(getattr(torch._inductor, "exc", None), "InductorError", None),
+        # Past Dynamo's recompile limit (many distinct shapes in one process) a fullgraph
+        # compile raises this rather than falling back by itself.
+        getattr(getattr(torch._dynamo, "exc", None), "FailOnRecompileLimitHit", None),
     ) if isinstance(cls, type)
 )
 

@@ -4,6 +4,7 @@
 #   scripts/gpu_bench.sh check       # install, CUDA-marked kernel tests, CUDA-graphs probe
 #   scripts/gpu_bench.sh tests       # the CUDA-marked tests and the Triton select-step tests
 #   scripts/gpu_bench.sh profile     # the kernels of one PrHS decode step, with their times
+#   scripts/gpu_bench.sh compare     # prhs-bench compare: every policy on the evaluation model
 #   scripts/gpu_bench.sh probe       # the CUDA-graphs probe alone
 #   scripts/gpu_bench.sh prefill     # block-sparse PSAW prefill: CUDA tests + prhs-bench prefill
 #   scripts/gpu_bench.sh latency     # prhs-bench latency, full grid -> $OUT/latency.json
@@ -38,6 +39,9 @@ for stage in "$@"; do
       python "$ROOT/scripts/profile_step.py" --batch 1 --context 4096 --budget 512 2>&1 | tee "$OUT/profile_b1.txt" | head -80
       python "$ROOT/scripts/profile_step.py" --batch 16 --context 32768 --budget 2048 2>&1 | tee "$OUT/profile_b16.txt" | head -3
       ;;
+    compare)
+      prhs-bench compare --model "$ROOT/models/substrate" --examples 2 --workers 4 --out "$OUT/compare_h200.json" 2>&1 | tail -60
+      ;;
     probe)
       python "$ROOT/scripts/cuda_graphs_probe.py" --out "$OUT/cuda_graphs_probe.json" 2>&1 | tail -40
       ;;
@@ -52,6 +56,6 @@ for stage in "$@"; do
       prhs-bench throughput --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     *)
-      echo "unknown stage $stage (check, tests, profile, probe, prefill, latency, throughput)"; exit 2;;
+      echo "unknown stage $stage (check, tests, profile, compare, probe, prefill, latency, throughput)"; exit 2;;
   esac
 done
