@@ -3,8 +3,9 @@
 ``select_step_triton`` returns what ``select_reference`` returns and mutates the same state,
 for the plans it supports (``supports``): policies ``oracle``, ``prhs`` (every selector:
 cosine or ``delta_target`` gate, dilation, PSAW recency window, cross-layer ``shared`` sets),
-``streaming``, and ``sage_kv`` / ``snapkv`` at decode (their one-shot selection is made at
-prefill by ``prhs::prefill``, the reference on every device), without per-head budgets, verify mode or selection listeners; everything else falls back to
+``streaming``, ``lu_kv`` (and ``oracle`` / ``prhs`` within per-head budgets), and
+``sage_kv`` / ``snapkv`` at decode (their one-shot selection is made at prefill by
+``prhs::prefill``, the reference on every device), verify mode or selection listeners; everything else falls back to
 the reference (which runs on the GPU too, only slower). Ties between equal masses may be
 broken differently.
 
@@ -60,9 +61,9 @@ _SLOT_BLOCK = 1024  # stored picks handled per iteration of the compose kernel
 def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``select_step_triton`` implements this plan (else use the reference)."""
     return (
-        plan.policy in ("oracle", "prhs", "sage_kv", "snapkv", "streaming")
+        plan.policy in ("oracle", "prhs", "sage_kv", "snapkv", "streaming", "lu_kv")
         and not plan.verify
-        and not plan.head_budgets
+        and (not plan.head_budgets or plan.policy in ("oracle", "prhs", "lu_kv"))
         and not selection_listeners
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and q.dtype == k.dtype
@@ -152,9 +153,11 @@ def _psaw_fraction(plan: SelectPlan) -> float:
 
 
 def _pick(mass: torch.Tensor, window_mass: torch.Tensor, middle: int, delta_target: float,
-          dilation_m: int, dilation_r: int, rows: int):
+          dilation_m: int, dilation_r: int, rows: int, caps=None):
     """This retrieval's picks from the middle's group mass: ascending int32 positions
     ``[B, Hkv, middle]`` (-1 padded), and the mass they retain (windows included).
+    ``caps`` (``[Hkv]``, optional): per-KV-head limits on the picks (LU-KV budgets), applied
+    to the ranked order as ``selection.head_caps`` does.
 
     Same choice as ``selection.dilate_and_pick`` / ``smallest_sufficient``. Dilation puts the
     +-r neighbours of the best ``m`` positions ahead of everything else, then fills up by
@@ -164,12 +167,15 @@ def _pick(mass: torch.Tensor, window_mass: torch.Tensor, middle: int, delta_targ
     """
     length = mass.shape[-1]
     k = min(middle, length)
+    # How many ranked picks each KV head may keep: k, or its own budget's share.
+    limit = k if caps is None else caps.clamp_max(k)[None, :, None]
     top = mass.topk(k, dim=-1, sorted=True)  # best first; -inf outside the middle
     if delta_target > 0:
         share = top.values / rows
         gained = window_mass[..., None] / rows + share.clamp_min(0).cumsum(-1)
         need = (gained < 1.0 - delta_target).sum(-1, keepdim=True) + 1
-        take = (torch.arange(k, device=mass.device) < need) & (top.values > float("-inf"))
+        rank = torch.arange(k, device=mass.device)
+        take = (rank < need) & (top.values > float("-inf")) & (rank < limit)
         cand, cand_score = top.indices, top.values
     else:
         radius = dilation_r
@@ -193,6 +199,7 @@ def _pick(mass: torch.Tensor, window_mass: torch.Tensor, middle: int, delta_targ
             lead = lead.topk(min(k, lead.shape[-1]), dim=-1, sorted=True)
             lead_ok = lead.values > float("-inf")
             n_lead = lead_ok.sum(-1, keepdim=True)
+            lead_ok = lead_ok & (torch.arange(lead_ok.shape[-1], device=mass.device) < limit)
             # ...then the best of the others, in top-k order.
             is_near = torch.searchsorted(near_key, top.indices.to(near_key.dtype))
             is_near = near_key.gather(-1, is_near.clamp_max(near_key.shape[-1] - 1)) == top.indices
@@ -200,10 +207,10 @@ def _pick(mass: torch.Tensor, window_mass: torch.Tensor, middle: int, delta_targ
             rest_rank = n_lead + rest_ok.cumsum(-1) - 1
             cand = torch.cat([near.gather(-1, lead.indices), top.indices], -1)
             cand_score = torch.cat([lead.values, top.values], -1)
-            take = torch.cat([lead_ok, rest_ok & (rest_rank < k)], -1)
+            take = torch.cat([lead_ok, rest_ok & (rest_rank < k) & (rest_rank < limit)], -1)
         else:
             cand, cand_score = top.indices, top.values
-            take = top.values > float("-inf")
+            take = (top.values > float("-inf")) & (torch.arange(k, device=mass.device) < limit)
     retained = (window_mass + torch.where(take, cand_score, 0.0).sum(-1)) / rows
     order = torch.where(take, cand, length + cand).sort(-1).values[..., :middle]
     picks = torch.where(order < length, order, -1).to(torch.int32)
@@ -305,10 +312,18 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
     if shared is not None:
         indices = shared.clone()
         retrieved = torch.zeros(batch, kv_heads, dtype=torch.bool, device=q.device)
-    elif plan.policy == "oracle":
+    elif plan.policy == "oracle" and not plan.head_budgets:
         indices = oracle_select_triton(q, k, mask, scale, plan.budget, plan.sink, plan.local,
                                        plan.min_context, bounds=bounds)
         retrieved = ~fits[:, None].expand(-1, kv_heads)
+    elif plan.policy in ("oracle", "lu_kv"):
+        # The exact top-k of every step within per-head budgets (LU-KV).
+        retrieved = ~fits[:, None].expand(-1, kv_heads)
+        found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget, plan.min_context,
+                            bounds=bounds, want_window_mass=True)
+        picks = _capped_picks(found.mass, found.window_mass, plan.middle,
+                              (q.shape[1] // kv_heads) * q_len, plan.head_middles(q.device))
+        indices = _compose(found.operand, found.bounds, picks, plan, batch, kv_heads, q_len)
     elif plan.policy == "streaming":
         indices = _compose(operand, bounds, None, plan, batch, kv_heads, q_len, local=local)
         retrieved = torch.zeros(batch, kv_heads, dtype=torch.bool, device=q.device)
@@ -347,10 +362,11 @@ def _gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_norm,
 @_fused
 def _store(q, mass, window_mass, fresh_key_norm, retrieve, reuse, age, kept, anchor,
            anchor_dropped, key_norm, middle: int, delta_target: float, dilation_m: int,
-           dilation_r: int, rows: int):
+           dilation_r: int, rows: int, caps=None):
     """The picks of the slots that retrieved, and the state they leave for later steps."""
     group = q.shape[1] // kept.shape[1]
-    picks, retained = _pick(mass, window_mass, middle, delta_target, dilation_m, dilation_r, rows)
+    picks, retained = _pick(mass, window_mass, middle, delta_target, dilation_m, dilation_r, rows,
+                            caps)
     anchor_dropped.copy_(torch.where(retrieve, (1.0 - retained).clamp_min(0.0), anchor_dropped))
     kept.copy_(torch.where(retrieve[..., None], picks, kept))
     anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], q[:, :, -1].float(), anchor))
@@ -370,9 +386,14 @@ def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits, 
                         bounds=bounds, active=retrieve, want_norm=True, want_window_mass=True)
     _store(q, found.mass, found.window_mass, found.key_norm, retrieve, reuse, age, kept, anchor,
            anchor_dropped, key_norm, plan.middle, plan.delta_target, plan.dilation_m,
-           plan.dilation_r, (q_heads // kv_heads) * q_len)
+           plan.dilation_r, (q_heads // kv_heads) * q_len, plan.head_middles(q.device))
     indices = _compose(found.operand, found.bounds, kept, plan, batch, kv_heads, q_len)
     return indices, retrieve
+
+
+@_fused
+def _capped_picks(mass, window_mass, middle: int, rows: int, caps):
+    return _pick(mass, window_mass, middle, 0.0, 0, 0, rows, caps)[0]
 
 
 @_fused

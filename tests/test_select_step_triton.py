@@ -119,7 +119,11 @@ def test_prhs_selector_variants(plan):
     _run(plan)
 
 
-@pytest.mark.parametrize("plan", [PRHS, dataclasses.replace(PRHS, delta_target=0.3)], ids=["cosine", "delta"])
+@pytest.mark.parametrize("plan", [
+    PRHS,
+    dataclasses.replace(PRHS, delta_target=0.3),
+    SelectPlan(policy="lu_kv", layer=0, budget=20, sink=3, local=5, head_budgets="14,24"),
+], ids=["cosine", "delta", "lu_kv"])
 def test_compiled_glue_matches_the_reference(plan, monkeypatch):
     """On CUDA the torch glue between the kernels is compiled (fullgraph): same results."""
     from prhs_compile.kernels import select_step_triton as step
@@ -185,6 +189,17 @@ def test_one_shot_policy_retrieves_once_without_a_prefill_of_its_sequence():
     assert int(tri_state[2][2]) == int(ref_state[2][2]) == Hkv  # one retrieval per KV head
 
 
+@pytest.mark.parametrize("plan", [
+    SelectPlan(policy="lu_kv", layer=0, budget=20, sink=3, local=5, head_budgets="14,24"),
+    SelectPlan(policy="oracle", layer=0, budget=20, sink=3, local=5, head_budgets="24,12"),
+    dataclasses.replace(PRHS, head_budgets="16,28"),
+    dataclasses.replace(PRHS, head_budgets="16,28", delta_target=0.3),
+    dataclasses.replace(PRHS, head_budgets="30,12", dilation_m=8),
+], ids=["lu_kv", "oracle-caps", "prhs-caps", "prhs-caps-delta", "prhs-caps-many-neighbours"])
+def test_per_head_budgets_on_the_triton_path(plan):
+    _run(plan, steps=3, drift=0.08)
+
+
 def test_oracle_step():
     _run(SelectPlan(policy="oracle", layer=0, budget=20, sink=3, local=5), steps=3)
 
@@ -209,7 +224,7 @@ def test_new_sequence_resets():
 def test_unsupported_plans_fall_back():
     q = torch.zeros(1, 2, 1, 8)
     assert not supports(dataclasses.replace(PRHS, verify=True), q, q)
-    assert not supports(dataclasses.replace(PRHS, head_budgets="16,24"), q, q)
+    assert not supports(SelectPlan(policy="sage_kv", layer=0, budget=8, head_budgets="8,8"), q, q)
     assert not supports(SelectPlan(policy="h2o", layer=0, budget=8), q, q)
     assert not supports(SelectPlan(policy="quest", layer=0, budget=8), q, q)
 
