@@ -397,6 +397,22 @@ def _lse_kernel(
 
 
 @triton.jit
+def _run_mass(q, k_base, start, end, lse, mask_rows, m_ok, offs_d, d_ok, stride_kl, stride_kd,
+              stride_ml, qk_scale_log2, mask_min, BLOCK_N: tl.constexpr,
+              MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr):
+    """Group mass of the positions [start, end) summed (a short run: a window)."""
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for s0 in range(start, end, BLOCK_N):
+        pos = s0 + tl.arange(0, BLOCK_N)
+        col_ok = pos < end
+        s = _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
+                    DOT_F32)
+        s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
+        acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
 def _mass_kernel(
     Q, K, MASK, BOUNDS, LSE_PART, MASS, ACTIVE, WMASS,
     qk_scale_log2, mask_min,
@@ -478,22 +494,13 @@ def _mass_kernel(
         sink_hi = tl.where(w_on, tl.minimum(tl.load(bnd + 3), hi), lo)
         loc_lo = tl.maximum(tl.load(bnd + 4), lo)
         loc_hi = tl.where(w_on, hi, loc_lo)
-        w_acc = tl.zeros([BLOCK_N], tl.float32)
-        for s0 in range(lo, sink_hi, BLOCK_N):
-            pos = s0 + tl.arange(0, BLOCK_N)
-            col_ok = pos < sink_hi
-            s = _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
-                        qk_scale_log2, DOT_F32)
-            s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
-            w_acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
-        for s0 in range(loc_lo, loc_hi, BLOCK_N):
-            pos = s0 + tl.arange(0, BLOCK_N)
-            col_ok = pos < loc_hi
-            s = _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
-                        qk_scale_log2, DOT_F32)
-            s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
-            w_acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
-        tl.store(WMASS + pid_m * B * Hkv + pid_bh, tl.sum(w_acc, 0),
+        w_sum = _run_mass(q, k_base, lo, sink_hi, lse, mask_rows, m_ok, offs_d, d_ok,
+                          stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
+                          MASK_KIND, DOT_F32)
+        w_sum += _run_mass(q, k_base, loc_lo, loc_hi, lse, mask_rows, m_ok, offs_d, d_ok,
+                           stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
+                           MASK_KIND, DOT_F32)
+        tl.store(WMASS + pid_m * B * Hkv + pid_bh, w_sum,
                  mask=((split == 0) & ok) != 0)
 
     # -inf everywhere outside the scored middle (sinks, local window, unfilled cache, whole

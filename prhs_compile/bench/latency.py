@@ -47,13 +47,14 @@ timer) as a smoke test; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import statistics
 import sys
 import time
+
+from .report import write_json
 
 log = logging.getLogger("prhs.bench.latency")
 
@@ -327,10 +328,7 @@ def run(args) -> int:
     }
 
     def save():
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+        write_json(args.out, report)
 
     t_start = time.perf_counter()
     for B, L, budgets in configs:

@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
-import os
 import statistics
 import sys
 import time
+
+from .report import write_json
 
 log = logging.getLogger("prhs.bench.prefill")
 
@@ -400,10 +400,7 @@ def run(args) -> int:
     }
 
     def save():
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+        write_json(args.out, report)
 
     t_start = time.perf_counter()
     for T in lengths:

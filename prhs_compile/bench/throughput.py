@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
+
+from .report import write_json
 
 log = logging.getLogger("prhs.bench.throughput")
 
@@ -186,10 +187,7 @@ def run(args) -> int:
     }
 
     def save():
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+        write_json(args.out, report)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     bar = tqdm(total=len(names) * (2 + args.warmup + args.repeats), desc="throughput", unit="call",

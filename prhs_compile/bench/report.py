@@ -1,0 +1,16 @@
+"""What every benchmark does with its results: write them as JSON, often, so an interrupted
+run keeps what it measured."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_json(path: str | None, report: dict) -> None:
+    """Write ``report`` to ``path`` (creating its folder); nothing when ``path`` is None."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
