@@ -266,8 +266,15 @@ def window_prefill_reference(q, k, v, mask, is_causal: bool, scale: float, plan:
     attn_bias = torch.zeros(allowed.shape, device=q.device) if bias is None else bias.clone()
     attn_bias = attn_bias.masked_fill(~allowed, float("-inf"))[:, None].to(q.dtype)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale, enable_gqa=True)
+    reset_and_count(q, k, mask, is_causal, scale, plan, state, valid.sum(), allowed.sum())
+    return out.nan_to_num(0.0)
+
+
+def reset_and_count(q, k, mask, is_causal: bool, scale: float, plan: SelectPlan, state, valid_pairs, kept_pairs) -> None:
+    """A windowed prefill's bookkeeping: a new sequence starts (``prefill_reference``), and the
+    (query, key) pairs attention without the window computes (causal / masked) and those the
+    window kept are counted, per KV head."""
     prefill_reference(q, k, mask, is_causal, scale, plan, state)
     counters = state[COUNTERS_INDEX]
-    counters[PREFILL_PAIRS] += valid.sum() * k.shape[1]
-    counters[PREFILL_KEPT] += allowed.sum() * k.shape[1]
-    return out.nan_to_num(0.0)
+    counters[PREFILL_PAIRS] += valid_pairs * k.shape[1]
+    counters[PREFILL_KEPT] += kept_pairs * k.shape[1]

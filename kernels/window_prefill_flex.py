@@ -40,12 +40,7 @@ from typing import NamedTuple
 import torch
 
 from .plan import SelectPlan
-from .select_reference import (
-    COUNTERS_INDEX,
-    PREFILL_KEPT,
-    PREFILL_PAIRS,
-    prefill_reference,
-)
+from .select_reference import reset_and_count
 
 BLOCK_SIZE = 128  # FlexAttention's sparse block (query and KV) on CUDA
 # Per-row rank counting of per-row masks works on [B, rows, L] chunks of about this many
@@ -252,17 +247,9 @@ def window_prefill_flex_and_reset(q, k, v, mask, is_causal: bool, scale: float, 
     """What ``prhs::window_prefill`` runs on CUDA: the block-sparse attention, then the state
     reset and the pair counters, as ``window_prefill_reference`` does them."""
     result = flex_window_attention(q, k, v, mask, is_causal, scale, plan)
-    reset_and_count(q, k, mask, is_causal, scale, plan, state, result.window)
+    reset_and_count(q, k, mask, is_causal, scale, plan, state, result.window.valid_pairs,
+                    result.window.kept_pairs)
     return result.out
-
-
-def reset_and_count(q, k, mask, is_causal: bool, scale: float, plan: SelectPlan, state, window: PrefillWindow) -> None:
-    """A new sequence starts (``prefill_reference``); count the (query, key) pairs attention
-    without the window computes (causal / masked) and those the window kept, per KV head."""
-    prefill_reference(q, k, mask, is_causal, scale, plan, state)
-    counters = state[COUNTERS_INDEX]
-    counters[PREFILL_PAIRS] += window.valid_pairs * k.shape[1]
-    counters[PREFILL_KEPT] += window.kept_pairs * k.shape[1]
 
 
 # ---------------------------------------------------------------------------------------------
