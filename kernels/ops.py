@@ -19,6 +19,7 @@ module never imports Triton.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -27,6 +28,9 @@ from .attend_reference import attend_reference
 from .plan import decode_plan
 from .rules import get_rule
 from .select_reference import _state_dict, prefill_reference, select_reference, window_prefill_reference
+
+_log = logging.getLogger("prhs")
+_quest_fallback_layers: set[int] = set()  # layers already told the quest kernel is missing
 
 
 @torch.library.custom_op("prhs::select", mutates_args=("state",))
@@ -108,11 +112,18 @@ def _window_prefill_fake(q, k, v, mask, is_causal, scale, plan, state):
 
 @select.register_kernel("cuda")
 def _select_cuda(q, k, v, mask, scale, plan, state, shared=None):
-    from .select_step_triton import select_step_triton, supports  # Triton only when a GPU runs it
+    from .select_quest_triton import QuestKernelUnavailable  # Triton only when a GPU runs it
+    from .select_step_triton import select_step_triton, supports
 
     p = decode_plan(plan)
     if supports(p, q, k):
-        return select_step_triton(q, k, mask, scale, p, _state_dict(p, state, q, k), shared)
+        try:
+            return select_step_triton(q, k, mask, scale, p, _state_dict(p, state, q, k), shared)
+        except QuestKernelUnavailable as exc:  # raised before any state changed
+            if p.layer not in _quest_fallback_layers:
+                _quest_fallback_layers.add(p.layer)
+                _log.warning("prhs: quest page kernel unavailable (%s); layer %d selects with "
+                             "the torch reference", exc, p.layer)
     return select_reference(q, k, v, mask, scale, p, state, shared)
 
 

@@ -3,7 +3,8 @@
 ``select_step_triton`` returns what ``select_reference`` returns and mutates the same state,
 for the plans it supports (``supports``): policies ``oracle``, ``prhs`` (every selector:
 cosine or ``delta_target`` gate, dilation, PSAW recency window, cross-layer ``shared`` sets),
-``streaming``, ``lu_kv`` (and ``oracle`` / ``prhs`` within per-head budgets), and
+``streaming``, ``quest`` (page scores in ``select_quest_triton.py``), ``lu_kv`` (and
+``oracle`` / ``prhs`` within per-head budgets), and
 ``sage_kv`` / ``snapkv`` at decode (their one-shot selection is made at prefill by
 ``prhs::prefill``, the reference on every device), verify mode or selection listeners; everything else falls back to
 the reference (which runs on the GPU too, only slower). Ties between equal masses may be
@@ -40,6 +41,8 @@ import triton.language as tl
 
 from .bounds import reuse_bound
 from .plan import SelectPlan
+from .rules_baselines import QuestRule
+from .select_quest_triton import quest_page_scores, quest_picks
 from .select_reference import CALLS, RESETS, RETRIEVALS, SLOTS, selection_listeners
 from .select_triton import (
     _BLOCK_W,
@@ -61,7 +64,7 @@ _SLOT_BLOCK = 1024  # stored picks handled per iteration of the compose kernel
 def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``select_step_triton`` implements this plan (else use the reference)."""
     return (
-        plan.policy in ("oracle", "prhs", "sage_kv", "snapkv", "streaming", "lu_kv")
+        plan.policy in ("oracle", "prhs", "sage_kv", "snapkv", "streaming", "lu_kv", "quest")
         and not plan.verify
         and (not plan.head_budgets or plan.policy in ("oracle", "prhs", "lu_kv"))
         and not selection_listeners
@@ -327,6 +330,11 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
     elif plan.policy == "streaming":
         indices = _compose(operand, bounds, None, plan, batch, kv_heads, q_len, local=local)
         retrieved = torch.zeros(batch, kv_heads, dtype=torch.bool, device=q.device)
+    elif plan.policy == "quest":
+        scores = quest_page_scores(q, k, operand, bounds, QuestRule.PAGE)
+        picks = _quest_picks(scores, plan.middle, QuestRule.PAGE, length)
+        indices = _compose(operand, bounds, picks, plan, batch, kv_heads, q_len)
+        retrieved = ~fits[:, None].expand(-1, kv_heads)
     elif plan.policy in ("sage_kv", "snapkv"):
         indices, retrieved = _one_shot_choose(q, k, mask, scale, plan, st, continuing, bounds, fits)
     else:
@@ -389,6 +397,9 @@ def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits, 
            plan.dilation_r, (q_heads // kv_heads) * q_len, plan.head_middles(q.device))
     indices = _compose(found.operand, found.bounds, kept, plan, batch, kv_heads, q_len)
     return indices, retrieve
+
+
+_quest_picks = _fused(quest_picks)
 
 
 @_fused

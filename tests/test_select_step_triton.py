@@ -167,9 +167,39 @@ def test_prhs_follower_takes_shared_selection():
     _run(dataclasses.replace(PRHS, share_from=1), shared_from=shared, steps=2)
 
 
-@pytest.mark.parametrize("policy", ["sage_kv", "snapkv", "streaming"])
+@pytest.mark.parametrize("policy", ["sage_kv", "snapkv", "streaming", "quest"])
 def test_other_policies_decode_on_the_triton_path(policy):
     _run(SelectPlan(policy=policy, layer=0, budget=20, sink=3, local=5), steps=3)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_quest_pages_on_the_triton_path(mask_kind):
+    """Budget room for two pages of 16 among six: the page bounds decide which."""
+    plan = SelectPlan(policy="quest", layer=2, budget=48, sink=3, local=5)
+    _run(plan, steps=3, mask_kind=mask_kind)
+    _run(plan, steps=2, Tq=2, Hq=8, Hkv=2, seed=5)
+
+
+def test_quest_falls_back_to_the_reference_when_its_kernel_cannot_compile(monkeypatch, caplog):
+    """The page kernel failing to compile must not fail the step: the reference runs, once
+    logged, and the result is the reference's."""
+    from prhs_compile.kernels import ops, select_quest_triton
+
+    monkeypatch.setattr(select_quest_triton, "unavailable", "CompilationError: simulated")
+    monkeypatch.setattr(ops, "_quest_fallback_layers", set())
+    plan = SelectPlan(policy="quest", layer=2, budget=48, sink=3, local=5)
+    B, Hq, Hkv, D, L = 1, 4, 2, 16, 96
+    gen = torch.Generator().manual_seed(6)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE)
+    q = torch.randn(B, Hq, 1, D, generator=gen).to(DEVICE)
+    mask = _mask_for([90], [0], L, 1, "bool")
+    state, ref_state = _fresh_state(plan, B, Hq, Hkv, D), _fresh_state(plan, B, Hq, Hkv, D)
+    with caplog.at_level("WARNING", logger="prhs"):
+        out = ops._select_cuda(q, k, k, mask, D ** -0.5, plan.encode(), state)
+        ops._select_cuda(q, k, k, mask, D ** -0.5, plan.encode(), [t.clone() for t in state])
+    ref = select_reference(q, k, k, mask, D ** -0.5, plan, ref_state)
+    assert torch.equal(out, ref)
+    assert sum("quest page kernel unavailable" in r.message for r in caplog.records) == 1
 
 
 def test_one_shot_policy_retrieves_once_without_a_prefill_of_its_sequence():
@@ -226,7 +256,6 @@ def test_unsupported_plans_fall_back():
     assert not supports(dataclasses.replace(PRHS, verify=True), q, q)
     assert not supports(SelectPlan(policy="sage_kv", layer=0, budget=8, head_budgets="8,8"), q, q)
     assert not supports(SelectPlan(policy="h2o", layer=0, budget=8), q, q)
-    assert not supports(SelectPlan(policy="quest", layer=0, budget=8), q, q)
 
 
 @pytest.mark.cuda
