@@ -3,7 +3,7 @@
 ``select_step_triton`` returns what ``select_reference`` returns and mutates the same state,
 for the plans it supports (``supports``): policies ``oracle``, ``prhs`` (every selector:
 cosine or ``delta_target`` gate, dilation, PSAW recency window, cross-layer ``shared`` sets),
-``streaming``, ``quest`` (page scores in ``select_quest_triton.py``), ``lu_kv`` (and
+``streaming``, ``quest`` (page scores in ``select_quest_triton.py``), ``h2o``, ``lu_kv`` (and
 ``oracle`` / ``prhs`` within per-head budgets), and
 ``sage_kv`` / ``snapkv`` at decode (their one-shot selection is made at prefill by
 ``prhs::prefill``, the reference on every device), verify mode or selection listeners; everything else falls back to
@@ -64,7 +64,7 @@ _SLOT_BLOCK = 1024  # stored picks handled per iteration of the compose kernel
 def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``select_step_triton`` implements this plan (else use the reference)."""
     return (
-        plan.policy in ("oracle", "prhs", "sage_kv", "snapkv", "streaming", "lu_kv", "quest")
+        plan.policy in ("oracle", "prhs", "sage_kv", "snapkv", "streaming", "lu_kv", "quest", "h2o")
         and not plan.verify
         and (not plan.head_budgets or plan.policy in ("oracle", "prhs", "lu_kv"))
         and not selection_listeners
@@ -335,6 +335,14 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
         picks = _quest_picks(scores, plan.middle, QuestRule.PAGE, length)
         indices = _compose(operand, bounds, picks, plan, batch, kv_heads, q_len)
         retrieved = ~fits[:, None].expand(-1, kv_heads)
+    elif plan.policy == "h2o":
+        # Every step needs each kept position's share of the full softmax: the group mass of
+        # every valid position (both K passes over the whole valid region).
+        found = _group_mass(q, k, mask, scale, 0, 0, -1, 0)
+        picks = _h2o_update(found.mass, st["score"][:batch, :, :length], continuing, bounds,
+                            plan.middle, (q.shape[1] // kv_heads) * q_len)
+        indices = _compose(operand, bounds, picks, plan, batch, kv_heads, q_len)
+        retrieved = ~fits[:, None].expand(-1, kv_heads)
     elif plan.policy in ("sage_kv", "snapkv"):
         indices, retrieved = _one_shot_choose(q, k, mask, scale, plan, st, continuing, bounds, fits)
     else:
@@ -400,6 +408,29 @@ def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits, 
 
 
 _quest_picks = _fused(quest_picks)
+
+
+@_fused
+def _h2o_update(mass, score, continuing, bounds, middle: int, rows: int):
+    """H2O (``H2ORule.choose``): heavy hitters by accumulated attention. ``mass`` is the
+    group mass of every valid position (-inf elsewhere); ``score`` the accumulated scores,
+    updated in place. Returns the picks outside the windows."""
+    length = mass.shape[-1]
+    valid = mass > float("-inf")
+    m0 = mass.clamp_min(0.0)
+    # A new or reordered sequence (or one whose prefill this state never saw) starts over.
+    fresh = ~continuing[:, None] | (score.sum(-1) == 0)
+    score.copy_(torch.where(fresh[..., None], m0, score))
+    pos = torch.arange(length, device=mass.device)
+    in_window = (pos < bounds[:, 3:4].long()) | (pos >= bounds[:, 4:5].long())  # [B, L]
+    windows = valid & in_window[:, None, :]
+    picks, _ = _pick(score.masked_fill(~valid | windows, float("-inf")),
+                     torch.zeros_like(score[..., 0]), middle, 0.0, 0, 0, rows)
+    keep = torch.zeros(*score.shape[:-1], length + 1, dtype=torch.bool, device=mass.device)
+    keep = keep.scatter_(-1, torch.where(picks >= 0, picks, length).long(), True)[..., :length]
+    got = m0 * (keep | windows)  # the mass each kept position received
+    score.add_(got / got.sum(-1, keepdim=True).clamp_min(1e-30) * rows)
+    return picks
 
 
 @_fused

@@ -29,7 +29,7 @@ from prhs_compile.kernels.select_reference import (  # noqa: E402
 from prhs_compile.kernels.select_step_triton import select_step_triton, supports  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP32_STATE = ("anchor", "anchor_dropped", "key_norm", "fingerprint")
+FP32_STATE = ("anchor", "anchor_dropped", "key_norm", "fingerprint", "score")
 
 
 def _fresh_state(plan, B, Hq, Hkv, D):
@@ -123,7 +123,8 @@ def test_prhs_selector_variants(plan):
     PRHS,
     dataclasses.replace(PRHS, delta_target=0.3),
     SelectPlan(policy="lu_kv", layer=0, budget=20, sink=3, local=5, head_budgets="14,24"),
-], ids=["cosine", "delta", "lu_kv"])
+    SelectPlan(policy="h2o", layer=0, budget=24, sink=2, local=4, kv_len=96),
+], ids=["cosine", "delta", "lu_kv", "h2o"])
 def test_compiled_glue_matches_the_reference(plan, monkeypatch):
     """On CUDA the torch glue between the kernels is compiled (fullgraph): same results."""
     from prhs_compile.kernels import select_step_triton as step
@@ -200,6 +201,14 @@ def test_quest_falls_back_to_the_reference_when_its_kernel_cannot_compile(monkey
     ref = select_reference(q, k, k, mask, D ** -0.5, plan, ref_state)
     assert torch.equal(out, ref)
     assert sum("quest page kernel unavailable" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_h2o_accumulates_on_the_triton_path(mask_kind):
+    """Scores seeded by the first decode step, then accumulated over the kept set: the
+    state (``score``) and the selections match the reference step after step."""
+    plan = SelectPlan(policy="h2o", layer=0, budget=24, sink=2, local=4, kv_len=96)
+    _run(plan, steps=4, mask_kind=mask_kind)
 
 
 def test_one_shot_policy_retrieves_once_without_a_prefill_of_its_sequence():
