@@ -42,6 +42,7 @@ import triton.language as tl
 from .bounds import reuse_bound
 from .plan import SelectPlan
 from .rules_baselines import QuestRule
+from .select_hshare_triton import channel_abs_sums
 from .select_quest_triton import quest_page_scores, quest_picks
 from .select_reference import CALLS, RESETS, RETRIEVALS, SLOTS, selection_listeners
 from .select_triton import (
@@ -64,7 +65,8 @@ _SLOT_BLOCK = 1024  # stored picks handled per iteration of the compose kernel
 def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``select_step_triton`` implements this plan (else use the reference)."""
     return (
-        plan.policy in ("oracle", "prhs", "sage_kv", "snapkv", "streaming", "lu_kv", "quest", "h2o")
+        plan.policy in ("oracle", "prhs", "sage_kv", "snapkv", "streaming", "lu_kv", "quest", "h2o",
+                        "hshare")
         and not plan.verify
         and (not plan.head_budgets or plan.policy in ("oracle", "prhs", "lu_kv"))
         and not selection_listeners
@@ -343,6 +345,9 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
                             plan.middle, (q.shape[1] // kv_heads) * q_len)
         indices = _compose(operand, bounds, picks, plan, batch, kv_heads, q_len)
         retrieved = ~fits[:, None].expand(-1, kv_heads)
+    elif plan.policy == "hshare":
+        indices, retrieved = _hshare_choose(q, k, mask, scale, plan, st, continuing, bounds, fits,
+                                            operand)
     elif plan.policy in ("sage_kv", "snapkv"):
         indices, retrieved = _one_shot_choose(q, k, mask, scale, plan, st, continuing, bounds, fits)
     else:
@@ -462,3 +467,53 @@ def _one_shot_choose(q, k, mask, scale, plan, st, continuing, bounds, fits):
     _one_shot_store(found.mass, found.window_mass, retrieve, kept, ready, plan.middle,
                     (q_heads // kv_heads) * q_len)
     return _compose(found.operand, found.bounds, kept, plan, batch, kv_heads, q_len), retrieve
+
+
+@_fused
+def _hshare_gate(continuing, fits, labels, anchor, age):
+    """HShare: which slots continue no sequence this state saw (their labels are chosen
+    afresh), which reuse the set of the step before, which retrieve."""
+    unseeded = (labels[..., 0] < 0) | ~continuing[:, None]
+    own = torch.arange(anchor.shape[1], device=anchor.device).expand_as(anchor)
+    anchor.copy_(torch.where(unseeded | (anchor < 0), own, anchor))
+    reuse = continuing[:, None] & (age == 0) & ~unseeded
+    return unseeded, reuse, ~reuse & ~fits[:, None]
+
+
+@_fused
+def _hshare_labelled(q, k, labels, sums, unseeded):
+    """New label channels where unseeded, and q, k restricted to each KV head's labels."""
+    labels.copy_(torch.where(unseeded[..., None], sums.topk(labels.shape[-1], dim=-1).indices, labels))
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    q_idx = labels.repeat_interleave(group, 1)[:, :, None, :].expand(-1, -1, q_len, -1)
+    k_idx = labels[:, :, None, :].expand(-1, -1, length, -1)
+    return q.gather(-1, q_idx).contiguous(), k.gather(-1, k_idx).contiguous()
+
+
+@_fused
+def _hshare_store(mass, retrieve, anchor, kept, age, reuse, middle: int, rows: int):
+    fresh, _ = _pick(mass, torch.zeros_like(mass[..., 0]), middle, 0.0, 0, 0, rows)
+    fresh = fresh.gather(1, anchor[..., None].expand(-1, -1, fresh.shape[-1]))  # shared heads copy
+    kept.copy_(torch.where(retrieve[..., None], fresh, kept))
+    age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
+    own = torch.arange(anchor.shape[1], device=anchor.device)
+    return retrieve & (anchor == own)  # a head copying another reads no keys
+
+
+def _hshare_choose(q, k, mask, scale, plan, st, continuing, bounds, fits, operand):
+    """``HShareRule.choose`` on the Triton path: label-channel scores, reuse every second
+    step, head sharing."""
+    batch, q_heads, q_len, _ = q.shape
+    kv_heads = k.shape[1]
+    labels, anchor = st["labels"][:batch], st["head_anchor"][:batch]
+    age, kept = st["age"][:batch], st["kept"][:batch]
+    unseeded, reuse, retrieve = _hshare_gate(continuing, fits, labels, anchor, age)
+    sums = channel_abs_sums(k, operand, bounds, unseeded, q_len)
+    q_lab, k_lab = _hshare_labelled(q, k, labels, sums, unseeded)
+    found = _group_mass(q_lab, k_lab, mask, scale, plan.sink, plan.local, plan.budget,
+                        plan.min_context, bounds=bounds, active=retrieve)
+    retrieved = _hshare_store(found.mass, retrieve, anchor, kept, age, reuse, plan.middle,
+                              (q_heads // kv_heads) * q_len)
+    return _compose(operand, bounds, kept, plan, batch, kv_heads, q_len), retrieved

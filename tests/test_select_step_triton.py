@@ -124,7 +124,8 @@ def test_prhs_selector_variants(plan):
     dataclasses.replace(PRHS, delta_target=0.3),
     SelectPlan(policy="lu_kv", layer=0, budget=20, sink=3, local=5, head_budgets="14,24"),
     SelectPlan(policy="h2o", layer=0, budget=24, sink=2, local=4, kv_len=96),
-], ids=["cosine", "delta", "lu_kv", "h2o"])
+    SelectPlan(policy="hshare", layer=0, budget=24, sink=2, local=4),
+], ids=["cosine", "delta", "lu_kv", "h2o", "hshare"])
 def test_compiled_glue_matches_the_reference(plan, monkeypatch):
     """On CUDA the torch glue between the kernels is compiled (fullgraph): same results."""
     from prhs_compile.kernels import select_step_triton as step
@@ -209,6 +210,33 @@ def test_h2o_accumulates_on_the_triton_path(mask_kind):
     state (``score``) and the selections match the reference step after step."""
     plan = SelectPlan(policy="h2o", layer=0, budget=24, sink=2, local=4, kv_len=96)
     _run(plan, steps=4, mask_kind=mask_kind)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_hshare_on_the_triton_path(mask_kind):
+    """Label channels from the prefill, reuse every second step, head sharing; and a row
+    whose prefill the state never saw picks its labels at decode."""
+    plan = SelectPlan(policy="hshare", layer=0, budget=24, sink=2, local=4)
+    _run(plan, steps=4, mask_kind=mask_kind, D=32)
+    _run(plan, steps=3, Hq=8, Hkv=4, D=32, seed=7)
+
+
+def test_hshare_without_a_prefill_chooses_labels_at_decode():
+    plan = SelectPlan(policy="hshare", layer=0, budget=24, sink=2, local=4)
+    B, Hq, Hkv, D, L = 2, 4, 2, 32, 80
+    gen = torch.Generator().manual_seed(8)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE)
+    q = torch.randn(B, Hq, 1, D, generator=gen).to(DEVICE)
+    ref_state = _fresh_state(plan, B, Hq, Hkv, D)
+    tri_state = [t.clone() for t in ref_state]
+    for n in (50, 51, 52, 60):  # 60: a jump, labels chosen again
+        mask = _mask_for([n, n - 3], [0, 2], L, 1, "bool")
+        ref = select_reference(q, k, k, mask, D ** -0.5, plan, ref_state)
+        tri = select_step_triton(q, k, mask, D ** -0.5, plan, _state_dict(plan, tri_state, q, k))
+        assert torch.equal(tri.sort(-1).values, ref.sort(-1).values)
+        for a, b in zip(tri_state, ref_state):
+            if a.dtype != torch.float32:
+                assert torch.equal(a, b)
 
 
 def test_one_shot_policy_retrieves_once_without_a_prefill_of_its_sequence():
