@@ -292,7 +292,8 @@ def test_unsupported_plans_fall_back():
     q = torch.zeros(1, 2, 1, 8)
     assert not supports(dataclasses.replace(PRHS, verify=True), q, q)
     assert not supports(SelectPlan(policy="sage_kv", layer=0, budget=8, head_budgets="8,8"), q, q)
-    assert not supports(SelectPlan(policy="h2o", layer=0, budget=8), q, q)
+    assert not supports(SelectPlan(policy="dense", layer=0, budget=8), q, q)  # no selection to speed up
+    assert not supports(SelectPlan(policy="h2o", layer=0, budget=8), q.half(), q)  # mixed dtypes
 
 
 @pytest.mark.cuda
