@@ -47,23 +47,31 @@ class SelectPlan:
         return max(self.head_budget_list or (self.budget,)) - self.sink - self.local
 
     def head_middles(self, device):
-        """Per-KV-head retrieved counts as a tensor, or None without per-head budgets."""
+        """Per-KV-head retrieved counts as a tensor, or None without per-head budgets. The
+        tensor is made once per device: a select step (every decode step, possibly inside a
+        CUDA graph being captured) must not copy it from the host each time."""
         if not self.head_budgets:
             return None
-        import torch
+        return _head_middles(self.head_budgets, self.sink + self.local, str(device))
 
-        return torch.tensor([b - self.sink - self.local for b in self.head_budget_list], device=device).clamp_min(0)
+    @property
+    def psaw_fraction(self) -> float:
+        """1 - phi ** (alpha * (l - l_s) / (N - l_s)): the share of the valid positions outside
+        this layer's progressive recency window; -1 when the layer has no window."""
+        if self.psaw_start < 0 or self.layer < self.psaw_start or self.num_layers <= self.psaw_start:
+            return -1.0
+        depth = (self.layer - self.psaw_start) / (self.num_layers - self.psaw_start)
+        return 1.0 - self.psaw_phi ** (self.psaw_alpha * depth)
 
     def psaw_excluded(self, count):
         """Oldest non-sink positions outside this layer's progressive recency window.
 
-        P_l(t) = floor((1 - phi ** (alpha * (l - l_s) / (N - l_s))) * t) for l >= l_s.
-        ``count`` is the number of valid positions t (a tensor); returns a tensor like it.
+        P_l(t) = floor(psaw_fraction * t) for l >= l_s, else 0. ``count`` is the number of
+        valid positions t (a tensor); returns a tensor like it.
         """
-        if self.psaw_start < 0 or self.layer < self.psaw_start or self.num_layers <= self.psaw_start:
+        if self.psaw_fraction < 0:
             return count * 0
-        depth = (self.layer - self.psaw_start) / (self.num_layers - self.psaw_start)
-        return ((1.0 - self.psaw_phi ** (self.psaw_alpha * depth)) * count).floor().long()
+        return (self.psaw_fraction * count).floor().long()
 
     @property
     def slots(self) -> int:
@@ -83,6 +91,14 @@ class SelectPlan:
                 continue
             parts.append(f"{f.name}={int(value) if isinstance(value, bool) else value}")
         return ";".join(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _head_middles(head_budgets: str, always_kept: int, device: str):
+    import torch
+
+    budgets = [int(b) for b in head_budgets.split(",")]
+    return torch.tensor([b - always_kept for b in budgets], device=device).clamp_min(0)
 
 
 _ALWAYS_ENCODED = ("policy", "layer", "budget")

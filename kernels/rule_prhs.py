@@ -9,6 +9,7 @@ from .selection import (
     SelectionRule,
     dilate_and_pick,
     keep_to_indices,
+    keys_at,
     retrieval_region,
     smallest_sufficient,
     stored_and_windows,
@@ -50,8 +51,8 @@ class PrHSRule(SelectionRule):
         query = view.q[:, :, -1].float()  # [B, Hq, D] newest query row
 
         # Largest key norm, kept up to date with the newest key (for the reuse bound).
-        newest_key = view.k.float().gather(2, view.newest.clamp_min(0)[:, None, None, None].expand(-1, hkv, 1, view.head_dim))
-        key_norm.copy_(torch.where(view.continuing[:, None], torch.maximum(key_norm, newest_key.norm(dim=-1)[..., 0]), key_norm))
+        newest_norm = keys_at(view.k, view.newest, hkv).norm(dim=-1)  # [B, Hkv]
+        key_norm.copy_(torch.where(view.continuing[:, None], torch.maximum(key_norm, newest_norm), key_norm))
         shift = (query - anchor).norm(dim=-1).reshape(b, hkv, group).amax(-1)  # [B, Hkv]
         view.reuse_bound = reuse_bound(anchor_dropped, view.scale, key_norm, shift)
 

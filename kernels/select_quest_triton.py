@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 
-from .select_triton import _valid_positions
+from .select_triton import _row_bounds, _valid_positions
 
 __all__ = ["QuestKernelUnavailable", "quest_page_scores", "quest_picks"]
 
@@ -41,9 +41,7 @@ def _quest_page_kernel(
     page = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
-    bnd = BOUNDS + b * 8
-    lo, hi = tl.load(bnd + 0), tl.load(bnd + 1)
-    sink_end, local_start = tl.load(bnd + 3), tl.load(bnd + 4)
+    lo, hi, _, sink_end, local_start, _ = _row_bounds(BOUNDS, b)
 
     pos = page * PAGE + tl.arange(0, PAGE)
     offs_d = tl.arange(0, BLOCK_D)

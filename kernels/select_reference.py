@@ -29,7 +29,7 @@ import torch
 from .bounds import output_error_bound
 from .plan import SelectPlan
 from .rules import get_rule
-from .selection import indices_to_keep, keep_to_indices
+from .selection import indices_to_keep, keep_to_indices, keys_at
 
 COUNTER_NAMES = ("decode_calls", "slots", "retrievals", "resets", "prefill_pairs", "prefill_pairs_kept")
 CALLS, SLOTS, RETRIEVALS, RESETS, PREFILL_PAIRS, PREFILL_KEPT = range(len(COUNTER_NAMES))
@@ -146,9 +146,8 @@ def _row_bias(mask, is_causal, batch, q_len, kv_len, device):
 
 
 def _key_at(k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """``k[b, 0, pos[b]]`` as fp32 ``[B, D]`` (positions clamped into range)."""
-    index = pos.clamp(0, k.shape[2] - 1)[:, None, None].expand(-1, 1, k.shape[-1])
-    return k[:, 0].gather(1, index)[:, 0].float()
+    """The fingerprint key: ``k[b, 0, pos[b]]`` as fp32 ``[B, D]``."""
+    return keys_at(k, pos)[:, 0]
 
 
 def select_reference(q, k, v, mask, scale: float, plan: SelectPlan, state: list[torch.Tensor], shared=None):

@@ -44,12 +44,14 @@ from .plan import SelectPlan
 from .rules_baselines import QuestRule
 from .select_hshare_triton import channel_abs_sums
 from .select_quest_triton import quest_page_scores, quest_picks
-from .select_reference import CALLS, RESETS, RETRIEVALS, SLOTS, selection_listeners
+from .select_reference import CALLS, RESETS, RETRIEVALS, SLOTS, _key_at, selection_listeners
+from .selection import keys_at
 from .select_triton import (
     _BLOCK_W,
     _bounds,
     _group_mass,
     _mask_operand,
+    _row_bounds,
     _valid_positions,
     _write_valid_run,
     oracle_select_triton,
@@ -62,13 +64,18 @@ log = logging.getLogger("prhs")
 _SLOT_BLOCK = 1024  # stored picks handled per iteration of the compose kernel
 
 
+# Every policy but dense (which selects nothing); per-head budgets where this path applies
+# them (the reference also caps sage_kv, snapkv, h2o and hshare picks, which this path does not).
+_POLICIES = frozenset({"oracle", "prhs", "lu_kv", "streaming", "quest", "h2o", "hshare", "sage_kv", "snapkv"})
+_PER_HEAD_BUDGETS = frozenset({"oracle", "prhs", "lu_kv"})
+
+
 def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``select_step_triton`` implements this plan (else use the reference)."""
     return (
-        plan.policy in ("oracle", "prhs", "sage_kv", "snapkv", "streaming", "lu_kv", "quest", "h2o",
-                        "hshare")
+        plan.policy in _POLICIES
         and not plan.verify
-        and (not plan.head_budgets or plan.policy in ("oracle", "prhs", "lu_kv"))
+        and (not plan.head_budgets or plan.policy in _PER_HEAD_BUDGETS)
         and not selection_listeners
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and q.dtype == k.dtype
@@ -89,13 +96,7 @@ def _compose_kernel(
     window, ascending, -1 padded; a row that fits the budget keeps all its valid positions."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // Hkv).to(tl.int64)
-    bnd = BOUNDS + b * 8
-    lo = tl.load(bnd + 0)
-    hi = tl.load(bnd + 1)
-    count = tl.load(bnd + 2)
-    sink_end = tl.load(bnd + 3)
-    local_start = tl.load(bnd + 4)
-    fits = tl.load(bnd + 5) != 0
+    lo, hi, count, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
     out_row = OUT + pid_bh.to(tl.int64) * slots
     kept_row = KEPT + pid_bh.to(tl.int64) * middle
     sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
@@ -110,7 +111,7 @@ def _compose_kernel(
         inside = (p >= 0) & (p >= sink_end) & (p < local_start) & (p < hi)
         inside = inside & _valid_positions(MASK, b, p, inside, Tq, stride_mb, stride_mt,
                                            stride_ml, mask_min, MASK_KIND, TQ_P2)
-        inside = (inside & (tl.load(bnd + 5) == 0)) != 0  # as int1 (the interpreter needs it)
+        inside = (inside & (fits == 0)) != 0  # as int1 (the interpreter needs it)
         slot = sink + n_kept + tl.cumsum(inside.to(tl.int32), 0) - 1
         tl.store(out_row + slot, p, mask=inside & (slot < slots))
         n_kept += tl.sum(inside.to(tl.int32), 0)
@@ -147,14 +148,6 @@ def _compose(operand, bounds, kept, plan: SelectPlan, batch: int, kv_heads: int,
         BLOCK_W=_BLOCK_W, SLOT_BLOCK=_SLOT_BLOCK, num_warps=4,
     )
     return out
-
-
-def _psaw_fraction(plan: SelectPlan) -> float:
-    """The factor of ``SelectPlan.psaw_excluded`` (-1: this layer has no recency window)."""
-    if plan.psaw_start < 0 or plan.layer < plan.psaw_start or plan.num_layers <= plan.psaw_start:
-        return -1.0
-    depth = (plan.layer - plan.psaw_start) / (plan.num_layers - plan.psaw_start)
-    return 1.0 - plan.psaw_phi ** (plan.psaw_alpha * depth)
 
 
 def _pick(mass: torch.Tensor, window_mass: torch.Tensor, middle: int, delta_target: float,
@@ -224,12 +217,6 @@ def _pick(mass: torch.Tensor, window_mass: torch.Tensor, middle: int, delta_targ
     return picks, retained
 
 
-def _key_at(k: torch.Tensor, pos: torch.Tensor, heads: int) -> torch.Tensor:
-    """``k[b, :heads, pos[b]]`` as fp32 ``[B, heads, D]`` (positions clamped into range)."""
-    index = pos.clamp(0, k.shape[2] - 1)[:, None, None, None].expand(-1, heads, 1, k.shape[-1])
-    return k[:, :heads].gather(2, index)[:, :, 0].float()
-
-
 def _fused(fn):
     """``fn`` compiled by Inductor when it runs on CUDA, so that its dozens of small torch ops
     become a few fused kernels (each launch costs microseconds even inside a CUDA graph);
@@ -284,7 +271,7 @@ def _continuity(bounds, pos, fingerprint, k, q_len: int):
     count, fits = bounds[:, 2].long(), bounds[:, 5] != 0
     newest = torch.where(count > 0, bounds[:, 1].long() - 1, -1)
     follows = (pos >= 0) & (newest == pos + q_len) & (pos < k.shape[2])
-    continuing = follows & (_key_at(k, pos, 1)[:, 0] == fingerprint).all(-1)
+    continuing = follows & (_key_at(k, pos) == fingerprint).all(-1)
     return newest, continuing, fits
 
 
@@ -295,7 +282,7 @@ def _bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieved):
     counters[RESETS] += (~continuing).sum()
     counters[RETRIEVALS] += retrieved.sum()
     pos.copy_(newest)
-    fingerprint.copy_(_key_at(k, newest, 1)[:, 0])
+    fingerprint.copy_(_key_at(k, newest))
 
 
 def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, shared=None):
@@ -304,7 +291,7 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
     kv_heads, length = k.shape[1], k.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    psaw_frac = _psaw_fraction(plan) if plan.policy == "prhs" else -1.0
+    psaw_frac = plan.psaw_fraction if plan.policy == "prhs" else -1.0
     pos, fingerprint = st["pos"][:batch], st["fingerprint"][:batch]
     # StreamingLLM's window is everything after the sinks.
     local = plan.budget - plan.sink if plan.policy == "streaming" else plan.local
@@ -366,7 +353,7 @@ def _gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_norm,
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
     query = q[:, :, -1].float()
-    newest_norm = _key_at(k, newest, kv_heads).norm(dim=-1)  # [B, Hkv]
+    newest_norm = keys_at(k, newest, kv_heads).norm(dim=-1)  # [B, Hkv]
     key_norm.copy_(torch.where(continuing[:, None], torch.maximum(key_norm, newest_norm), key_norm))
     shift = (query - anchor).norm(dim=-1).reshape(batch, kv_heads, group).amax(-1)
     bound = reuse_bound(anchor_dropped, scale, key_norm, shift)

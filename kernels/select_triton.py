@@ -309,11 +309,11 @@ def _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale
 
 
 @triton.jit
-def _assignment(ACTIVE, pid_bh, split, BH, num_splits, HAS_ACTIVE: tl.constexpr,
+def _assignment(ACTIVE, pid_bh, split, BH, Hkv, num_splits, HAS_ACTIVE: tl.constexpr,
                 BLOCK_BH: tl.constexpr):
-    """(row, split, splits, ok): which (row, KV head) slot and which of its splits this
-    program scores. Without activity flags, slot ``pid_bh`` and split ``split`` of
-    ``num_splits``. With them, the ``BH * num_splits`` programs are shared evenly among the
+    """(slot, b, hkv, split, splits, ok): which (row, KV head) slot (flat, and as batch row
+    and KV head) and which of its splits this program scores. Without activity flags, slot
+    ``pid_bh`` and split ``split`` of ``num_splits``. With them, the ``BH * num_splits`` programs are shared evenly among the
     active slots only (each gets ``BH * num_splits // n_active`` splits), so a step where
     few slots retrieve still fills the GPU; ``ok`` is False for programs left over."""
     if HAS_ACTIVE:
@@ -325,10 +325,12 @@ def _assignment(ACTIVE, pid_bh, split, BH, num_splits, HAS_ACTIVE: tl.constexpr,
         pid = pid_bh * num_splits + split
         nth = pid // splits
         rank = tl.cumsum(fi, 0) - 1
-        row = tl.sum(tl.where(flags & (rank == nth), offs, 0), 0)
-        return row, pid % splits, splits, nth < n_active
+        slot = tl.sum(tl.where(flags & (rank == nth), offs, 0), 0)
+        split = pid % splits
+        ok = nth < n_active
     else:
-        return pid_bh, split, num_splits, pid_bh >= 0
+        slot, splits, ok = pid_bh, num_splits, pid_bh >= 0
+    return slot, (slot // Hkv).to(tl.int64), (slot % Hkv).to(tl.int64), split, splits, ok
 
 
 @triton.jit
@@ -346,11 +348,9 @@ def _lse_kernel(
 ):
     # (row, KV head) slots that reuse a selection read no K at all; the active ones share
     # every program (see _assignment).
-    pid_bh, split, num_splits, ok = _assignment(ACTIVE, tl.program_id(0), tl.program_id(1), BH,
-                                                num_splits, HAS_ACTIVE, BLOCK_BH)
+    pid_bh, b, hkv, split, num_splits, ok = _assignment(
+        ACTIVE, tl.program_id(0), tl.program_id(1), BH, Hkv, num_splits, HAS_ACTIVE, BLOCK_BH)
     pid_m = tl.program_id(2)
-    b = (pid_bh // Hkv).to(tl.int64)
-    hkv = (pid_bh % Hkv).to(tl.int64)
     M = G * Tq
 
     bnd = BOUNDS + b * 8
@@ -427,11 +427,9 @@ def _mass_kernel(
 ):
     # Inactive slots neither read K nor write: their mass is never looked at. The same
     # assignment as pass 1, so each program finds its slot's partials.
-    pid_bh, split, num_splits, ok = _assignment(ACTIVE, tl.program_id(0), tl.program_id(1), BH,
-                                                num_splits, HAS_ACTIVE, BLOCK_BH)
+    pid_bh, b, hkv, split, num_splits, ok = _assignment(
+        ACTIVE, tl.program_id(0), tl.program_id(1), BH, Hkv, num_splits, HAS_ACTIVE, BLOCK_BH)
     pid_m = tl.program_id(2)
-    b = (pid_bh // Hkv).to(tl.int64)
-    hkv = (pid_bh % Hkv).to(tl.int64)
     M = G * Tq
 
     bnd = BOUNDS + b * 8
@@ -535,6 +533,14 @@ def _write_valid_run(OUT_ROW, MASK, b, lo, hi, base, slots, Tq,
 
 
 @triton.jit
+def _row_bounds(BOUNDS, b):
+    """(lo, hi, count, sink_end, local_start, fits) of batch row ``b`` (see ``_bounds``)."""
+    bnd = BOUNDS + b * 8
+    return (tl.load(bnd + 0), tl.load(bnd + 1), tl.load(bnd + 2), tl.load(bnd + 3),
+            tl.load(bnd + 4), tl.load(bnd + 5) != 0)
+
+
+@triton.jit
 def _middle_range(bnd):
     """[mid_lo, mid_hi): the positions a retrieval scores (empty for rows that fit): after
     the sinks and the part the recency window (PSAW) leaves out, before the local window."""
@@ -584,12 +590,7 @@ def _write_kernel(
     c = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     bnd = BOUNDS + b * 8
-    lo = tl.load(bnd + 0)
-    hi = tl.load(bnd + 1)
-    count = tl.load(bnd + 2)
-    sink_end = tl.load(bnd + 3)
-    local_start = tl.load(bnd + 4)
-    fits = tl.load(bnd + 5) != 0
+    lo, hi, count, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
     mid_lo, mid_hi = _middle_range(bnd)
     sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
     kk = tl.full([], 0, tl.int32) + kk
@@ -633,7 +634,7 @@ def _write_kernel(
     _write_valid_run(out_row, MASK, b, lo, a_end, 0, slots, Tq, stride_mb, stride_mt,
                      stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
     b_start = tl.minimum(local_start, hi)
-    b_end = tl.where(first & (tl.load(bnd + 5) == 0), hi, b_start)
+    b_end = tl.where(first & (fits == 0), hi, b_start)
     _write_valid_run(out_row, MASK, b, b_start, b_end, sink + kk, slots, Tq, stride_mb,
                      stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
 

@@ -165,3 +165,9 @@ def indices_to_keep(indices: torch.Tensor, length: int) -> torch.Tensor:
     mask = torch.zeros(*indices.shape[:-1], length + 1, dtype=torch.bool, device=indices.device)
     mask.scatter_(-1, torch.where(indices >= 0, indices, length).long(), True)
     return mask[..., :-1]
+
+
+def keys_at(k: torch.Tensor, pos: torch.Tensor, heads: int = 1) -> torch.Tensor:
+    """``k[b, :heads, pos[b]]`` as fp32 ``[B, heads, D]`` (positions clamped into range)."""
+    index = pos.clamp(0, k.shape[2] - 1)[:, None, None, None].expand(-1, heads, 1, k.shape[-1])
+    return k[:, :heads].gather(2, index)[:, :, 0].float()

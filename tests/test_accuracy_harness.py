@@ -4,20 +4,11 @@ import json
 import subprocess
 import sys
 
-import torch
-import transformers
-
-from prhs_compile.bench.tokenizer import VOCAB_SIZE, save_tokenizer
+from tiny_models import save_byte_level_checkpoint
 
 
 def test_accuracy_cli_writes_results_for_every_policy_budget_and_task(tmp_path):
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB_SIZE + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    save_tokenizer(tmp_path / "model")
+    save_byte_level_checkpoint(tmp_path / "model", max_position_embeddings=2048)
     out = tmp_path / "acc.json"
     cmd = [sys.executable, "-m", "prhs_compile.bench.cli", "accuracy", "--model", str(tmp_path / "model"),
            "--policies", "dense,prhs", "--budgets", "64", "--contexts", "384", "--examples", "1",

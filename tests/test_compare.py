@@ -4,24 +4,17 @@ import json
 
 import pytest
 import torch
-import transformers
+from tiny_models import save_byte_level_checkpoint
 
 import prhs_compile
 from prhs_compile.bench import cli
 from prhs_compile.bench.compare import annotate
 from prhs_compile.bench.compare_lukv import lu_kv_grid
-from prhs_compile.bench.tokenizer import VOCAB_SIZE, save_tokenizer
 
 
 def test_compare_quick_reports_every_policy(tmp_path):
     # Two layers: compiles dominate the run, and their cost grows with the layers.
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB_SIZE + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    save_tokenizer(tmp_path / "model")
+    save_byte_level_checkpoint(tmp_path / "model", max_position_embeddings=1024)
     out = tmp_path / "compare.json"
 
     # One budget and two tasks (a generated answer, teacher-forced scoring) keep it fast: every

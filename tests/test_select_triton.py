@@ -305,7 +305,7 @@ def test_latency_quick(tmp_path):
     assert data["copy_bandwidth_gbps"] > 0
     assert data["results"], "no configuration measured"
     row = data["results"][0]
-    for name in ("dense_sdpa", "gather_sdpa", "attend", "select", "step"):
+    for name in ("dense_sdpa", "dense_at_budget", "gather_sdpa", "attend", "select", "select_attend"):
         assert row["methods"][name]["ms"] > 0, name
         assert row["methods"][name]["floor_ms"] > 0, name
     assert "skipped" in row["methods"]["flex"] or row["methods"]["flex"]["ms"] > 0

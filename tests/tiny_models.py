@@ -53,3 +53,18 @@ def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
     # different batch layouts always produce the same number of tokens.
     model.generation_config.eos_token_id = None
     return model.eval()
+
+
+def save_byte_level_checkpoint(path, max_position_embeddings: int):
+    """A tiny random Llama with the project's byte-level tokenizer, saved as a checkpoint
+    (what the ``prhs-bench`` commands load by path)."""
+    from prhs_compile.bench.tokenizer import VOCAB_SIZE, save_tokenizer
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB_SIZE + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    save_tokenizer(path)
+    return path

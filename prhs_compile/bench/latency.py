@@ -17,7 +17,6 @@ bf16, one query position), for every context length x batch size x budget:
 ``select``         ``oracle_select_triton``: one oracle retrieval (exact group-mass top-k)
 ``select_score``   its two K passes alone (bounds + log-sum-exp + group mass; no top-k)
 ``select_attend``  select then attend, measured back to back (a step at retrieval rate 1)
-``step``           modelled: ``rate * select + attend`` (``--retrieval-rate``)
 ``prhs@r``         the whole PrHS decode step through the registered ops
                    (``torch.ops.prhs.select`` with policy ``prhs`` + ``torch.ops.prhs.attend``),
                    with a share ``r`` of the (row, KV head) slots retrieving and the others
@@ -54,7 +53,7 @@ import statistics
 import sys
 import time
 
-from .report import write_json
+from .report import finish, write_json
 
 log = logging.getLogger("prhs.bench.latency")
 
@@ -67,8 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default="1,8,16", help="batch sizes, comma separated")
     parser.add_argument("--budgets", default="1/8,2048",
                         help="budgets: absolute positions or fractions of the context (1/8)")
-    parser.add_argument("--retrieval-rate", type=float, default=1.0,
-                        help="share of steps that run a retrieval in the modelled step")
     parser.add_argument("--step-rates", default="0,0.1,0.8,1",
                         help="retrieval rates of the measured PrHS step (prhs@r), comma separated")
     parser.add_argument("--sink", type=int, default=4)
@@ -254,7 +251,6 @@ def run(args) -> int:
         raise SystemExit(f"--q-heads {Hq} is not a multiple of --kv-heads {Hkv}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     scale = 1.0 / math.sqrt(D)
-    rate = args.retrieval_rate
     timer = _Timer(device, args.timer, args.rep, args.quick)
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -317,7 +313,7 @@ def run(args) -> int:
         "l2_bytes": l2,
         "shape": {"q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "dtype": str(dtype),
                   "q_len": 1},
-        "sink": sink, "local": local, "retrieval_rate": rate,
+        "sink": sink, "local": local,
         "flex_block": _FLEX_BLOCK,
         "notes": ("floors = bytes / measured copy bandwidth; fraction = floor / time; "
                   "vs_dense = dense time / method time; select, attend and gather_sdpa use "
@@ -445,10 +441,6 @@ def run(args) -> int:
             methods["select_attend"] = {"ms": sa_ms, "bytes": sel_bytes + attend_bytes}
             tick(f"B={B} L={L} S={S} select+attend")
 
-            methods["step"] = {
-                "ms": rate * sel_ms + att_ms, "modelled": f"{rate} * select + attend",
-                "bytes": rate * sel_bytes + attend_bytes,
-            }
 
             steps = [_PrHSStep(torch, q, k, v, mask, scale, S, sink, local) for k, v in caches]
             restore_ms = timer(_rotating([st.restore for st in steps]))
@@ -484,12 +476,7 @@ def run(args) -> int:
     if bar is not None:
         bar.close()
 
-    report["complete"] = True
-    report["wall_s"] = time.perf_counter() - t_start
-    save()
-    print(_markdown(report))
-    if args.out:
-        print(f"wrote {args.out}")
+    finish(args.out, report, t_start, _markdown(report))
     return 0
 
 
@@ -566,7 +553,7 @@ def _markdown(report) -> str:
         f"copy bandwidth {report['copy_bandwidth_gbps']:.0f} GB/s; timer: {report['timer']}",
         f"shape Hq={report['shape']['q_heads']} Hkv={report['shape']['kv_heads']} "
         f"D={report['shape']['head_dim']} {report['shape']['dtype']}, sink={report['sink']} "
-        f"local={report['local']}; step = {report['retrieval_rate']} * select + attend; "
+        f"local={report['local']}; "
         "times in ms, (% of the byte floor)",
         "",
         "| B | context | budget | dense SDPA | dense SDPA at budget | flex | gather+SDPA | attend "

@@ -52,7 +52,7 @@ import statistics
 import sys
 import time
 
-from .report import write_json
+from .report import finish, write_json
 
 log = logging.getLogger("prhs.bench.prefill")
 
@@ -416,12 +416,7 @@ def run(args) -> int:
     if bar is not None:
         bar.close()
 
-    report["complete"] = True
-    report["wall_s"] = time.perf_counter() - t_start
-    save()
-    print(_markdown(report))
-    if args.out:
-        print(f"wrote {args.out}")
+    finish(args.out, report, t_start, _markdown(report))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 
 def write_json(path: str | None, report: dict) -> None:
@@ -14,3 +15,14 @@ def write_json(path: str | None, report: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
+
+
+def finish(path: str | None, report: dict, started: float, table: str) -> None:
+    """The end of a benchmark run: mark the report complete with its wall time, write it,
+    print its table (and where it went)."""
+    report["complete"] = True
+    report["wall_s"] = time.perf_counter() - started
+    write_json(path, report)
+    print(table)
+    if path:
+        print(f"wrote {path}")
