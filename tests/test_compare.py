@@ -93,8 +93,10 @@ def test_policy_latency_times_every_policy_through_the_ops(device):
 
     shape = lat.AttentionShape("small", q_heads=8, kv_heads=2, head_dim=64)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    stream = lat.DecodeStream(shape, context=512, dtype=dtype, device=device)
+    stream = lat.DecodeStream(shape, context=512, dtype=dtype, device=device, copies=2)
     timer = lat.Timer(device, rep_ms=5)
+    advance_ms = lat.advance_cost(stream, timer)
+    assert advance_ms > 0 and stream.calls == 0  # timed, then rewound
     layer, num_layers = 2, 3  # past Quest's two dense layers
     per_head = {0: [128, 128], 1: [128, 128], 2: [64, 192]}
     rates = {}
@@ -103,10 +105,29 @@ def test_policy_latency_times_every_policy_through_the_ops(device):
         budget = None if policy == "dense" else 128
         options = backend_options(policy, budget, sink=4, local=32, extra=extra, verify=False, inductor=False)
         plan = lat.select_plan(options, layer, num_layers, stream.length)
-        row = lat.time_policy(plan, shape, stream, timer)
-        assert row["step_ms"] > 0 and row["attend_ms"] > 0 and row["resets"] == 0, (policy, row)
+        row = lat.time_policy(plan, shape, stream, timer, advance_ms)
+        assert row["step_ms"] > 0 and row["attend_ms"] > 0, (policy, row)
+        # The cursor wraps once per DECODE_STEPS calls, and a wrap is a new sequence.
+        assert row["resets"] <= row["steps_timed"] // lat.DECODE_STEPS, (policy, row)
+        if device == "cuda":  # every policy's step is capturable (no host synchronisation)
+            assert row["timer"] == lat.Timer.GRAPH, (policy, row)
         assert row["slots"] == (stream.length if policy == "dense" else 192 if policy == "lu_kv" else 128)
         rates[policy] = row["retrieval_rate"]
     assert rates["oracle"] == 1.0 and rates["streaming"] == 0.0
     assert 0.0 < rates["prhs"] < 1.0  # the query walk drifts slowly: PrHS reuses its sets
-    assert lat.time_dense_sdpa(shape, stream, timer)["step_ms"] > 0
+    assert lat.time_dense_sdpa(shape, stream, timer, advance_ms)["step_ms"] > 0
+
+
+def test_decode_stream_advances_at_a_device_cursor_and_rotates_cache_copies():
+    from prhs_compile.bench import policy_latency as lat
+
+    shape = lat.AttentionShape("small", q_heads=4, kv_heads=2, head_dim=16)
+    stream = lat.DecodeStream(shape, context=64, dtype=torch.float32, device="cpu", copies=3)
+    assert all(torch.equal(k, stream.k) and k is not stream.k for k, _ in stream.kv[1:])
+    for call in range(lat.DECODE_STEPS + 2):
+        q, mask, k, v = stream.advance()
+        t = call % lat.DECODE_STEPS  # wraps after DECODE_STEPS
+        assert torch.equal(q, stream.step_q[t]) and int(mask.sum()) == 64 + t + 1
+        assert k is stream.kv[call % 3][0] and v is stream.kv[call % 3][1]
+    stream.rewind()
+    assert int(stream.advance()[1].sum()) == 65

@@ -6,7 +6,8 @@
 2. **Latency**: one decode step of one attention layer through ``torch.ops.prhs.select`` +
    ``torch.ops.prhs.attend`` per policy and budget, at the evaluation model's attention shape
    and at Llama-3-8B's, with dense SDPA as the reference (``policy_latency.py``). It needs
-   CUDA (``triton.testing.do_bench``); on CPU it runs only with ``--quick`` (wall clock).
+   CUDA (steps timed inside CUDA graphs, ``triton.testing.do_bench_cudagraph``); on CPU it
+   runs only with ``--quick`` (wall clock).
    It runs before the accuracy part so that a run cut short still has it.
 3. **Accuracy**: ``accuracy.evaluate`` (the ``prhs-bench accuracy`` harness) for dense and
    every policy and budget, every context and task, with ``verify`` on, so each row carries
@@ -91,7 +92,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lu-kv-table", default=None, help="LU-KV table from prhs-bench profile (default: profile one first)")
     parser.add_argument("--lu-kv-prompts", type=int, default=None, help=f"calibration prompts (default {FULL['lu_kv_prompts']})")
     parser.add_argument("--lu-kv-steps", type=int, default=None, help=f"decode steps measured per prompt (default {FULL['lu_kv_steps']})")
-    parser.add_argument("--latency-rep", type=int, default=100, help="do_bench rep (ms) per latency measurement")
+    parser.add_argument("--latency-rep", type=int, default=25,
+                        help="ms of calls per CUDA graph per latency measurement (do_bench_cudagraph rep)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes evaluating accuracy cells side by side (compiles and kernel launches are "
                              "single-threaded; a small model leaves the GPU mostly idle)")
@@ -200,11 +202,15 @@ def _latency(config, settings, lu_kv, device, dtype, args) -> dict:
     with latency_lib.recompile_room():  # the Triton select's glue compiles per (shape, budget)
         for shape in shapes:
             for context in settings["contexts"]:
-                stream = latency_lib.DecodeStream(shape, context, dtype, device, seed=settings["seed"])
-                base = {"shape": shape.name, "context": context}
-                rows.append({**base, "policy": "dense_sdpa", "budget": None, **latency_lib.time_dense_sdpa(shape, stream, timer)})
+                copies = latency_lib.DecodeStream.copies_past_l2(shape, context, dtype, device)
+                stream = latency_lib.DecodeStream(shape, context, dtype, device, seed=settings["seed"], copies=copies)
+                advance_ms = latency_lib.advance_cost(stream, timer)
+                base = {"shape": shape.name, "context": context, "cache_copies": copies}
+                dense = latency_lib.time_dense_sdpa(shape, stream, timer, advance_ms)
+                rows.append({**base, "policy": "dense_sdpa", "budget": None, **dense})
                 for policy, budget in accuracy_lib.cells(settings):
-                    timed, error = _latency_row(policy, budget, stream, timer, settings, lu_kv, shape, layer, num_layers)
+                    timed, error = _latency_row(policy, budget, stream, timer, settings, lu_kv, shape, layer, num_layers,
+                                                advance_ms)
                     rows.append({**base, "policy": policy, "budget": budget, **timed})
                     if error:
                         errors.append(f"latency {shape.name} {context} {policy} budget {budget}: {error}")
@@ -220,14 +226,17 @@ def _latency(config, settings, lu_kv, device, dtype, args) -> dict:
         "data": (f"synthetic: Gaussian K/V; queries an AR(1) walk with consecutive cosine {latency_lib.QUERY_DRIFT}; "
                  f"state primed by prhs.prefill over the last {latency_lib.PREFILL_ROWS} prompt rows, then decode steps "
                  f"advancing one position per call (the cache holds {latency_lib.DECODE_STEPS} steps, then wraps: "
-                 "'resets' counts the wraps)"),
-        "dense_sdpa": "SDPA of the decode query over the valid prefix of the cache (no mask), enable_gqa",
+                 "'resets' counts the wraps); each step reads its query and mask at a device-side cursor, and "
+                 "step_ms is net of that read (advance_ms, timed alone)"),
+        "dense_sdpa": (f"SDPA of the decode query over context + {latency_lib.DECODE_STEPS // 2} cached positions "
+                       "(the mean valid length of the timed steps; no mask), enable_gqa"),
         "rows": rows,
         "errors": errors,
     }
 
 
-def _latency_row(policy, budget, stream, timer, settings, lu_kv, shape, layer, num_layers) -> tuple[dict, str | None]:
+def _latency_row(policy, budget, stream, timer, settings, lu_kv, shape, layer, num_layers,
+                 advance_ms) -> tuple[dict, str | None]:
     """One policy and budget timed on ``stream`` (or nulls and the reason), and the error
     message when the measurement failed."""
     extra, why = lu_kv_lib.head_budgets_for_latency(policy, budget, lu_kv, layer, shape)
@@ -243,7 +252,7 @@ def _latency_row(policy, budget, stream, timer, settings, lu_kv, shape, layer, n
     if why is not None:
         return {"step_ms": None, "attend_ms": None, "reason": why}, None
     try:
-        timed = latency_lib.time_policy(plan, shape, stream, timer)
+        timed = latency_lib.time_policy(plan, shape, stream, timer, advance_ms)
     except Exception as err:  # one failing policy must not lose the others
         log.exception("prhs-bench compare: latency of %s budget %s failed", policy, budget)
         error = f"{type(err).__name__}: {err}"

@@ -23,6 +23,7 @@ def summarize(report: dict) -> list[dict]:
             "retrieval_rate": _mean([r.get("retrieval_rate") for r in rows]),
             "latency_ms": _latency_at(latency, policy, budget, largest),
             "select": _latency_at(latency, policy, budget, largest, "select"),
+            "timer": _latency_at(latency, policy, budget, largest, "timer"),
         })
     return summary
 
@@ -52,17 +53,18 @@ def markdown(report: dict, summary: list[dict]) -> str:
         cells = [s["policy"], "-" if s["budget"] is None else str(s["budget"])]
         cells += [_num(s["accuracy"][c], 2) for c in contexts]
         cells += [_num(s["dropped_mean"], 3), _num(s["retrieval_rate"], 2)]
-        cells += [_num(s["latency_ms"].get(shape), 3) + _reference_mark(s, shape, latency) for shape in shapes]
+        cells += [_num(s["latency_ms"].get(shape), 3) + _marks(s, shape, latency) for shape in shapes]
         lines.append("| " + " | ".join(cells) + " |")
     timing = f"timer: {latency['timer']}" if "timer" in latency else f"not measured: {latency.get('skipped', 'not run yet')}"
     lines += ["", _FOOTNOTE.format(text_tokens=settings["text_tokens"], timing=timing)]
     if _on_gpu(latency):
-        lines += ["", _REFERENCE_NOTE]
+        lines += ["", _MARKS_NOTE]
     return "\n".join(lines) + "\n"
 
 
-_REFERENCE_NOTE = ("†: `select` ran the torch reference (scores the whole cache in many small kernels); "
-                   "unmarked policies ran the Triton select step.")
+_MARKS_NOTE = ("†: `select` ran the torch reference (scores the whole cache in many small kernels); "
+               "unmarked policies ran the Triton select step. ‡: the step could not be captured in a CUDA "
+               "graph and was timed eagerly (launches included).")
 
 _SHAPE_LABELS = {"substrate": "substrate", "llama3-8b": "Llama-3-8B shape"}
 
@@ -84,10 +86,15 @@ def _on_gpu(latency) -> bool:
     return "do_bench" in latency.get("timer", "")
 
 
-def _reference_mark(summary_row, shape, latency) -> str:
-    """'†' on a GPU latency that the torch reference of ``select`` produced."""
-    timed = summary_row["latency_ms"].get(shape) is not None
-    return " †" if timed and _on_gpu(latency) and summary_row["select"].get(shape) == "reference" else ""
+def _marks(summary_row, shape, latency) -> str:
+    """'†' on a GPU latency that the torch reference of ``select`` produced, '‡' on one timed
+    eagerly because the step could not be captured in a CUDA graph."""
+    if summary_row["latency_ms"].get(shape) is None or not _on_gpu(latency):
+        return ""
+    marks = " †" if summary_row["select"].get(shape) == "reference" else ""
+    if str(summary_row.get("timer", {}).get(shape, "")).startswith("eager"):
+        marks += " ‡"
+    return marks
 
 
 def _ordered_unique(items):

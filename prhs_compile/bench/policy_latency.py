@@ -10,7 +10,9 @@ with the layer's state primed the way a model primes it: ``torch.ops.prhs.prefil
 prompt, then steady-state decode steps whose newest position advances by one per call (so
 rules that reuse a selection, PrHS and HShare, reuse as they would, and one-shot rules keep
 their prompt selection). Dense SDPA over the valid prefix of the same cache is timed in the
-same run as the reference.
+same run as the reference. On CUDA the steps are timed inside CUDA graphs (see ``Timer``),
+as a served model runs them; the step reads its query and mask at a device-side cursor so
+that replays advance.
 
 The data are synthetic (the cost of the reference ops does not depend on them; the retrieval
 rate does): keys and values are Gaussian, and the queries of consecutive steps follow an
@@ -29,9 +31,9 @@ import torch
 
 # Prompt rows handed to the priming prefill: SnapKV scores the last 32, SAGE-KV the last one.
 PREFILL_ROWS = 64
-# Decode steps the cache has room for (do_bench makes a few hundred calls of a reference-path
-# step); the walk wraps around after them (the state then sees a new sequence and starts
-# afresh, like a new prompt: a row's ``resets`` counts it).
+# Decode steps the cache has room for; the walk wraps around after them (the state then sees a
+# new sequence and starts afresh, like a new prompt: a row's ``resets`` counts it, one per
+# DECODE_STEPS timed calls).
 DECODE_STEPS = 512
 # Consecutive query cosine of the synthetic walk: with PrHS's default tau 0.8 a set is reused
 # for roughly ten steps (the paper's 7B-scale regime, not the substrate's drift).
@@ -63,14 +65,21 @@ def shape_of(config, name: str) -> AttentionShape:
 
 class DecodeStream:
     """A static KV cache holding a ``context``-token prompt, with room for ``DECODE_STEPS``
-    more, and the queries and masks of the prompt's tail and of every decode step."""
+    more, and the queries and masks of the prompt's tail and of every decode step.
 
-    def __init__(self, shape: AttentionShape, context: int, dtype, device, seed: int = 0):
+    The current step lives in a device-side ``cursor``, so a captured CUDA graph replays a
+    sequence of steps that really advances (each call reads the next query and mask, and the
+    state sees its newest position move by one). ``kv`` holds ``copies`` identical copies of
+    the cache: calls in a row use copies in turn, so a graph replay does not serve the cache
+    out of L2 (identical contents keep one layer state valid for all of them)."""
+
+    def __init__(self, shape: AttentionShape, context: int, dtype, device, seed: int = 0, copies: int = 1):
         gen = torch.Generator(device=device).manual_seed(seed)
         self.context, self.length = context, context + DECODE_STEPS
         cache = (1, shape.kv_heads, self.length, shape.head_dim)
         self.k = torch.randn(cache, generator=gen, device=device, dtype=dtype)
         self.v = torch.randn(cache, generator=gen, device=device, dtype=dtype)
+        self.kv = [(self.k, self.v)] + [(self.k.clone(), self.v.clone()) for _ in range(copies - 1)]
         self.scale = 1.0 / math.sqrt(shape.head_dim)
         walk = _query_walk(PREFILL_ROWS + DECODE_STEPS, shape, gen, device).to(dtype)  # [T, Hq, D]
         self.prompt_q = walk[:PREFILL_ROWS].permute(1, 0, 2)[None].contiguous()  # [1, Hq, rows, D]
@@ -80,17 +89,33 @@ class DecodeStream:
         self.prompt_mask = (positions[None, :] <= prompt_rows[:, None])[None, None]  # [1, 1, rows, L]
         newest = torch.arange(context, self.length, device=device)
         self.step_masks = (positions[None, :] <= newest[:, None])[:, None, None, None]  # [steps, 1, 1, 1, L]
-        self.step = 0
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)
+        self.calls = 0
+
+    @staticmethod
+    def copies_past_l2(shape: AttentionShape, context: int, dtype, device) -> int:
+        """Cache copies whose bytes together exceed 4x the L2 size (1 off CUDA), at most 64."""
+        if torch.device(device).type != "cuda":
+            return 1
+        l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20))
+        kv_bytes = 2 * shape.kv_heads * (context + DECODE_STEPS) * shape.head_dim * torch.empty((), dtype=dtype).element_size()
+        return max(1, min(64, math.ceil(4 * l2 / kv_bytes)))
 
     def rewind(self) -> None:
         """Back to the first decode step (right after the prompt a prefill primed)."""
-        self.step = 0
+        self.cursor.zero_()
+        self.calls = 0
 
     def advance(self):
-        """The next decode step: ``(q [1, Hq, 1, D], mask [1, 1, 1, L], valid length)``."""
-        t = self.step % DECODE_STEPS
-        self.step += 1
-        return self.step_q[t], self.step_masks[t], self.context + t + 1
+        """The next decode step: ``(q [1, Hq, 1, D], mask [1, 1, 1, L], k, v)``, read at the
+        device cursor, which then moves on (wrapping after ``DECODE_STEPS``); ``k, v`` is the
+        next cache copy."""
+        q = self.step_q.index_select(0, self.cursor)[0]
+        mask = self.step_masks.index_select(0, self.cursor)[0]
+        self.cursor.add_(1).remainder_(DECODE_STEPS)
+        k, v = self.kv[self.calls % len(self.kv)]
+        self.calls += 1
+        return q, mask, k, v
 
 
 def _query_walk(steps: int, shape: AttentionShape, gen, device) -> torch.Tensor:
@@ -105,30 +130,47 @@ def _query_walk(steps: int, shape: AttentionShape, gen, device) -> torch.Tensor:
 
 
 class Timer:
-    """``triton.testing.do_bench`` (median) on CUDA; a wall clock elsewhere (smoke tests)."""
+    """Milliseconds per call of a decode step.
 
-    def __init__(self, device, rep_ms: int = 100, cpu_calls: int = 5):
+    On CUDA, ``triton.testing.do_bench_cudagraph`` (median of 10 replays of a CUDA graph that
+    holds as many calls as fit in ``rep_ms``): decode runs inside CUDA graphs in a served
+    model, and timing each call eagerly measures mostly Python and kernel launches. A step
+    whose capture fails (a host synchronisation in a reference path) is timed eagerly with
+    ``triton.testing.do_bench`` instead, and says so. Elsewhere a wall clock (smoke tests).
+    """
+
+    GRAPH = "cudagraph"
+    EAGER = "eager"
+
+    def __init__(self, device, rep_ms: int = 25, cpu_calls: int = 5):
         self.cuda = torch.device(device).type == "cuda"
         self.rep_ms, self.cpu_calls = rep_ms, cpu_calls
         self.name = (
-            f"triton.testing.do_bench, median, warmup 25 ms, rep {rep_ms} ms (L2 flushed between calls)"
+            f"triton.testing.do_bench_cudagraph, median of 10 replays, rep {rep_ms} ms (cache copies rotated "
+            "past 4x L2); where a step cannot be captured, triton.testing.do_bench, median, L2 flushed"
             if self.cuda
             else f"wall clock, median of {cpu_calls} calls after one warm-up (CPU reference ops: a smoke test)"
         )
 
-    def __call__(self, fn) -> float:
-        """Milliseconds per call of ``fn``."""
+    def __call__(self, fn) -> tuple[float, str]:
+        """``(milliseconds per call of fn, how it was timed)``."""
         if self.cuda:
             import triton.testing
 
-            return float(triton.testing.do_bench(fn, warmup=25, rep=self.rep_ms, return_mode="median"))
+            try:
+                ms = triton.testing.do_bench_cudagraph(fn, rep=self.rep_ms, return_mode="median")
+                return float(ms), self.GRAPH
+            except Exception as err:  # not capturable: time it eagerly, and say why
+                torch.cuda.synchronize()
+                ms = triton.testing.do_bench(fn, warmup=25, rep=self.rep_ms, return_mode="median")
+                return float(ms), f"{self.EAGER} (capture failed: {type(err).__name__}: {str(err)[:120]})"
         fn()
         times = []
         for _ in range(self.cpu_calls):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return statistics.median(times), "wall clock"
 
 
 def recompile_room(limit: int = 64):
@@ -171,13 +213,22 @@ def new_state(plan, shape: AttentionShape, device) -> list[torch.Tensor]:
     return [torch.full(size, fill, dtype=dtype, device=device) for size, dtype, fill in spec.values()]
 
 
-def time_policy(plan, shape: AttentionShape, stream: DecodeStream, timer: Timer) -> dict:
+def advance_cost(stream: DecodeStream, timer: Timer) -> float:
+    """Milliseconds of ``stream.advance()`` alone (two small gathers and the cursor update),
+    which every timed step includes and which the step times below are reported net of."""
+    ms, _ = timer(stream.advance)
+    stream.rewind()
+    return ms
+
+
+def time_policy(plan, shape: AttentionShape, stream: DecodeStream, timer: Timer, advance_ms: float = 0.0) -> dict:
     """Time one decode step (select + attend) of ``plan``, then attend alone.
 
-    Returns ``step_ms``, ``attend_ms`` (over the last step's selection), the wall time of the
-    first step (``first_step_s``: Triton and Inductor compiles included), the retrieval rate
-    and resets the timed steps had, the slots ``select`` returned per KV head, and which
-    implementation served ``select``.
+    Returns ``step_ms`` (net of ``advance_ms``, the cost of reading the step's query and mask
+    at the cursor), ``attend_ms`` (over the last step's selection), how each was timed, the
+    wall time of the first step (``first_step_s``: Triton and Inductor compiles included), the
+    retrieval rate and resets the timed steps had, the slots ``select`` returned per KV head,
+    and which implementation served ``select``.
     """
     from prhs_compile.kernels import COUNTERS_INDEX
     from prhs_compile.kernels.select_reference import RESETS, RETRIEVALS, SLOTS
@@ -185,13 +236,13 @@ def time_policy(plan, shape: AttentionShape, stream: DecodeStream, timer: Timer)
     ops = torch.ops.prhs
     text = plan.encode()
     state = new_state(plan, shape, stream.k.device)
-    k, v, scale = stream.k, stream.v, stream.scale
-    ops.prefill(stream.prompt_q, k, stream.prompt_mask, False, scale, text, state)
+    scale = stream.scale
+    ops.prefill(stream.prompt_q, stream.k, stream.prompt_mask, False, scale, text, state)
     stream.rewind()  # the first step continues the primed prompt
     last = {}
 
     def step():
-        q, mask, _ = stream.advance()
+        q, mask, k, v = stream.advance()
         idx = ops.select(q, k, v, mask, scale, text, state, None)
         last.update(q=q, mask=mask, idx=idx)
         return ops.attend(q, k, v, idx, mask, scale)
@@ -201,41 +252,52 @@ def time_policy(plan, shape: AttentionShape, stream: DecodeStream, timer: Timer)
     if timer.cuda:
         torch.cuda.synchronize()
     first_step_s = time.perf_counter() - start
-    step_ms = timer(step)
+    step_ms, step_timer = timer(step)
     counters = state[COUNTERS_INDEX].tolist()
     q, mask, idx = last["q"], last["mask"], last["idx"]
-    attend_ms = timer(lambda: ops.attend(q, k, v, idx, mask, scale))
+    copies = iter(range(1 << 62))
+
+    def attend():
+        k, v = stream.kv[next(copies) % len(stream.kv)]
+        return ops.attend(q, k, v, idx, mask, scale)
+
+    attend_ms, attend_timer = timer(attend)
     return {
-        "step_ms": step_ms,
+        "step_ms": max(step_ms - advance_ms, 0.0),
+        "advance_ms": advance_ms,
         "attend_ms": attend_ms,
+        "timer": step_timer if step_timer == attend_timer else f"step {step_timer}; attend {attend_timer}",
         "first_step_s": first_step_s,
         "select": select_path(plan, stream),
         "retrieval_rate": counters[RETRIEVALS] / counters[SLOTS] if counters[SLOTS] else None,
         "resets": counters[RESETS],
-        "steps_timed": stream.step,
+        "steps_timed": stream.calls,
         "slots": idx.shape[-1],
     }
 
 
-def time_dense_sdpa(shape: AttentionShape, stream: DecodeStream, timer: Timer) -> dict:
-    """Dense SDPA of one decode query over the valid prefix of the cache (no mask: what an
-    ideal dense decode reads). On CUDA only fused backends are allowed (the math backend
-    would materialise a GQA-expanded cache); where none takes the call, plain SDPA runs and
-    the row says so."""
+def time_dense_sdpa(shape: AttentionShape, stream: DecodeStream, timer: Timer, advance_ms: float = 0.0) -> dict:
+    """Dense SDPA of one decode query over ``context + DECODE_STEPS // 2`` cached positions
+    (the mean valid length of the policies' timed steps; no mask: what an ideal dense decode
+    reads), net of ``advance_ms``. On CUDA only the flash and memory-efficient backends are
+    allowed (the math backend would materialise a GQA-expanded cache); where neither takes the
+    call, plain SDPA runs and the row says so."""
     import torch.nn.functional as F
 
-    k, v, scale = stream.k, stream.v, stream.scale
+    scale, valid = stream.scale, stream.context + DECODE_STEPS // 2
 
     def step():
-        q, _, valid = stream.advance()
+        q, _, k, v = stream.advance()
         return F.scaled_dot_product_attention(q, k[:, :, :valid], v[:, :, :valid], scale=scale, enable_gqa=True)
 
+    def row(ms, how, backend):
+        return {"step_ms": max(ms - advance_ms, 0.0), "advance_ms": advance_ms, "timer": how,
+                "backend": backend, "valid_length": valid}
+
     if not timer.cuda:
-        return {"step_ms": timer(step), "backend": "default"}
+        return row(*timer(step), "default")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # Not cuDNN: the valid length grows by one every call, and cuDNN builds a new execution
-    # plan for every new shape (tens of ms on an H200: that, not attention, was measured).
     fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
     def fused_step():
@@ -244,6 +306,6 @@ def time_dense_sdpa(shape: AttentionShape, stream: DecodeStream, timer: Timer) -
 
     try:
         fused_step()
-        return {"step_ms": timer(fused_step), "backend": "flash/efficient"}
+        return row(*timer(fused_step), "flash/efficient")
     except RuntimeError as err:
-        return {"step_ms": timer(step), "backend": f"default (no fused backend took it: {err})"}
+        return row(*timer(step), f"default (no fused backend took it: {err})")
