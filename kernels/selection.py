@@ -161,9 +161,11 @@ def stored_and_windows(kept: torch.Tensor, plan: SelectPlan, view) -> torch.Tens
 
 
 def indices_to_keep(indices: torch.Tensor, length: int) -> torch.Tensor:
-    """Positions ``[B, Hkv, S]`` (-1 padded) -> boolean keep-mask ``[B, Hkv, length]``."""
+    """Positions ``[B, Hkv, S]`` (-1 padded) -> boolean keep-mask ``[B, Hkv, length]``.
+    Positions past ``length`` are dropped: a stored selection can outlive a cache that
+    shrank (a new, shorter sequence, or an evicted cache) until the rule replaces it."""
     mask = torch.zeros(*indices.shape[:-1], length + 1, dtype=torch.bool, device=indices.device)
-    mask.scatter_(-1, torch.where(indices >= 0, indices, length).long(), True)
+    mask.scatter_(-1, torch.where((indices >= 0) & (indices < length), indices, length).long(), True)
     return mask[..., :-1]
 
 

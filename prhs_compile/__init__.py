@@ -10,6 +10,7 @@ from prhs_compile import kernels as _kernels  # noqa: F401  (registers torch.ops
 from prhs_compile.backend import GraphReport, prhs_backend
 from prhs_compile.calibrate import calibrate
 from prhs_compile.config import PrHSConfig
+from prhs_compile.evict import EvictionReport, evict_kv
 from prhs_compile.explain import Explanation, explain
 from prhs_compile.kernels.rules import RULES as _RULES
 from prhs_compile.state import clear_states
@@ -22,6 +23,7 @@ def available_policies() -> list[str]:
 
 
 __all__ = [
+    "EvictionReport",
     "Explanation",
     "GraphReport",
     "LayerStats",
@@ -30,6 +32,7 @@ __all__ = [
     "available_policies",
     "calibrate",
     "clear_states",
+    "evict_kv",
     "explain",
     "prhs_backend",
     "reset_stats",

@@ -28,3 +28,9 @@ def test_inspect_graph_prints_the_rewritten_calls():
     text = run_example("inspect_graph.py")
     assert "torch.ops.prhs.select.default" in text and "torch.ops.prhs.attend.default" in text
     assert "layer 1: decode (query length 1: select-then-attend)" in text
+
+
+def test_evict_decodes_the_same_tokens_over_the_evicted_cache():
+    text = run_example("evict.py", "--prompt-len", "1024", "--budget", "128")
+    assert "6 layers cut from 1024 to 128 positions" in text and "87.5%" in text
+    assert "same tokens: True" in text

@@ -50,6 +50,22 @@ def test_sage_kv_selects_once_from_the_last_prompt_query_and_never_again():
     assert retrievals(state) == 0
 
 
+def test_a_stored_selection_outliving_a_shorter_cache_is_not_read_past_its_end():
+    plan = SelectPlan(policy="sage_kv", layer=0, budget=5, sink=1, local=2)
+    k = spike_keys(40, {3: 2.0, 7: 5.0, 19: 4.0, 30: 3.0})
+    state = state_for(plan)
+    prompt_q = torch.zeros(1, 1, 40, D)
+    prompt_q[0, 0, -1, 0] = 10.0
+    prefill_reference(prompt_q, k, None, True, 1.0, plan, state)  # stores picks 7 and 19
+    # A new, shorter sequence decodes without a prefill through the rule (an evicted cache,
+    # or a prompt that ran elsewhere): fitting rows keep everything, others select afresh.
+    idx = select_reference(along(0), k[:, :, :5], k[:, :, :5], None, 1.0, plan, state)
+    assert idx[0, 0].tolist() == [0, 1, 2, 3, 4]
+    idx = select_reference(along(0), k[:, :, :12], k[:, :, :12], None, 1.0, plan, state)
+    assert kept_middle(idx, 1, {10, 11}) == [3, 7]
+    assert retrievals(state) == 1
+
+
 def test_snapkv_pools_the_observation_window_scores():
     plan = SelectPlan(policy="snapkv", layer=0, budget=3 + 7, sink=1, local=2)
     k = spike_keys(64, {20: 6.0})
