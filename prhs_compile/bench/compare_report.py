@@ -48,7 +48,7 @@ def markdown(report: dict, summary: list[dict]) -> str:
     if shapes:
         dense = [_latency_at(latency["rows"], "dense_sdpa", None, largest).get(s) for s in shapes]
         blanks = ["-"] * (len(contexts) + 2)
-        lines.append("| dense SDPA, whole cache | - | " + " | ".join(blanks + [_num(x, 3) for x in dense]) + " |")
+        lines.append("| dense SDPA | - | " + " | ".join(blanks + [_num(x, 3) for x in dense]) + " |")
     for s in summary:
         cells = [s["policy"], "-" if s["budget"] is None else str(s["budget"])]
         cells += [_num(s["accuracy"][c], 2) for c in contexts]
