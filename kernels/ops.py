@@ -113,17 +113,20 @@ def _window_prefill_fake(q, k, v, mask, is_causal, scale, plan, state):
 @select.register_kernel("cuda")
 def _select_cuda(q, k, v, mask, scale, plan, state, shared=None):
     from .select_quest_triton import QuestKernelUnavailable  # Triton only when a GPU runs it
-    from .select_step_triton import select_step_triton, supports
+    from .select_step_triton import implements, quest_unavailable, select_step_triton, supports
 
     p = decode_plan(plan)
     if supports(p, q, k):
         try:
             return select_step_triton(q, k, mask, scale, p, _state_dict(p, state, q, k), shared)
-        except QuestKernelUnavailable as exc:  # raised before any state changed
-            if p.layer not in _quest_fallback_layers:
-                _quest_fallback_layers.add(p.layer)
-                _log.warning("prhs: quest page kernel unavailable (%s); layer %d selects with "
-                             "the torch reference", exc, p.layer)
+        except QuestKernelUnavailable:  # its first failure, raised before any state changed
+            pass
+    # Once the quest page kernel failed to compile, ``supports`` sends quest to the reference.
+    reason = quest_unavailable(p)
+    if reason is not None and p.layer not in _quest_fallback_layers and implements(p, q, k):
+        _quest_fallback_layers.add(p.layer)
+        _log.warning("prhs: quest page kernel unavailable (%s); layer %d selects with "
+                     "the torch reference", reason, p.layer)
     return select_reference(q, k, v, mask, scale, p, state, shared)
 
 

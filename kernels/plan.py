@@ -52,7 +52,7 @@ class SelectPlan:
         CUDA graph being captured) must not copy it from the host each time."""
         if not self.head_budgets:
             return None
-        return _head_middles(self.head_budgets, self.sink + self.local, str(device))
+        return _head_middles(self.head_budget_list, self.sink + self.local, str(device))
 
     @property
     def psaw_fraction(self) -> float:
@@ -69,9 +69,15 @@ class SelectPlan:
         P_l(t) = floor(psaw_fraction * t) for l >= l_s, else 0. ``count`` is the number of
         valid positions t (a tensor); returns a tensor like it.
         """
-        if self.psaw_fraction < 0:
+        fraction = self.psaw_fraction
+        if fraction < 0:
             return count * 0
-        return (self.psaw_fraction * count).floor().long()
+        return (fraction * count).floor().long()
+
+    def psaw_cut(self, count):
+        """``psaw_excluded(count)`` never eating into the local window: at most the
+        ``count - sink - local`` valid positions between the sinks and the local window."""
+        return self.psaw_excluded(count).minimum((count - self.sink - self.local).clamp_min(0))
 
     @property
     def slots(self) -> int:
@@ -94,10 +100,9 @@ class SelectPlan:
 
 
 @functools.lru_cache(maxsize=None)
-def _head_middles(head_budgets: str, always_kept: int, device: str):
+def _head_middles(budgets: tuple[int, ...], always_kept: int, device: str):
     import torch
 
-    budgets = [int(b) for b in head_budgets.split(",")]
     return torch.tensor([b - always_kept for b in budgets], device=device).clamp_min(0)
 
 

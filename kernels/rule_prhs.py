@@ -7,6 +7,7 @@ import torch
 from .bounds import reuse_bound
 from .selection import (
     SelectionRule,
+    advance_age,
     dilate_and_pick,
     keep_to_indices,
     keys_at,
@@ -45,24 +46,13 @@ class PrHSRule(SelectionRule):
         state["age"][: view.batch].fill_(-1)
 
     def choose(self, plan, view, state):
-        b, hkv, group = view.batch, view.kv_heads, view.group
+        b, group = view.batch, view.group
         age, kept, anchor = state["age"][:b], state["kept"][:b], state["anchor"][:b]
         anchor_dropped, key_norm = state["anchor_dropped"][:b], state["key_norm"][:b]
-        query = view.q[:, :, -1].float()  # [B, Hq, D] newest query row
 
-        # Largest key norm, kept up to date with the newest key (for the reuse bound).
-        newest_norm = keys_at(view.k, view.newest, hkv).norm(dim=-1)  # [B, Hkv]
-        key_norm.copy_(torch.where(view.continuing[:, None], torch.maximum(key_norm, newest_norm), key_norm))
-        shift = (query - anchor).norm(dim=-1).reshape(b, hkv, group).amax(-1)  # [B, Hkv]
-        view.reuse_bound = reuse_bound(anchor_dropped, view.scale, key_norm, shift)
-
-        if plan.delta_target > 0:
-            similar = view.reuse_bound <= plan.delta_target
-        else:
-            cosine = torch.nn.functional.cosine_similarity(query, anchor, dim=-1)  # [B, Hq]
-            similar = (cosine >= plan.tau).reshape(b, hkv, group).all(-1)
-        reuse = view.continuing[:, None] & (age >= 0) & (age + 1 < plan.max_reuse) & similar
-        retrieve = ~reuse & ~view.fits[:, None]
+        retrieve, reuse, view.reuse_bound = prhs_gate(
+            view.q, view.k, view.newest, view.continuing, view.fits, age, anchor, anchor_dropped,
+            key_norm, view.scale, plan.tau, plan.delta_target, plan.max_reuse)
         view.reused = reuse & ~view.fits[:, None]
 
         region = retrieval_region(plan, view)
@@ -74,13 +64,49 @@ class PrHSRule(SelectionRule):
         else:
             fresh = dilate_and_pick(mass, region, plan)
         retained = ((mass / rows) * (fresh | windows[:, None, :])).sum(-1)
-        anchor_dropped.copy_(torch.where(retrieve, (1.0 - retained).clamp_min(0.0), anchor_dropped))
-        fresh_idx = keep_to_indices(fresh, plan.middle)
-
-        kept.copy_(torch.where(retrieve[..., None], fresh_idx, kept))
-        anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], query, anchor))
         fresh_norm = view.k.float().norm(dim=-1).masked_fill(~view.valid[:, None, :], 0.0).amax(-1)
-        key_norm.copy_(torch.where(retrieve, fresh_norm, key_norm))
-        age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
+        prhs_store(view.q, keep_to_indices(fresh, plan.middle), retained, fresh_norm, retrieve,
+                   reuse, age, kept, anchor, anchor_dropped, key_norm)
 
         return stored_and_windows(kept, plan, view), retrieve
+
+
+# The gate and the state update as functions of tensors, shared with the Triton step
+# (``select_step_triton``, which compiles them into its fused glue).
+
+
+def prhs_gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_norm,
+              scale: float, tau: float, delta_target: float, max_reuse: int):
+    """PrHS's time axis: which (row, KV head) slots reuse their stored set this step and
+    which retrieve. Keeps the largest key norm up to date with the newest key (for the reuse
+    bound). Returns ``(retrieve, reuse, bound)``, each ``[B, Hkv]``: ``bound`` is the reuse
+    bound on the dropped mass of a reused set."""
+    batch, q_heads = q.shape[:2]
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    query = q[:, :, -1].float()  # [B, Hq, D] newest query row
+    newest_norm = keys_at(k, newest, kv_heads).norm(dim=-1)  # [B, Hkv]
+    key_norm.copy_(torch.where(continuing[:, None], torch.maximum(key_norm, newest_norm), key_norm))
+    shift = (query - anchor).norm(dim=-1).reshape(batch, kv_heads, group).amax(-1)  # [B, Hkv]
+    bound = reuse_bound(anchor_dropped, scale, key_norm, shift)
+    if delta_target > 0:
+        similar = bound <= delta_target
+    else:
+        cosine = torch.nn.functional.cosine_similarity(query, anchor, dim=-1)  # [B, Hq]
+        similar = (cosine >= tau).reshape(batch, kv_heads, group).all(-1)
+    reuse = continuing[:, None] & (age >= 0) & (age + 1 < max_reuse) & similar
+    retrieve = ~reuse & ~fits[:, None]
+    return retrieve, reuse, bound
+
+
+def prhs_store(q, picks, retained, fresh_key_norm, retrieve, reuse, age, kept, anchor,
+               anchor_dropped, key_norm) -> None:
+    """The state a step leaves for later ones: where a slot retrieved, its ``picks``
+    (``[B, Hkv, middle]`` positions), the mass they ``retained``, the newest queries as
+    anchors and the largest key norm ``fresh_key_norm``; the age of every slot."""
+    group = q.shape[1] // kept.shape[1]
+    anchor_dropped.copy_(torch.where(retrieve, (1.0 - retained).clamp_min(0.0), anchor_dropped))
+    kept.copy_(torch.where(retrieve[..., None], picks, kept))
+    anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], q[:, :, -1].float(), anchor))
+    key_norm.copy_(torch.where(retrieve, fresh_key_norm, key_norm))
+    advance_age(age, retrieve, reuse)

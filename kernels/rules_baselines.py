@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .rules_basic import OracleRule
-from .selection import SelectionRule, dilate_and_pick, keep_to_indices, stored_and_windows
+from .selection import SelectionRule, advance_age, dilate_and_pick, keep_to_indices, stored_and_windows
 
 
 class OneShotRule(SelectionRule):
@@ -180,7 +180,7 @@ class HShareRule(SelectionRule):
         fresh = keep_to_indices(dilate_and_pick(mass, view.valid & ~view.windows(plan), plan, dilate=False), plan.middle)
         fresh = fresh.gather(1, anchor[..., None].expand(-1, -1, fresh.shape[-1]))  # shared heads copy
         kept.copy_(torch.where(retrieve[..., None], fresh, kept))
-        age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
+        advance_age(age, retrieve, reuse)
         own_retrieval = retrieve & (anchor == own)  # a head copying another reads no keys
         return stored_and_windows(kept, plan, view), own_retrieval
 

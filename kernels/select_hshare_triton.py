@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .select_triton import _num_sms, _split_range, _valid_positions
+from .select_triton import _num_sms, _row_bounds, _split_range, _valid_positions
 
 __all__ = ["channel_abs_sums"]
 
@@ -29,8 +29,7 @@ def _channel_abs_sum_kernel(
     split = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
-    lo = tl.load(BOUNDS + b * 8)
-    hi = tl.load(BOUNDS + b * 8 + 1)
+    lo, hi, _, _, _, _ = _row_bounds(BOUNDS, b)
     hi = tl.where(tl.load(ACTIVE + pid_bh) != 0, hi, lo)
     start, end = _split_range(lo, hi, split, num_splits, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

@@ -150,6 +150,25 @@ def _key_at(k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return keys_at(k, pos)[:, 0]
 
 
+def continuing_rows(pos, fingerprint, k, newest, q_len: int) -> torch.Tensor:
+    """``[B]``: whether each row continues the sequence the state was built on (its newest
+    valid position follows the one stored, and the cache still holds the key it ended with).
+    Rules that reuse a selection must not reuse it otherwise."""
+    follows = (pos >= 0) & (newest == pos + q_len) & (pos < k.shape[2])
+    return follows & (_key_at(k, pos) == fingerprint).all(-1)
+
+
+def step_bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieved) -> None:
+    """After a decode step: count it (slots, resets, retrievals ``[B, Hkv]``) and remember
+    where each row's sequence ends (``newest``) and the key it ends with."""
+    counters[CALLS] += 1
+    counters[SLOTS] += retrieved.numel()
+    counters[RESETS] += (~continuing).sum()
+    counters[RETRIEVALS] += retrieved.sum()
+    pos.copy_(newest)
+    fingerprint.copy_(_key_at(k, newest))
+
+
 def select_reference(q, k, v, mask, scale: float, plan: SelectPlan, state: list[torch.Tensor], shared=None):
     """One decode step of selection. Mutates ``state`` in place; returns int32 positions.
 
@@ -161,11 +180,7 @@ def select_reference(q, k, v, mask, scale: float, plan: SelectPlan, state: list[
     st = _state_dict(plan, state, q, k)
     pos, fingerprint = st["pos"][:batch], st["fingerprint"][:batch]
 
-    # Does this row continue the sequence the state was built on? (Rules that reuse a
-    # selection must not reuse it otherwise.)
-    follows = (pos >= 0) & (view.newest == pos + view.q_len) & (pos < view.kv_len)
-    same_cache = (_key_at(k, pos) == fingerprint).all(-1)
-    view.continuing = follows & same_cache
+    view.continuing = continuing_rows(pos, fingerprint, k, view.newest, view.q_len)
 
     rule = get_rule(plan.policy)
     # Rows that fit attend to everything: no selection, no retrieval.
@@ -182,13 +197,7 @@ def select_reference(q, k, v, mask, scale: float, plan: SelectPlan, state: list[
         slots = view.kv_len if rule.all_positions else plan.slots
         indices = keep_to_indices(keep, slots)
 
-    counters = st["counters"]
-    counters[CALLS] += 1
-    counters[SLOTS] += batch * view.kv_heads
-    counters[RESETS] += (~view.continuing).sum()
-    counters[RETRIEVALS] += retrieved.sum()
-    pos.copy_(view.newest)
-    fingerprint.copy_(_key_at(k, view.newest))
+    step_bookkeeping(st["counters"], pos, fingerprint, k, view.newest, view.continuing, retrieved)
 
     for listener in selection_listeners:
         listener(plan.layer, indices, q[:, :, -1])
@@ -249,7 +258,7 @@ def psaw_window(q_len: int, kv_len: int, mask, is_causal: bool, plan: SelectPlan
     valid = torch.ones(batch, q_len, kv_len, dtype=torch.bool, device=device) if bias is None else bias > float("-inf")
     rank = valid.long().cumsum(-1) - 1
     count = valid.sum(-1)  # [B, Tq]
-    excluded = torch.minimum(plan.psaw_excluded(count), (count - plan.sink - plan.local).clamp_min(0))
+    excluded = plan.psaw_cut(count)
     allowed = valid & ((rank < plan.sink) | (rank >= (plan.sink + excluded)[..., None]))
     return allowed, valid, bias
 

@@ -39,13 +39,14 @@ import torch._inductor
 import triton
 import triton.language as tl
 
-from .bounds import reuse_bound
+from . import select_quest_triton
 from .plan import SelectPlan
+from .rule_prhs import prhs_gate, prhs_store
 from .rules_baselines import QuestRule
 from .select_hshare_triton import channel_abs_sums
 from .select_quest_triton import quest_page_scores, quest_picks
-from .select_reference import CALLS, RESETS, RETRIEVALS, SLOTS, _key_at, selection_listeners
-from .selection import keys_at
+from .select_reference import continuing_rows, selection_listeners, step_bookkeeping
+from .selection import advance_age, scatter_keep
 from .select_triton import (
     _BLOCK_W,
     _bounds,
@@ -57,7 +58,7 @@ from .select_triton import (
     oracle_select_triton,
 )
 
-__all__ = ["select_step_triton", "supports"]
+__all__ = ["implements", "quest_unavailable", "select_step_triton", "supports"]
 
 log = logging.getLogger("prhs")
 
@@ -71,7 +72,19 @@ _PER_HEAD_BUDGETS = frozenset({"oracle", "prhs", "lu_kv"})
 
 
 def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ``select_step_triton`` implements this plan (else use the reference)."""
+    """Whether ``select_step_triton`` runs this plan here (else use the reference): it
+    ``implements`` it, and it is not a quest plan whose page kernel failed to compile on this
+    machine (``quest_unavailable``)."""
+    return implements(plan, q, k) and quest_unavailable(plan) is None
+
+
+def quest_unavailable(plan: SelectPlan) -> str | None:
+    """Why this (quest) plan's page kernel cannot run on this machine, or None."""
+    return select_quest_triton.unavailable if plan.policy == "quest" else None
+
+
+def implements(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``select_step_triton`` implements this plan, whatever this machine compiles."""
     return (
         plan.policy in _POLICIES
         and not plan.verify
@@ -267,22 +280,13 @@ _COMPILE_GLUE = "cuda"
 @_fused
 def _continuity(bounds, pos, fingerprint, k, q_len: int):
     """Per row: the newest valid position, whether the row continues the sequence the state
-    was built on (next position, same key where it ended), and whether it fits the budget."""
+    was built on (``select_reference.continuing_rows``), and whether it fits the budget."""
     count, fits = bounds[:, 2].long(), bounds[:, 5] != 0
     newest = torch.where(count > 0, bounds[:, 1].long() - 1, -1)
-    follows = (pos >= 0) & (newest == pos + q_len) & (pos < k.shape[2])
-    continuing = follows & (_key_at(k, pos) == fingerprint).all(-1)
-    return newest, continuing, fits
+    return newest, continuing_rows(pos, fingerprint, k, newest, q_len), fits
 
 
-@_fused
-def _bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieved):
-    counters[CALLS] += 1
-    counters[SLOTS] += retrieved.numel()
-    counters[RESETS] += (~continuing).sum()
-    counters[RETRIEVALS] += retrieved.sum()
-    pos.copy_(newest)
-    fingerprint.copy_(_key_at(k, newest))
+_bookkeeping = _fused(step_bookkeeping)
 
 
 def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, shared=None):
@@ -326,8 +330,14 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
         retrieved = ~fits[:, None].expand(-1, kv_heads)
     elif plan.policy == "h2o":
         # Every step needs each kept position's share of the full softmax: the group mass of
-        # every valid position (both K passes over the whole valid region).
-        found = _group_mass(q, k, mask, scale, 0, 0, -1, 0)
+        # every valid position (both K passes over the whole valid region). The bounds of that
+        # region: this step's lo, hi and count, with no sinks, no local window, no PSAW cut,
+        # never fitting (what _bounds gives for sink=0, local=0, budget=-1, min_context=0).
+        whole = bounds.clone()
+        whole[:, 3] = 0  # sink_end
+        whole[:, 4] = length  # local_start
+        whole[:, 5:] = 0  # fits; middle start
+        found = _group_mass(q, k, mask, scale, 0, 0, -1, 0, bounds=whole)
         picks = _h2o_update(found.mass, st["score"][:batch, :, :length], continuing, bounds,
                             plan.middle, (q.shape[1] // kv_heads) * q_len)
         indices = _compose(operand, bounds, picks, plan, batch, kv_heads, q_len)
@@ -339,7 +349,7 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
         indices, retrieved = _one_shot_choose(q, k, mask, scale, plan, st, continuing, bounds, fits)
     else:
         indices, retrieved = _prhs_choose(q, k, mask, scale, plan, st, continuing, newest,
-                                          bounds, fits, psaw_frac)
+                                          bounds, fits)
     _bookkeeping(st["counters"], pos, fingerprint, k, newest, continuing, retrieved)
     return indices
 
@@ -347,23 +357,10 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
 @_fused
 def _gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_norm,
           scale: float, tau: float, delta_target: float, max_reuse: int):
-    """PrHS's time axis: which (row, KV head) slots reuse their stored set this step and
-    which retrieve. Keeps the largest key norm up to date with the newest key."""
-    batch, q_heads = q.shape[:2]
-    kv_heads = k.shape[1]
-    group = q_heads // kv_heads
-    query = q[:, :, -1].float()
-    newest_norm = keys_at(k, newest, kv_heads).norm(dim=-1)  # [B, Hkv]
-    key_norm.copy_(torch.where(continuing[:, None], torch.maximum(key_norm, newest_norm), key_norm))
-    shift = (query - anchor).norm(dim=-1).reshape(batch, kv_heads, group).amax(-1)
-    bound = reuse_bound(anchor_dropped, scale, key_norm, shift)
-    if delta_target > 0:
-        similar = bound <= delta_target
-    else:
-        cosine = torch.nn.functional.cosine_similarity(query, anchor, dim=-1)
-        similar = (cosine >= tau).reshape(batch, kv_heads, group).all(-1)
-    reuse = continuing[:, None] & (age >= 0) & (age + 1 < max_reuse) & similar
-    retrieve = ~reuse & ~fits[:, None]
+    """PrHS's gate (``rule_prhs.prhs_gate``): which slots reuse their stored set this step
+    and which retrieve (not the reuse bound: only verify mode reports it, on the reference)."""
+    retrieve, reuse, _ = prhs_gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped,
+                                   key_norm, scale, tau, delta_target, max_reuse)
     return retrieve, reuse
 
 
@@ -371,18 +368,15 @@ def _gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_norm,
 def _store(q, mass, window_mass, fresh_key_norm, retrieve, reuse, age, kept, anchor,
            anchor_dropped, key_norm, middle: int, delta_target: float, dilation_m: int,
            dilation_r: int, rows: int, caps=None):
-    """The picks of the slots that retrieved, and the state they leave for later steps."""
-    group = q.shape[1] // kept.shape[1]
+    """The picks of the slots that retrieved, and the state they leave for later steps
+    (``rule_prhs.prhs_store``)."""
     picks, retained = _pick(mass, window_mass, middle, delta_target, dilation_m, dilation_r, rows,
                             caps)
-    anchor_dropped.copy_(torch.where(retrieve, (1.0 - retained).clamp_min(0.0), anchor_dropped))
-    kept.copy_(torch.where(retrieve[..., None], picks, kept))
-    anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], q[:, :, -1].float(), anchor))
-    key_norm.copy_(torch.where(retrieve, fresh_key_norm, key_norm))
-    age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
+    prhs_store(q, picks, retained, fresh_key_norm, retrieve, reuse, age, kept, anchor,
+               anchor_dropped, key_norm)
 
 
-def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits, psaw_frac):
+def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits):
     """``PrHSRule.choose`` on the Triton path: gate, gated retrieval, stored picks, output."""
     batch, q_heads, q_len, _ = q.shape
     kv_heads = k.shape[1]
@@ -418,8 +412,7 @@ def _h2o_update(mass, score, continuing, bounds, middle: int, rows: int):
     windows = valid & in_window[:, None, :]
     picks, _ = _pick(score.masked_fill(~valid | windows, float("-inf")),
                      torch.zeros_like(score[..., 0]), middle, 0.0, 0, 0, rows)
-    keep = torch.zeros(*score.shape[:-1], length + 1, dtype=torch.bool, device=mass.device)
-    keep = keep.scatter_(-1, torch.where(picks >= 0, picks, length).long(), True)[..., :length]
+    keep = scatter_keep(picks, picks >= 0, length)
     got = m0 * (keep | windows)  # the mass each kept position received
     score.add_(got / got.sum(-1, keepdim=True).clamp_min(1e-30) * rows)
     return picks
@@ -484,7 +477,7 @@ def _hshare_store(mass, retrieve, anchor, kept, age, reuse, middle: int, rows: i
     fresh, _ = _pick(mass, torch.zeros_like(mass[..., 0]), middle, 0.0, 0, 0, rows)
     fresh = fresh.gather(1, anchor[..., None].expand(-1, -1, fresh.shape[-1]))  # shared heads copy
     kept.copy_(torch.where(retrieve[..., None], fresh, kept))
-    age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
+    advance_age(age, retrieve, reuse)
     own = torch.arange(anchor.shape[1], device=anchor.device)
     return retrieve & (anchor == own)  # a head copying another reads no keys
 

@@ -198,8 +198,8 @@ def _position_of_rank(MASK, b, r, cnt, cum, offs_c, c_ok, L, Tq,
 
 @triton.jit
 def _psaw_excluded(count, sink, local, psaw_frac):
-    """P_l(count): the oldest non-sink positions outside the layer's recency window (as
-    ``SelectPlan.psaw_excluded``: fp32 product, floored), never eating into the local window."""
+    """P_l(count): the oldest non-sink positions outside the layer's recency window, never
+    eating into the local window (as ``SelectPlan.psaw_cut``: fp32 product, floored)."""
     excluded = tl.floor(psaw_frac * count.to(tl.float32)).to(tl.int32)
     return tl.minimum(excluded, tl.maximum(count - sink - local, 0))
 
@@ -353,11 +353,8 @@ def _lse_kernel(
     pid_m = tl.program_id(2)
     M = G * Tq
 
-    bnd = BOUNDS + b * 8
-    lo = tl.load(bnd + 0)
-    hi = tl.load(bnd + 1)
-    fits = tl.load(bnd + 5)
-    hi = tl.where((fits != 0) | (ok == 0), lo, hi)  # rows that fit the budget are not scored
+    lo, hi, _, _, _, fits = _row_bounds(BOUNDS, b)
+    hi = tl.where(fits | (ok == 0), lo, hi)  # rows that fit the budget are not scored
     start, end = _split_range(lo, hi, split, num_splits, BLOCK_N)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -486,11 +483,10 @@ def _mass_kernel(
     if WANT_WINDOW_MASS:
         # The mass the sinks and the local window hold (what a selection retains besides its
         # picks): split 0 scores those few positions, [lo, sink_end) and [local_start, hi).
-        lo = tl.load(bnd + 0)
-        hi = tl.load(bnd + 1)
-        w_on = (split == 0) & (tl.load(bnd + 5) == 0) & ok
-        sink_hi = tl.where(w_on, tl.minimum(tl.load(bnd + 3), hi), lo)
-        loc_lo = tl.maximum(tl.load(bnd + 4), lo)
+        lo, hi, _, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
+        w_on = (split == 0) & (fits == 0) & ok
+        sink_hi = tl.where(w_on, tl.minimum(sink_end, hi), lo)
+        loc_lo = tl.maximum(local_start, lo)
         loc_hi = tl.where(w_on, hi, loc_lo)
         w_sum = _run_mass(q, k_base, lo, sink_hi, lse, mask_rows, m_ok, offs_d, d_ok,
                           stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
@@ -730,7 +726,7 @@ class Retrieval(NamedTuple):
 
 
 def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_splits=None,
-                block_n=None, psaw_frac=-1.0, bounds=None, active=None, want_norm=False,
+                block_n=None, bounds=None, active=None, want_norm=False,
                 want_window_mass=False) -> Retrieval:
     """The retrieval's two K passes.
 
@@ -751,7 +747,7 @@ def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_spli
     mask_t, kind, ms, mask_min = _mask_operand(mask, B, Tq, L)
     if bounds is None:
         bounds = _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget,
-                         min_context, device, psaw_frac)
+                         min_context, device)
     if mask_t is None:
         mask_t = q  # unused placeholder pointer
     active_t = bounds if active is None else active.reshape(B * Hkv).to(torch.int32)

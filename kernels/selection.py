@@ -85,12 +85,12 @@ def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan, 
     if not (dilate and m > 0 and radius > 0):
         top = score.topk(k, dim=-1)
         rank = torch.arange(k, device=mass.device)
-        return _scatter_keep(top.indices, (top.values > float("-inf")) & (rank < caps), length)
+        return scatter_keep(top.indices, (top.values > float("-inf")) & (rank < caps), length)
     cores = score.topk(min(m, length), dim=-1)
     offsets = torch.arange(-radius, radius + 1, device=mass.device)
     neighbours = (cores.indices[..., None] + offsets).clamp(0, length - 1).flatten(-2)
     core_ok = (cores.values > float("-inf"))[..., None].expand(-1, -1, -1, offsets.numel()).flatten(-2)
-    dilated = _scatter_keep(neighbours, core_ok, length) & region[:, None, :]
+    dilated = scatter_keep(neighbours, core_ok, length) & region[:, None, :]
     # Two rankings rather than one shifted score (score + constant would round masses
     # together): the neighbours first, best first, then the best of the others.
     lead = score.masked_fill(~dilated, float("-inf")).topk(k, dim=-1)
@@ -100,15 +100,15 @@ def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan, 
                       n_lead + torch.arange(k, device=mass.device)], -1)
     values = torch.cat([lead.values, rest.values], -1)
     take = (values > float("-inf")) & (rank < caps)
-    return _scatter_keep(torch.cat([lead.indices, rest.indices], -1), take, length)
+    return scatter_keep(torch.cat([lead.indices, rest.indices], -1), take, length)
 
 
-def _scatter_keep(indices: torch.Tensor, take: torch.Tensor, length: int) -> torch.Tensor:
+def scatter_keep(indices: torch.Tensor, take: torch.Tensor, length: int) -> torch.Tensor:
     """Keep-mask ``[..., length]`` of ``indices`` where ``take``. Entries not taken point at a
     spare column, so they never clear a position another entry set (scatter order is
     unspecified)."""
     keep = torch.zeros(*indices.shape[:-1], length + 1, dtype=torch.bool, device=indices.device)
-    return keep.scatter_(-1, torch.where(take, indices, length), True)[..., :length]
+    return keep.scatter_(-1, torch.where(take, indices, length).long(), True)[..., :length]
 
 
 def head_caps(plan: SelectPlan, k: int, device) -> torch.Tensor:
@@ -164,9 +164,13 @@ def indices_to_keep(indices: torch.Tensor, length: int) -> torch.Tensor:
     """Positions ``[B, Hkv, S]`` (-1 padded) -> boolean keep-mask ``[B, Hkv, length]``.
     Positions past ``length`` are dropped: a stored selection can outlive a cache that
     shrank (a new, shorter sequence, or an evicted cache) until the rule replaces it."""
-    mask = torch.zeros(*indices.shape[:-1], length + 1, dtype=torch.bool, device=indices.device)
-    mask.scatter_(-1, torch.where((indices >= 0) & (indices < length), indices, length).long(), True)
-    return mask[..., :-1]
+    return scatter_keep(indices, (indices >= 0) & (indices < length), length)
+
+
+def advance_age(age: torch.Tensor, retrieve: torch.Tensor, reuse: torch.Tensor) -> None:
+    """Steps since each slot's retrieval, in place: 0 where it retrieved, one more where it
+    reused its set, -1 (no set) elsewhere."""
+    age.copy_(torch.where(retrieve, 0, torch.where(reuse, age + 1, -1)).to(age.dtype))
 
 
 def keys_at(k: torch.Tensor, pos: torch.Tensor, heads: int = 1) -> torch.Tensor:

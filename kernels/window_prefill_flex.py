@@ -182,7 +182,7 @@ def _cut(seen: torch.Tensor, count: torch.Tensor, plan: SelectPlan):
     """``(excluded, lo, hi)`` from inclusive counts ``seen [..., L]`` of valid keys and the
     rows' valid-key counts ``count`` (same leading dims as ``seen``, last dim the rows)."""
     # As psaw_window: P_l(t) oldest non-sink keys, never eating into the last ``local``.
-    excluded = torch.minimum(plan.psaw_excluded(count), (count - plan.sink - plan.local).clamp_min(0))
+    excluded = plan.psaw_cut(count)
     # The valid key of rank r is the first position whose inclusive count reaches r + 1;
     # none (rows with fewer keys) gives L, past every position.
     first_cut = torch.full_like(count, plan.sink + 1, dtype=torch.int32)

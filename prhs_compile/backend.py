@@ -49,10 +49,10 @@ def inductor_patches(mode: str | None, config: PrHSConfig) -> dict:
         raise ValueError(f"prhs backend: mode={mode!r} configures Inductor, but options set inductor=False")
     patches = dict(torch._inductor.list_mode_options(mode or "default"))
     if patches.get("triton.cudagraphs") and hasattr(torch._inductor.config, "graph_partition"):
-        # With CUDA graphs, Inductor (torch 2.11) partitions the graph around the prhs ops and
-        # hands a partition an argument that is not a tensor: a segfault in its static CUDA
-        # launcher, a TypeError without it (scripts/cuda_graphs_probe.py). The ops are safe
-        # to capture (no host syncs, allocations from the graph's pool), so one graph holds all.
+        # With CUDA graphs, Inductor's graph partitioning (torch 2.11) segfaults on an HF
+        # decoder, with the default backend too (scripts/cuda_graphs_probe.py). The ops are
+        # safe to capture (no host syncs, allocations from the graph's pool), so one graph
+        # holds all.
         patches["graph_partition"] = False
     patches.update(config.inductor_config)
     return patches

@@ -92,8 +92,8 @@ def evict_kv(cache, attention_mask: torch.Tensor | None = None) -> EvictionRepor
                              f"local {plan.local}, layer 0 with {first.policy} budget {first.budget} sink "
                              f"{first.sink} local {first.local}: evict_kv needs one layout for every layer")
     length = layers[0].keys.shape[2]
-    valid = _valid_positions(attention_mask, layers[0].keys)
-    positions = [_kept_positions(kept, valid, plan, index) for index, (plan, kept) in enumerate(zip(plans, selections))]
+    sinks, window = _windows(_valid_positions(attention_mask, layers[0].keys), first)
+    positions = [_kept_positions(kept, sinks, window, index) for index, kept in enumerate(selections)]
 
     before = sum(_nbytes(layer) for layer in layers)
     for index, (layer, where) in enumerate(zip(layers, positions)):
@@ -186,6 +186,7 @@ def _one_shot_selection(index: int, keys: torch.Tensor):
     """The plan and stored selection ``[B, Hkv, middle]`` of the one-shot state built on
     this layer's keys (its newest-key fingerprint matches), or ``ValueError``."""
     from prhs_compile.kernels import state_spec
+    from prhs_compile.kernels.selection import keys_at
     from prhs_compile.state import all_states
 
     batch = keys.shape[0]
@@ -202,7 +203,7 @@ def _one_shot_selection(index: int, keys: torch.Tensor):
         pos = st["pos"][:batch]
         if bool((pos != keys.shape[2] - 1).any()):
             continue
-        newest = keys[torch.arange(batch, device=keys.device), 0, pos.to(keys.device)].float()
+        newest = keys_at(keys, pos.to(keys.device))[:, 0]  # how the state fingerprints a key
         if torch.equal(newest, st["fingerprint"][:batch].to(newest.device)):
             found.append((plan, st))
     if not found:
@@ -235,24 +236,29 @@ def _valid_positions(attention_mask, keys) -> torch.Tensor:
     return attention_mask.to(keys.device).bool()
 
 
-def _kept_positions(kept, valid, plan, index: int) -> torch.Tensor:
-    """``[B, Hkv, budget]`` positions: each row's first ``sink`` valid positions, the stored
-    selection in position order, the last ``local`` positions."""
+def _windows(valid, plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's first ``sink`` valid positions ``[B, sink]`` and last ``local`` positions
+    ``[B, local]`` (the same for every layer), after checking that the rows exceed the
+    budget and are padded on the left only."""
     batch, length = valid.shape
-    count = valid.sum(-1)
+    count = valid.sum(-1).tolist()
     for row in range(batch):
-        if int(count[row]) <= plan.budget:
-            raise ValueError(f"row {row} holds {int(count[row])} valid positions, within the budget "
+        if count[row] <= plan.budget:
+            raise ValueError(f"row {row} holds {count[row]} valid positions, within the budget "
                              f"{plan.budget}: every position is attended, nothing to evict")
     if plan.local and not bool(valid[:, length - plan.local:].all()):
         raise ValueError("the last local positions of a row are padding: evict_kv supports left padding only")
+    rank = valid.long().cumsum(-1) - 1
+    positions = torch.arange(length, device=valid.device).expand(batch, -1)
+    return positions[valid & (rank < plan.sink)].view(batch, plan.sink), positions[:, length - plan.local:]
+
+
+def _kept_positions(kept, sinks, window, index: int) -> torch.Tensor:
+    """``[B, Hkv, budget]`` positions: the sinks, the layer's stored selection in position
+    order, the window."""
     if bool((kept < 0).any()):
         raise ValueError(f"layer {index}: the stored selection has empty slots (a row fit its budget when it "
                          "selected): nothing to evict")
-    rank = valid.long().cumsum(-1) - 1
-    positions = torch.arange(length, device=valid.device).expand(batch, -1)
-    sinks = positions[valid & (rank < plan.sink)].view(batch, plan.sink)
-    window = positions[:, length - plan.local:]
     heads = kept.shape[1]
     parts = [sinks[:, None].expand(-1, heads, -1), kept.sort(-1).values, window[:, None].expand(-1, heads, -1)]
     return torch.cat(parts, dim=-1)

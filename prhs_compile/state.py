@@ -24,10 +24,14 @@ def state_for(call: AttentionCall, plan: SelectPlan, capacity: int) -> list[torc
     device = q.device
     key = (call.module_key, plan.encode(), capacity, q_heads, kv_heads, head_dim, str(device))
     if key not in _STATES:
-        spec = state_spec(plan, capacity, q_heads, kv_heads, head_dim)
-        tensors = [torch.full(shape, fill, dtype=dtype, device=device) for shape, dtype, fill in spec.values()]
-        _STATES[key] = (plan, tensors)
+        _STATES[key] = (plan, allocate_state(plan, capacity, q_heads, kv_heads, head_dim, device))
     return _STATES[key][1]
+
+
+def allocate_state(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int, device) -> list[torch.Tensor]:
+    """Fresh state tensors of one layer for ``batch`` rows, in the order the ops take them."""
+    spec = state_spec(plan, batch, q_heads, kv_heads, head_dim)
+    return [torch.full(shape, fill, dtype=dtype, device=device) for shape, dtype, fill in spec.values()]
 
 
 def all_states() -> list[tuple[SelectPlan, list[torch.Tensor]]]:

@@ -4,10 +4,10 @@ static cache under ``torch.compile``, and the result is compared with eager.
 
     python scripts/cuda_graphs_probe.py [--out probe.json]
 
-Variants: the default Inductor backend; backend "prhs" with policy oracle (budget covering
-the context: exact), with policy prhs (sparse); each with Inductor's static CUDA launcher on
-and off; and "prhs" with CUDA graphs but Inductor off (``inductor=False``: the rewritten graph
-runs eagerly inside cudagraph trees).
+Variants (``VARIANTS``): the default Inductor backend; backend "prhs" with policy oracle
+(budget covering the context: exact); the same with Inductor's graph partitioning off, and
+with its static CUDA launcher off; policy prhs (sparse) with partitioning off. A crashed
+variant keeps the start and the end of its output (faulthandler's traceback comes first).
 """
 
 from __future__ import annotations
@@ -87,10 +87,11 @@ def main() -> int:
         for line in text.splitlines():
             if line.startswith("RESULT "):
                 result = json.loads(line[len("RESULT "):])
-        report[name] = {"returncode": rc, "result": result, "tail": text[-3000:] if result is None else ""}
+        crash = "" if result is not None else text if len(text) <= 6000 else f"{text[:4000]}\n...\n{text[-2000:]}"
+        report[name] = {"returncode": rc, "result": result, "output": crash}
         print(f"{name:34s} rc={rc} {result}", flush=True)
-        if result is None:
-            print(text[-3000:], flush=True)
+        if crash:
+            print(crash, flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

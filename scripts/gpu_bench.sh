@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The GPU results of the README, each stage a separate command so that it fits one run:
 #
-#   scripts/gpu_bench.sh check       # install, CUDA-marked kernel tests, CUDA-graphs probe
 #   scripts/gpu_bench.sh tests       # the CUDA-marked tests and the Triton select-step tests
 #   scripts/gpu_bench.sh profile     # the kernels of one PrHS decode step, with their times
 #   scripts/gpu_bench.sh compare     # prhs-bench compare: every policy on the evaluation model
@@ -26,11 +25,6 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 
 for stage in "$@"; do
   case "$stage" in
-    check)
-      python -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
-      python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
-      python "$ROOT/scripts/cuda_graphs_probe.py" --out "$OUT/cuda_graphs_probe.json" 2>&1 | tail -40
-      ;;
     tests)
       python -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
       python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
@@ -56,6 +50,6 @@ for stage in "$@"; do
       prhs-bench throughput --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     *)
-      echo "unknown stage $stage (check, tests, profile, compare, probe, prefill, latency, throughput)"; exit 2;;
+      echo "unknown stage $stage (tests, profile, compare, probe, prefill, latency, throughput)"; exit 2;;
   esac
 done

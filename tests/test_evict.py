@@ -80,17 +80,24 @@ def test_eviction_with_left_padding():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_chunk_of_several_tokens_keeps_every_querys_window():
+def test_a_chunk_of_several_tokens_lands_at_its_true_positions_and_keeps_every_querys_window():
     model = tiny_model("llama")
     compiled = _compiled(model, "sage_kv")
+    prompt, chunk = torch.randint(0, 128, (1, PROMPT)), torch.randint(0, 128, (1, 3))
     with torch.no_grad():
+        full = transformers.DynamicCache(config=model.config)
+        model(input_ids=torch.cat([prompt, chunk], 1), past_key_values=full)
         cache = transformers.DynamicCache(config=model.config)
-        compiled(input_ids=torch.randint(0, 128, (1, PROMPT)), past_key_values=cache)
+        compiled(input_ids=prompt, past_key_values=cache)
         prhs_compile.evict_kv(cache)
-        out = model(input_ids=torch.randint(0, 128, (1, 3)), past_key_values=cache)
+        out = model(input_ids=chunk, past_key_values=cache)
     assert torch.isfinite(out.logits).all()
     # sink 2 + selection 10 + window local 4 + 2 (the chunk's first query keeps its window)
     assert cache.layers[0].keys.shape[2] == 18 and cache.get_seq_length() == PROMPT + 3
+    # The window holds the last 6 positions as a full cache has them: layer 0's keys depend
+    # on nothing but the tokens and their positions (rotary), so they match exactly.
+    torch.testing.assert_close(cache.layers[0].keys[:, :, -6:], full.layers[0].keys[:, :, -6:], rtol=0, atol=0)
+    torch.testing.assert_close(cache.layers[0].values[:, :, -6:], full.layers[0].values[:, :, -6:], rtol=0, atol=0)
 
 
 def test_eviction_refuses_what_it_cannot_do_losslessly():

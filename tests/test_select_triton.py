@@ -263,6 +263,36 @@ def test_group_mass(dtype, tol):
     torch.testing.assert_close(got.sum(-1), rows[:, None].expand(B, Hkv), rtol=tol, atol=0)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_gated_k_passes_with_key_norms_and_window_mass(dtype, tol):
+    """What the select step asks of the K passes: only the active (row, KV head) slots are
+    scored (they share the grid), the middle's group mass, the mass of the windows and the
+    largest key norm over the valid positions."""
+    gen = torch.Generator().manual_seed(21)
+    B, Hkv, G, Tq, L, D = 2, 3, 2, 1, 90, 32
+    sink, local, budget = 3, 5, 24
+    q = rand((B, Hkv * G, Tq, D), gen, dtype)
+    k = rand((B, Hkv, L, D), gen, dtype)
+    mask = static_cache_mask(B, Tq, L, lengths=[80, 90], starts=[0, 6])
+    active = torch.tensor([[True, False, True], [False, True, True]], device=DEVICE)
+    found = st._group_mass(q, k, mask, 0.3, sink, local, budget, 0, num_splits=3, block_n=16,
+                           active=active, want_norm=True, want_window_mass=True)
+    ref, valid = (t.to(DEVICE) for t in group_mass(q, k, mask, 0.3))
+    pos = torch.arange(L, device=DEVICE)
+    sink_end, local_start = found.bounds[:, 3:4].long(), found.bounds[:, 4:5].long()
+    middle = (valid & (pos >= sink_end) & (pos < local_start))[:, None, :].expand(-1, Hkv, -1)[active]
+    windows = (valid & ~((pos >= sink_end) & (pos < local_start)))[:, None, :].expand(-1, Hkv, -1)[active]
+    mass, ref = found.mass[active], ref[active]  # [active slots, L]
+    assert not mass.isnan().any() and torch.equal(mass.isinf(), ~middle)
+    got = torch.where(middle, mass, 0.0).double()
+    want = torch.where(middle, ref, 0.0).double()
+    assert (got - want).norm() / want.norm() <= tol
+    want_window = torch.where(windows, ref, 0.0).sum(-1).double()
+    assert (found.window_mass[active].double() - want_window).norm() / want_window.norm() <= tol
+    norms = k.float().norm(dim=-1).masked_fill(~valid[:, None, :], 0.0).amax(-1)[active]
+    assert (found.key_norm[active] - norms).norm() / norms.norm() <= tol
+
+
 def _check_bounds(bounds, mask, L, budget, sink, local, min_context):
     valid = mask[..., :L].any(dim=2)[:, 0].cpu()  # [B, L]
     pos = torch.arange(L)

@@ -103,6 +103,11 @@ def backend_options(policy, budget, *, sink, local, extra, verify, inductor) -> 
     return options
 
 
+def cells(policies, budgets) -> list[tuple[str, int | None]]:
+    """(policy, budget) cells: dense once (no budget), every other policy at every budget."""
+    return [(p, None) if p == "dense" else (p, b) for p in policies for b in (budgets if p != "dense" else [None])]
+
+
 def evaluate(model, codec, *, policies, budgets, contexts, task_names, examples, sink, local, extra, verify, inductor, device, seed, progress=None, task_options=None):
     """Accuracy rows, one per (policy, budget, context, task); ``task_options`` maps a task
     name to keyword arguments of its generator (e.g. a shorter ``natural_text``
@@ -111,8 +116,7 @@ def evaluate(model, codec, *, policies, budgets, contexts, task_names, examples,
 
     rows = []
     task_options = task_options or {}
-    configs = [(p, None) if p == "dense" else (p, b) for p in policies for b in (budgets if p != "dense" else [None])]
-    for policy, budget in configs:
+    for policy, budget in cells(policies, budgets):
         for context in contexts:
             task_examples = {t: task_lib.make_examples(t, examples, context, seed=seed, **task_options.get(t, {})) for t in task_names}
             longest = max(len(codec.encode(e.prompt_ids)) + len(e.answer_ids) + 8 for ex in task_examples.values() for e in ex)
@@ -134,7 +138,7 @@ def evaluate(model, codec, *, policies, budgets, contexts, task_names, examples,
                     "policy": policy, "budget": budget, "context": context, "task": task,
                     "accuracy": sum(scores) / len(scores), "examples": len(scores),
                     "retrieval_rate": stats.retrieval_rate if stats.layers else None,
-                    "dropped_mean": _mean([s.dropped_mean for s in stats.layers.values()]),
+                    "dropped_mean": mean([s.dropped_mean for s in stats.layers.values()]),
                     "sparse_layers": len(stats.layers),  # layers that ran sparse decode steps
                     "seconds": time.perf_counter() - start,
                 })
@@ -154,7 +158,7 @@ def allocated_static_cache(model, length: int, device):
     return cache
 
 
-def _mean(values):
+def mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
@@ -202,8 +206,7 @@ def run(args) -> int:
     unknown = [t for t in task_names if t not in task_lib.TASKS]
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; available: {sorted(task_lib.TASKS)}")
-    n_configs = sum(1 if p == "dense" else len(budgets) for p in policies)
-    total = n_configs * len(contexts) * len(task_names) * args.examples
+    total = len(cells(policies, budgets)) * len(contexts) * len(task_names) * args.examples
     with tqdm(total=total, desc="accuracy", unit="example") as bar:
         rows = evaluate(model, codec, policies=policies, budgets=budgets, contexts=contexts, task_names=task_names,
                         examples=args.examples, sink=args.sink, local=args.local, extra=json.loads(args.options),

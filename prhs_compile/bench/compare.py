@@ -25,7 +25,6 @@ continuation: an end-to-end smoke test on CPU; its numbers mean nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -41,6 +40,7 @@ from prhs_compile.bench import compare_lukv as lu_kv_lib
 from prhs_compile.bench import compare_report as report_lib
 from prhs_compile.bench import policy_latency as latency_lib
 from prhs_compile.bench import tasks as task_lib
+from prhs_compile.bench.report import write_json
 
 log = logging.getLogger("prhs.bench.compare")
 
@@ -174,10 +174,10 @@ def run(args) -> int:
     report["timing_s"]["accuracy"] = time.perf_counter() - phase
     report["timing_s"]["total"] = time.perf_counter() - started
     report["complete"] = True
-    _save(report, args.out)
+    table = _save(report, args.out)
 
     plotted = accuracy.plot([r for r in report["accuracy"] if r["accuracy"] is not None], stem + ".png")
-    print(report_lib.markdown(report, report["summary"]))
+    print(table)
     for error in report["errors"]:
         print(f"error: {error}", file=sys.stderr)
     print(f"wrote {args.out}, {stem}.md" + (f" and {stem}.png" if plotted else " (matplotlib missing: no plot)")
@@ -346,13 +346,15 @@ def _new_report(args, settings, device, dtype_name) -> dict:
     }
 
 
-def _save(report: dict, out: str) -> None:
-    """Write the JSON and the markdown table as they stand (a run cut short keeps both)."""
+def _save(report: dict, out: str) -> str:
+    """Write the JSON and the markdown table as they stand (a run cut short keeps both);
+    returns the table."""
     report["summary"] = report_lib.summarize(report)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(out, report)
+    table = report_lib.markdown(report, report["summary"])
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(report_lib.markdown(report, report["summary"]))
+        f.write(table)
+    return table
 
 
 def _ints(text) -> list[int]:

@@ -27,8 +27,8 @@ CellCallback = Callable[[int, list, "str | None"], None]
 
 
 def cells(settings) -> list[tuple[str, int | None]]:
-    """(policy, budget) cells: dense once (no budget), every other policy at every budget."""
-    return [(p, None) if p == "dense" else (p, b) for p in settings["policies"] for b in (settings["budgets"] if p != "dense" else [None])]
+    """(policy, budget) cells of a compare run (``accuracy.cells``)."""
+    return accuracy.cells(settings["policies"], settings["budgets"])
 
 
 def evaluate_cells(model, codec, settings, table_path, device, on_cell: CellCallback, *, workers: int = 1,

@@ -3,6 +3,8 @@ as a markdown table that can be pasted into the README."""
 
 from __future__ import annotations
 
+from prhs_compile.bench.accuracy import mean
+
 
 def summarize(report: dict) -> list[dict]:
     """Per (policy, budget): mean accuracy over tasks at each context, mean dropped mass and
@@ -11,16 +13,16 @@ def summarize(report: dict) -> list[dict]:
     accuracy = report.get("accuracy", [])
     latency = report.get("latency", {}).get("rows", [])
     largest = max((r["context"] for r in latency), default=None)
-    cells = _ordered_unique([(r["policy"], r["budget"]) for r in accuracy + latency if r["policy"] != "dense_sdpa"])
+    cells = list(dict.fromkeys((r["policy"], r["budget"]) for r in accuracy + latency if r["policy"] != "dense_sdpa"))
     summary = []
     for policy, budget in cells:
         rows = [r for r in accuracy if (r["policy"], r["budget"]) == (policy, budget)]
         summary.append({
             "policy": policy,
             "budget": budget,
-            "accuracy": {c: _mean([r["accuracy"] for r in rows if r["context"] == c]) for c in report["settings"]["contexts"]},
-            "dropped_mean": _mean([r.get("dropped_mean_all_layers") for r in rows]),
-            "retrieval_rate": _mean([r.get("retrieval_rate") for r in rows]),
+            "accuracy": {c: mean([r["accuracy"] for r in rows if r["context"] == c]) for c in report["settings"]["contexts"]},
+            "dropped_mean": mean([r.get("dropped_mean_all_layers") for r in rows]),
+            "retrieval_rate": mean([r.get("retrieval_rate") for r in rows]),
             "latency_ms": _latency_at(latency, policy, budget, largest),
             "select": _latency_at(latency, policy, budget, largest, "select"),
             "timer": _latency_at(latency, policy, budget, largest, "timer"),
@@ -95,20 +97,6 @@ def _marks(summary_row, shape, latency) -> str:
     if str(summary_row.get("timer", {}).get(shape, "")).startswith("eager"):
         marks += " ‡"
     return marks
-
-
-def _ordered_unique(items):
-    seen, out = set(), []
-    for item in items:
-        if item not in seen:
-            seen.add(item)
-            out.append(item)
-    return out
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def _num(value, digits: int) -> str:

@@ -49,11 +49,11 @@ import argparse
 import logging
 import math
 import os
-import statistics
 import sys
 import time
 
-from .report import finish, write_json
+from .report import Progress, environment, finish, parse_sizes, write_json
+from .timing import Timer, copies_past_l2, l2_bytes, rotating
 
 log = logging.getLogger("prhs.bench.latency")
 
@@ -85,15 +85,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
-def _parse_sizes(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().upper()
-        if part:
-            out.append(int(float(part[:-1]) * 1024) if part.endswith("K") else int(part))
-    return out
-
-
 def _budget_for(spec: str, context: int) -> int:
     spec = spec.strip()
     if "/" in spec:
@@ -106,46 +97,6 @@ def _budget_for(spec: str, context: int) -> int:
 # timing
 
 
-class _Timer:
-    def __init__(self, device, kind: str, rep: int, quick: bool):
-        self.device, self.kind, self.rep, self.quick = device, kind, rep, quick
-        if device.type != "cuda":
-            self.name = "wall clock (median of 3 calls after 1 warm-up; CPU smoke test)"
-        elif kind == "cudagraph":
-            self.name = ("triton.testing.do_bench_cudagraph, median of 10 replays, "
-                         f"rep={rep} ms, KV cache rotated past L2")
-        else:
-            self.name = f"triton.testing.do_bench, median, rep={rep} ms, L2 flushed"
-
-    def __call__(self, fn) -> float:
-        if self.device.type != "cuda":
-            fn()
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        import triton.testing
-
-        if self.kind == "cudagraph":
-            return float(triton.testing.do_bench_cudagraph(fn, rep=self.rep, return_mode="median"))
-        return float(triton.testing.do_bench(fn, warmup=max(5, self.rep // 4), rep=self.rep,
-                                             return_mode="median"))
-
-
-def _rotating(fns):
-    """One callable cycling over per-copy callables (each call touches the next copy)."""
-    state = [0]
-
-    def call():
-        f = fns[state[0] % len(fns)]
-        state[0] += 1
-        return f()
-
-    return call
-
-
 def _copy_bandwidth(torch, device, timer) -> float:
     """Bytes per second of a device-to-device copy, counting the read and the write."""
     nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
@@ -154,17 +105,6 @@ def _copy_bandwidth(torch, device, timer) -> float:
     ms = timer(lambda: dst.copy_(src))
     del src, dst
     return 2 * nbytes / (ms * 1e-3)
-
-
-def _l2_bytes(torch, device) -> int:
-    if device.type != "cuda":
-        return 0
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "L2_cache_size", 50 << 20) or (50 << 20))
-
-
-# ---------------------------------------------------------------------------------------------
-# methods
 
 
 def _flex_setup(torch):
@@ -222,8 +162,6 @@ def run(args) -> int:
         # The kernels run through the Triton interpreter; must be set before triton loads.
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    import triton
-
     try:
         from prhs_compile.kernels.attend_triton import attend_triton
         from prhs_compile.kernels.select_triton import (
@@ -239,7 +177,7 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype)
     Hq, Hkv, D = args.q_heads, args.kv_heads, args.head_dim
     sink, local = args.sink, args.local
-    contexts, batches = _parse_sizes(args.contexts), _parse_sizes(args.batches)
+    contexts, batches = parse_sizes(args.contexts), parse_sizes(args.batches)
     budget_specs = [s for s in args.budgets.split(",") if s.strip()]
     if args.quick:
         Hq, Hkv, D = 4, 2, 32
@@ -251,7 +189,7 @@ def run(args) -> int:
         raise SystemExit(f"--q-heads {Hq} is not a multiple of --kv-heads {Hkv}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     scale = 1.0 / math.sqrt(D)
-    timer = _Timer(device, args.timer, args.rep, args.quick)
+    timer = Timer(device, args.timer, args.rep)
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
     flex = BlockMask = None
@@ -269,7 +207,7 @@ def run(args) -> int:
         log.warning("skipping FlexAttention: %s", flex_reason)
 
     bandwidth = _copy_bandwidth(torch, device, timer)
-    l2 = _l2_bytes(torch, device)
+    l2 = l2_bytes(device)
 
     configs = []
     for L in contexts:
@@ -290,22 +228,12 @@ def run(args) -> int:
         raise SystemExit(f"--step-rates {args.step_rates!r}: every rate must be in [0, 1]")
     total = sum(1 + (7 + len(step_rates)) * len(b) for _, _, b in configs)  # ticks per config
 
-    bar = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="latency", unit="bench", dynamic_ncols=True)
-
-    def tick(desc):
-        if bar is not None:
-            bar.set_postfix_str(desc, refresh=False)
-            bar.update(1)
+    progress = Progress(total, "latency", enabled=not args.no_progress)
+    tick = progress.tick
 
     results = []
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **environment(torch, device),
         "quick": bool(args.quick),
         "complete": False,
         "timer": timer.name,
@@ -323,13 +251,10 @@ def run(args) -> int:
         "results": results,
     }
 
-    def save():
-        write_json(args.out, report)
-
     t_start = time.perf_counter()
     for B, L, budgets in configs:
         kv_bytes = 2 * B * Hkv * L * D * itemsize
-        copies = 1 if l2 == 0 else max(1, min(16, math.ceil(4 * l2 / kv_bytes)))
+        copies = copies_past_l2(kv_bytes, l2, cap=16)
         q = torch.randn((B, Hq, 1, D), generator=gen, device=device, dtype=dtype)
         caches = []
         for _ in range(copies):
@@ -339,8 +264,7 @@ def run(args) -> int:
         # The static-cache decode mask (every position holds a token).
         mask = torch.ones((B, 1, 1, L), dtype=torch.bool, device=device)
 
-        dense_floor_bytes = kv_bytes
-        dense = {"bytes": dense_floor_bytes}
+        dense = {"bytes": kv_bytes}
         try:
             backends = _dense_backends(torch) if device.type == "cuda" else None
 
@@ -352,7 +276,7 @@ def run(args) -> int:
                 with sdpa_kernel(backends):
                     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
-            dense["ms"] = timer(_rotating([lambda k=k, v=v: dense_call(k, v)
+            dense["ms"] = timer(rotating([lambda k=k, v=v: dense_call(k, v)
                                            for k, v in caches]))
         except Exception as exc:  # noqa: BLE001
             dense = {"skipped": f"{type(exc).__name__}: {exc}"}
@@ -365,7 +289,7 @@ def run(args) -> int:
             try:
                 short = [(k[:, :, :S].contiguous(), v[:, :, :S].contiguous()) for k, v in caches]
                 methods["dense_at_budget"] = {
-                    "ms": timer(_rotating([lambda k=k, v=v: dense_call(k, v) for k, v in short])),
+                    "ms": timer(rotating([lambda k=k, v=v: dense_call(k, v) for k, v in short])),
                     "bytes": 2 * B * Hkv * S * D * itemsize,
                 }
                 del short
@@ -386,7 +310,7 @@ def run(args) -> int:
                          enable_gqa=True)
                     torch.cuda.synchronize()
                     first_call = time.perf_counter() - t0
-                    ms = timer(_rotating([
+                    ms = timer(rotating([
                         lambda k=k, v=v: flex(q, k, v, block_mask=bm, scale=scale,
                                               enable_gqa=True)
                         for k, v in caches]))
@@ -403,21 +327,21 @@ def run(args) -> int:
             # select (its output feeds attend and gather+SDPA)
             idxs = [oracle_select_triton(q, k, mask, scale, S, sink, local, 0)
                     for k, _ in caches]
-            sel_ms = timer(_rotating([
+            sel_ms = timer(rotating([
                 lambda k=k: oracle_select_triton(q, k, mask, scale, S, sink, local, 0)
                 for k, _ in caches]))
             sel_bytes = retrieval_bytes(B, Hkv, L, D, itemsize, kv_len=L)
             methods["select"] = {"ms": sel_ms, "bytes": sel_bytes}
             tick(f"B={B} L={L} S={S} select")
 
-            score_ms = timer(_rotating([
+            score_ms = timer(rotating([
                 lambda k=k: _group_mass(q, k, mask, scale, sink, local, S, 0)
                 for k, _ in caches]))
             methods["select_score"] = {"ms": score_ms,
                                        "bytes": 2 * B * Hkv * L * D * itemsize}
             tick(f"B={B} L={L} S={S} score")
 
-            att_ms = timer(_rotating([
+            att_ms = timer(rotating([
                 lambda k=k, v=v, i=i: attend_triton(q, k, v, i, mask, scale)
                 for (k, v), i in zip(caches, idxs)]))
             methods["attend"] = {"ms": att_ms, "bytes": attend_bytes}
@@ -428,7 +352,7 @@ def run(args) -> int:
                 return F.scaled_dot_product_attention(q, k.gather(2, ix), v.gather(2, ix),
                                                       scale=scale, enable_gqa=True)
 
-            g_ms = timer(_rotating([lambda k=k, v=v, i=i: gather_sdpa(k, v, i)
+            g_ms = timer(rotating([lambda k=k, v=v, i=i: gather_sdpa(k, v, i)
                                     for (k, v), i in zip(caches, idxs)]))
             methods["gather_sdpa"] = {"ms": g_ms, "bytes": attend_bytes}
             tick(f"B={B} L={L} S={S} gather")
@@ -437,18 +361,18 @@ def run(args) -> int:
                 i = oracle_select_triton(q, k, mask, scale, S, sink, local, 0)
                 return attend_triton(q, k, v, i, mask, scale)
 
-            sa_ms = timer(_rotating([lambda k=k, v=v: select_attend(k, v) for k, v in caches]))
+            sa_ms = timer(rotating([lambda k=k, v=v: select_attend(k, v) for k, v in caches]))
             methods["select_attend"] = {"ms": sa_ms, "bytes": sel_bytes + attend_bytes}
             tick(f"B={B} L={L} S={S} select+attend")
 
 
             steps = [_PrHSStep(torch, q, k, v, mask, scale, S, sink, local) for k, v in caches]
-            restore_ms = timer(_rotating([st.restore for st in steps]))
+            restore_ms = timer(rotating([st.restore for st in steps]))
             methods["restore"] = {"ms": restore_ms, "bytes": steps[0].state_bytes * 2}
             tick(f"B={B} L={L} S={S} restore")
             for r in step_rates:
                 achieved = [st.set_rate(r) for st in steps][0]
-                step_ms = timer(_rotating([st.call for st in steps]))
+                step_ms = timer(rotating([st.call for st in steps]))
                 methods[f"prhs@{r:g}"] = {
                     "ms": step_ms, "retrieval_rate": achieved, "restore_ms": restore_ms,
                     "bytes": achieved * sel_bytes + attend_bytes + 2 * steps[0].state_bytes,
@@ -464,18 +388,13 @@ def run(args) -> int:
                         m["vs_dense"] = dense["ms"] / m["ms"]  # speed-up over dense
             results.append({"batch": B, "context": L, "budget": S, "copies": copies,
                             "methods": methods})
-            save()  # partial results survive an interrupted run
-            if bar is None:
-                print(f"[{time.perf_counter() - t_start:7.1f}s] B={B} L={L} S={S}: "
-                      + ", ".join(f"{n} {m['ms']:.3f}" for n, m in methods.items() if "ms" in m),
-                      flush=True)
+            write_json(args.out, report)  # partial results survive an interrupted run
+            progress.row(f"B={B} L={L} S={S}", methods)
             del idxs
         del q, caches, mask
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if bar is not None:
-        bar.close()
-
+    progress.close()
     finish(args.out, report, t_start, _markdown(report))
     return 0
 
@@ -487,15 +406,14 @@ class _PrHSStep:
     def __init__(self, torch, q, k, v, mask, scale, budget, sink, local):
         from prhs_compile.kernels.plan import SelectPlan
         from prhs_compile.kernels.select_reference import state_spec
+        from prhs_compile.state import allocate_state
 
         self.torch, self.q, self.k, self.v, self.mask, self.scale = torch, q, k, v, mask, scale
         B, Hq, _, D = q.shape
         self.plan = SelectPlan(policy="prhs", layer=0, budget=budget, sink=sink, local=local)
         self.plan_text = self.plan.encode()
-        spec = state_spec(self.plan, B, Hq, k.shape[1], D)
-        self.names = list(spec)
-        self.state = [torch.full(shape, fill, dtype=dtype, device=q.device)
-                      for shape, dtype, fill in spec.values()]
+        self.names = list(state_spec(self.plan, B, Hq, k.shape[1], D))
+        self.state = allocate_state(self.plan, B, Hq, k.shape[1], D, q.device)
         # One full retrieval fills the stored sets; then the state is made to continue from
         # position L - 2, so that the step at L - 1 follows it.
         self._ops()
@@ -517,12 +435,13 @@ class _PrHSStep:
         retrieve = torch.zeros(B * Hkv, dtype=torch.bool, device=self.q.device)
         retrieve[torch.randperm(B * Hkv, device=self.q.device)[:n]] = True
         sign = torch.where(retrieve.view(B, Hkv).repeat_interleave(Hq // Hkv, 1), -1.0, 1.0)
-        st = dict(zip(self.names, self.snapshot))
-        st["anchor"].copy_(self.q[:, :, -1].float() * sign[..., None])
-        self.restore()
-        self.call()
+        from prhs_compile.kernels.select_reference import RETRIEVALS
+
+        snapshot = dict(zip(self.names, self.snapshot))
+        snapshot["anchor"].copy_(self.q[:, :, -1].float() * sign[..., None])
+        self.call()  # restores the snapshot first
         counters = dict(zip(self.names, self.state))["counters"]
-        measured = int(counters[2] - dict(zip(self.names, self.snapshot))["counters"][2])
+        measured = int(counters[RETRIEVALS] - snapshot["counters"][RETRIEVALS])
         if measured != n:
             raise RuntimeError(f"state set up for {n} retrievals, the step ran {measured}")
         return n / (B * Hkv)

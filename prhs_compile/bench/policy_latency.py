@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import time
 
 import torch
+
+from .timing import copies_past_l2, l2_bytes, rotating, wall_median
 
 # Prompt rows handed to the priming prefill: SnapKV scores the last 32, SAGE-KV the last one.
 PREFILL_ROWS = 64
@@ -95,11 +96,9 @@ class DecodeStream:
     @staticmethod
     def copies_past_l2(shape: AttentionShape, context: int, dtype, device) -> int:
         """Cache copies whose bytes together exceed 4x the L2 size (1 off CUDA), at most 64."""
-        if torch.device(device).type != "cuda":
-            return 1
-        l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20))
-        kv_bytes = 2 * shape.kv_heads * (context + DECODE_STEPS) * shape.head_dim * torch.empty((), dtype=dtype).element_size()
-        return max(1, min(64, math.ceil(4 * l2 / kv_bytes)))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        kv_bytes = 2 * shape.kv_heads * (context + DECODE_STEPS) * shape.head_dim * itemsize
+        return copies_past_l2(kv_bytes, l2_bytes(device), cap=64)
 
     def rewind(self) -> None:
         """Back to the first decode step (right after the prompt a prefill primed)."""
@@ -164,13 +163,7 @@ class Timer:
                 torch.cuda.synchronize()
                 ms = triton.testing.do_bench(fn, warmup=25, rep=self.rep_ms, return_mode="median")
                 return float(ms), f"{self.EAGER} (capture failed: {type(err).__name__}: {str(err)[:120]})"
-        fn()
-        times = []
-        for _ in range(self.cpu_calls):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times), "wall clock"
+        return wall_median(fn, self.cpu_calls), "wall clock"
 
 
 def recompile_room(limit: int = 64):
@@ -205,14 +198,6 @@ def select_plan(options: dict, layer: int, num_layers: int, kv_len: int):
     return plan
 
 
-def new_state(plan, shape: AttentionShape, device) -> list[torch.Tensor]:
-    """Fresh state tensors of one layer, batch 1 (what ``prhs_compile.state`` allocates)."""
-    from prhs_compile.kernels import state_spec
-
-    spec = state_spec(plan, 1, shape.q_heads, shape.kv_heads, shape.head_dim)
-    return [torch.full(size, fill, dtype=dtype, device=device) for size, dtype, fill in spec.values()]
-
-
 def advance_cost(stream: DecodeStream, timer: Timer) -> float:
     """Milliseconds of ``stream.advance()`` alone (two small gathers and the cursor update),
     which every timed step includes and which the step times below are reported net of."""
@@ -232,10 +217,11 @@ def time_policy(plan, shape: AttentionShape, stream: DecodeStream, timer: Timer,
     """
     from prhs_compile.kernels import COUNTERS_INDEX
     from prhs_compile.kernels.select_reference import RESETS, RETRIEVALS, SLOTS
+    from prhs_compile.state import allocate_state
 
     ops = torch.ops.prhs
     text = plan.encode()
-    state = new_state(plan, shape, stream.k.device)
+    state = allocate_state(plan, 1, shape.q_heads, shape.kv_heads, shape.head_dim, stream.k.device)
     scale = stream.scale
     ops.prefill(stream.prompt_q, stream.k, stream.prompt_mask, False, scale, text, state)
     stream.rewind()  # the first step continues the primed prompt
@@ -255,13 +241,8 @@ def time_policy(plan, shape: AttentionShape, stream: DecodeStream, timer: Timer,
     step_ms, step_timer = timer(step)
     counters = state[COUNTERS_INDEX].tolist()
     q, mask, idx = last["q"], last["mask"], last["idx"]
-    copies = iter(range(1 << 62))
-
-    def attend():
-        k, v = stream.kv[next(copies) % len(stream.kv)]
-        return ops.attend(q, k, v, idx, mask, scale)
-
-    attend_ms, attend_timer = timer(attend)
+    attend_ms, attend_timer = timer(rotating([lambda k=k, v=v: ops.attend(q, k, v, idx, mask, scale)
+                                              for k, v in stream.kv]))
     return {
         "step_ms": max(step_ms - advance_ms, 0.0),
         "advance_ms": advance_ms,

@@ -48,11 +48,11 @@ import argparse
 import dataclasses
 import logging
 import math
-import statistics
 import sys
 import time
 
-from .report import finish, write_json
+from .report import Progress, environment, finish, parse_sizes, write_json
+from .timing import Timer
 
 log = logging.getLogger("prhs.bench.prefill")
 
@@ -130,35 +130,9 @@ def _window_bias(window, q_len: int, kv_len: int, dtype, device):
     return bias
 
 
-def _parse_sizes(text: str) -> list[int]:
-    """``"8K,32K"`` -> ``[8192, 32768]`` (K = 1024)."""
-    sizes = []
-    for part in (p.strip().upper() for p in text.split(",")):
-        if part:
-            sizes.append(int(float(part[:-1]) * 1024) if part.endswith("K") else int(part))
-    return sizes
-
-
-def _timer(device, rep: int):
-    """``(name, fn -> median ms)``: ``triton.testing.do_bench`` on CUDA, a wall clock on CPU."""
-    if device.type != "cuda":
-        def wall(fn) -> float:
-            fn()
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-
-        return "wall clock (median of 3 calls after 1 warm-up; CPU smoke test)", wall
-
-    import triton.testing
-
-    def do_bench(fn) -> float:
-        return float(triton.testing.do_bench(fn, warmup=max(5, rep // 4), rep=rep, return_mode="median"))
-
-    return f"triton.testing.do_bench, median, rep={rep} ms, L2 flushed", do_bench
+def _skip_reason(exc: Exception) -> str:
+    """What a skipped measurement records: the exception's type and first line."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 class _Bench:
@@ -169,7 +143,7 @@ class _Bench:
         self.B, self.Hq, self.Hkv, self.D = shape
         self.scale = 1.0 / math.sqrt(self.D)
         self.psaw_plan, self.block, self.tick = psaw_plan, block, tick
-        self.timer_name, self.timer = _timer(device, args.rep)
+        self.timer = Timer(device, "plain", args.rep)
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
         _, self.flex_attention = kernels.flex_functions(device)
 
@@ -181,7 +155,7 @@ class _Bench:
             if self.device.type == "cuda":
                 self.torch.cuda.empty_cache()
             log.warning("%s failed at %s: %s", name, where, exc)
-            return {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+            return {"skipped": _skip_reason(exc)}
 
     def sdpa(self, q, k, v, backends, **kwargs):
         """SDPA restricted to ``backends`` on CUDA (so a fallback to math is an error, not a
@@ -247,12 +221,11 @@ class _Bench:
         expected = call().float()
         return result, float((out_flex.float() - expected).norm() / expected.norm())
 
-    def flex(self, T: int, layer: int, inputs, plan, window) -> tuple[dict, object, object]:
+    def flex(self, T: int, layer: int, inputs, plan, window, where: str) -> tuple[dict, object, object]:
         """The three FlexAttention measurements, the window's block counts and the flex output
         (for the error check); a failure (compiling, memory) skips all three with its reason."""
         torch, k_, device, block = self.torch, self.k, self.device, self.block
         q, k, v, mask, is_causal = inputs
-        where = f"B={self.B} T={T} layer={layer}"
 
         def flex_op():
             return k_.window_prefill_flex(q, k, v, mask, is_causal, self.scale, plan, block_size=block)
@@ -267,7 +240,7 @@ class _Bench:
             first_call_s = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - record the reason, keep benchmarking
             log.warning("FlexAttention failed at %s: %s", where, exc)
-            skipped = {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+            skipped = {"skipped": _skip_reason(exc)}
             for name in ("flex", "flex_attention", "block_mask"):
                 self.tick(f"T={T} l={layer} {name}")
             return {name: dict(skipped) for name in ("flex", "flex_attention", "block_mask")}, None, None
@@ -290,7 +263,7 @@ class _Bench:
         window = self.k.prefill_window(T, T, mask, is_causal, plan, self.B, self.device)
         kept_pairs = int(window.kept_pairs)
         methods = {"dense_causal": dict(dense)}
-        flex_methods, blocks, out_flex = self.flex(T, layer, inputs, plan, window)
+        flex_methods, blocks, out_flex = self.flex(T, layer, inputs, plan, window, where)
         methods.update(flex_methods)
 
         bias = _window_bias(window, T, T, self.dtype, self.device)
@@ -344,7 +317,7 @@ def run(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     shape = (args.batch, args.q_heads, args.kv_heads, args.head_dim)
-    lengths, sink, local = _parse_sizes(args.lengths), args.sink, args.local
+    lengths, sink, local = parse_sizes(args.lengths), args.sink, args.local
     block = args.block_size or 128
     if args.quick:
         shape, lengths, sink, local, block = (1, 4, 2, 32), [256], 4, 16, args.block_size or 32
@@ -359,34 +332,17 @@ def run(args) -> int:
                            psaw_start=args.psaw_start, psaw_phi=args.psaw_phi, psaw_alpha=args.psaw_alpha,
                            num_layers=args.num_layers)
 
-    bar = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
+    progress = Progress(len(lengths) * (1 + (len(METHODS) - 1) * len(layers)), "prefill",
+                        enabled=not args.no_progress)
 
-        bar = tqdm(total=len(lengths) * (1 + (len(METHODS) - 1) * len(layers)), desc="prefill",
-                   unit="bench", dynamic_ncols=True)
-
-    def tick(desc):
-        if bar is not None:
-            bar.set_postfix_str(desc, refresh=False)
-            bar.update(1)
-
-    bench = _Bench(args, torch, kernels, device, dtype, shape, psaw_plan, block, tick)
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    bench = _Bench(args, torch, kernels, device, dtype, shape, psaw_plan, block, progress.tick)
     results = []
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": triton_version,
+        **environment(torch, device),
         "command": getattr(args, "command_line", None),
         "quick": bool(args.quick),
         "complete": False,
-        "timer": bench.timer_name,
+        "timer": bench.timer.name,
         "shape": {"batch": shape[0], "q_heads": shape[1], "kv_heads": shape[2], "head_dim": shape[3],
                   "dtype": str(dtype)},
         "psaw": {"start": args.psaw_start, "phi": args.psaw_phi, "alpha": args.psaw_alpha,
@@ -399,23 +355,15 @@ def run(args) -> int:
         "results": results,
     }
 
-    def save():
-        write_json(args.out, report)
-
     t_start = time.perf_counter()
     for T in lengths:
         for result in bench.length(T, layers):
             results.append(result)
-            if bar is None:
-                print(f"[{time.perf_counter() - t_start:7.1f}s] T={T} layer={result['layer']}: "
-                      + ", ".join(f"{n} {m['ms']:.3f}" for n, m in result["methods"].items() if "ms" in m),
-                      flush=True)
-        save()  # partial results survive an interrupted run
+            progress.row(f"T={T} layer={result['layer']}", result["methods"])
+        write_json(args.out, report)  # partial results survive an interrupted run
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if bar is not None:
-        bar.close()
-
+    progress.close()
     finish(args.out, report, t_start, _markdown(report))
     return 0
 
@@ -449,8 +397,7 @@ def _markdown(report) -> str:
         blocks = r["kv_block_fraction"]
         cells = [str(r["length"]), str(r["layer"]), f"{100 * r['pair_fraction']:.1f}%",
                  f"{100 * blocks:.1f}%" if blocks is not None else "-"]
-        cells += [cell(m[name]) for name in ("dense_causal", "masked_sdpa", "masked_sdpa_kv", "flex",
-                                             "flex_attention", "block_mask")]
+        cells += [cell(m[name]) for name in METHODS]
         cells.append(f"{flex_tflops:.1f}" if flex_tflops is not None else "-")
         cells.append(f"{r['rel_err']:.1e}" if r["rel_err"] is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")

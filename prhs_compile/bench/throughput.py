@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 
-from .report import write_json
+from .report import environment, write_json
 
 log = logging.getLogger("prhs.bench.throughput")
 
@@ -103,9 +103,11 @@ def _build(torch, args, device, dtype):
     return model, config
 
 
-def _fill_cache(torch, model, config, args, device, dtype):
-    """A static cache of ``context + steps`` positions whose first ``context`` hold random
-    keys and values (allocated by one eager 1-token call, then overwritten)."""
+def _fill_cache(torch, model, config, args, device):
+    """A static cache with room for the context and every decode step of the run (warm-up,
+    the first step, ``steps`` x ``repeats``, and a margin), whose first ``context`` positions
+    hold random keys and values (allocated by one eager 1-token call, then overwritten; each
+    configuration rewinds it to the context before it runs)."""
     import transformers
 
     total = args.context + (args.warmup + 1 + args.steps * args.repeats) + 8
@@ -118,7 +120,6 @@ def _fill_cache(torch, model, config, args, device, dtype):
     for layer in cache.layers:
         for t in (layer.keys, layer.values):
             t[:, :, : args.context].normal_(generator=gen)
-    _rewind(torch, cache, args.context)
     return cache
 
 
@@ -171,23 +172,18 @@ def run(args) -> int:
         raise SystemExit(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    import triton
     from tqdm.auto import tqdm
 
     model, config = _build(torch, args, device, dtype)
-    cache = _fill_cache(torch, model, config, args, device, dtype)
+    cache = _fill_cache(torch, model, config, args, device)
     report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__,
+        **environment(torch, device),
         "transformers": __import__("transformers").__version__,
         "quick": bool(args.quick), "batch": args.batch, "context": args.context,
         "steps": args.steps, "repeats": args.repeats, "budget": args.budget, "sink": args.sink,
         "local": args.local, "model": {k: getattr(config, k) for k in LLAMA3_8B},
         "dtype": str(dtype), "command": " ".join(sys.argv), "results": {},
     }
-
-    def save():
-        write_json(args.out, report)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     bar = tqdm(total=len(names) * (2 + args.warmup + args.repeats), desc="throughput", unit="call",
@@ -262,7 +258,7 @@ def run(args) -> int:
             result["failed"] = f"{type(exc).__name__}: {exc}"[:2000]
         bar.update(1)
         report["results"][name] = result
-        save()
+        write_json(args.out, report)
         print(f"{name}: {result}", flush=True)
         del forward
     bar.close()
@@ -272,7 +268,7 @@ def run(args) -> int:
         if "tokens_per_s" in result and "tokens_per_s" in base:
             result["speedup_vs_inductor"] = result["tokens_per_s"] / base["tokens_per_s"]
             result["compile_time_vs_inductor"] = result["compile_s"] / base["compile_s"]
-    save()
+    write_json(args.out, report)
     print(_markdown(report))
     return 0
 
