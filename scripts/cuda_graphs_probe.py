@@ -4,10 +4,11 @@ static cache under ``torch.compile``, and the result is compared with eager.
 
     python scripts/cuda_graphs_probe.py [--out probe.json]
 
-Variants (``VARIANTS``): the default Inductor backend; backend "prhs" with policy oracle
-(budget covering the context: exact); the same with Inductor's graph partitioning off, and
-with its static CUDA launcher off; policy prhs (sparse) with partitioning off. A crashed
-variant keeps the start and the end of its output (faulthandler's traceback comes first).
+Variants (``VARIANTS``): the default Inductor backend with Inductor's graph partitioning as
+it comes and turned off; backend "prhs" with policy oracle (budget covering the context:
+exact) with partitioning forced on, and as the backend sets it (off with CUDA graphs); policy
+prhs (sparse). A crashed variant keeps the start and the end of its output (faulthandler's
+traceback comes first).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import sys
 
 VARIANTS = {
     "inductor": {"backend": "inductor"},
+    "inductor_no_partition": {"backend": "inductor", "graph_partition": False},
+    "prhs_oracle_partition": {"backend": "prhs", "policy": "oracle", "graph_partition": True},
     "prhs_oracle": {"backend": "prhs", "policy": "oracle"},
-    "prhs_oracle_no_partition": {"backend": "prhs", "policy": "oracle", "graph_partition": False},
-    "prhs_sparse_no_partition": {"backend": "prhs", "policy": "prhs", "graph_partition": False},
-    "prhs_oracle_no_static_launcher": {"backend": "prhs", "policy": "oracle", "static_launcher": False},
+    "prhs_sparse": {"backend": "prhs", "policy": "prhs"},
 }
 
 CHILD = r"""
@@ -43,10 +44,8 @@ def gen():
                           output_logits=True, return_dict_in_generate=True)
 ref = gen()
 inductor_config = {}
-if spec.get("static_launcher") is False:
-    inductor_config["use_static_cuda_launcher"] = False
-if spec.get("graph_partition") is False:
-    inductor_config["graph_partition"] = False
+if "graph_partition" in spec:  # else: the backend's choice (prhs turns it off with CUDA graphs)
+    inductor_config["graph_partition"] = spec["graph_partition"]
 if spec["backend"] == "inductor":
     for key, value in inductor_config.items():
         setattr(torch._inductor.config, key, value)
