@@ -47,6 +47,7 @@ from .select_hshare_triton import channel_abs_sums
 from .select_quest_triton import quest_page_scores, quest_picks
 from .select_reference import continuing_rows, selection_listeners, step_bookkeeping
 from .selection import advance_age, scatter_keep
+from .retrieve_triton import retrieve_keys
 from .select_triton import (
     _BLOCK_W,
     _bounds,
@@ -55,8 +56,8 @@ from .select_triton import (
     _row_bounds,
     _valid_positions,
     _write_valid_run,
-    oracle_select_triton,
 )
+from .topk_triton import topk_picks
 
 __all__ = ["implements", "quest_unavailable", "select_step_triton", "supports"]
 
@@ -308,18 +309,13 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
     if shared is not None:
         indices = shared.clone()
         retrieved = torch.zeros(batch, kv_heads, dtype=torch.bool, device=q.device)
-    elif plan.policy == "oracle" and not plan.head_budgets:
-        indices = oracle_select_triton(q, k, mask, scale, plan.budget, plan.sink, plan.local,
-                                       plan.min_context, bounds=bounds)
-        retrieved = ~fits[:, None].expand(-1, kv_heads)
     elif plan.policy in ("oracle", "lu_kv"):
-        # The exact top-k of every step within per-head budgets (LU-KV).
+        # The exact top-k of every step (within per-head budgets: LU-KV).
         retrieved = ~fits[:, None].expand(-1, kv_heads)
-        found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget, plan.min_context,
-                            bounds=bounds, want_window_mass=True)
-        picks = _capped_picks(found.mass, found.window_mass, plan.middle,
-                              (q.shape[1] // kv_heads) * q_len, plan.head_middles(q.device))
-        indices = _compose(found.operand, found.bounds, picks, plan, batch, kv_heads, q_len)
+        found = retrieve_keys(q, k, operand, bounds, scale)
+        picks, _ = topk_picks(found.keys, bounds, min(plan.middle, length),
+                              caps=plan.head_middles(q.device), width=plan.middle)
+        indices = _compose(operand, bounds, picks, plan, batch, kv_heads, q_len)
     elif plan.policy == "streaming":
         indices = _compose(operand, bounds, None, plan, batch, kv_heads, q_len, local=local)
         retrieved = torch.zeros(batch, kv_heads, dtype=torch.bool, device=q.device)
@@ -346,10 +342,11 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
         indices, retrieved = _hshare_choose(q, k, mask, scale, plan, st, continuing, bounds, fits,
                                             operand)
     elif plan.policy in ("sage_kv", "snapkv"):
-        indices, retrieved = _one_shot_choose(q, k, mask, scale, plan, st, continuing, bounds, fits)
+        indices, retrieved = _one_shot_choose(q, k, scale, plan, st, continuing, bounds, fits,
+                                              operand)
     else:
         indices, retrieved = _prhs_choose(q, k, mask, scale, plan, st, continuing, newest,
-                                          bounds, fits)
+                                          bounds, fits, operand)
     _bookkeeping(st["counters"], pos, fingerprint, k, newest, continuing, retrieved)
     return indices
 
@@ -376,20 +373,48 @@ def _store(q, mass, window_mass, fresh_key_norm, retrieve, reuse, age, kept, anc
                anchor_dropped, key_norm)
 
 
-def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits):
-    """``PrHSRule.choose`` on the Triton path: gate, gated retrieval, stored picks, output."""
+@_fused
+def _store_picked(q, window_mass, picked_mass, fresh_key_norm, retrieve, reuse, age, kept,
+                  anchor, anchor_dropped, key_norm, rows: int):
+    """The state a step leaves (``rule_prhs.prhs_store``) once the top-k kernel has written
+    the picks of the retrieving slots into ``kept``."""
+    prhs_store(q, kept, (window_mass + picked_mass) / rows, fresh_key_norm, retrieve, reuse,
+               age, kept, anchor, anchor_dropped, key_norm)
+
+
+def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits, operand):
+    """``PrHSRule.choose`` on the Triton path: gate, gated retrieval, stored picks, output.
+    Slots that reuse their set read no K and rank nothing: the score pass and the top-k
+    return at once for them."""
     batch, q_heads, q_len, _ = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, length = k.shape[1], k.shape[2]
     age, kept, anchor = st["age"][:batch], st["kept"][:batch], st["anchor"][:batch]
     anchor_dropped, key_norm = st["anchor_dropped"][:batch], st["key_norm"][:batch]
     retrieve, reuse = _gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_norm,
                             float(scale), plan.tau, plan.delta_target, plan.max_reuse)
-    found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget, plan.min_context,
-                        bounds=bounds, active=retrieve, want_norm=True, want_window_mass=True)
-    _store(q, found.mass, found.window_mass, found.key_norm, retrieve, reuse, age, kept, anchor,
-           anchor_dropped, key_norm, plan.middle, plan.delta_target, plan.dilation_m,
-           plan.dilation_r, (q_heads // kv_heads) * q_len, plan.head_middles(q.device))
-    indices = _compose(found.operand, found.bounds, kept, plan, batch, kv_heads, q_len)
+    rows = (q_heads // kv_heads) * q_len
+    if plan.delta_target > 0:
+        # The smallest sufficient prefix needs the picks in mass order: ranked in torch.
+        found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget,
+                            plan.min_context, bounds=bounds, active=retrieve, want_norm=True,
+                            want_window_mass=True)
+        _store(q, found.mass, found.window_mass, found.key_norm, retrieve, reuse, age, kept,
+               anchor, anchor_dropped, key_norm, plan.middle, plan.delta_target,
+               plan.dilation_m, plan.dilation_r, rows, plan.head_middles(q.device))
+    else:
+        found = retrieve_keys(q, k, operand, bounds, scale, retrieve, want_norm=True,
+                              want_window_mass=True)
+        top = min(plan.middle, length)
+        radius = plan.dilation_r
+        cores = plan.dilation_m if plan.dilation_m >= 0 else top // (2 * radius + 1)
+        # The top-k writes the picks of retrieving slots straight into the stored set.
+        _, picked_mass = topk_picks(found.keys, bounds, top, out=kept, active=retrieve,
+                                    caps=plan.head_middles(q.device),
+                                    dilation_m=min(cores, length), dilation_r=radius,
+                                    width=plan.middle)
+        _store_picked(q, found.window_mass, picked_mass, found.key_norm, retrieve, reuse, age,
+                      kept, anchor, anchor_dropped, key_norm, rows)
+    indices = _compose(operand, bounds, kept, plan, batch, kv_heads, q_len)
     return indices, retrieve
 
 
@@ -419,11 +444,6 @@ def _h2o_update(mass, score, continuing, bounds, middle: int, rows: int):
 
 
 @_fused
-def _capped_picks(mass, window_mass, middle: int, rows: int, caps):
-    return _pick(mass, window_mass, middle, 0.0, 0, 0, rows, caps)[0]
-
-
-@_fused
 def _one_shot_gate(continuing, fits, ready):
     """SAGE-KV / SnapKV: a slot keeps the set chosen at prefill; one that reaches decode
     without a set of its own sequence (no prefill seen, reordered beams) retrieves once."""
@@ -431,22 +451,20 @@ def _one_shot_gate(continuing, fits, ready):
 
 
 @_fused
-def _one_shot_store(mass, window_mass, retrieve, kept, ready, middle: int, rows: int):
-    picks, _ = _pick(mass, window_mass, middle, 0.0, 0, 0, rows)
-    kept.copy_(torch.where(retrieve[..., None], picks, kept))
+def _one_shot_ready(retrieve, ready):
     ready.copy_(torch.where(retrieve, 1, ready).to(ready.dtype))
 
 
-def _one_shot_choose(q, k, mask, scale, plan, st, continuing, bounds, fits):
-    batch, q_heads, q_len, _ = q.shape
-    kv_heads = k.shape[1]
+def _one_shot_choose(q, k, scale, plan, st, continuing, bounds, fits, operand):
+    batch = q.shape[0]
+    kv_heads, length = k.shape[1], k.shape[2]
     kept, ready = st["kept"][:batch], st["ready"][:batch]
     retrieve = _one_shot_gate(continuing, fits, ready)
-    found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget, plan.min_context,
-                        bounds=bounds, active=retrieve, want_window_mass=True)
-    _one_shot_store(found.mass, found.window_mass, retrieve, kept, ready, plan.middle,
-                    (q_heads // kv_heads) * q_len)
-    return _compose(found.operand, found.bounds, kept, plan, batch, kv_heads, q_len), retrieve
+    found = retrieve_keys(q, k, operand, bounds, scale, retrieve)
+    topk_picks(found.keys, bounds, min(plan.middle, length), out=kept, active=retrieve,
+               width=plan.middle)
+    _one_shot_ready(retrieve, ready)
+    return _compose(operand, bounds, kept, plan, batch, kv_heads, q.shape[2]), retrieve
 
 
 @_fused

@@ -335,19 +335,21 @@ def _assignment(ACTIVE, pid_bh, split, BH, Hkv, num_splits, HAS_ACTIVE: tl.const
 
 @triton.jit
 def _lse_kernel(
-    Q, K, MASK, BOUNDS, LSE_PART, ACTIVE, NORM_PART,
+    Q, K, MASK, BOUNDS, LSE_PART, ACTIVE, NORM_PART, SCORES,
     qk_scale_log2, mask_min,
-    Hkv, G, Tq, num_splits, BH, lse_width,
+    Hkv, G, Tq, L, num_splits, BH, lse_width,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_mb, stride_mt, stride_ml,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     M_PAD: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
     HAS_ACTIVE: tl.constexpr, WANT_NORM: tl.constexpr, TQ_P2: tl.constexpr,
-    BLOCK_BH: tl.constexpr,
+    BLOCK_BH: tl.constexpr, WRITE_SCORES: tl.constexpr,
 ):
     # (row, KV head) slots that reuse a selection read no K at all; the active ones share
-    # every program (see _assignment).
+    # every program (see _assignment). With WRITE_SCORES the masked log2-domain scores of
+    # every row go to SCORES [BH, M, L] (fp32), so the group mass needs no second read of K
+    # (``retrieve_triton``).
     pid_bh, b, hkv, split, num_splits, ok = _assignment(
         ACTIVE, tl.program_id(0), tl.program_id(1), BH, Hkv, num_splits, HAS_ACTIVE, BLOCK_BH)
     pid_m = tl.program_id(2)
@@ -374,6 +376,10 @@ def _lse_kernel(
         s = _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
                     qk_scale_log2, DOT_F32)
         s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
+        if WRITE_SCORES:
+            srow = (pid_bh.to(tl.int64) * M + offs_m) * L
+            tl.store(SCORES + srow[:, None] + pos[None, :], s,
+                     mask=((m_ok[:, None] & col_ok[None, :]) & ok) != 0)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
@@ -410,6 +416,33 @@ def _run_mass(q, k_base, start, end, lse, mask_rows, m_ok, offs_d, d_ok, stride_
 
 
 @triton.jit
+def _row_lse(LSE_PART, row, lse_width, num_splits, row_ok, BLOCK_M: tl.constexpr,
+             SPLIT_CHUNK: tl.constexpr):
+    """[BLOCK_M] log-sum-exp (log2 domain) of each query row over the whole valid region,
+    from pass 1's per-split partials; 0 for a row with nothing allowed (its scores are all
+    -inf, so subtracting 0 makes every exp2 exactly 0: it adds no mass, and no NaN)."""
+    # Accumulate elementwise and reduce after each loop: Triton 3.6's thread-locality pass
+    # fails to compile a reduction carried through the loop here.
+    offs_s = tl.arange(0, SPLIT_CHUNK)
+    mx_t = tl.full([BLOCK_M, SPLIT_CHUNK], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        part = tl.load(LSE_PART + row[:, None] * lse_width + s0 + offs_s[None, :],
+                       mask=(((s0 + offs_s[None, :]) < num_splits) & row_ok[:, None]) != 0,
+                       other=float("-inf"))
+        mx_t = tl.maximum(mx_t, part)
+    mx = tl.max(mx_t, 1)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    acc_t = tl.zeros([BLOCK_M, SPLIT_CHUNK], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        part = tl.load(LSE_PART + row[:, None] * lse_width + s0 + offs_s[None, :],
+                       mask=(((s0 + offs_s[None, :]) < num_splits) & row_ok[:, None]) != 0,
+                       other=float("-inf"))
+        acc_t += tl.exp2(part - mx_safe[:, None])
+    acc = tl.sum(acc_t, 1)
+    return tl.where(acc > 0.0, mx_safe + tl.log2(tl.where(acc > 0.0, acc, 1.0)), 0.0)
+
+
+@triton.jit
 def _mass_kernel(
     Q, K, MASK, BOUNDS, LSE_PART, MASS, ACTIVE, WMASS,
     qk_scale_log2, mask_min,
@@ -438,27 +471,8 @@ def _mass_kernel(
     # Each row's log-sum-exp over the whole valid region, from pass 1's per-split partials.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row = pid_bh.to(tl.int64) * M_PAD + offs_m
-    # Accumulate elementwise and reduce after each loop: Triton 3.6's thread-locality pass
-    # fails to compile a reduction carried through the loop here.
-    offs_s = tl.arange(0, SPLIT_CHUNK)
-    mx_t = tl.full([BLOCK_M, SPLIT_CHUNK], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        part = tl.load(LSE_PART + row[:, None] * lse_width + s0 + offs_s[None, :],
-                       mask=(((s0 + offs_s[None, :]) < num_splits) & ok) != 0,
-                       other=float("-inf"))
-        mx_t = tl.maximum(mx_t, part)
-    mx = tl.max(mx_t, 1)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    acc_t = tl.zeros([BLOCK_M, SPLIT_CHUNK], tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        part = tl.load(LSE_PART + row[:, None] * lse_width + s0 + offs_s[None, :],
-                       mask=(((s0 + offs_s[None, :]) < num_splits) & ok) != 0,
-                       other=float("-inf"))
-        acc_t += tl.exp2(part - mx_safe[:, None])
-    acc = tl.sum(acc_t, 1)
-    # A row with nothing allowed keeps lse = -inf; its scores are all -inf too, and
-    # subtracting 0 instead makes every exp2 exactly 0 (no NaN): it adds no mass.
-    lse = tl.where(acc > 0.0, mx_safe + tl.log2(tl.where(acc > 0.0, acc, 1.0)), 0.0)
+    lse = _row_lse(LSE_PART, row, lse_width, num_splits, (offs_m >= 0) & ok, BLOCK_M,
+                   SPLIT_CHUNK)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -781,10 +795,10 @@ def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_spli
     window_mass = (torch.empty((m_blocks, B, Hkv), dtype=torch.float32, device=device)
                    if want_window_mass else lse_part)
     _lse_kernel[grid](
-        q, k, mask_t, bounds, lse_part, active_t, norm_part, qk_scale_log2, mask_min,
-        Hkv, G, Tq, num_splits, B * Hkv, lse_width, *q.stride(), *k.stride(), *ms,
+        q, k, mask_t, bounds, lse_part, active_t, norm_part, lse_part, qk_scale_log2, mask_min,
+        Hkv, G, Tq, L, num_splits, B * Hkv, lse_width, *q.stride(), *k.stride(), *ms,
         HAS_ACTIVE=active is not None, WANT_NORM=want_norm, TQ_P2=tq_p2,
-        BLOCK_BH=triton.next_power_of_2(B * Hkv), **common,
+        BLOCK_BH=triton.next_power_of_2(B * Hkv), WRITE_SCORES=False, **common,
     )
     _mass_kernel[grid](
         q, k, mask_t, bounds, lse_part, mass, active_t, window_mass, qk_scale_log2, mask_min,

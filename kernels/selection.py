@@ -83,24 +83,38 @@ def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan, 
     m = plan.dilation_m if plan.dilation_m >= 0 else k // (2 * radius + 1)
     caps = head_caps(plan, k, mass.device)
     if not (dilate and m > 0 and radius > 0):
-        top = score.topk(k, dim=-1)
+        top = ranked_topk(score, k)
         rank = torch.arange(k, device=mass.device)
         return scatter_keep(top.indices, (top.values > float("-inf")) & (rank < caps), length)
-    cores = score.topk(min(m, length), dim=-1)
+    cores = ranked_topk(score, min(m, length))
     offsets = torch.arange(-radius, radius + 1, device=mass.device)
     neighbours = (cores.indices[..., None] + offsets).clamp(0, length - 1).flatten(-2)
     core_ok = (cores.values > float("-inf"))[..., None].expand(-1, -1, -1, offsets.numel()).flatten(-2)
     dilated = scatter_keep(neighbours, core_ok, length) & region[:, None, :]
     # Two rankings rather than one shifted score (score + constant would round masses
     # together): the neighbours first, best first, then the best of the others.
-    lead = score.masked_fill(~dilated, float("-inf")).topk(k, dim=-1)
-    rest = score.masked_fill(dilated, float("-inf")).topk(k, dim=-1)
+    lead = ranked_topk(score.masked_fill(~dilated, float("-inf")), k)
+    rest = ranked_topk(score.masked_fill(dilated, float("-inf")), k)
     n_lead = (lead.values > float("-inf")).sum(-1, keepdim=True)
     rank = torch.cat([torch.arange(k, device=mass.device).expand_as(lead.indices),
                       n_lead + torch.arange(k, device=mass.device)], -1)
     values = torch.cat([lead.values, rest.values], -1)
     take = (values > float("-inf")) & (rank < caps)
     return scatter_keep(torch.cat([lead.indices, rest.indices], -1), take, length)
+
+
+def ranked_topk(score: torch.Tensor, k: int):
+    """``score.topk(k)`` (best first) with ties broken by the lower position, as the Triton
+    top-k (``topk_triton``) breaks them; ``torch.topk`` leaves the order of ties unspecified.
+    Ranks an int64 key (the fp32 score's order-preserving bits, then the reversed position),
+    so it stays one top-k, not a sort."""
+    length = score.shape[-1]
+    bits = score.float().contiguous().view(torch.int32).long()
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the fp32 value
+    position = torch.arange(length, device=score.device)
+    top = (ordered * (1 << 32) + (length - 1 - position)).topk(k, dim=-1)
+    indices = (length - 1) - (top.values & 0xFFFFFFFF)
+    return torch.return_types.topk((score.gather(-1, indices), indices))
 
 
 def scatter_keep(indices: torch.Tensor, take: torch.Tensor, length: int) -> torch.Tensor:

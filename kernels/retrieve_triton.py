@@ -1,0 +1,194 @@
+"""A retrieval's one pass over K: group-mass *keys* for the top-k (what CUDA runs).
+
+``retrieve_keys`` scores the (row, KV head) slots that retrieve, and nothing else:
+
+    _lse_kernel (WRITE_SCORES)  (B*Hkv, splits, Mb)  the only read of K: masked log2-domain
+                                scores of the group's M = G * Tq query rows go to an fp32
+                                scratch [B*Hkv, M, L], per-split log-sum-exp partials beside
+                                them, and the largest key norm
+    _keys_kernel                (B*Hkv, splits)      reads the scores back (M * 4 bytes per
+                                position, against D * itemsize of K), forms the group mass
+                                sum_r exp2(s_r - lse_r) of every middle position and writes
+                                it as an int32 *key* for the radix top-k (``picks_triton``);
+                                split 0 also sums the mass of the sinks and local window
+
+A key is the fp32 mass's bit pattern plus one (masses are >= 0, so their bits order like
+the masses), 0 for a position that cannot be picked (outside the middle, masked). Only the
+middle ``[mid_lo, mid_hi)`` of an active slot is written: the top-k reads nothing else.
+
+Both kernels share the whole grid among the active slots (``select_triton._assignment``):
+a step where few slots retrieve still fills the GPU, and slots that reuse their set read
+nothing. Bytes per retrieving (slot, position), Llama-3-8B shape (D=128 bf16, M=4): K once
+(256) + scores written and read (32) + the key (4) + the top-k's passes over the keys
+(``picks_triton``): about 1.2x one read of K, against 2x for the former two K passes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .select_triton import (
+    _LOG2E,
+    CONFIG,
+    _SPLIT_CHUNK,
+    _assignment,
+    _check_inputs,
+    _lse_kernel,
+    _middle_range,
+    _num_sms,
+    _pick_splits,
+    _row_bounds,
+    _row_lse,
+)
+
+__all__ = ["Keys", "retrieve_keys", "retrieval_bytes"]
+
+
+@triton.jit
+def _run_mass_from_scores(score_rows, start, end, lse, m_ok, BLOCK_N: tl.constexpr,
+                          M_P2: tl.constexpr, L):
+    """Group mass of the positions [start, end) summed, from the stored scores."""
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for s0 in range(start, end, BLOCK_N):
+        pos = s0 + tl.arange(0, BLOCK_N)
+        s = tl.load(score_rows + pos[None, :], mask=m_ok[:, None] & (pos < end)[None, :],
+                    other=float("-inf"))
+        acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _keys_kernel(
+    SCORES, BOUNDS, LSE_PART, KEYS, ACTIVE, WMASS,
+    Hkv, M, L, num_splits, BH, lse_width,
+    M_PAD: tl.constexpr, M_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_ACTIVE: tl.constexpr, WANT_WINDOW_MASS: tl.constexpr,
+    BLOCK_BH: tl.constexpr,
+):
+    # The same assignment of programs to active slots as the score pass, so each program
+    # finds its slot's partials (the per-slot split count is what the score pass used).
+    pid_bh, b, hkv, split, num_splits, ok = _assignment(
+        ACTIVE, tl.program_id(0), tl.program_id(1), BH, Hkv, num_splits, HAS_ACTIVE, BLOCK_BH)
+    offs_m = tl.arange(0, M_P2)
+    m_ok = ((offs_m < M) & ok) != 0  # as int1 (the interpreter needs it)
+    lse = _row_lse(LSE_PART, pid_bh.to(tl.int64) * M_PAD + offs_m, lse_width, num_splits,
+                   m_ok, M_P2, SPLIT_CHUNK)
+
+    mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
+    mid_hi = tl.where(ok, mid_hi, mid_lo)
+    n_blocks = tl.cdiv(tl.maximum(mid_hi - mid_lo, 0), BLOCK_N)
+    per = tl.cdiv(n_blocks, num_splits)
+    start = mid_lo + split * per * BLOCK_N
+    end = tl.minimum(start + per * BLOCK_N, mid_hi)
+
+    score_rows = SCORES + (pid_bh.to(tl.int64) * M + offs_m)[:, None] * L
+    key_row = KEYS + pid_bh.to(tl.int64) * L
+    for s0 in range(start, end, BLOCK_N):
+        pos = s0 + tl.arange(0, BLOCK_N)
+        col_ok = pos < end
+        s = tl.load(score_rows + pos[None, :], mask=m_ok[:, None] & col_ok[None, :],
+                    other=float("-inf"))
+        mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
+        # A position no query row may attend to has only -inf scores: not a candidate.
+        allowed = tl.max(s, 0) > float("-inf")
+        key = mass.to(tl.int32, bitcast=True) + 1
+        tl.store(key_row + pos, tl.where(allowed, key, 0), mask=col_ok)
+
+    if WANT_WINDOW_MASS:
+        lo, hi, _, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
+        w_on = (split == 0) & (fits == 0) & ok
+        sink_hi = tl.where(w_on, tl.minimum(sink_end, hi), lo)
+        loc_lo = tl.maximum(local_start, lo)
+        loc_hi = tl.where(w_on, hi, loc_lo)
+        w_sum = _run_mass_from_scores(score_rows, lo, sink_hi, lse, m_ok, BLOCK_N, M_P2, L)
+        w_sum += _run_mass_from_scores(score_rows, loc_lo, loc_hi, lse, m_ok, BLOCK_N, M_P2, L)
+        tl.store(WMASS + pid_bh, w_sum, mask=((split == 0) & ok) != 0)
+
+
+class Keys(NamedTuple):
+    """What a retrieval's pass over K leaves for the top-k."""
+
+    keys: torch.Tensor  # int32 [B, Hkv, L]: mass bits + 1 in the middle of active slots
+    key_norm: Optional[torch.Tensor]  # fp32 [B, Hkv]: largest ||k|| over the valid positions
+    window_mass: Optional[torch.Tensor]  # fp32 [B, Hkv]: group mass of sinks + local window
+
+
+def retrieve_keys(q, k, operand, bounds, scale, active=None, *, want_norm=False,
+                  want_window_mass=False, num_splits=None) -> Keys:
+    """Group-mass keys of the middle of every ``active`` (row, KV head) slot (all slots when
+    ``active`` is None), from one read of K. ``operand`` is ``select_triton._mask_operand``'s
+    and ``bounds`` ``select_triton._bounds``'s for the same step. Rows of inactive slots are
+    left undefined (callers select them away)."""
+    _check_inputs(q, k)
+    B, Hq, Tq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    M = G * Tq
+    device = q.device
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    mask_t, kind, ms, mask_min = operand
+    if mask_t is None:
+        mask_t = q  # unused placeholder pointer
+    active_t = bounds if active is None else active.reshape(B * Hkv).to(torch.int32)
+
+    block_n = CONFIG["block_n"]
+    BLOCK_M = min(64, max(16, triton.next_power_of_2(M)))
+    m_blocks = triton.cdiv(M, BLOCK_M)
+    n_blocks = max(1, triton.cdiv(L, block_n))
+    if num_splits is None:
+        num_splits = _pick_splits(n_blocks, B * Hkv * m_blocks, _num_sms(device))
+    num_splits = max(1, min(int(num_splits), n_blocks))
+    lse_width = B * Hkv * num_splits if active is not None else num_splits
+    lse_part = torch.empty((B * Hkv * m_blocks * BLOCK_M, lse_width), dtype=torch.float32,
+                           device=device)
+    scores = torch.empty((B * Hkv, M, L), dtype=torch.float32, device=device)
+    keys = torch.empty((B, Hkv, L), dtype=torch.int32, device=device)
+    norm_part = (torch.zeros((B * Hkv, lse_width), dtype=torch.float32, device=device)
+                 if want_norm else lse_part)
+    window_mass = (torch.empty((B, Hkv), dtype=torch.float32, device=device)
+                   if want_window_mass else lse_part)
+    grid = (B * Hkv, num_splits, m_blocks)
+    _lse_kernel[grid](
+        q, k, mask_t, bounds, lse_part, active_t, norm_part, scores, float(scale) * _LOG2E,
+        mask_min, Hkv, G, Tq, L, num_splits, B * Hkv, lse_width, *q.stride(), *k.stride(), *ms,
+        D=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        M_PAD=m_blocks * BLOCK_M, MASK_KIND=kind,
+        # The interpreter multiplies bf16 tiles as raw bit patterns; upcasting is exact.
+        DOT_F32=device.type != "cuda" and q.dtype != torch.float32,
+        HAS_ACTIVE=active is not None, WANT_NORM=want_norm,
+        TQ_P2=triton.next_power_of_2(Tq), BLOCK_BH=triton.next_power_of_2(B * Hkv),
+        WRITE_SCORES=True, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
+    )
+    m_p2 = triton.next_power_of_2(M)
+    _keys_kernel[(B * Hkv, num_splits)](
+        scores, bounds, lse_part, keys, active_t, window_mass,
+        Hkv, M, L, num_splits, B * Hkv, lse_width,
+        M_PAD=m_blocks * BLOCK_M, M_P2=m_p2, SPLIT_CHUNK=_SPLIT_CHUNK,
+        BLOCK_N=max(16, min(256, 4096 // m_p2)), HAS_ACTIVE=active is not None,
+        WANT_WINDOW_MASS=want_window_mass, BLOCK_BH=triton.next_power_of_2(B * Hkv),
+        num_warps=4,
+    )
+    key_norm = norm_part.amax(-1).sqrt().view(B, Hkv) if want_norm else None
+    return Keys(keys, key_norm, window_mass if want_window_mass else None)
+
+
+def retrieval_bytes(batch: int, kv_heads: int, n_valid: int, head_dim: int, itemsize: int,
+                    q_rows: int = 4, kv_len: int | None = None, mask_bytes: int = 1,
+                    key_passes: int = 10) -> int:
+    """Bytes one retrieval of every slot moves with this design: K over the valid region
+    once, the fp32 scores of the group's ``q_rows`` query rows written and read back, the
+    int32 keys written once and read ``key_passes`` times by the top-k (two radix selects
+    of four passes and a compaction each, with dilation), and the mask (read by the bounds
+    kernels)."""
+    kv_len = n_valid if kv_len is None else kv_len
+    slots = batch * kv_heads
+    k_bytes = slots * n_valid * head_dim * itemsize
+    score_bytes = 2 * slots * q_rows * n_valid * 4
+    key_bytes = (1 + key_passes) * slots * n_valid * 4
+    return k_bytes + score_bytes + key_bytes + batch * kv_len * mask_bytes

@@ -1,0 +1,116 @@
+"""The select engine's retrieval kernels against their torch references: the one-pass
+group-mass keys (``retrieve_triton``) and the radix top-k with dilation (``topk_triton``).
+
+The top-k must give exactly the reference's set (``selection.dilate_and_pick``) on the same
+masses, ties included (both break them by the lower position): the masses are drawn afresh
+for every case, some of them quantised so that ties are common. On CPU the kernels run
+under the Triton interpreter (tiny shapes).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from prhs_compile.kernels.plan import SelectPlan  # noqa: E402
+from prhs_compile.kernels.retrieve_triton import retrieve_keys  # noqa: E402
+from prhs_compile.kernels.select_reference import StepView  # noqa: E402
+from prhs_compile.kernels.select_triton import _mask_operand, select_bounds  # noqa: E402
+from prhs_compile.kernels.selection import dilate_and_pick, keep_to_indices  # noqa: E402
+from prhs_compile.kernels.topk_triton import topk_picks  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _middle_bounds(mid_lo, mid_hi, L):
+    """Bounds [B, 8] whose middle is [mid_lo[b], mid_hi[b]) (see select_triton._bounds)."""
+    rows = [[0, L, L, lo, hi, 0, 0, 0] for lo, hi in zip(mid_lo, mid_hi)]
+    return torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+
+
+def _keys_of(mass, region):
+    return torch.where(region[:, None, :], mass.view(torch.int32) + 1, 0).to(torch.int32)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("k,m,r", [(40, 13, 1), (40, 0, 0), (40, 30, 2), (500, 5, 1), (1, 1, 1)])
+def test_topk_is_the_references_set(tied, k, m, r):
+    gen = torch.Generator().manual_seed(k * 7 + m + r + tied)
+    B, H, L = 2, 3, 300
+    mass = torch.rand(B, H, L, generator=gen)
+    if tied:
+        mass = (mass * 8).floor() / 8  # eight distinct values: ties at every cut-off
+    mass = mass.to(DEVICE)
+    mid_lo, mid_hi = [5, 11], [280, 200]
+    region = torch.zeros(B, L, dtype=torch.bool, device=DEVICE)
+    for b in range(B):
+        region[b, mid_lo[b]:mid_hi[b]] = True
+    region[:, 50:60] = False  # masked positions inside the middle
+    plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=m, dilation_r=r)
+    ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=m > 0), k)
+    out, picked = topk_picks(_keys_of(mass, region), _middle_bounds(mid_lo, mid_hi, L),
+                             min(k, L), dilation_m=m, dilation_r=r, width=k)
+    assert torch.equal(out, ref)
+    want = torch.where(ref >= 0, mass.gather(-1, ref.clamp_min(0).long()), 0.0).sum(-1)
+    torch.testing.assert_close(picked, want, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_skips_inactive_slots_and_caps_each_head():
+    gen = torch.Generator().manual_seed(3)
+    B, H, L, k = 2, 2, 128, 20
+    mass = torch.rand(B, H, L, generator=gen).to(DEVICE)
+    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    active = torch.tensor([[True, False], [False, True]], device=DEVICE)
+    caps = torch.tensor([12, 20], device=DEVICE)
+    out = torch.full((B, H, k), -7, dtype=torch.int32, device=DEVICE)
+    topk_picks(_keys_of(mass, region), _middle_bounds([0, 0], [L, L], L), k, out=out,
+               active=active, caps=caps, width=k)
+    plan = SelectPlan(policy="lu_kv", layer=0, budget=k, head_budgets="12,20")
+    ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=False), k)
+    assert torch.equal(out[active], ref[active])
+    assert (out[~active] == -7).all()  # an inactive slot's row is left as it was
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("G,Tq", [(2, 1), (4, 3)])
+def test_one_pass_keys_are_the_group_mass(dtype, tol, G, Tq):
+    """One read of K gives the middle's group mass (as keys), the windows' mass and the
+    largest key norm, for the active slots only."""
+    gen = torch.Generator().manual_seed(G * 10 + Tq)
+    B, Hkv, L, D = 2, 3, 90, 32
+    sink, local, budget = 3, 5, 24
+    q = torch.randn(B, Hkv * G, Tq, D, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE, dtype)
+    mask = torch.zeros(B, 1, Tq, L, dtype=torch.bool)
+    for b, (start, length) in enumerate([(0, 80), (6, 90)]):
+        for t in range(Tq):
+            mask[b, 0, t, start:length - (Tq - 1 - t)] = True
+    mask = mask.to(DEVICE)
+    active = torch.tensor([[True, False, True], [False, True, True]], device=DEVICE)
+    bounds = select_bounds(q, k, mask, budget=budget, sink=sink, local=local)
+    found = retrieve_keys(q, k, _mask_operand(mask, B, Tq, L), bounds, 0.3, active,
+                          want_norm=True, want_window_mass=True, num_splits=3)
+    view = StepView(q.double(), k.double(), mask, 0.3)
+    ref = view.group_mass().float()
+    pos = torch.arange(L, device=DEVICE)
+    inside = (pos >= bounds[:, 3:4].long()) & (pos < bounds[:, 4:5].long())
+    middle = (view.valid & inside)[:, None, :].expand(-1, Hkv, -1)
+    windows = (view.valid & ~inside)[:, None, :].expand(-1, Hkv, -1)
+    # Only the middle's span [max(lo, sink_end), min(hi, local_start)) is written.
+    lo, hi = bounds[:, 0:1].long(), bounds[:, 1:2].long()
+    span = (pos >= torch.maximum(lo, bounds[:, 3:4].long())) & (pos < torch.minimum(hi, bounds[:, 4:5].long()))
+    span = span[:, None, :].expand(-1, Hkv, -1)[active]
+    keys = torch.where(span, found.keys[active], 0)
+    assert torch.equal(keys != 0, middle[active])  # candidates: exactly the valid middle
+    got = torch.where(keys != 0, keys - 1, 0).view(torch.float32).double()
+    assert not got.isnan().any()
+    want = torch.where(middle, ref, 0.0)[active].double()
+    assert (got - want).norm() / want.norm() <= tol
+    want_window = torch.where(windows, ref, 0.0).sum(-1)[active].double()
+    assert (found.window_mass[active].double() - want_window).norm() / want_window.norm() <= tol
+    norms = k.float().norm(dim=-1).masked_fill(~view.valid[:, None, :], 0.0).amax(-1)[active]
+    assert (found.key_norm[active] - norms).norm() / norms.norm() <= tol
