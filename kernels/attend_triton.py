@@ -205,21 +205,23 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
     count is then recomputed from the blocks per split so that no split is empty (only the
     last may be shorter). On an H100 (B=16, Hkv=8, S=2048) 5 and 10 splits timed within 3%.
     """
-    target = 4 * num_sms
+    target = CONFIG["programs_per_sm"] * num_sms
     splits = max(1, min(triton.cdiv(target, max(1, n_base_programs)), n_blocks))
     blocks_per_split = triton.cdiv(n_blocks, splits)
     return triton.cdiv(n_blocks, blocks_per_split), blocks_per_split
 
 
-def _kernel_config(d: int, dv: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages).
+# Kernel configuration; module-level so that ``scripts/attend_sweep.py`` can sweep it.
+# Chosen from a sweep on an H100 (bf16, G=4, S=2048, CUDA-graph timings): 64 slots per
+# iteration with 4 warps and 2 stages was within ~3% of the best for D = 64..256 and
+# B = 1..64, and 8 warps was consistently worse (the tile per iteration is too small to keep
+# 8 warps busy). ``programs_per_sm``: the split-K target (see ``_pick_splits``).
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}
 
-    Chosen from a sweep on an H100 (bf16, G=4, S=2048, CUDA-graph timings): 64 slots per
-    iteration with 4 warps and 2 stages was within ~3% of the best for D = 64..256 and
-    B = 1..64, and 8 warps was consistently worse (the tile per iteration is too small to
-    keep 8 warps busy). D=256 also preferred 64 over 32 slots: no spilling was visible.
-    """
-    return 64, 4, 2
+
+def _kernel_config(d: int, dv: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages)."""
+    return CONFIG["block_n"], CONFIG["num_warps"], CONFIG["num_stages"]
 
 
 def _mask_operand(mask: torch.Tensor, B: int, Hq: int, Tq: int, L: int):

@@ -119,7 +119,7 @@ class Keys(NamedTuple):
 
 
 def retrieve_keys(q, k, operand, bounds, scale, active=None, *, want_norm=False,
-                  want_window_mass=False, num_splits=None) -> Keys:
+                  want_window_mass=False, num_splits=None, block_n=None) -> Keys:
     """Group-mass keys of the middle of every ``active`` (row, KV head) slot (all slots when
     ``active`` is None), from one read of K. ``operand`` is ``select_triton._mask_operand``'s
     and ``bounds`` ``select_triton._bounds``'s for the same step. Rows of inactive slots are
@@ -137,7 +137,7 @@ def retrieve_keys(q, k, operand, bounds, scale, active=None, *, want_norm=False,
         mask_t = q  # unused placeholder pointer
     active_t = bounds if active is None else active.reshape(B * Hkv).to(torch.int32)
 
-    block_n = CONFIG["block_n"]
+    block_n = block_n or CONFIG["block_n"]
     BLOCK_M = min(64, max(16, triton.next_power_of_2(M)))
     m_blocks = triton.cdiv(M, BLOCK_M)
     n_blocks = max(1, triton.cdiv(L, block_n))

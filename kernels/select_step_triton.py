@@ -7,25 +7,26 @@ cosine or ``delta_target`` gate, dilation, PSAW recency window, cross-layer ``sh
 ``oracle`` / ``prhs`` within per-head budgets), and
 ``sage_kv`` / ``snapkv`` at decode (their one-shot selection is made at prefill by
 ``prhs::prefill``, the reference on every device), verify mode or selection listeners; everything else falls back to
-the reference (which runs on the GPU too, only slower). Ties between equal masses may be
-broken differently.
+the reference (which runs on the GPU too, only slower). Ties between equal masses go to the
+lower position, as in the reference.
 
 Why it is cheaper than the reference, per step of a ``[B, Hkv, L]`` cache:
 
 * the valid region and the windows come from the per-row bounds kernels (``[B, 8]``), not
   from ``[B, Tq, L]`` biases and cumulative sums;
-* the cosine gate runs first (``[B, Hq, D]``), and the two K passes of
-  ``select_triton._group_mass`` score only the (row, KV head) slots that retrieve: the others
-  read no K, with no host synchronisation (a flag per slot, read by each program);
-* the key norms and the window mass the reuse bound needs come out of the same passes;
-* the top-k runs once over the fp32 mass (``torch.topk``, sorted), and dilation works on the
-  k candidates it returns (see ``_pick``), not on ``[B, Hkv, L]`` masks;
+* the gate runs first (``[B, Hq, D]``); only the (row, KV head) slots that retrieve read K,
+  once (``retrieve_triton``: scores and log-sum-exp in one pass, group-mass keys from the
+  scores), sharing the whole grid among them, with no host synchronisation;
+* the picks come from a radix top-k over the keys of the retrieving slots
+  (``topk_triton``: histograms of the key bytes, a threshold, a compaction in position
+  order, dilation included), written straight into the stored set; a slot that reuses its
+  set ranks nothing and sorts nothing;
 * the output (sinks ++ stored picks ++ local window, ascending) is written by
-  ``_compose_kernel`` from the stored picks in ``O(slots)``, with no sort over L.
+  ``compose_triton`` from the stored picks in ``O(slots)``.
 
-What still costs ``O(L)`` on a step where no slot retrieves: the bounds kernels (they read
-the mask) and the top-k over the (undefined, discarded) mass of inactive slots. The top-k is
-the part to move into a gated kernel next (a radix select that skips inactive slots).
+What still costs ``O(L)`` on a step where no slot retrieves: the bounds kernels, which read
+the mask (1 byte per position and row). h2o, hshare and ``delta_target`` still rank in torch
+over the fp32 mass of the two-pass ``select_triton._group_mass``.
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ import math
 import torch
 import torch._dynamo
 import torch._inductor
-import triton
-import triton.language as tl
-
 from . import select_quest_triton
 from .plan import SelectPlan
 from .rule_prhs import prhs_gate, prhs_store
@@ -47,23 +45,14 @@ from .select_hshare_triton import channel_abs_sums
 from .select_quest_triton import quest_page_scores, quest_picks
 from .select_reference import continuing_rows, selection_listeners, step_bookkeeping
 from .selection import advance_age, scatter_keep
+from .compose_triton import compose as _compose
 from .retrieve_triton import retrieve_keys
-from .select_triton import (
-    _BLOCK_W,
-    _bounds,
-    _group_mass,
-    _mask_operand,
-    _row_bounds,
-    _valid_positions,
-    _write_valid_run,
-)
+from .select_triton import _bounds, _check_inputs, _group_mass, _mask_operand
 from .topk_triton import topk_picks
 
-__all__ = ["implements", "quest_unavailable", "select_step_triton", "supports"]
+__all__ = ["implements", "oracle_select_triton", "quest_unavailable", "select_step_triton", "supports"]
 
 log = logging.getLogger("prhs")
-
-_SLOT_BLOCK = 1024  # stored picks handled per iteration of the compose kernel
 
 
 # Every policy but dense (which selects nothing); per-head budgets where this path applies
@@ -97,71 +86,6 @@ def implements(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
         and q.shape[2] >= 1
         and k.shape[2] >= 1
     )
-
-
-@triton.jit
-def _compose_kernel(
-    MASK, BOUNDS, KEPT, OUT, Hkv, Tq, middle, slots, sink, local,
-    stride_mb, stride_mt, stride_ml, mask_min,
-    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr,
-    SLOT_BLOCK: tl.constexpr,
-):
-    """Indices of one (row, KV head): sinks ++ stored picks still in the middle ++ local
-    window, ascending, -1 padded; a row that fits the budget keeps all its valid positions."""
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // Hkv).to(tl.int64)
-    lo, hi, count, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
-    out_row = OUT + pid_bh.to(tl.int64) * slots
-    kept_row = KEPT + pid_bh.to(tl.int64) * middle
-    sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
-    local = tl.full([], 0, tl.int32) + local
-
-    # Picks stored at a retrieval stay while they lie between the sinks and the local window
-    # (the window slides over the newest of them) and are still valid positions.
-    n_kept = tl.full([], 0, tl.int32)
-    for s0 in range(0, middle, SLOT_BLOCK):
-        offs = s0 + tl.arange(0, SLOT_BLOCK)
-        p = tl.load(kept_row + offs, mask=offs < middle, other=-1)
-        inside = (p >= 0) & (p >= sink_end) & (p < local_start) & (p < hi)
-        inside = inside & _valid_positions(MASK, b, p, inside, Tq, stride_mb, stride_mt,
-                                           stride_ml, mask_min, MASK_KIND, TQ_P2)
-        inside = (inside & (fits == 0)) != 0  # as int1 (the interpreter needs it)
-        slot = sink + n_kept + tl.cumsum(inside.to(tl.int32), 0) - 1
-        tl.store(out_row + slot, p, mask=inside & (slot < slots))
-        n_kept += tl.sum(inside.to(tl.int32), 0)
-
-    n_local = tl.minimum(local, count)
-    total = tl.where(fits, count, tl.minimum(sink, count) + n_kept + n_local)
-    for s0 in range(0, slots, SLOT_BLOCK):
-        slot = s0 + tl.arange(0, SLOT_BLOCK)
-        tl.store(out_row + slot, tl.full([SLOT_BLOCK], -1, tl.int32),
-                 mask=(slot < slots) & (slot >= total))
-    a_end = tl.where(fits, hi, tl.maximum(tl.minimum(sink_end, hi), lo))
-    _write_valid_run(out_row, MASK, b, lo, a_end, 0, slots, Tq, stride_mb, stride_mt,
-                     stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
-    b_start = tl.maximum(tl.minimum(local_start, hi), lo)
-    b_end = tl.where(fits, b_start, hi)
-    _write_valid_run(out_row, MASK, b, b_start, b_end, sink + n_kept, slots, Tq, stride_mb,
-                     stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
-
-
-def _compose(operand, bounds, kept, plan: SelectPlan, batch: int, kv_heads: int, q_len: int,
-             local: int | None = None):
-    """Indices from the stored picks ``kept`` (``None``: none, only sinks and window) and the
-    windows; ``local`` overrides the plan's window (streaming keeps ``budget - sink``)."""
-    mask_t, kind, ms, mask_min = operand
-    if mask_t is None:
-        mask_t = bounds  # unused placeholder pointer
-    middle = 0 if kept is None else kept.shape[-1]
-    kept = bounds if kept is None else kept
-    out = torch.empty((batch, kv_heads, plan.slots), dtype=torch.int32, device=bounds.device)
-    _compose_kernel[(batch * kv_heads,)](
-        mask_t, bounds, kept, out, kv_heads, q_len, middle, plan.slots, plan.sink,
-        plan.local if local is None else local, *ms, mask_min, MASK_KIND=kind,
-        TQ_P2=triton.next_power_of_2(q_len),
-        BLOCK_W=_BLOCK_W, SLOT_BLOCK=_SLOT_BLOCK, num_warps=4,
-    )
-    return out
 
 
 def _pick(mass: torch.Tensor, window_mass: torch.Tensor, middle: int, delta_target: float,
@@ -515,3 +439,35 @@ def _hshare_choose(q, k, mask, scale, plan, st, continuing, bounds, fits, operan
     retrieved = _hshare_store(found.mass, retrieve, anchor, kept, age, reuse, plan.middle,
                               (q_heads // kv_heads) * q_len)
     return _compose(operand, bounds, kept, plan, batch, kv_heads, q_len), retrieved
+
+
+def oracle_select_triton(q, k, mask, scale, budget, sink=0, local=0, min_context=0, *,
+                         num_splits=None, block_n=None, bounds=None) -> torch.Tensor:
+    """Positions of the oracle selection (exact group-mass top-k of every slot), int32
+    ``[B, Hkv, max(budget, min_context)]``: what ``select_reference`` returns for a fresh
+    ``SelectPlan(policy="oracle", budget, sink, local, min_context)``, ties broken the same
+    way. q: [B, Hq, Tq, D]; k: [B, Hkv, L, D] (any strides, e.g. a view of a static cache);
+    mask: None, or bool (True = may attend) / float (additive bias; entries <= finfo.min / 2
+    mean masked) broadcastable to [B, 1, Tq, L] (a longer last dim is allowed). No host
+    synchronisation: one read of K, the radix top-k, the composed output."""
+    if budget < 1 or sink < 0 or local < 0 or min_context < 0:
+        raise ValueError(f"invalid budget={budget} sink={sink} local={local} "
+                         f"min_context={min_context}")
+    if sink + local >= budget:
+        raise ValueError(f"sink + local = {sink + local} leaves no room for retrieved "
+                         f"positions in budget={budget}")
+    _check_inputs(q, k)
+    plan = SelectPlan(policy="oracle", layer=0, budget=budget, sink=sink, local=local,
+                      min_context=min_context)
+    B, Tq = q.shape[0], q.shape[2]
+    Hkv, L = k.shape[1], k.shape[2]
+    if B == 0 or L == 0 or Tq == 0:
+        return torch.full((B, Hkv, plan.slots), -1, dtype=torch.int32, device=q.device)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    operand = _mask_operand(mask, B, Tq, L)
+    if bounds is None:
+        bounds = _bounds(*operand, B, Tq, L, sink, local, budget, min_context, q.device)
+    found = retrieve_keys(q, k, operand, bounds, scale, num_splits=num_splits, block_n=block_n)
+    picks, _ = topk_picks(found.keys, bounds, min(plan.middle, L), width=plan.middle)
+    return _compose(operand, bounds, picks, plan, B, Hkv, Tq)

@@ -1,68 +1,26 @@
-"""Triton retrieval for ``select`` with policy ``oracle``: exact group-mass top-k on the GPU.
+"""Shared Triton primitives of the select step: masks, per-row bounds and the K passes.
 
-``oracle_select_triton`` returns what ``select_reference`` returns for a ``SelectPlan`` with
-``policy="oracle"`` (see ``OracleRule``): per batch row the first ``sink`` and last ``local``
-valid positions, plus, per KV head, the ``budget - sink - local`` positions of the middle with
-the largest *group mass* (softmax attention summed over the ``G = Hq / Hkv`` query heads and
-the ``Tq`` query rows of the group); rows with ``count <= budget`` or ``count < min_context``
-valid positions keep them all. Positions ascending, int32, ``-1`` padded.
+* mask helpers (``_valid_positions``, ``_masked_scores``, ``_mask_operand``);
+* per-row bounds, computed on the device from the mask (no host sync, CUDA-graph
+  capturable)::
 
-Pipeline (every launch decided from shapes only: no host sync, CUDA-graph capturable)::
+    _mask_stats_kernel  (B, L/CHUNK)   valid count / first / last per chunk of the mask
+    _bounds_kernel      (B,)           lo, hi, count, sink_end, local_start, fits, middle
+                                       start (PSAW) per row: ``_row_bounds``, ``_middle_range``
 
-    _mask_stats_kernel  (B, L/CHUNK)        valid count / first / last per chunk of the mask
-    _bounds_kernel      (B,)                lo, hi, count, sink_end, local_start, fits per row
-    _lse_kernel         (B*Hkv, S, Mb)      pass 1 over K[lo:hi]: per-split log-sum-exp per row
-    _mass_kernel        (B*Hkv, S, Mb)      pass 2 over K[mid_lo:mid_hi]: group mass (fp32),
-                                            -inf outside the middle / at masked positions
-    torch.topk(...).values.amin(-1)         the cut-off: the kk-th largest mass per KV head
-    _count_kernel       (B*Hkv, L/CHUNK)    per chunk of the middle: masses above / at it
-    _write_kernel       (B*Hkv, max(L/CHUNK, slots/BS))  the picks of each chunk at slots from
-                                            the counts before it, plus (program 0) sinks, local
-                                            window or a whole row that fits; -1 padding
+  With a static cache K is ``[B, Hkv, Lmax, D]`` and the mask says which positions hold
+  tokens; the K passes split ``[lo, hi)`` evenly over their programs, so K is never read
+  beyond the last valid position and rows that fit the budget read no K at all;
+* the log-sum-exp pass over K (``_lse_kernel``), with the programs of the grid shared among
+  the (row, KV head) slots that retrieve (``_assignment``). The select engine's retrieval
+  (``retrieve_triton``) runs it once, writing the scores beside it;
+* ``_group_mass``: that pass and a second one over K (``_mass_kernel``) giving the fp32 group
+  mass of every position, for the rules that rank in torch rather than with the radix top-k
+  (h2o's accumulated scores, hshare's label channels, ``delta_target``'s cumulative mass).
 
-Bounds. With a static cache K is ``[B, Hkv, Lmax, D]`` and the mask says which positions
-hold tokens. The first two kernels reduce the mask (1 byte per position and query row,
-against ``Hkv * D * 2`` bytes of K per position) to per-row bounds on the device; the K passes
-then split ``[lo, hi)`` (pass 1) and the middle ``[max(lo, sink_end), min(hi, local_start))``
-(pass 2) evenly over their programs, so K is never read beyond the last valid position, work
-stays balanced however full the cache is, and rows that fit the budget read no K at all.
-
-GQA. A program owns one KV head of one batch row and a contiguous range of positions; the
+GQA: a program owns one KV head of one batch row and a contiguous range of positions; the
 ``G * Tq`` query rows of the group are the M side of a small matmul (as in
 ``attend_triton``), so every K row is loaded once for all of them.
-
-Why two passes over K. The group mass of position j is ``sum_r exp(s_rj - lse_r)`` over the
-``M = G * Tq`` query rows r: the rows' normalisers differ, so it cannot be formed (or ranked)
-before every row's log-sum-exp over the whole valid region is known. Per (position, KV head),
-Llama-3-8B shapes (D=128 bf16, G=4, Tq=1), bytes moved:
-
-* two passes (chosen): K twice = 2 * 256 B, + the fp32 mass (written once, read by the
-  top-k, count and write kernels: 16 B)  ~= 528 B.
-* one pass writing per-block partials: K once = 256 B, + the fp32 scores of every query row
-  (M * 4 = 16 B written, 16 B read back by a second kernel) + the same mass traffic
-  ~= 304 B.
-
-The single pass reads ~1.75x fewer bytes at these shapes, but it materialises an fp32
-``[B, Hq, Tq, L]`` scratch (268 MB at B=16, L=128K, i.e. 1/16 of the K cache, reserved
-inside every CUDA graph), and its advantage shrinks as ``M`` grows: at ``M * 4 >= 2 * D * 2``
-(G*Tq >= 64 for D=128: speculative decoding with Tq=8 on G=8 models) the scratch is as large
-as K itself and it reads more than two passes. Scores cannot be kept in bf16 instead: the
-ranking has to match the fp32 reference. So: two passes, and the retrieval floor is
-``2 * B * Hkv * n_valid * D * itemsize`` plus 16 B of mass traffic per position and KV head
-(``retrieval_bytes`` below). Retrievals are meant to
-be rare (PrHS reuses selections across steps), which is what makes the second read affordable.
-
-Top-k (first version). Pass 2 writes an fp32 ``[B, Hkv, L]`` group-mass tensor and
-``torch.topk(sorted=False)`` over it gives the cut-off (the ``kk = budget - sink - local``-th
-largest mass); the picks are the middle positions above it (plus as many tied with it as
-needed), written in position order by a chunked count-then-write compaction, so nothing is
-sorted: picks lie strictly between the sinks and the local window, and the output is
-``sinks ++ picks ++ local``. (The first cut sorted the top-k indices with ``torch.sort``:
-68 us of a 359 us retrieval at B=1, L=128K on an H100, mostly idle SMs.) The full-width top-k
-is the part left to replace: a per-block candidate scheme (each pass-2 program keeping its own
-top-k, then merging candidates) or a radix select on the mass bits.
-
-Ties between equal masses may be broken differently from the reference.
 """
 
 from __future__ import annotations
@@ -75,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["oracle_select_triton", "oracle_group_mass_triton", "select_bounds", "retrieval_bytes"]
+__all__ = ["oracle_group_mass_triton", "select_bounds"]
 
 _LOG2E = 1.4426950408889634
 
@@ -98,8 +56,6 @@ CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 _CHUNK = 2048  # mask positions per program of the stats kernel
 _BLOCK_W = 1024  # positions per iteration of the -inf fill and of the write kernel scans
-_BLOCK_S = 1024  # index slots per program of the write kernel
-_CHUNK_PICK = 2048  # middle positions per program of the count and write kernels
 _SPLIT_CHUNK = 16  # split partials combined per iteration in pass 2
 
 
@@ -564,91 +520,6 @@ def _middle_range(bnd):
     return mid_lo, mid_hi
 
 
-@triton.jit
-def _count_kernel(
-    MASS, THR, BOUNDS, COUNTS, Hkv, L, C,
-    CHUNK: tl.constexpr, SUB: tl.constexpr,
-):
-    """Per chunk of the middle: how many masses are above the cut-off, how many equal it."""
-    pid_bh = tl.program_id(0)
-    c = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)
-    mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
-    thr = tl.load(THR + pid_bh)
-    row = MASS + pid_bh.to(tl.int64) * L
-    n_gt = tl.full([], 0, tl.int32)
-    n_eq = tl.full([], 0, tl.int32)
-    for sub in tl.static_range(0, CHUNK, SUB):
-        pos = c * CHUNK + sub + tl.arange(0, SUB)
-        m = tl.load(row + pos, mask=(pos >= mid_lo) & (pos < mid_hi), other=float("-inf"))
-        n_gt += tl.sum((m > thr).to(tl.int32), 0)
-        n_eq += tl.sum(((m == thr) & (m > float("-inf"))).to(tl.int32), 0)
-    out = COUNTS + (pid_bh.to(tl.int64) * C + c) * 2
-    tl.store(out, n_gt)
-    tl.store(out + 1, n_eq)
-
-
-@triton.jit
-def _write_kernel(
-    MASK, BOUNDS, MASS, THR, COUNTS, OUT,
-    Hkv, Tq, L, C, sink, kk, budget, slots,
-    stride_mb, stride_mt, stride_ml, mask_min,
-    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_W: tl.constexpr, CHUNK: tl.constexpr, C_P2: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    c = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)
-    bnd = BOUNDS + b * 8
-    lo, hi, count, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
-    mid_lo, mid_hi = _middle_range(bnd)
-    sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
-    kk = tl.full([], 0, tl.int32) + kk
-    out_row = OUT + pid_bh.to(tl.int64) * slots
-
-    # Rows that fit keep their `count` valid positions, the others exactly
-    # sink + kk + local = budget; the rest of the slots is -1.
-    total = tl.where(fits, count, budget)
-    slot = c * BLOCK_S + tl.arange(0, BLOCK_S)
-    tl.store(out_row + slot, tl.full([BLOCK_S], -1, tl.int32),
-             mask=(slot < slots) & (slot >= total))
-
-    # The picks of chunk c of the middle: masses above the cut-off (the kk-th largest), then
-    # as many equal to it as are needed, in position order; their slots follow from the
-    # counts of the chunks before this one.
-    offs_c = tl.arange(0, C_P2)
-    cnt = COUNTS + pid_bh.to(tl.int64) * C * 2 + offs_c * 2
-    gts = tl.load(cnt, mask=offs_c < C, other=0)
-    eqs = tl.load(cnt + 1, mask=offs_c < C, other=0)
-    need_eq = tl.maximum(kk - tl.sum(gts, 0), 0)
-    eq_seen = tl.sum(tl.where(offs_c < c, eqs, 0), 0)
-    out_seen = tl.sum(tl.where(offs_c < c, gts, 0), 0) + tl.minimum(eq_seen, need_eq)
-    thr = tl.load(THR + pid_bh)
-    row = MASS + pid_bh.to(tl.int64) * L
-    pick_hi = tl.where(c < C, mid_hi, mid_lo)  # programs past the last chunk only pad
-    for sub in tl.static_range(0, CHUNK, BLOCK_W):
-        pos = c * CHUNK + sub + tl.arange(0, BLOCK_W)
-        m = tl.load(row + pos, mask=(pos >= mid_lo) & (pos < pick_hi), other=float("-inf"))
-        is_eq = (m == thr) & (m > float("-inf"))
-        eq_rank = eq_seen + tl.cumsum(is_eq.to(tl.int32), 0) - 1
-        pick = (m > thr) | (is_eq & (eq_rank < need_eq))
-        pslot = sink + out_seen + tl.cumsum(pick.to(tl.int32), 0) - 1
-        tl.store(out_row + pslot, pos, mask=pick & (pslot < slots))
-        out_seen += tl.sum(pick.to(tl.int32), 0)
-        eq_seen += tl.sum(is_eq.to(tl.int32), 0)
-
-    # Program 0 writes the runs of valid positions: a whole row that fits, or the sinks and
-    # the local window.
-    first = c == 0
-    a_end = tl.where(first, tl.where(fits, hi, tl.maximum(sink_end, lo)), lo)
-    _write_valid_run(out_row, MASK, b, lo, a_end, 0, slots, Tq, stride_mb, stride_mt,
-                     stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
-    b_start = tl.minimum(local_start, hi)
-    b_end = tl.where(first & (fits == 0), hi, b_start)
-    _write_valid_run(out_row, MASK, b, b_start, b_end, sink + kk, slots, Tq, stride_mb,
-                     stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
-
-
 # ----------------------------------------------------------------------------------------
 # host side
 
@@ -832,59 +703,3 @@ def select_bounds(q, k, mask, budget=-1, sink=0, local=0, min_context=0) -> torc
     mask_t, kind, ms, mask_min = _mask_operand(mask, B, Tq, L)
     return _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context,
                    q.device)
-
-
-def oracle_select_triton(q, k, mask, scale, budget, sink=0, local=0, min_context=0, *,
-                         num_splits=None, block_n=None, bounds=None) -> torch.Tensor:
-    """Positions of the oracle selection, int32 ``[B, Hkv, max(budget, min_context)]``.
-
-    q: [B, Hq, Tq, D]; k: [B, Hkv, L, D] (any strides, e.g. a view of a static cache);
-    mask: None, or bool (True = may attend) / float (additive bias; entries <= finfo.min / 2
-    mean masked) broadcastable to [B, 1, Tq, L] (a longer last dim is allowed: only the
-    first L columns are read). ``scale`` defaults to 1/sqrt(D). Matches
-    ``select_reference`` with ``SelectPlan(policy="oracle", budget, sink, local,
-    min_context)`` up to the order of tied masses. No host synchronisation.
-    """
-    if budget < 1 or sink < 0 or local < 0 or min_context < 0:
-        raise ValueError(f"invalid budget={budget} sink={sink} local={local} "
-                         f"min_context={min_context}")
-    if sink + local >= budget:
-        raise ValueError(f"sink + local = {sink + local} leaves no room for retrieved "
-                         f"positions in budget={budget}")
-    _check_inputs(q, k)
-    B, Hkv, L = q.shape[0], k.shape[1], k.shape[2]
-    slots = max(budget, min_context)
-    if B == 0 or L == 0 or q.shape[2] == 0:
-        return torch.full((B, Hkv, slots), -1, dtype=torch.int32, device=q.device)
-
-    mass, bounds, (mask_t, kind, ms, mask_min), _, _ = _group_mass(
-        q, k, mask, scale, sink, local, budget, min_context, num_splits=num_splits,
-        block_n=block_n, bounds=bounds)
-    kk = min(budget - sink - local, L)
-    # First version: a full-width top-k over the fp32 group mass gives the cut-off (the kk-th
-    # largest mass of each row); see the module docstring.
-    thr = torch.topk(mass, kk, dim=-1, sorted=False).values.amin(-1)  # [B, Hkv]
-    C = triton.cdiv(L, _CHUNK_PICK)
-    counts = torch.empty((B * Hkv, C, 2), dtype=torch.int32, device=q.device)
-    _count_kernel[(B * Hkv, C)](
-        mass, thr, bounds, counts, Hkv, L, C, CHUNK=_CHUNK_PICK, SUB=_BLOCK_W, num_warps=4,
-    )
-    Tq = q.shape[2]
-    out = torch.empty((B, Hkv, slots), dtype=torch.int32, device=q.device)
-    _write_kernel[(B * Hkv, max(C, triton.cdiv(slots, _BLOCK_S)))](
-        mask_t, bounds, mass, thr, counts, out, Hkv, Tq, L, C, sink, kk, budget, slots,
-        *ms, mask_min, MASK_KIND=kind, TQ_P2=triton.next_power_of_2(Tq),
-        BLOCK_S=_BLOCK_S, BLOCK_W=_BLOCK_W, CHUNK=_CHUNK_PICK,
-        C_P2=triton.next_power_of_2(C), num_warps=4,
-    )
-    return out
-
-
-def retrieval_bytes(batch: int, kv_heads: int, n_valid: int, head_dim: int, itemsize: int,
-                    kv_len: int | None = None, q_rows: int = 1, mask_bytes: int = 1) -> int:
-    """Bytes one oracle retrieval must move with this design: K over the valid region twice,
-    the fp32 mass written once and read three times (top-k, count, write), the mask (read by
-    the bounds kernels) and nothing else of note."""
-    kv_len = n_valid if kv_len is None else kv_len
-    k_bytes = batch * kv_heads * n_valid * head_dim * itemsize
-    return 2 * k_bytes + 16 * batch * kv_heads * kv_len + batch * q_rows * kv_len * mask_bytes

@@ -2,6 +2,8 @@
 # The GPU results of the README, each stage a separate command so that it fits one run:
 #
 #   scripts/gpu_bench.sh tests       # the CUDA-marked tests and the Triton select-step tests
+#   scripts/gpu_bench.sh engine      # the select engine's kernel tests alone (retrieval, top-k)
+#   scripts/gpu_bench.sh attend_sweep  # attend's kernel configurations -> $OUT/attend_sweep.json
 #   scripts/gpu_bench.sh profile     # the kernels of one PrHS decode step, with their times
 #   scripts/gpu_bench.sh compare     # prhs-bench compare: every policy on the evaluation model
 #   scripts/gpu_bench.sh probe       # the CUDA-graphs probe alone
@@ -16,7 +18,7 @@ OUT=${OUT:-$(pwd)/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 ROOT=$(pwd)
-if ls .whl/*.whl >/dev/null 2>&1; then  # expecttest is not in the GPU image (see README)
+if ls .whl/*.whl >/dev/null 2>&1; then  # expecttest (and a newer transformers) are not in the GPU image (see README)
   python -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -2
 fi
 python -m pip install -q --no-deps --no-build-isolation "$ROOT" 2>&1 | grep -v "as the 'root' user" | tail -3
@@ -27,7 +29,13 @@ for stage in "$@"; do
   case "$stage" in
     tests)
       python -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
-      python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
+      python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
+      ;;
+    engine)
+      python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_triton.py" "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_engine.txt" | tail -25
+      ;;
+    attend_sweep)
+      python "$ROOT/scripts/attend_sweep.py" --out "$OUT/attend_sweep.json" 2>&1 | tail -20
       ;;
     profile)
       python "$ROOT/scripts/profile_step.py" --batch 1 --context 4096 --budget 512 2>&1 | tee "$OUT/profile_b1.txt" | head -80
@@ -50,6 +58,6 @@ for stage in "$@"; do
       prhs-bench throughput --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     *)
-      echo "unknown stage $stage (tests, profile, compare, probe, prefill, latency, throughput)"; exit 2;;
+      echo "unknown stage $stage (tests, engine, attend_sweep, profile, compare, probe, prefill, latency, throughput)"; exit 2;;
   esac
 done

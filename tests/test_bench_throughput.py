@@ -11,13 +11,17 @@ def test_throughput_quick_reports_every_configuration(tmp_path):
     parser = argparse.ArgumentParser()
     throughput.add_arguments(parser)
     out = tmp_path / "throughput.json"
-    args = parser.parse_args(["--quick", "--configs", "inductor,prhs,prhs_every_step", "--out", str(out)])
+    names = "inductor,inductor_gqa,dense_ops,prhs,prhs_every_step"
+    args = parser.parse_args(["--quick", "--configs", names, "--out", str(out)])
     assert throughput.run(args) == 0
     report = json.loads(out.read_text())
     results = report["results"]
-    assert set(results) == {"inductor", "prhs", "prhs_every_step"}
+    assert set(results) == set(names.split(","))
     for name, r in results.items():
         assert "failed" not in r, r
         assert r["tokens_per_s"] > 0 and r["compile_s"] > 0
     assert results["prhs_every_step"]["retrieval_rate"] == 1.0  # a retrieval at every step
     assert results["prhs"]["speedup_vs_inductor"] > 0
+    # Every ratio is also given against the best dense configuration of the run.
+    assert report["best_dense"] in ("inductor", "inductor_gqa", "dense_ops")
+    assert all(r["speedup_vs_best_dense"] > 0 for r in results.values())

@@ -25,11 +25,8 @@ import pytest  # noqa: E402
 from prhs_compile.kernels import select_triton as st  # noqa: E402
 from prhs_compile.kernels.plan import SelectPlan  # noqa: E402
 from prhs_compile.kernels.select_reference import StepView, select_reference, state_spec  # noqa: E402
-from prhs_compile.kernels.select_triton import (  # noqa: E402
-    oracle_group_mass_triton,
-    oracle_select_triton,
-    select_bounds,
-)
+from prhs_compile.kernels.select_step_triton import oracle_select_triton  # noqa: E402
+from prhs_compile.kernels.select_triton import oracle_group_mass_triton, select_bounds  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -332,15 +329,17 @@ def test_latency_quick(tmp_path):
     assert latency.run(args) == 0
     data = json.loads(out.read_text())
     assert data["device"] and data["torch"] and data["triton"]
-    assert data["copy_bandwidth_gbps"] > 0
+    assert data["copy_bandwidth_gbps"] > 0 and data["read_bandwidth_gbps"] > 0
     assert data["results"], "no configuration measured"
     row = data["results"][0]
-    for name in ("dense_sdpa", "dense_at_budget", "gather_sdpa", "attend", "select", "select_attend"):
+    for name in ("dense_sdpa", "dense_at_budget", "gather_sdpa", "attend", "select",
+                 "select_score", "topk", "select_attend"):
         assert row["methods"][name]["ms"] > 0, name
         assert row["methods"][name]["floor_ms"] > 0, name
+        assert row["methods"][name]["read_tbps"] > 0, name
     assert "skipped" in row["methods"]["flex"] or row["methods"]["flex"]["ms"] > 0
     # The whole PrHS step at each retrieval rate, with the rate it really ran at.
-    for rate in (0.0, 0.1, 0.8, 1.0):
+    for rate in (0.0, 0.1, 0.5, 1.0):
         step = row["methods"][f"prhs@{rate:g}"]
         assert step["ms"] > 0
         assert step["retrieval_rate"] == round(rate * 2) / 2  # quick mode: B=1, Hkv=2

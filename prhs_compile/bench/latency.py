@@ -14,8 +14,10 @@ bf16, one query position), for every context length x batch size x budget:
 ``gather_sdpa``    unfused: gather the selected K/V rows, then SDPA over them
 ``attend``         ``attend_triton`` over the selected positions (the indices ``select``
                    returned)
-``select``         ``oracle_select_triton``: one oracle retrieval (exact group-mass top-k)
-``select_score``   its two K passes alone (bounds + log-sum-exp + group mass; no top-k)
+``select``         ``oracle_select_triton``: one oracle retrieval of every slot (bounds, one
+                   read of K, the radix top-k, the composed indices)
+``select_score``   its pass over K alone (``retrieve_keys``: scores, log-sum-exp, keys)
+``topk``           its radix top-k alone (``topk_picks`` over the keys of every slot)
 ``select_attend``  select then attend, measured back to back (a step at retrieval rate 1)
 ``prhs@r``         the whole PrHS decode step through the registered ops
                    (``torch.ops.prhs.select`` with policy ``prhs`` + ``torch.ops.prhs.attend``),
@@ -33,11 +35,14 @@ calls, so each method rotates over enough copies of the KV cache that the data t
 consecutive calls exceeds 4x the L2 size (only small caches need copies). ``--timer plain``
 uses ``triton.testing.do_bench`` (median, L2 flushed, launch overhead included) instead.
 
-Floors: the bytes a method must read divided by the device-to-device copy bandwidth measured
-in the same run (``(read + write bytes) / time`` of a 1 GiB copy). Dense reads
+Floors: the bytes a method must move divided by the *read* bandwidth measured in the same
+run (bytes / time of a read-only reduction over 2 GiB, ``x.sum()``); the copy bandwidth
+(read + write bytes / time of a 1 GiB copy) is reported beside it, but a copy moves fewer
+bytes per second than a kernel that only reads, so it is no floor. Dense reads
 ``2*B*Hkv*L*D*2`` bytes; attend (and flex, gather+SDPA: the same job) ``2*B*Hkv*budget*D*2``
-plus the int32 indices; select reads K over the valid region twice (its design: see
-``kernels/select_triton.py``) plus its fp32 mass write and read. ``fraction`` is floor / time.
+plus the int32 indices; a retrieval reads K over the valid region once plus its fp32 scores
+and int32 keys (``retrieve_triton.retrieval_bytes``). ``fraction`` is floor / time; every
+method also reports the bandwidth it reached (``read_tbps`` = bytes / time).
 
 ``--quick`` runs tiny shapes (on CPU too, through the Triton interpreter, with a wall-clock
 timer) as a smoke test; its numbers mean nothing.
@@ -66,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default="1,8,16", help="batch sizes, comma separated")
     parser.add_argument("--budgets", default="1/8,2048",
                         help="budgets: absolute positions or fractions of the context (1/8)")
-    parser.add_argument("--step-rates", default="0,0.1,0.8,1",
+    parser.add_argument("--step-rates", default="0,0.1,0.5,1",
                         help="retrieval rates of the measured PrHS step (prhs@r), comma separated")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--local", type=int, default=64)
@@ -95,6 +100,16 @@ def _budget_for(spec: str, context: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # timing
+
+
+def _read_bandwidth(torch, device, timer) -> float:
+    """Bytes per second of a read-only kernel: a reduction over 2 GiB (bf16) that writes
+    one number, the floor of any kernel that only reads."""
+    nbytes = (2 << 30) if device.type == "cuda" else (64 << 20)
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    ms = timer(lambda: x.sum())
+    del x
+    return nbytes / (ms * 1e-3)
 
 
 def _copy_bandwidth(torch, device, timer) -> float:
@@ -162,16 +177,11 @@ def run(args) -> int:
         # The kernels run through the Triton interpreter; must be set before triton loads.
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    try:
-        from prhs_compile.kernels.attend_triton import attend_triton
-        from prhs_compile.kernels.select_triton import (
-            _group_mass,
-            oracle_select_triton,
-            retrieval_bytes,
-        )
-    except ImportError:  # source checkout without the package mapping
-        from kernels.attend_triton import attend_triton
-        from kernels.select_triton import _group_mass, oracle_select_triton, retrieval_bytes
+    from prhs_compile.kernels.attend_triton import attend_triton
+    from prhs_compile.kernels.retrieve_triton import retrieval_bytes, retrieve_keys
+    from prhs_compile.kernels.select_step_triton import oracle_select_triton
+    from prhs_compile.kernels.select_triton import _bounds, _mask_operand
+    from prhs_compile.kernels.topk_triton import topk_picks
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -206,7 +216,8 @@ def run(args) -> int:
     if flex_reason:
         log.warning("skipping FlexAttention: %s", flex_reason)
 
-    bandwidth = _copy_bandwidth(torch, device, timer)
+    bandwidth = _read_bandwidth(torch, device, timer)
+    copy_bandwidth = _copy_bandwidth(torch, device, timer)
     l2 = l2_bytes(device)
 
     configs = []
@@ -226,7 +237,7 @@ def run(args) -> int:
     step_rates = [float(r) for r in args.step_rates.split(",") if r.strip()]
     if any(not 0.0 <= r <= 1.0 for r in step_rates):
         raise SystemExit(f"--step-rates {args.step_rates!r}: every rate must be in [0, 1]")
-    total = sum(1 + (7 + len(step_rates)) * len(b) for _, _, b in configs)  # ticks per config
+    total = sum(1 + (8 + len(step_rates)) * len(b) for _, _, b in configs)  # ticks per config
 
     progress = Progress(total, "latency", enabled=not args.no_progress)
     tick = progress.tick
@@ -237,13 +248,14 @@ def run(args) -> int:
         "quick": bool(args.quick),
         "complete": False,
         "timer": timer.name,
-        "copy_bandwidth_gbps": bandwidth / 1e9,
+        "read_bandwidth_gbps": bandwidth / 1e9,
+        "copy_bandwidth_gbps": copy_bandwidth / 1e9,
         "l2_bytes": l2,
         "shape": {"q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "dtype": str(dtype),
                   "q_len": 1},
         "sink": sink, "local": local,
         "flex_block": _FLEX_BLOCK,
-        "notes": ("floors = bytes / measured copy bandwidth; fraction = floor / time; "
+        "notes": ("floors = bytes / measured read bandwidth; fraction = floor / time; "
                   "vs_dense = dense time / method time; select, attend and gather_sdpa use "
                   "the indices of an oracle retrieval over random data; the mask is the "
                   "static-cache bool mask [B,1,1,L] (all valid) for our kernels, none for "
@@ -330,16 +342,25 @@ def run(args) -> int:
             sel_ms = timer(rotating([
                 lambda k=k: oracle_select_triton(q, k, mask, scale, S, sink, local, 0)
                 for k, _ in caches]))
-            sel_bytes = retrieval_bytes(B, Hkv, L, D, itemsize, kv_len=L)
-            methods["select"] = {"ms": sel_ms, "bytes": sel_bytes}
+            rows = Hq // Hkv
+            methods["select"] = {"ms": sel_ms, "bytes": retrieval_bytes(
+                B, Hkv, L, D, itemsize, q_rows=rows, key_passes=5)}
             tick(f"B={B} L={L} S={S} select")
 
+            operand = _mask_operand(mask, B, 1, L)
+            bounds = _bounds(*operand, B, 1, L, sink, local, S, 0, device)
             score_ms = timer(rotating([
-                lambda k=k: _group_mass(q, k, mask, scale, sink, local, S, 0)
+                lambda k=k: retrieve_keys(q, k, operand, bounds, scale)
                 for k, _ in caches]))
-            methods["select_score"] = {"ms": score_ms,
-                                       "bytes": 2 * B * Hkv * L * D * itemsize}
+            methods["select_score"] = {"ms": score_ms, "bytes": retrieval_bytes(
+                B, Hkv, L, D, itemsize, q_rows=rows, key_passes=0)}
             tick(f"B={B} L={L} S={S} score")
+
+            keys = retrieve_keys(q, caches[0][0], operand, bounds, scale).keys
+            topk_ms = timer(lambda: topk_picks(keys, bounds, S - sink - local))
+            methods["topk"] = {"ms": topk_ms, "bytes": 5 * B * Hkv * L * 4}
+            del keys
+            tick(f"B={B} L={L} S={S} topk")
 
             att_ms = timer(rotating([
                 lambda k=k, v=v, i=i: attend_triton(q, k, v, i, mask, scale)
@@ -362,7 +383,10 @@ def run(args) -> int:
                 return attend_triton(q, k, v, i, mask, scale)
 
             sa_ms = timer(rotating([lambda k=k, v=v: select_attend(k, v) for k, v in caches]))
-            methods["select_attend"] = {"ms": sa_ms, "bytes": sel_bytes + attend_bytes}
+            methods["select_attend"] = {"ms": sa_ms,
+                                        "bytes": methods["select"]["bytes"] + attend_bytes}
+            # What a PrHS retrieval moves (its top-k dilates: two selects over the keys).
+            sel_bytes = retrieval_bytes(B, Hkv, L, D, itemsize, q_rows=rows, key_passes=10)
             tick(f"B={B} L={L} S={S} select+attend")
 
 
@@ -384,6 +408,7 @@ def run(args) -> int:
                 if "ms" in m:
                     m["floor_ms"] = m["bytes"] / bandwidth * 1e3
                     m["fraction"] = m["floor_ms"] / m["ms"]
+                    m["read_tbps"] = m["bytes"] / (m["ms"] * 1e-3) / 1e12
                     if "ms" in dense:
                         m["vs_dense"] = dense["ms"] / m["ms"]  # speed-up over dense
             results.append({"batch": B, "context": L, "budget": S, "copies": copies,
@@ -469,21 +494,22 @@ def _markdown(report) -> str:
 
     lines = [
         f"device: {report['device']}; torch {report['torch']}, triton {report['triton']}; "
-        f"copy bandwidth {report['copy_bandwidth_gbps']:.0f} GB/s; timer: {report['timer']}",
+        f"read bandwidth {report['read_bandwidth_gbps']:.0f} GB/s (copy "
+        f"{report['copy_bandwidth_gbps']:.0f} GB/s); timer: {report['timer']}",
         f"shape Hq={report['shape']['q_heads']} Hkv={report['shape']['kv_heads']} "
         f"D={report['shape']['head_dim']} {report['shape']['dtype']}, sink={report['sink']} "
         f"local={report['local']}; "
         "times in ms, (% of the byte floor)",
         "",
         "| B | context | budget | dense SDPA | dense SDPA at budget | flex | gather+SDPA | attend "
-        "| select | select (K passes) | select+attend |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| select | select (K pass) | top-k | select+attend |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         m = r["methods"]
         cells = [str(r["batch"]), str(r["context"]), str(r["budget"])]
         for name in ("dense_sdpa", "dense_at_budget", "flex", "gather_sdpa", "attend", "select",
-                     "select_score", "select_attend"):
+                     "select_score", "topk", "select_attend"):
             cells.append(f"{ms(m[name])} ({frac(m[name])})" if "ms" in m[name] else "skip")
         lines.append("| " + " | ".join(cells) + " |")
     rates = [n for n in report["results"][0]["methods"] if n.startswith("prhs@")] if report["results"] else []

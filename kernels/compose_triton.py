@@ -1,0 +1,84 @@
+"""The output of a select step: sinks ++ stored picks ++ local window, as index slots.
+
+``compose`` writes each (row, KV head)'s indices from its stored picks in ``O(slots)``, with
+no sort over the cache: picks are kept in position order and lie between the sinks and the
+local window, so concatenating the three runs is already ascending.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import SelectPlan
+from .select_triton import _BLOCK_W, _row_bounds, _valid_positions, _write_valid_run
+
+__all__ = ["compose"]
+
+_SLOT_BLOCK = 1024  # stored picks handled per iteration of the compose kernel
+
+
+@triton.jit
+def _compose_kernel(
+    MASK, BOUNDS, KEPT, OUT, Hkv, Tq, middle, slots, sink, local,
+    stride_mb, stride_mt, stride_ml, mask_min,
+    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr,
+    SLOT_BLOCK: tl.constexpr,
+):
+    """Indices of one (row, KV head): sinks ++ stored picks still in the middle ++ local
+    window, ascending, -1 padded; a row that fits the budget keeps all its valid positions."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // Hkv).to(tl.int64)
+    lo, hi, count, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
+    out_row = OUT + pid_bh.to(tl.int64) * slots
+    kept_row = KEPT + pid_bh.to(tl.int64) * middle
+    sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
+    local = tl.full([], 0, tl.int32) + local
+
+    # Picks stored at a retrieval stay while they lie between the sinks and the local window
+    # (the window slides over the newest of them) and are still valid positions.
+    n_kept = tl.full([], 0, tl.int32)
+    for s0 in range(0, middle, SLOT_BLOCK):
+        offs = s0 + tl.arange(0, SLOT_BLOCK)
+        p = tl.load(kept_row + offs, mask=offs < middle, other=-1)
+        inside = (p >= 0) & (p >= sink_end) & (p < local_start) & (p < hi)
+        inside = inside & _valid_positions(MASK, b, p, inside, Tq, stride_mb, stride_mt,
+                                           stride_ml, mask_min, MASK_KIND, TQ_P2)
+        inside = (inside & (fits == 0)) != 0  # as int1 (the interpreter needs it)
+        slot = sink + n_kept + tl.cumsum(inside.to(tl.int32), 0) - 1
+        tl.store(out_row + slot, p, mask=inside & (slot < slots))
+        n_kept += tl.sum(inside.to(tl.int32), 0)
+
+    n_local = tl.minimum(local, count)
+    total = tl.where(fits, count, tl.minimum(sink, count) + n_kept + n_local)
+    for s0 in range(0, slots, SLOT_BLOCK):
+        slot = s0 + tl.arange(0, SLOT_BLOCK)
+        tl.store(out_row + slot, tl.full([SLOT_BLOCK], -1, tl.int32),
+                 mask=(slot < slots) & (slot >= total))
+    a_end = tl.where(fits, hi, tl.maximum(tl.minimum(sink_end, hi), lo))
+    _write_valid_run(out_row, MASK, b, lo, a_end, 0, slots, Tq, stride_mb, stride_mt,
+                     stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
+    b_start = tl.maximum(tl.minimum(local_start, hi), lo)
+    b_end = tl.where(fits, b_start, hi)
+    _write_valid_run(out_row, MASK, b, b_start, b_end, sink + n_kept, slots, Tq, stride_mb,
+                     stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
+
+
+def compose(operand, bounds, kept, plan: SelectPlan, batch: int, kv_heads: int, q_len: int,
+             local: int | None = None):
+    """Indices from the stored picks ``kept`` (``None``: none, only sinks and window) and the
+    windows; ``local`` overrides the plan's window (streaming keeps ``budget - sink``)."""
+    mask_t, kind, ms, mask_min = operand
+    if mask_t is None:
+        mask_t = bounds  # unused placeholder pointer
+    middle = 0 if kept is None else kept.shape[-1]
+    kept = bounds if kept is None else kept
+    out = torch.empty((batch, kv_heads, plan.slots), dtype=torch.int32, device=bounds.device)
+    _compose_kernel[(batch * kv_heads,)](
+        mask_t, bounds, kept, out, kv_heads, q_len, middle, plan.slots, plan.sink,
+        plan.local if local is None else local, *ms, mask_min, MASK_KIND=kind,
+        TQ_P2=triton.next_power_of_2(q_len),
+        BLOCK_W=_BLOCK_W, SLOT_BLOCK=_SLOT_BLOCK, num_warps=4,
+    )
+    return out
