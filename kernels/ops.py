@@ -30,7 +30,8 @@ from .rules import get_rule
 from .select_reference import _state_dict, prefill_reference, select_reference, window_prefill_reference
 
 _log = logging.getLogger("prhs")
-_quest_fallback_layers: set[int] = set()  # layers already told the quest kernel is missing
+# (layer, reason) pairs already logged: a CUDA select that runs the reference says why, once.
+_logged_fallbacks: set[tuple[int, str]] = set()
 
 
 @torch.library.custom_op("prhs::select", mutates_args=("state",))
@@ -113,20 +114,20 @@ def _window_prefill_fake(q, k, v, mask, is_causal, scale, plan, state):
 @select.register_kernel("cuda")
 def _select_cuda(q, k, v, mask, scale, plan, state, shared=None):
     from .select_quest_triton import QuestKernelUnavailable  # Triton only when a GPU runs it
-    from .select_step_triton import implements, quest_unavailable, select_step_triton, supports
+    from .select_step_triton import select_step_triton, unsupported_reason
 
     p = decode_plan(plan)
-    if supports(p, q, k):
+    reason = unsupported_reason(p, q, k)
+    if reason is None:
         try:
             return select_step_triton(q, k, mask, scale, p, _state_dict(p, state, q, k), shared)
-        except QuestKernelUnavailable:  # its first failure, raised before any state changed
-            pass
-    # Once the quest page kernel failed to compile, ``supports`` sends quest to the reference.
-    reason = quest_unavailable(p)
-    if reason is not None and p.layer not in _quest_fallback_layers and implements(p, q, k):
-        _quest_fallback_layers.add(p.layer)
-        _log.warning("prhs: quest page kernel unavailable (%s); layer %d selects with "
-                     "the torch reference", reason, p.layer)
+        except QuestKernelUnavailable as exc:  # its first failure, raised before any state changed
+            reason = f"quest page kernel unavailable ({exc})"
+    # The dense policy needs no ranking: the reference's index list is all it does.
+    if p.policy != "dense" and (p.layer, reason) not in _logged_fallbacks:
+        _logged_fallbacks.add((p.layer, reason))
+        _log.warning("prhs: layer %d selects with the torch reference on CUDA (it scores the "
+                     "whole cache every step): %s", p.layer, reason)
     return select_reference(q, k, v, mask, scale, p, state, shared)
 
 

@@ -50,7 +50,7 @@ from .retrieve_triton import retrieve_keys
 from .select_triton import _bounds, _check_inputs, _group_mass, _mask_operand
 from .topk_triton import topk_picks
 
-__all__ = ["implements", "oracle_select_triton", "quest_unavailable", "select_step_triton", "supports"]
+__all__ = ["oracle_select_triton", "select_step_triton", "supports", "unsupported_reason"]
 
 log = logging.getLogger("prhs")
 
@@ -62,30 +62,36 @@ _PER_HEAD_BUDGETS = frozenset({"oracle", "prhs", "lu_kv"})
 
 
 def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ``select_step_triton`` runs this plan here (else use the reference): it
-    ``implements`` it, and it is not a quest plan whose page kernel failed to compile on this
-    machine (``quest_unavailable``)."""
-    return implements(plan, q, k) and quest_unavailable(plan) is None
+    """Whether ``select_step_triton`` runs this plan here (else use the reference)."""
+    return unsupported_reason(plan, q, k) is None
 
 
 def quest_unavailable(plan: SelectPlan) -> str | None:
     """Why this (quest) plan's page kernel cannot run on this machine, or None."""
-    return select_quest_triton.unavailable if plan.policy == "quest" else None
+    if plan.policy != "quest" or select_quest_triton.unavailable is None:
+        return None
+    return f"quest page kernel unavailable ({select_quest_triton.unavailable})"
 
 
-def implements(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ``select_step_triton`` implements this plan, whatever this machine compiles."""
-    return (
-        plan.policy in _POLICIES
-        and not plan.verify
-        and (not plan.head_budgets or plan.policy in _PER_HEAD_BUDGETS)
-        and not selection_listeners
-        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and q.dtype == k.dtype
-        and q.shape[-1] <= 256
-        and q.shape[2] >= 1
-        and k.shape[2] >= 1
-    )
+def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why ``select_step_triton`` does not run this plan here (the reference does), or None."""
+    if plan.policy == "dense":
+        return "policy 'dense' selects every position: nothing to rank"
+    if plan.policy not in _POLICIES:
+        return f"policy {plan.policy!r} has no Triton step"
+    if plan.verify:
+        return "verify=True measures the exact dropped mass with the torch reference"
+    if selection_listeners:
+        return "a selection listener (e.g. calibrate) records selections through the reference"
+    if plan.head_budgets and plan.policy not in _PER_HEAD_BUDGETS:
+        return f"per-head budgets are applied by the reference only for policy {plan.policy!r}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.dtype != k.dtype:
+        return f"dtypes q {q.dtype} / k {k.dtype}: the kernels take one of fp16, bf16, fp32"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} > 256"
+    if q.shape[2] < 1 or k.shape[2] < 1:
+        return "an empty query or cache"
+    return quest_unavailable(plan)
 
 
 def _pick(mass: torch.Tensor, window_mass: torch.Tensor, middle: int, delta_target: float,

@@ -254,6 +254,14 @@ def _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt, stride
 @triton.jit
 def _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
             DOT_F32: tl.constexpr):
+    return _scores_and_keys(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
+                            qk_scale_log2, DOT_F32)[0]
+
+
+@triton.jit
+def _scores_and_keys(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
+                     DOT_F32: tl.constexpr):
+    """Log2-domain scores of a tile of keys, and the tile itself (for its norms)."""
     k = tl.load(k_base + pos[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
     # "ieee" keeps fp32 inputs out of TF32; for bf16/fp16 it changes nothing.
@@ -261,7 +269,7 @@ def _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    return s * qk_scale_log2
+    return s * qk_scale_log2, k
 
 
 @triton.jit
@@ -329,8 +337,8 @@ def _lse_kernel(
     for s0 in range(start, end, BLOCK_N):
         pos = s0 + tl.arange(0, BLOCK_N)
         col_ok = pos < end
-        s = _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
-                    qk_scale_log2, DOT_F32)
+        s, kt = _scores_and_keys(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
+                                 qk_scale_log2, DOT_F32)
         s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
         if WRITE_SCORES:
             srow = (pid_bh.to(tl.int64) * M + offs_m) * L
@@ -340,13 +348,17 @@ def _lse_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m_i = m_new
-        if WANT_NORM:  # the K tile is in L1/L2 already: its norms cost no extra HBM bytes
-            kt = tl.load(k_base + pos[:, None].to(tl.int64) * stride_kl
-                         + offs_d[None, :] * stride_kd,
-                         mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            valid = _valid_positions(MASK, b, pos, col_ok, Tq, stride_mb, stride_mt,
-                                     stride_ml, mask_min, MASK_KIND, TQ_P2)
-            norm_sq = tl.maximum(norm_sq, tl.where(valid, tl.sum(kt * kt, 1), 0.0))
+        if WANT_NORM:  # norms of the tile just loaded for the scores
+            kf = kt.to(tl.float32)
+            if TQ_P2 <= BLOCK_M:
+                # Valid positions are those some query row may attend to: the masked scores
+                # say so, for row tile 0 (the one that stores the norms) holds every query
+                # position of the first head.
+                valid = tl.max(s, 0) > float("-inf")
+            else:
+                valid = _valid_positions(MASK, b, pos, col_ok, Tq, stride_mb, stride_mt,
+                                         stride_ml, mask_min, MASK_KIND, TQ_P2)
+            norm_sq = tl.maximum(norm_sq, tl.where(valid, tl.sum(kf * kf, 1), 0.0))
     lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
     row = pid_bh.to(tl.int64) * M_PAD + offs_m
     tl.store(LSE_PART + row * lse_width + split, lse, mask=((offs_m >= 0) & ok) != 0)

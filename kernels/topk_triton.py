@@ -2,142 +2,323 @@
 
 ``topk_picks`` turns the keys of ``retrieve_triton.retrieve_keys`` into each active (row,
 KV head) slot's picks: ascending int32 positions, -1 padded, the same set as
-``selection.dilate_and_pick`` (the torch reference) on the same masses, ties included.
+``selection.dilate_and_pick`` (the torch reference) on the same masses, ties included (both
+give a tie to the lower position). A key is a non-negative fp32 mass's bits + 1 (so keys
+order like masses), 0 for a position that cannot be picked.
 
-One program per slot (an inactive slot returns at once, so a step where no slot retrieves
-costs one empty launch). A select is a threshold search, not a sort:
+One launch, no sort over the cache. The programs are shared among the active slots (as the
+K pass shares its grid): with few retrieving slots, each gets many programs ("parties"),
+which split its row into chunks and meet at a barrier in global memory (an atomic counter
+per slot; every party of a slot is resident, since the grid never exceeds what the GPU holds
+at once). Slots that reuse their set cost nothing but the launch. Under the Triton
+interpreter (CPU tests) each slot gets one program and no barrier.
 
-* ``_radix_threshold``: four passes over the slot's middle, each a 256-bin histogram
-  (``tl.histogram``) of one byte of the keys that match the bytes fixed so far; the bin
-  holding the k-th largest key fixes the next byte. The result is the k-th largest key
-  itself and how many keys equal to it still belong to the top k.
-* ``_compact``: one more pass writes every position whose key is above that threshold and
-  the first ones equal to it, in position order (so ties go to the lower position, as in
-  the reference), and sums their masses.
-
-Dilation (``dilation_m`` top positions pull in their +-r neighbours, which rank ahead of
-every other position) is one more select: the top ``m`` are found and compacted first, the
-keys of their neighbours in the middle get the top bit set (a key is a non-negative fp32's
-bits + 1, so the top bit is free), and the final top-``k`` select over the flagged keys
-takes the neighbours first (best first, should they not all fit), then the best of the rest.
+* ``_select``: the threshold of the top k, found digit by digit: eight rounds, each a 16-bin
+  histogram (``tl.histogram``) of one 4-bit digit of the keys that match the digits fixed so
+  far, summed over the parties; the bin holding the k-th largest key fixes the next digit,
+  and a round whose bin holds exactly the keys still needed ends the search early. Result:
+  every key above ``thr`` is in, and the first ``need`` keys equal to it.
+* ``_compact``: the picks in position order. Each party counts its chunk's keys above and
+  at the threshold, the counts of the parties before it give its output offset, and it
+  writes its picks there (so ties go to the lower positions), summing their masses.
+* dilation: the top ``max(k, m)`` of the row are compacted as *candidates*; one program then
+  finds among them the top ``m`` (the cores), sets the top bit of the keys of their +-r
+  neighbours in the middle (a flagged key ranks above every other), and finds the threshold
+  of the rest: the neighbours plus the best ``k - |neighbours|`` others (or the best ``k``
+  neighbours, should they not all fit) are all among the candidates, so those few thousand
+  keys are all it looks at. A last ``_compact`` over the flagged keys writes the picks.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .select_triton import _middle_range
+from .select_triton import _middle_range, _num_sms
 
 __all__ = ["topk_picks"]
 
 _BLOCK = 2048  # keys per iteration of a pass
 _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated neighbour
+_C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
+# Scratch row per slot (int32): digit histograms, the barrier counter, the threshold the
+# dilation found, and per-party counts and mass partials of the two compactions.
+_HIST, _BAR, _THR = 0, 8 * 16, 8 * 16 + 1
+_CNT1 = 8 * 16 + 4
+_CNT2 = _CNT1 + 2 * _C_MAX
+_MASSP = _CNT2 + 2 * _C_MAX
+_SCRATCH = _MASSP + _C_MAX
 
 
 @triton.jit
-def _radix_threshold(key_row, lo, hi, k, BLOCK: tl.constexpr):
-    """(thr, need_eq) of the top ``k`` keys of ``key_row[lo:hi)`` (key 0: no candidate):
-    every key > thr is in, and the first ``need_eq`` keys == thr. Fewer than k candidates:
-    thr = 0 (every candidate is in); k <= 0: nothing is."""
-    bins = tl.arange(0, 256)
+def _barrier(BAR, parties, phase):
+    """Wait until every party of this slot has arrived ``phase + 1`` times; returns the new
+    phase. A CTA barrier first, so that all of this program's writes precede its arrival."""
+    tl.debug_barrier()
+    tl.atomic_add(BAR, 1, sem="release", scope="gpu")
+    target = parties * (phase + 1)
+    seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+    return phase + 1
+
+
+@triton.jit
+def _digit_round(hist, d, remaining, prefix, fixed):
+    """Fix digit ``d`` (4 bits, most significant first) from its histogram among the keys
+    matching the digits fixed so far: returns (remaining, prefix, fixed, the bin held
+    exactly the keys still needed)."""
+    bins = tl.arange(0, 16)
+    n = tl.sum(hist, 0)
+    at_least = n - tl.cumsum(hist, 0) + hist  # matching keys whose digit is >= each bin
+    best = tl.maximum(tl.max(tl.where(at_least >= remaining, bins, -1), 0), 0)
+    in_best = tl.sum(tl.where(bins == best, hist, 0), 0)
+    remaining = remaining - tl.sum(tl.where(bins > best, hist, 0), 0)
+    prefix = prefix | (best.to(tl.uint32) << (28 - 4 * d))
+    fixed = fixed | (tl.full([], 15, tl.uint32) << (28 - 4 * d))
+    return remaining, prefix, fixed, remaining == in_best
+
+
+@triton.jit
+def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """(thr, need, phase): the top ``k`` keys of the slot's middle (this party holds
+    ``[start, end)`` of it) are those above ``thr`` and the first ``need`` equal to it.
+    Fewer than k candidates: thr = 0 (all of them); k <= 0: none."""
+    bins = tl.arange(0, 16)
     prefix = tl.full([], 0, tl.uint32)
     fixed = tl.full([], 0, tl.uint32)
     remaining = tl.full([], 0, tl.int32) + k
     total = tl.full([], 0, tl.int32)
-    for d in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * d
-        hist = tl.zeros([256], tl.int32)
-        for s0 in range(lo, hi, BLOCK):
-            offs = s0 + tl.arange(0, BLOCK)
-            key = tl.load(key_row + offs, mask=offs < hi, other=0).to(tl.uint32, bitcast=True)
-            match = (offs < hi) & (key != 0) & ((key & fixed) == prefix)
-            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
-        n = tl.sum(hist, 0)
-        if d == 0:
-            total = n
-        # Keys (among the matching ones) whose byte is >= each bin.
-        at_least = n - tl.cumsum(hist, 0) + hist
-        best = tl.maximum(tl.max(tl.where(at_least >= remaining, bins, -1), 0), 0)
-        remaining -= tl.sum(tl.where(bins > best, hist, 0), 0)
-        prefix = prefix | (best.to(tl.uint32) << shift)
-        fixed = fixed | (tl.full([], 255, tl.uint32) << shift)
-    take_all = total <= k
-    thr = tl.where(take_all, tl.full([], 0, tl.uint32), prefix)
+    done = tl.full([], 0, tl.int32)
+    for d in tl.static_range(8):
+        if done == 0:
+            hist = tl.zeros([16], tl.int32)
+            for s0 in range(start, end, BLOCK):
+                offs = s0 + tl.arange(0, BLOCK)
+                key = tl.load(key_row + offs, mask=offs < end, other=0,
+                              cache_modifier=".cg").to(tl.uint32, bitcast=True)
+                match = (offs < end) & (key != 0) & ((key & fixed) == prefix)
+                hist += tl.histogram(((key >> (28 - 4 * d)) & 15).to(tl.int32), 16, mask=match)
+            if MULTI:
+                tl.atomic_add(SCR + _HIST + d * 16 + bins, hist)
+                phase = _barrier(SCR + _BAR, parties, phase)
+                hist = tl.load(SCR + _HIST + d * 16 + bins, volatile=True)
+            if d == 0:
+                total = tl.sum(hist, 0)
+            remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix, fixed)
+            done = (exact | (total <= k) | (k <= 0)).to(tl.int32)
+    # Ended early: every key from the bin's lower bound up is in.
+    thr = prefix
+    need = remaining
+    early = (done != 0) & (remaining > 0)
+    thr = tl.where(early, tl.maximum(prefix, 1) - 1, thr)
+    need = tl.where(early, 0, need)
+    thr = tl.where(total <= k, tl.full([], 0, tl.uint32), thr)
+    need = tl.where(total <= k, 0, need)
     thr = tl.where(k <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
-    need_eq = tl.where(take_all | (k <= 0), 0, remaining)
-    return thr, need_eq
+    need = tl.where(k <= 0, 0, need)
+    return thr, need, phase
 
 
 @triton.jit
-def _compact(key_row, lo, hi, thr, need_eq, out_row, width, BLOCK: tl.constexpr):
-    """Write the picked positions of ``key_row[lo:hi)`` (key > thr, then the first
-    ``need_eq`` equal to thr) in position order to ``out_row[0:width)``, -1 after them.
-    Returns (count, summed mass of the picks)."""
-    n = tl.full([], 0, tl.int32)
-    eq_seen = tl.full([], 0, tl.int32)
+def _compact(key_row, start, end, thr, need, out_row, width, SCR, CNT: tl.constexpr, c,
+             parties, phase, MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr):
+    """Write the slot's picks (keys above ``thr``, then the first ``need`` equal to it) in
+    position order to ``out_row[0:width)`` and -1 after them; this party writes those of
+    ``[start, end)``. Returns (count, summed mass of the picks, phase)."""
+    n_gt = tl.full([], 0, tl.int32)
+    n_eq = tl.full([], 0, tl.int32)
+    for s0 in range(start, end, BLOCK):
+        offs = s0 + tl.arange(0, BLOCK)
+        key = tl.load(key_row + offs, mask=offs < end, other=0,
+                      cache_modifier=".cg").to(tl.uint32, bitcast=True)
+        cand = (offs < end) & (key != 0)
+        n_gt += tl.sum((cand & (key > thr)).to(tl.int32), 0)
+        n_eq += tl.sum((cand & (key == thr)).to(tl.int32), 0)
+    gt_before = tl.full([], 0, tl.int32)
+    eq_before = tl.full([], 0, tl.int32)
+    total_gt = n_gt
+    total_eq = n_eq
+    if MULTI:
+        tl.store(SCR + CNT + 2 * c, n_gt)
+        tl.store(SCR + CNT + 2 * c + 1, n_eq)
+        phase = _barrier(SCR + _BAR, parties, phase)
+        offs_c = tl.arange(0, C_P2)
+        gts = tl.load(SCR + CNT + 2 * offs_c, mask=offs_c < parties, other=0, volatile=True)
+        eqs = tl.load(SCR + CNT + 2 * offs_c + 1, mask=offs_c < parties, other=0, volatile=True)
+        gt_before = tl.sum(tl.where(offs_c < c, gts, 0), 0)
+        eq_before = tl.sum(tl.where(offs_c < c, eqs, 0), 0)
+        total_gt = tl.sum(gts, 0)
+        total_eq = tl.sum(eqs, 0)
+    n_out = gt_before + tl.minimum(eq_before, need)
+    eq_seen = eq_before
     mass_sum = tl.full([], 0.0, tl.float32)
-    for s0 in range(lo, hi, BLOCK):
+    for s0 in range(start, end, BLOCK):
         pos = s0 + tl.arange(0, BLOCK)
-        inside = pos < hi
-        key = tl.load(key_row + pos, mask=inside, other=0).to(tl.uint32, bitcast=True)
-        cand = inside & (key != 0)
+        key = tl.load(key_row + pos, mask=pos < end, other=0,
+                      cache_modifier=".cg").to(tl.uint32, bitcast=True)
+        cand = (pos < end) & (key != 0)
         is_eq = cand & (key == thr)
         eq_rank = eq_seen + tl.cumsum(is_eq.to(tl.int32), 0) - 1
-        pick = cand & ((key > thr) | (is_eq & (eq_rank < need_eq)))
-        slot = n + tl.cumsum(pick.to(tl.int32), 0) - 1
+        pick = cand & ((key > thr) | (is_eq & (eq_rank < need)))
+        slot = n_out + tl.cumsum(pick.to(tl.int32), 0) - 1
         tl.store(out_row + slot, pos, mask=pick & (slot < width))
         mass = ((key & 0x7FFFFFFF) - 1).to(tl.int32, bitcast=True).to(tl.float32, bitcast=True)
         mass_sum += tl.sum(tl.where(pick, mass, 0.0), 0)
-        n += tl.sum(pick.to(tl.int32), 0)
+        n_out += tl.sum(pick.to(tl.int32), 0)
         eq_seen += tl.sum(is_eq.to(tl.int32), 0)
-    for s0 in range(0, width, BLOCK):
+    total = total_gt + tl.minimum(total_eq, need)
+    for s0 in range(total + c * BLOCK, width, parties * BLOCK):
         slot = s0 + tl.arange(0, BLOCK)
-        tl.store(out_row + slot, tl.full([BLOCK], -1, tl.int32), mask=(slot < width) & (slot >= n))
-    return n, mass_sum
+        tl.store(out_row + slot, tl.full([BLOCK], -1, tl.int32), mask=slot < width)
+    if MULTI:
+        tl.store(SCR + _MASSP + c, mass_sum.to(tl.int32, bitcast=True))
+        phase = _barrier(SCR + _BAR, parties, phase)
+        offs_c = tl.arange(0, C_P2)
+        parts = tl.load(SCR + _MASSP + offs_c, mask=offs_c < parties, other=0, volatile=True)
+        mass_sum = tl.sum(parts.to(tl.float32, bitcast=True), 0)
+    return total, mass_sum, phase
+
+
+@triton.jit
+def _select_registers(key, k):
+    """(thr, need) of the top ``k`` of a block of keys held in registers (0: no candidate),
+    exact even when all of them are in (thr = the smallest, need = how many equal it), so
+    that a compaction over the whole row takes no key outside the block."""
+    prefix = tl.full([], 0, tl.uint32)
+    fixed = tl.full([], 0, tl.uint32)
+    remaining = tl.full([], 0, tl.int32) + k
+    cand = key != 0
+    for d in tl.static_range(8):
+        match = cand & ((key & fixed) == prefix)
+        hist = tl.histogram(((key >> (28 - 4 * d)) & 15).to(tl.int32), 16, mask=match)
+        remaining, prefix, fixed, _ = _digit_round(hist, d, remaining, prefix, fixed)
+    total = tl.sum(cand.to(tl.int32), 0)
+    smallest = tl.min(tl.where(cand, key, tl.full(key.shape, 0xFFFFFFFF, tl.uint32)), 0)
+    n_smallest = tl.sum((cand & (key == smallest)).to(tl.int32), 0)
+    thr = tl.where(total <= k, smallest, prefix)
+    need = tl.where(total <= k, n_smallest, remaining)
+    return thr, need
+
+
+@triton.jit
+def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
+            CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr):
+    """One program, over the candidates (the top max(k, m) keys, in position order): flag
+    the +-radius neighbours of the top ``m`` and return (thr, need) of the final top ``k``
+    over the flagged keys."""
+    offs = tl.arange(0, CAND_P2)
+    in_list = offs < n_cand
+    cpos = tl.load(cand_row + offs, mask=in_list, other=0, volatile=True)
+    ckey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
+    thr_m, need_m = _select_registers(ckey, m)
+    is_eq = in_list & (ckey == thr_m) & (ckey != 0)
+    eq_rank = tl.cumsum(is_eq.to(tl.int32), 0) - 1
+    core = in_list & (ckey != 0) & ((ckey > thr_m) | (is_eq & (eq_rank < need_m)))
+    core_slot = tl.cumsum(core.to(tl.int32), 0) - 1
+    n_core = tl.sum(core.to(tl.int32), 0)
+    tl.store(core_row + core_slot, cpos, mask=core)
+    tl.debug_barrier()
+
+    # Neighbours c_i + o, i-major: skipping those the previous core already covers leaves
+    # each position once, in ascending order.
+    i = tl.arange(0, M_P2)
+    o = tl.arange(0, R_P2) - radius
+    core_pos = tl.load(core_row + i, mask=i < n_core, other=0, volatile=True)
+    prev = tl.load(core_row + i - 1, mask=(i >= 1) & (i < n_core), other=-(2 ** 30), volatile=True)
+    p = core_pos[:, None] + o[None, :]
+    near = ((i < n_core)[:, None] & (o <= radius)[None, :] & (p >= mid_lo) & (p < mid_hi)
+            & (p > prev[:, None] + radius))
+    nkey = tl.load(key_row + p, mask=near, other=0, volatile=True)
+    near = near & (nkey != 0)
+    tl.store(key_row + p, nkey | _NEAR_BIT, mask=near)
+    n_near = tl.sum(tl.sum(near.to(tl.int32), 1), 0)
+    tl.debug_barrier()
+
+    if n_near >= k:  # the neighbours alone fill the budget: their best k
+        flagged = tl.where(near, nkey | _NEAR_BIT, 0).to(tl.uint32, bitcast=True)
+        thr, need = _select_registers(tl.reshape(flagged, [M_P2 * R_P2]), k)
+    else:  # every neighbour, then the best of the other candidates
+        rkey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
+        rest = tl.where((rkey & 0x80000000) == 0, rkey, 0)
+        thr, need = _select_registers(rest, k - n_near)
+        none_left = tl.sum((rest != 0).to(tl.int32), 0) == 0
+        # No other key to take: a threshold above every unflagged key, below every flagged.
+        thr = tl.where(none_left | (k - n_near <= 0), tl.full([], 0x7FFFFFFF, tl.uint32), thr)
+        need = tl.where(none_left | (k - n_near <= 0), 0, need)
+    return thr, need
 
 
 @triton.jit
 def _topk_kernel(
-    KEYS, BOUNDS, ACTIVE, CAPS, OUT, CORES, PICKED_MASS,
-    Hkv, L, k, m, radius, width, core_width, stride_ob, stride_oh,
+    KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, SCRATCH, PICKED_MASS,
+    BH, Hkv, L, k, m, radius, width, cand_width, stride_ob, stride_oh, num_programs,
     HAS_ACTIVE: tl.constexpr, HAS_CAPS: tl.constexpr, DILATE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    MULTI: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BH: tl.constexpr, C_P2: tl.constexpr,
+    CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr,
 ):
-    slot = tl.program_id(0)
-    b = (slot // Hkv).to(tl.int64)
-    h = slot % Hkv
+    pid = tl.program_id(0)
+    offs_bh = tl.arange(0, BLOCK_BH)
     if HAS_ACTIVE:
-        active = tl.load(ACTIVE + slot) != 0
+        flags = tl.load(ACTIVE + offs_bh, mask=offs_bh < BH, other=0) != 0
     else:
-        active = slot >= 0
-    if active:
+        flags = offs_bh < BH
+    n_active = tl.sum(flags.to(tl.int32), 0)
+    rank = tl.cumsum(flags.to(tl.int32), 0) - 1
+    if MULTI:
+        parties = tl.minimum(tl.maximum(num_programs // tl.maximum(n_active, 1), 1), C_P2)
+    else:
+        parties = tl.full([], 1, tl.int32)
+    groups = num_programs // parties
+    c = pid % parties
+    for j in range(pid // parties, n_active, groups):
+        slot = tl.sum(tl.where(flags & (rank == j), offs_bh, 0), 0)
+        b = (slot // Hkv).to(tl.int64)
+        h = slot % Hkv
         mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
+        per = tl.cdiv(tl.cdiv(tl.maximum(mid_hi - mid_lo, 0), parties), BLOCK) * BLOCK
+        start = tl.minimum(mid_lo + c * per, mid_hi)
+        end = tl.minimum(start + per, mid_hi)
         key_row = KEYS + slot.to(tl.int64) * L
+        scr = SCRATCH + slot.to(tl.int64) * _SCRATCH
         cap = tl.full([], 0, tl.int32) + k
         if HAS_CAPS:
             cap = tl.minimum(tl.load(CAPS + h).to(tl.int32), cap)
+        phase = tl.full([], 0, tl.int32)
         if DILATE:
-            thr, need = _radix_threshold(key_row, mid_lo, mid_hi, m, BLOCK)
-            core_row = CORES + slot.to(tl.int64) * core_width
-            n_core, _ = _compact(key_row, mid_lo, mid_hi, thr, need, core_row, core_width, BLOCK)
-            tl.debug_barrier()  # the cores are in memory before other threads read them
-            for c0 in range(0, n_core, BLOCK):
-                offs = c0 + tl.arange(0, BLOCK)
-                core = tl.load(core_row + offs, mask=offs < n_core, other=0)
-                for o in range(-radius, radius + 1):
-                    p = core + o
-                    near = (offs < n_core) & (p >= mid_lo) & (p < mid_hi)
-                    key = tl.load(key_row + p, mask=near, other=0)
-                    # Idempotent: repeats of a position write the same flagged key.
-                    tl.store(key_row + p, key | _NEAR_BIT, mask=near & (key != 0))
-            tl.debug_barrier()  # the flags are in memory before the final select reads them
-        thr, need = _radix_threshold(key_row, mid_lo, mid_hi, cap, BLOCK)
+            top = tl.maximum(cap, tl.full([], 0, tl.int32) + m)
+            thr, need, phase = _select(key_row, start, end, top, scr, parties, phase, MULTI, BLOCK)
+            cand_row = CAND + slot.to(tl.int64) * cand_width
+            n_cand, _, phase = _compact(key_row, start, end, thr, need, cand_row, cand_width,
+                                        scr, _CNT1, c, parties, phase, MULTI, BLOCK, C_P2)
+            if c == 0:
+                thr, need = _dilate(key_row, cand_row, n_cand, CORES + slot.to(tl.int64) * M_P2,
+                                    m, radius, cap, mid_lo, mid_hi, CAND_P2, M_P2, R_P2)
+                tl.store(scr + _THR, thr.to(tl.int32, bitcast=True))
+                tl.store(scr + _THR + 1, need)
+            if MULTI:
+                phase = _barrier(scr + _BAR, parties, phase)
+                thr = tl.load(scr + _THR, volatile=True).to(tl.uint32, bitcast=True)
+                need = tl.load(scr + _THR + 1, volatile=True)
+        else:
+            thr, need, phase = _select(key_row, start, end, cap, scr, parties, phase, MULTI, BLOCK)
         out_row = OUT + b * stride_ob + h.to(tl.int64) * stride_oh
-        _, mass_sum = _compact(key_row, mid_lo, mid_hi, thr, need, out_row, width, BLOCK)
-        tl.store(PICKED_MASS + slot, mass_sum)
+        _, mass_sum, phase = _compact(key_row, start, end, thr, need, out_row, width, scr,
+                                      _CNT2, c, parties, phase, MULTI, BLOCK, C_P2)
+        if c == 0:
+            tl.store(PICKED_MASS + slot, mass_sum)
 
+
+@functools.lru_cache(maxsize=None)
+def _resident_programs(device: torch.device) -> int:
+    """How many programs of the top-k kernel may run at once with certainty: one per SM
+    (each party of a slot must be resident while the others wait at its barrier)."""
+    return _num_sms(device)
 
 
 def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilation_m: int = 0,
@@ -149,22 +330,35 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     selection state: rows of inactive slots are left as they are) and returns it with the
     summed mass of each slot's picks (fp32 ``[B, Hkv]``, undefined for inactive slots)."""
     B, Hkv, L = keys.shape
+    BH = B * Hkv
     width = k if width is None else width
+    device = keys.device
     if out is None:
-        out = torch.full((B, Hkv, width), -1, dtype=torch.int32, device=keys.device)
+        out = torch.full((B, Hkv, width), -1, dtype=torch.int32, device=device)
     if out.stride(-1) != 1:
         raise ValueError("topk_picks writes rows of positions: out's last dim must be contiguous")
-    picked_mass = torch.empty((B, Hkv), dtype=torch.float32, device=keys.device)
+    picked_mass = torch.empty((B, Hkv), dtype=torch.float32, device=device)
     dilate = dilation_m > 0 and dilation_r > 0
-    core_width = max(1, dilation_m if dilate else 1)
-    cores = torch.empty((B * Hkv, core_width), dtype=torch.int32, device=keys.device)
-    active_t = keys if active is None else active.reshape(B * Hkv).to(torch.int32)
+    multi = device.type == "cuda"  # the interpreter runs programs one after the other
+    # On the GPU never more programs than are resident at once (parties wait for each
+    # other); with more active slots than programs, each program takes several in turn.
+    num_programs = _resident_programs(device) if multi else BH
+    scratch = (torch.zeros((BH, _SCRATCH), dtype=torch.int32, device=device) if multi
+               else torch.empty((BH, _SCRATCH), dtype=torch.int32, device=device))
+    m = dilation_m if dilate else 0
+    cand_width = max(k, m, 1)
+    cand = torch.empty((BH, cand_width), dtype=torch.int32, device=device) if dilate else scratch
+    m_p2 = triton.next_power_of_2(max(m, 1))
+    cores = torch.empty((BH, m_p2), dtype=torch.int32, device=device) if dilate else scratch
+    active_t = keys if active is None else active.reshape(BH).to(torch.int32)
     caps_t = keys if caps is None else caps.to(torch.int32)
-    _topk_kernel[(B * Hkv,)](
-        keys, bounds, active_t, caps_t, out, cores, picked_mass,
-        Hkv, L, k, dilation_m if dilate else 0, dilation_r if dilate else 0, width, core_width,
-        out.stride(0), out.stride(1),
-        HAS_ACTIVE=active is not None, HAS_CAPS=caps is not None, DILATE=dilate,
-        BLOCK=_BLOCK, num_warps=8,
+    _topk_kernel[(num_programs,)](
+        keys, bounds, active_t, caps_t, out, cand, cores, scratch, picked_mass,
+        BH, Hkv, L, k, m, dilation_r if dilate else 0, width, cand_width,
+        out.stride(0), out.stride(1), num_programs,
+        HAS_ACTIVE=active is not None, HAS_CAPS=caps is not None, DILATE=dilate, MULTI=multi,
+        BLOCK=_BLOCK, BLOCK_BH=triton.next_power_of_2(BH),
+        C_P2=_C_MAX, CAND_P2=triton.next_power_of_2(cand_width), M_P2=m_p2,
+        R_P2=triton.next_power_of_2(2 * max(dilation_r, 0) + 1), num_warps=8,
     )
     return out, picked_mass

@@ -32,7 +32,7 @@ for stage in "$@"; do
       python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
       ;;
     engine)
-      python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_triton.py" "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_engine.txt" | tail -25
+      python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_engine.txt" | tail -25
       ;;
     attend_sweep)
       python "$ROOT/scripts/attend_sweep.py" --out "$OUT/attend_sweep.json" 2>&1 | tail -20

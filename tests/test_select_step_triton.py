@@ -223,7 +223,7 @@ def test_quest_falls_back_to_the_reference_when_its_kernel_cannot_compile(monkey
     from prhs_compile.kernels import ops, select_quest_triton
 
     monkeypatch.setattr(select_quest_triton, "unavailable", "CompilationError: simulated")
-    monkeypatch.setattr(ops, "_quest_fallback_layers", set())
+    monkeypatch.setattr(ops, "_logged_fallbacks", set())
     plan = SelectPlan(policy="quest", layer=2, budget=48, sink=3, local=5)
     B, Hq, Hkv, D, L = 1, 4, 2, 16, 96
     gen = torch.Generator().manual_seed(6)
@@ -296,6 +296,24 @@ def test_new_sequence_resets():
     """A position jump (new prompt) must not reuse the old selection."""
     state = _from_scratch(PRHS, [(50,), (51,), (70,)], pads=(0,), seed=3)  # 70: a jump
     assert int(state[2][3]) == 2  # resets: first call and the jump
+
+
+def test_a_fallback_to_the_reference_is_logged_once_per_layer_with_its_reason(monkeypatch, caplog):
+    from prhs_compile.kernels import ops
+
+    monkeypatch.setattr(ops, "_logged_fallbacks", set())
+    B, Hq, Hkv, D, L = 1, 4, 2, 16, 64
+    gen = torch.Generator().manual_seed(8)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE)
+    q = torch.randn(B, Hq, 1, D, generator=gen).to(DEVICE)
+    mask = _mask_for([60], [0], L, 1, "bool")
+    with caplog.at_level("WARNING", logger="prhs"):
+        for layer in (0, 0, 1):
+            plan = dataclasses.replace(PRHS, layer=layer, verify=True)
+            state = _fresh_state(plan, B, Hq, Hkv, D)
+            ops._select_cuda(q, k, k, mask, D ** -0.5, plan.encode(), state)
+    messages = [r.message for r in caplog.records if "torch reference" in r.message]
+    assert len(messages) == 2 and all("verify=True" in m for m in messages)
 
 
 def test_unsupported_plans_fall_back():

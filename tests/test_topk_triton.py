@@ -59,6 +59,29 @@ def test_topk_is_the_references_set(tied, k, m, r):
     torch.testing.assert_close(picked, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_topk_over_a_long_row(tied):
+    """Rows of several blocks (on a GPU several programs share a slot and meet at barriers)."""
+    gen = torch.Generator().manual_seed(11 + tied)
+    B, H, L, k = 1, 2, 9000, 300
+    mass = torch.rand(B, H, L, generator=gen) ** 4
+    if tied:
+        mass = (mass * 64).floor() / 64
+    mass = mass.to(DEVICE)
+    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    region[:, :7] = False
+    region[:, 5000:5100] = False
+    for m, r in [(0, 0), (100, 1)]:
+        plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=m, dilation_r=r)
+        out, picked = topk_picks(_keys_of(mass, region), _middle_bounds([7], [L - 3], L), k,
+                                 dilation_m=m, dilation_r=r, width=k)
+        ref = keep_to_indices(dilate_and_pick(mass, region & (torch.arange(L, device=DEVICE) < L - 3),
+                                              plan, dilate=m > 0), k)
+        assert torch.equal(out, ref)
+        want = torch.where(ref >= 0, mass.gather(-1, ref.clamp_min(0).long()), 0.0).sum(-1)
+        torch.testing.assert_close(picked, want, rtol=1e-5, atol=1e-6)
+
+
 def test_topk_skips_inactive_slots_and_caps_each_head():
     gen = torch.Generator().manual_seed(3)
     B, H, L, k = 2, 2, 128, 20
