@@ -46,11 +46,14 @@ _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated n
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # Scratch row per slot (int32): digit histograms, the barrier counter, the threshold the
 # dilation found, and per-party counts and mass partials of the two compactions.
-_HIST, _BAR, _THR = 0, 8 * 16, 8 * 16 + 1
-_CNT1 = 8 * 16 + 4
-_CNT2 = _CNT1 + 2 * _C_MAX
-_MASSP = _CNT2 + 2 * _C_MAX
-_SCRATCH = _MASSP + _C_MAX
+_SCRATCH_WIDTH = 8 * 16 + 4 + 5 * _C_MAX
+_HIST = tl.constexpr(0)
+_BAR = tl.constexpr(8 * 16)
+_THR = tl.constexpr(8 * 16 + 1)
+_CNT1 = tl.constexpr(8 * 16 + 4)
+_CNT2 = tl.constexpr(8 * 16 + 4 + 2 * _C_MAX)
+_MASSP = tl.constexpr(8 * 16 + 4 + 4 * _C_MAX)
+_SCRATCH = tl.constexpr(_SCRATCH_WIDTH)
 
 
 @triton.jit
@@ -343,8 +346,8 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     # On the GPU never more programs than are resident at once (parties wait for each
     # other); with more active slots than programs, each program takes several in turn.
     num_programs = _resident_programs(device) if multi else BH
-    scratch = (torch.zeros((BH, _SCRATCH), dtype=torch.int32, device=device) if multi
-               else torch.empty((BH, _SCRATCH), dtype=torch.int32, device=device))
+    scratch = (torch.zeros((BH, _SCRATCH_WIDTH), dtype=torch.int32, device=device) if multi
+               else torch.empty((BH, _SCRATCH_WIDTH), dtype=torch.int32, device=device))
     m = dilation_m if dilate else 0
     cand_width = max(k, m, 1)
     cand = torch.empty((BH, cand_width), dtype=torch.int32, device=device) if dilate else scratch

@@ -23,11 +23,17 @@ PREFILL_PINNED = transformers.__version__.startswith("5.23.")
 
 
 def attention_lines(code: str) -> str:
-    """The SDPA and prhs op calls of a graph, without FX's ``x = None`` bookkeeping."""
+    """The SDPA and prhs op calls of a graph, without FX's ``x = None`` bookkeeping. The
+    cache tensors are named by layer and kind (Dynamo names them after the forward's
+    arguments, which transformers releases rename: ``l_past_key_values_...`` or
+    ``l_kwargs_past_key_values_...``)."""
     lines = []
     for line in code.splitlines():
         if "torch.ops.prhs." in line or "scaled_dot_product_attention" in line:
-            lines.append(re.sub(r";  .* = None$", "", line.strip()))
+            line = re.sub(r";  .* = None$", "", line.strip())
+            line = re.sub(r"\bl_(?:kwargs_)?past_key_values_layers_(\d+)_(keys|values)\b",
+                          r"cache_layers_\1_\2", line)
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -57,10 +63,10 @@ prefill_default = torch.ops.prhs.prefill.default(q_embed, key, None, True, 0.25,
 attn_output_5 = torch._C._nn.scaled_dot_product_attention(q_embed_1, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True, enable_gqa = True)
 prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
-attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
-attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
         self.assertExpectedInline(decisions, """\
 layer 0: prefill (query length 12 > max_decode_query_len=1: dense attention, selection state reset)
 layer 1: prefill (query length 12 > max_decode_query_len=1: dense attention, selection state reset)
@@ -70,18 +76,18 @@ layer 1: decode (query length 1: select-then-attend)""")
     def test_mistral(self):
         prefill, decode, decisions = prefill_and_decode("mistral")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
-attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
-attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_qwen3_qk_norm(self):
         prefill, decode, decisions = prefill_and_decode("qwen3")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
-attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
-attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_gemma3_sliding_window_layers(self):
         prefill, decode, decisions = prefill_and_decode("gemma3")
@@ -92,8 +98,8 @@ attn_output_5 = torch._C._nn.scaled_dot_product_attention(q_embed_1, key_1, valu
 prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.0625, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
         self.assertExpectedInline(decode, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, key, value, attn_mask = attention_mask_2, dropout_p = 0.0, scale = 0.0625, is_causal = False)
-select_default = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.0625, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
-attend_default = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default, attention_mask_1, 0.0625)""")
+select_default = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.0625, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+attend_default = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default, attention_mask_1, 0.0625)""")
         self.assertExpectedInline(decisions, """\
 layer 0: prefill (query length 12 > max_decode_query_len=1: dense attention, selection state reset)
 layer 1: prefill (query length 12 > max_decode_query_len=1: dense attention, selection state reset)
@@ -103,10 +109,10 @@ layer 1: decode (query length 1: select-then-attend)""")
     def test_phi3(self):
         prefill, decode, decisions = prefill_and_decode("phi3")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
-attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
-attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_gpt_neox_partial_rotary_no_gqa(self):
         prefill, decode, decisions = prefill_and_decode("gpt_neox")
@@ -116,31 +122,31 @@ prefill_default = torch.ops.prhs.prefill.default(q_embed_1, key, None, True, 0.2
 attn_output_6 = torch._C._nn.scaled_dot_product_attention(q_embed_3, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True)
 prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_3, key_1, None, True, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
-attend_default = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_3, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
-attend_default_1 = torch.ops.prhs.attend.default(q_embed_3, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
+select_default = torch.ops.prhs.select.default(q_embed_1, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+attend_default = torch.ops.prhs.attend.default(q_embed_1, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
+select_default_1 = torch.ops.prhs.select.default(q_embed_3, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+attend_default_1 = torch.ops.prhs.attend.default(q_embed_3, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_falcon_fused_qkv(self):
         prefill, decode, decisions = prefill_and_decode("falcon")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_past_key_values_layers_0_keys, l_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
-attend_default = torch.ops.prhs.attend.default(q_embed, l_past_key_values_layers_0_keys, l_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_past_key_values_layers_1_keys, l_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
-attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_past_key_values_layers_1_keys, l_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_llama_prhs_cross_layer_sharing(self):
         prefill, decode, decisions = prefill_and_decode("llama", layer_share={1: 0}, psaw_start_layer=1)
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;psaw_start=1;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
-attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;psaw_start=1;num_layers=2;share_from=0', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], select_default)
-attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;psaw_start=1;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;psaw_start=1;num_layers=2;share_from=0', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], select_default)
+attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_llama_oracle_policy(self):
         prefill, decode, decisions = prefill_and_decode("llama", policy="oracle")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, attention_mask_1, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2], None)
-attend_default = torch.ops.prhs.attend.default(q_embed, l_kwargs_past_key_values_layers_0_keys, l_kwargs_past_key_values_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, attention_mask_1, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2], None)
-attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, l_kwargs_past_key_values_layers_1_keys, l_kwargs_past_key_values_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2], None)
+attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2], None)
+attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
