@@ -44,6 +44,15 @@ def decide(call: AttentionCall, config, autograd: bool) -> Decision:
     dropout = call.args["dropout_p"]
     if not isinstance(dropout, (int, float)) or dropout != 0:
         return dense(f"dropout_p={dropout}: only dropout-free attention is rewritten")
+    scale = call.args["scale"]
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        # Dynamo turns a float attribute into a graph input once it has recompiled the same
+        # code for a second value (e.g. two models of different head dims in one process).
+        return dense(f"scale is a value computed in the graph ({scale}), not a constant: only "
+                     "constant scales are rewritten (torch._dynamo.config.specialize_float = True "
+                     "keeps float attributes constant)")
+    if not isinstance(call.args["is_causal"], bool):
+        return dense(f"is_causal={call.args['is_causal']} is not a constant")
 
     q, k, v = call.meta("query"), call.meta("key_source"), call.meta("value_source")
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
@@ -53,13 +62,22 @@ def decide(call: AttentionCall, config, autograd: bool) -> Decision:
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return dense(f"dtypes query={q.dtype} key={k.dtype} value={v.dtype}: supported are float32, float16, bfloat16 (all equal)")
     head_dim, value_dim = q.shape[-1], v.shape[-1]
-    if not isinstance(head_dim, int) or head_dim > MAX_HEAD_DIM or not isinstance(value_dim, int) or value_dim > MAX_HEAD_DIM:
-        return dense(f"head dim {head_dim} / value dim {value_dim}: supported up to {MAX_HEAD_DIM}")
     q_heads, kv_heads = q.shape[1], k.shape[1]
-    if not isinstance(q_heads, int) or not isinstance(kv_heads, int) or q_heads % kv_heads:
+    symbolic = [name for name, size in (("head dim", head_dim), ("value dim", value_dim),
+                                        ("query heads", q_heads), ("key/value heads", kv_heads))
+                if not isinstance(size, int)]
+    if symbolic:
+        return dense(f"symbolic {', '.join(symbolic)} (Dynamo made them dynamic after a "
+                     "recompile): the kernels need them static")
+    if head_dim > MAX_HEAD_DIM or value_dim > MAX_HEAD_DIM:
+        return dense(f"head dim {head_dim} / value dim {value_dim}: supported up to {MAX_HEAD_DIM}")
+    if q_heads % kv_heads:
         return dense(f"{q_heads} query heads are not a multiple of {kv_heads} key/value heads")
-    if kv_heads != q_heads and not call.args["enable_gqa"] and not call.peeled_repeat_kv:
-        return dense(f"key has {kv_heads} heads for {q_heads} query heads without enable_gqa")
+    # One key/value head broadcast over every query head (multi-query attention without
+    # enable_gqa, e.g. Falcon's multi_query) is GQA with a single group.
+    if kv_heads not in (q_heads, 1) and not call.args["enable_gqa"] and not call.peeled_repeat_kv:
+        return dense(f"key has {kv_heads} heads for {q_heads} query heads without enable_gqa "
+                     "(only 1 head, broadcast, or as many as the query is attention)")
     if any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(k.shape[:3], v.shape[:3])):
         return dense(f"key shape {tuple(k.shape)} and value shape {tuple(v.shape)} disagree")
 

@@ -61,6 +61,33 @@ def test_dense_with_reason(make_call, reason):
     assert reason in d.reason
 
 
+def test_one_kv_head_broadcast_over_the_query_heads_is_rewritten():
+    """Multi-query attention without enable_gqa (Falcon's multi_query): SDPA broadcasts the
+    single key/value head, which is GQA with one group."""
+    q, k, v = qkv(kv_heads=1)
+    (d,) = decisions_of(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), q, k, v, valid())
+    assert d.kind == "decode"
+
+
+def test_a_scale_that_dynamo_made_dynamic_stays_dense_instead_of_crashing():
+    """Calling compiled code with a second scale value makes Dynamo pass the scale as a graph
+    value: the call must stay dense with that reason, and be right."""
+    def attn(q, k, v, mask, scale):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, backend="prhs", options={**OPTIONS, "inductor": False})
+    q, k, v = qkv()
+    with torch.no_grad():
+        for scale in (0.25, 0.3, 0.35):
+            out = compiled(q, k, v, valid(), scale)
+        torch.testing.assert_close(out, attn(q, k, v, valid(), 0.35), rtol=1e-5, atol=1e-5)
+        (d,) = prhs_compile.explain(attn, q, k, v, valid(), 0.4, options=OPTIONS).decisions
+    assert d.kind in ("decode", "dense")
+    if d.kind == "dense":
+        assert "scale is a value computed in the graph" in d.reason
+
+
 def test_head_dim_above_256_stays_dense():
     q, k, v = qkv(dim=320)
     (d,) = decisions_of(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), q, k, v)
