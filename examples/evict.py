@@ -33,7 +33,7 @@ def greedy(model, cache, first_logits, steps: int) -> tuple[list[int], float]:
     times = []
     for _ in range(steps - 1):
         start = time.perf_counter()
-        token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(input_ids=token, **{prhs_compile.cache_keyword(model): cache}).logits[:, -1:].argmax(-1)
         tokens.append(int(token))
         times.append(time.perf_counter() - start)
     timed = times[2:] or times
@@ -63,12 +63,12 @@ def main() -> None:
 
     with torch.no_grad():
         cache = transformers.DynamicCache(config=model.config)
-        first = compiled(input_ids=ids, past_key_values=cache).logits
+        first = compiled(input_ids=ids, **{prhs_compile.cache_keyword(model): cache}).logits
         full_tokens, full_s = greedy(compiled, cache, first, steps)
         del cache
 
         cache = transformers.DynamicCache(config=model.config)
-        first = compiled(input_ids=ids, past_key_values=cache).logits
+        first = compiled(input_ids=ids, **{prhs_compile.cache_keyword(model): cache}).logits
         report = prhs_compile.evict_kv(cache)
         evicted_tokens, evicted_s = greedy(model, cache, first, steps)
 

@@ -35,9 +35,9 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     cache = transformers.StaticCache(config=model.config, max_cache_len=4 * args.budget)
     with torch.no_grad():
-        prefill = prhs_compile.explain(model, input_ids=ids, past_key_values=cache, options=options)
+        prefill = prhs_compile.explain(model, input_ids=ids, **{prhs_compile.cache_keyword(model): cache}, options=options)
         token = prefill.output.logits[:, -1:].argmax(-1)
-        decode = prhs_compile.explain(model, input_ids=token, past_key_values=cache, options=options)
+        decode = prhs_compile.explain(model, input_ids=token, **{prhs_compile.cache_keyword(model): cache}, options=options)
 
     for name, explained in (("prefill", prefill), ("decode", decode)):
         print(f"##### {name} #####")

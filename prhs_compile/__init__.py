@@ -12,6 +12,7 @@ from prhs_compile.calibrate import calibrate
 from prhs_compile.config import PrHSConfig
 from prhs_compile.evict import EvictionReport, evict_kv
 from prhs_compile.explain import Explanation, explain
+from prhs_compile.hf_compat import cache_keyword
 from prhs_compile.kernels.rules import RULES as _RULES
 from prhs_compile.state import clear_states
 from prhs_compile.stats import LayerStats, PrHSStats, reset_stats, stats
@@ -30,6 +31,7 @@ __all__ = [
     "PrHSConfig",
     "PrHSStats",
     "available_policies",
+    "cache_keyword",
     "calibrate",
     "clear_states",
     "evict_kv",

@@ -14,6 +14,8 @@ budgets reach ``select`` through ``options={"head_budgets": path}``.
 
 from __future__ import annotations
 
+from prhs_compile.hf_compat import cache_keyword
+
 
 def pava_non_increasing(values: list[float], weights: list[float]) -> list[float]:
     """Weighted least-squares fit of a non-increasing sequence (pool adjacent violators)."""
@@ -121,9 +123,9 @@ def profile(model, prompts, grid: list[int], mean_budgets: list[int], steps: int
             with torch.no_grad():
                 for ids in prompts:
                     cache = transformers.StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
-                    logits = compiled(input_ids=ids, past_key_values=cache).logits[:, -1:]
+                    logits = compiled(input_ids=ids, **{cache_keyword(model): cache}).logits[:, -1:]
                     for _ in range(steps):
-                        logits = compiled(input_ids=logits.argmax(-1), past_key_values=cache).logits[:, -1:]
+                        logits = compiled(input_ids=logits.argmax(-1), **{cache_keyword(model): cache}).logits[:, -1:]
         finally:
             dropped_mass_listeners.remove(record)
     heads = sorted(losses)

@@ -91,10 +91,10 @@ def _model(family):
 def _decode(forward, model, ids):
     """Prefill and NEW - 1 greedy decode steps over a static cache: the logits of each."""
     cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE)
-    steps, token = [], ids
+    steps, token, keyword = [], ids, prhs_compile.cache_keyword(model)
     with torch.no_grad():
         for _ in range(NEW):
-            logits = forward(input_ids=token, past_key_values=cache).logits[:, -1]
+            logits = forward(input_ids=token, **{keyword: cache}).logits[:, -1]
             steps.append(logits)
             token = logits.argmax(-1, keepdim=True)
     return torch.stack(steps, 1)
@@ -121,9 +121,10 @@ def test_family_is_exact_when_the_budget_covers_and_selects_or_says_why_not(fami
         assert (sparse - dense).abs().max() > 1e-4
     else:  # every decode call stayed dense, each with its reason
         cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE)
+        keyword = prhs_compile.cache_keyword(model)
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache)
-            report = prhs_compile.explain(model, input_ids=ids[:, :1], past_key_values=cache,
+            model(input_ids=ids, **{keyword: cache})
+            report = prhs_compile.explain(model, input_ids=ids[:, :1], **{keyword: cache},
                                           options=sparse_options)
         assert report.decisions and all(d.kind == "dense" and d.reason for d in report.decisions)
         torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)

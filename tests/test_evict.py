@@ -95,9 +95,10 @@ def test_a_chunk_of_several_tokens_lands_at_its_true_positions_and_keeps_every_q
     # sink 2 + selection 10 + window local 4 + 2 (the chunk's first query keeps its window)
     assert cache.layers[0].keys.shape[2] == 18 and cache.get_seq_length() == PROMPT + 3
     # The window holds the last 6 positions as a full cache has them: layer 0's keys depend
-    # on nothing but the tokens and their positions (rotary), so they match exactly.
-    torch.testing.assert_close(cache.layers[0].keys[:, :, -6:], full.layers[0].keys[:, :, -6:], rtol=0, atol=0)
-    torch.testing.assert_close(cache.layers[0].values[:, :, -6:], full.layers[0].values[:, :, -6:], rtol=0, atol=0)
+    # on nothing but the tokens and their positions (rotary). Computed through chunks of
+    # different lengths they may differ by rounding (matmul blocking), not more.
+    torch.testing.assert_close(cache.layers[0].keys[:, :, -6:], full.layers[0].keys[:, :, -6:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache.layers[0].values[:, :, -6:], full.layers[0].values[:, :, -6:], rtol=1e-5, atol=1e-6)
 
 
 def test_eviction_refuses_what_it_cannot_do_losslessly():

@@ -161,3 +161,14 @@ def test_torch_logs_prhs_turns_the_log_on():
     assert out.returncode == 0, out.stderr
     assert "layer 0 stays dense: dropout_p=0.5" in out.stderr
     assert "graph after rewrite" in out.stderr
+
+
+def test_cache_keyword_follows_the_installed_transformers():
+    import inspect
+
+    model = tiny_model("llama")
+    takes_cache = "cache" in inspect.signature(type(model).forward).parameters
+    want = "cache" if takes_cache else "past_key_values"
+    assert prhs_compile.cache_keyword(model) == want
+    assert prhs_compile.cache_keyword(torch.compile(model, backend="prhs")) == want
+    assert prhs_compile.cache_keyword(model.forward) == want

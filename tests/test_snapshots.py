@@ -25,13 +25,13 @@ PREFILL_PINNED = transformers.__version__.startswith("5.23.")
 def attention_lines(code: str) -> str:
     """The SDPA and prhs op calls of a graph, without FX's ``x = None`` bookkeeping. The
     cache tensors are named by layer and kind (Dynamo names them after the forward's
-    arguments, which transformers releases rename: ``l_past_key_values_...`` or
-    ``l_kwargs_past_key_values_...``)."""
+    arguments, which transformers releases rename: ``l_past_key_values_...``,
+    ``l_kwargs_past_key_values_...``, ``l_kwargs_cache_...``)."""
     lines = []
     for line in code.splitlines():
         if "torch.ops.prhs." in line or "scaled_dot_product_attention" in line:
             line = re.sub(r";  .* = None$", "", line.strip())
-            line = re.sub(r"\bl_(?:kwargs_)?past_key_values_layers_(\d+)_(keys|values)\b",
+            line = re.sub(r"\bl_(?:kwargs_)?(?:past_key_values|cache)_layers_(\d+)_(keys|values)\b",
                           r"cache_layers_\1_\2", line)
             lines.append(line)
     return "\n".join(lines)
@@ -43,11 +43,37 @@ def prefill_and_decode(arch: str, **options) -> tuple[str, str, str]:
     cache = StaticCache(config=model.config, max_cache_len=32)
     options = {**OPTIONS, **options}
     with torch.no_grad():
-        prefill = prhs_compile.explain(model, input_ids=ids, past_key_values=cache, options=options)
+        # ``cache=`` where the installed transformers takes it, else ``past_key_values=``.
+        keyword = prhs_compile.cache_keyword(model)
+        prefill = prhs_compile.explain(model, input_ids=ids, **{keyword: cache}, options=options)
         token = prefill.output.logits[:, -1:].argmax(-1)
-        decode = prhs_compile.explain(model, input_ids=token, past_key_values=cache, options=options)
+        decode = prhs_compile.explain(model, input_ids=token, **{keyword: cache}, options=options)
     decisions = "\n".join(str(d) for d in prefill.decisions + decode.decisions)
     return attention_lines(prefill.after[0]), attention_lines(decode.after[0]), decisions
+
+
+def with_hf_names_numbered(lines: str) -> str:
+    """``attention_lines`` with the names of the tensors HF computes (queries, expanded keys
+    and values, masks) replaced by ``t0, t1, ...`` in order of appearance: for models whose
+    attention inputs are not cache tensors, so that renamed locals do not break a snapshot."""
+    ours = re.compile(r"^(?:_prhs_state_\d+_\d+|select_default(?:_\d+)?|attend_default(?:_\d+)?|"
+                      r"cache_layers_\d+_(?:keys|values)|torch|ops|prhs|default|select|attend|"
+                      r"None|True|False|scale|attn_mask|dropout_p|is_causal|enable_gqa)$")
+    names: dict[str, str] = {}
+
+    def rename(match):
+        word = match.group(0)
+        if ours.match(word):
+            return word
+        return names.setdefault(word, f"t{len(names)}")
+
+    out = []
+    for line in lines.splitlines():
+        head, _, rest = line.partition(" = ")
+        parts = rest.split("'")  # odd parts are plan strings: left as they are
+        parts[::2] = [re.sub(r"\b[A-Za-z_][A-Za-z0-9_]*\b", rename, part) for part in parts[::2]]
+        out.append(f"{head} = " + "'".join(parts))
+    return "\n".join(out)
 
 
 class TestRewriteSnapshots(expecttest.TestCase):
@@ -134,6 +160,17 @@ select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cac
 attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
 select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
+
+    def test_deepseek_v3_mla(self):
+        """MLA: keys and values expanded from the latent cache each step (value dim 24, key
+        dim 16) go to select and attend."""
+        prefill, decode, decisions = prefill_and_decode("deepseek_v3")
+        assert decisions.count("decode (query length 1: select-then-attend)") == 2
+        self.assertExpectedInline(with_hf_names_numbered(decode), """\
+select_default = torch.ops.prhs.select.default(t0, t1, t2, t3, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+attend_default = torch.ops.prhs.attend.default(t0, t1, t2, select_default, t3, 0.25)
+select_default_1 = torch.ops.prhs.select.default(t4, t5, t6, t3, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+attend_default_1 = torch.ops.prhs.attend.default(t4, t5, t6, select_default_1, t3, 0.25)""")
 
     def test_llama_prhs_cross_layer_sharing(self):
         prefill, decode, decisions = prefill_and_decode("llama", layer_share={1: 0}, psaw_start_layer=1)

@@ -37,6 +37,13 @@ CONFIGS = {
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
         **_common(num_key_value_heads=None), rotary_pct=0.5
     ),
+    # MLA: a latent cache expanded to per-head keys and values, value dim 24 != key dim 16.
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **_common(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                  qk_nope_head_dim=8, v_head_dim=24, n_routed_experts=4, num_experts_per_tok=2,
+                  n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+                  n_group=1, topk_group=1)
+    ),
     "falcon": lambda: transformers.FalconConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, bias=False,

@@ -19,6 +19,7 @@ import time
 import torch
 
 from prhs_compile.bench import tasks as task_lib
+from prhs_compile.hf_compat import cache_keyword
 from prhs_compile.bench.tokenizer import VOCAB_SIZE, decode_ids
 
 
@@ -81,14 +82,14 @@ def run_example(compiled, cache, codec: Codec, example, device) -> float:
     ids = torch.tensor([prompt], device=device)
     produced = []
     with torch.no_grad():
-        logits = compiled(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = compiled(input_ids=ids, **{cache_keyword(compiled): cache}, use_cache=True).logits[:, -1]
         for step in range(steps):
             token = logits.argmax(-1)
             produced.append(int(token))
             if step + 1 == steps:
                 break
             feed = torch.tensor([[target[step]]], device=device) if forced else token[:, None]
-            logits = compiled(input_ids=feed, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = compiled(input_ids=feed, **{cache_keyword(compiled): cache}, use_cache=True).logits[:, -1]
     if forced:
         return sum(a == b for a, b in zip(produced, target)) / max(1, len(target))
     return codec.answer_matches(example.task, produced, example)
@@ -153,7 +154,7 @@ def allocated_static_cache(model, length: int, device):
 
     cache = transformers.StaticCache(config=model.config, max_cache_len=length)
     with torch.no_grad():
-        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), **{cache_keyword(model): cache}, use_cache=True)
     cache.reset()
     return cache
 

@@ -14,6 +14,7 @@ from collections import defaultdict
 import torch
 
 from prhs_compile.bench import tasks as task_lib
+from prhs_compile.hf_compat import cache_keyword
 
 
 def add_arguments(parser) -> None:
@@ -50,8 +51,8 @@ def topk_mass(model, examples, budget: int, device) -> dict[int, float]:
             for example in examples:
                 cache.reset()
                 ids = torch.tensor([example.prompt_ids], device=device)
-                logits = compiled(input_ids=ids, past_key_values=cache).logits[:, -1]
-                compiled(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache)
+                logits = compiled(input_ids=ids, **{cache_keyword(model): cache}).logits[:, -1]
+                compiled(input_ids=logits.argmax(-1, keepdim=True), **{cache_keyword(model): cache})
     finally:
         dropped_mass_listeners.remove(record)
     return {layer: sum(v) / len(v) for layer, v in sorted(kept.items())}

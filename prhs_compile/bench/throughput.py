@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 
+from ..hf_compat import cache_keyword
 from .report import environment, write_json
 
 log = logging.getLogger("prhs.bench.throughput")
@@ -125,7 +126,7 @@ def _fill_cache(torch, model, config, args, device):
     cache = transformers.StaticCache(config=config, max_cache_len=total)
     ids = torch.zeros(args.batch, 1, dtype=torch.long, device=device)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True,
+        model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True,
               cache_position=torch.zeros(1, dtype=torch.long, device=device))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for layer in cache.layers:
@@ -227,7 +228,7 @@ def run(args) -> int:
         def step():
             nonlocal position, tokens
             cache_position = torch.full((1,), position, dtype=torch.long, device=device)
-            logits = forward(input_ids=tokens, past_key_values=cache, use_cache=True,
+            logits = forward(input_ids=tokens, **{cache_keyword(model): cache}, use_cache=True,
                              cache_position=cache_position).logits
             tokens = logits[:, -1:].argmax(-1)
             fed.append(tokens)
