@@ -39,7 +39,9 @@ class PrHSRule(SelectionRule):
             "kept": ((batch, kv_heads, plan.middle), torch.int32, -1),  # retrieved positions
             "anchor": ((batch, q_heads, head_dim), torch.float32, 0.0),  # queries at retrieval
             "anchor_dropped": ((batch, kv_heads), torch.float32, 0.0),  # group's dropped mass at retrieval
-            "key_norm": ((batch, kv_heads), torch.float32, 0.0),  # max key norm seen
+            # largest key norm seen: over every valid key at a retrieval when the reuse bound
+            # is used (needs_key_norms), else over the newest keys only
+            "key_norm": ((batch, kv_heads), torch.float32, 0.0),
         }
 
     def on_prefill(self, plan, view, state, tail):
@@ -64,11 +66,22 @@ class PrHSRule(SelectionRule):
         else:
             fresh = dilate_and_pick(mass, region, plan)
         retained = ((mass / rows) * (fresh | windows[:, None, :])).sum(-1)
-        fresh_norm = view.k.float().norm(dim=-1).masked_fill(~view.valid[:, None, :], 0.0).amax(-1)
+        if needs_key_norms(plan):
+            fresh_norm = view.k.float().norm(dim=-1).masked_fill(~view.valid[:, None, :], 0.0).amax(-1)
+        else:  # nothing reads them: the newest keys' norms (the gate's) are all it keeps
+            fresh_norm = key_norm
         prhs_store(view.q, keep_to_indices(fresh, plan.middle), retained, fresh_norm, retrieve,
                    reuse, age, kept, anchor, anchor_dropped, key_norm)
 
         return stored_and_windows(kept, plan, view), retrieve
+
+
+def needs_key_norms(plan) -> bool:
+    """Whether a retrieval must measure the largest key norm over the whole cache: only the
+    reuse bound reads it (the ``delta_target`` gate, and verify mode's report). With the
+    cosine gate it is not read, so a retrieval skips that work (on the GPU it halves the
+    rate of the pass over K)."""
+    return plan.delta_target > 0 or plan.verify
 
 
 # The gate and the state update as functions of tensors, shared with the Triton step

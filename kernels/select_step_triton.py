@@ -39,7 +39,7 @@ import torch._dynamo
 import torch._inductor
 from . import select_quest_triton
 from .plan import SelectPlan
-from .rule_prhs import prhs_gate, prhs_store
+from .rule_prhs import needs_key_norms, prhs_gate, prhs_store
 from .rules_baselines import QuestRule
 from .select_hshare_triton import channel_abs_sums
 from .select_quest_triton import quest_page_scores, quest_picks
@@ -332,7 +332,8 @@ def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits, 
                anchor, anchor_dropped, key_norm, plan.middle, plan.delta_target,
                plan.dilation_m, plan.dilation_r, rows, plan.head_middles(q.device))
     else:
-        found = retrieve_keys(q, k, operand, bounds, scale, retrieve, want_norm=True,
+        want_norm = needs_key_norms(plan)
+        found = retrieve_keys(q, k, operand, bounds, scale, retrieve, want_norm=want_norm,
                               want_window_mass=True)
         top = min(plan.middle, length)
         radius = plan.dilation_r
@@ -342,7 +343,8 @@ def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits, 
                                     caps=plan.head_middles(q.device),
                                     dilation_m=min(cores, length), dilation_r=radius,
                                     width=plan.middle)
-        _store_picked(q, found.window_mass, picked_mass, found.key_norm, retrieve, reuse, age,
+        _store_picked(q, found.window_mass, picked_mass,
+                      found.key_norm if want_norm else key_norm, retrieve, reuse, age,
                       kept, anchor, anchor_dropped, key_norm, rows)
     indices = _compose(operand, bounds, kept, plan, batch, kv_heads, q_len)
     return indices, retrieve
