@@ -32,6 +32,9 @@ class PrHSRule(SelectionRule):
     """
 
     name = "prhs"
+    cuda_step = "gated"
+    cuda_head_budgets = True
+    recency_window = True
 
     def state_spec(self, plan, batch, q_heads, kv_heads, head_dim):
         return {

@@ -46,6 +46,7 @@ class SageKVRule(OneShotRule):
     """SAGE-KV: one top-k per KV head from the last prompt query's group attention mass."""
 
     name = "sage_kv"
+    cuda_step = "one_shot"
 
     def prompt_scores(self, plan, tail):
         last = tail(1)
@@ -57,6 +58,7 @@ class SnapKVRule(OneShotRule):
     and the group, max-pooled over ``SNAP_KERNEL`` neighbouring positions, top-k."""
 
     name = "snapkv"
+    cuda_step = "one_shot"
     SNAP_WINDOW = 32
     SNAP_KERNEL = 7
 
@@ -91,6 +93,7 @@ class H2ORule(SelectionRule):
     """
 
     name = "h2o"
+    cuda_step = "heavy_hitters"
     needs_static_length = True
 
     def state_spec(self, plan, batch, q_heads, kv_heads, head_dim):
@@ -125,6 +128,7 @@ class HShareRule(SelectionRule):
     """
 
     name = "hshare"
+    cuda_step = "labels"
     LABEL_FRACTION = 8
     HEAD_SHARE_OVERLAP = 0.8
 
@@ -191,6 +195,7 @@ class QuestRule(SelectionRule):
     best pages are kept whole every step. The first two layers stay dense."""
 
     name = "quest"
+    cuda_step = "pages"
     PAGE = 16
     DENSE_LAYERS = 2
 

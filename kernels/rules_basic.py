@@ -19,10 +19,14 @@ class StreamingRule(SelectionRule):
     """StreamingLLM: the first ``sink`` positions plus the most recent ``budget - sink``."""
 
     name = "streaming"
+    cuda_step = "windows"
     retrieves = False
 
+    def local_window(self, plan):
+        return plan.budget - plan.sink  # everything after the sinks
+
     def choose(self, plan, view, state):
-        recent = view.rank >= (view.count[:, None] - (plan.budget - plan.sink))
+        recent = view.rank >= (view.count[:, None] - self.local_window(plan))
         keep = view.valid & ((view.rank < plan.sink) | recent)
         return keep[:, None, :].expand(-1, view.kv_heads, -1), view.no_retrieval()
 
@@ -34,6 +38,8 @@ class OracleRule(SelectionRule):
     """
 
     name = "oracle"
+    cuda_step = "exact"
+    cuda_head_budgets = True
 
     def choose(self, plan, view, state):
         base = view.windows(plan)  # [B, L] sinks and local window

@@ -10,6 +10,13 @@ cosine or ``delta_target`` gate, dilation, PSAW recency window, cross-layer ``sh
 the reference (which runs on the GPU too, only slower). Ties between equal masses go to the
 lower position, as in the reference.
 
+Dispatch: each selection rule declares the engine step it is built from (``cuda_step``:
+``gated``, ``exact``, ``one_shot``, ``windows``, ``pages``, ``heavy_hitters``, ``labels``),
+whether that step applies per-head budgets, its local window and whether it retrieves inside
+PSAW's recency window; ``STEPS`` maps the step to the function here. The torch parts of a
+policy's logic (PrHS's gate and state update, the continuity checks, the step bookkeeping)
+are the reference's own functions, compiled by Inductor for the GPU.
+
 Why it is cheaper than the reference, per step of a ``[B, Hkv, L]`` cache:
 
 * the valid region and the windows come from the per-row bounds kernels (``[B, 8]``), not
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch._dynamo
@@ -40,6 +48,7 @@ import torch._inductor
 from . import select_quest_triton
 from .plan import SelectPlan
 from .rule_prhs import needs_key_norms, prhs_gate, prhs_store
+from .rules import get_rule
 from .rules_baselines import QuestRule
 from .select_hshare_triton import channel_abs_sums
 from .select_quest_triton import quest_page_scores, quest_picks
@@ -55,12 +64,6 @@ __all__ = ["oracle_select_triton", "select_step_triton", "supports", "unsupporte
 log = logging.getLogger("prhs")
 
 
-# Every policy but dense (which selects nothing); per-head budgets where this path applies
-# them (the reference also caps sage_kv, snapkv, h2o and hshare picks, which this path does not).
-_POLICIES = frozenset({"oracle", "prhs", "lu_kv", "streaming", "quest", "h2o", "hshare", "sage_kv", "snapkv"})
-_PER_HEAD_BUDGETS = frozenset({"oracle", "prhs", "lu_kv"})
-
-
 def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``select_step_triton`` runs this plan here (else use the reference)."""
     return unsupported_reason(plan, q, k) is None
@@ -68,22 +71,23 @@ def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def quest_unavailable(plan: SelectPlan) -> str | None:
     """Why this (quest) plan's page kernel cannot run on this machine, or None."""
-    if plan.policy != "quest" or select_quest_triton.unavailable is None:
+    if get_rule(plan.policy).cuda_step != "pages" or select_quest_triton.unavailable is None:
         return None
     return f"quest page kernel unavailable ({select_quest_triton.unavailable})"
 
 
 def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> str | None:
     """Why ``select_step_triton`` does not run this plan here (the reference does), or None."""
-    if plan.policy == "dense":
-        return "policy 'dense' selects every position: nothing to rank"
-    if plan.policy not in _POLICIES:
-        return f"policy {plan.policy!r} has no Triton step"
+    rule = get_rule(plan.policy)
+    if rule.all_positions:
+        return f"policy {plan.policy!r} selects every position: nothing to rank"
+    if rule.cuda_step not in STEPS:
+        return f"policy {plan.policy!r} declares no step of the CUDA select engine"
     if plan.verify:
         return "verify=True measures the exact dropped mass with the torch reference"
     if selection_listeners:
         return "a selection listener (e.g. calibrate) records selections through the reference"
-    if plan.head_budgets and plan.policy not in _PER_HEAD_BUDGETS:
+    if plan.head_budgets and not rule.cuda_head_budgets:
         return f"per-head budgets are applied by the reference only for policy {plan.policy!r}"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.dtype != k.dtype:
         return f"dtypes q {q.dtype} / k {k.dtype}: the kernels take one of fp16, bf16, fp32"
@@ -220,63 +224,64 @@ def _continuity(bounds, pos, fingerprint, k, q_len: int):
 _bookkeeping = _fused(step_bookkeeping)
 
 
+class Step(NamedTuple):
+    """What every engine step of one decode call sees: the inputs, the plan, the layer's
+    named state, the mask operand and per-row bounds, and per row its newest position,
+    whether it continues the state's sequence and whether it fits the budget."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    mask: Optional[torch.Tensor]
+    scale: float
+    plan: SelectPlan
+    st: dict
+    operand: tuple
+    bounds: torch.Tensor
+    newest: torch.Tensor
+    continuing: torch.Tensor
+    fits: torch.Tensor
+
+    @property
+    def shape(self):
+        """(batch, query heads, query length, KV heads, cache length)."""
+        return (self.q.shape[0], self.q.shape[1], self.q.shape[2], self.k.shape[1],
+                self.k.shape[2])
+
+    @property
+    def rows(self) -> int:
+        """Query rows of a KV group (the group mass of a position sums over them)."""
+        return (self.q.shape[1] // self.k.shape[1]) * self.q.shape[2]
+
+    def compose(self, picks, local=None):
+        return _compose(self.operand, self.bounds, picks, self.plan, self.q.shape[0],
+                        self.k.shape[1], self.q.shape[2], local=local)
+
+    def every_slot_retrieves(self):
+        return ~self.fits[:, None].expand(-1, self.k.shape[1])
+
+
 def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, shared=None):
     """One decode step; ``st`` is the layer's named state (``select_reference._state_dict``)."""
     batch, _, q_len, head_dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    psaw_frac = plan.psaw_fraction if plan.policy == "prhs" else -1.0
+    rule = get_rule(plan.policy)
+    psaw_frac = plan.psaw_fraction if rule.recency_window else -1.0
     pos, fingerprint = st["pos"][:batch], st["fingerprint"][:batch]
-    # StreamingLLM's window is everything after the sinks.
-    local = plan.budget - plan.sink if plan.policy == "streaming" else plan.local
+    local = rule.local_window(plan)
 
     operand = _mask_operand(mask, batch, q_len, length)
     bounds = _bounds(*operand, batch, q_len, length, plan.sink, local, plan.budget,
                      plan.min_context, q.device, psaw_frac)
     newest, continuing, fits = _continuity(bounds, pos, fingerprint, k, q_len)
 
-    if shared is not None:
+    step = Step(q, k, mask, scale, plan, st, operand, bounds, newest, continuing, fits)
+    if shared is not None:  # cross-layer sharing: an earlier layer's selection, as is
         indices = shared.clone()
         retrieved = torch.zeros(batch, kv_heads, dtype=torch.bool, device=q.device)
-    elif plan.policy in ("oracle", "lu_kv"):
-        # The exact top-k of every step (within per-head budgets: LU-KV).
-        retrieved = ~fits[:, None].expand(-1, kv_heads)
-        found = retrieve_keys(q, k, operand, bounds, scale)
-        picks, _ = topk_picks(found.keys, bounds, min(plan.middle, length),
-                              caps=plan.head_middles(q.device), width=plan.middle)
-        indices = _compose(operand, bounds, picks, plan, batch, kv_heads, q_len)
-    elif plan.policy == "streaming":
-        indices = _compose(operand, bounds, None, plan, batch, kv_heads, q_len, local=local)
-        retrieved = torch.zeros(batch, kv_heads, dtype=torch.bool, device=q.device)
-    elif plan.policy == "quest":
-        scores = quest_page_scores(q, k, operand, bounds, QuestRule.PAGE)
-        picks = _quest_picks(scores, plan.middle, QuestRule.PAGE, length)
-        indices = _compose(operand, bounds, picks, plan, batch, kv_heads, q_len)
-        retrieved = ~fits[:, None].expand(-1, kv_heads)
-    elif plan.policy == "h2o":
-        # Every step needs each kept position's share of the full softmax: the group mass of
-        # every valid position (both K passes over the whole valid region). The bounds of that
-        # region: this step's lo, hi and count, with no sinks, no local window, no PSAW cut,
-        # never fitting (what _bounds gives for sink=0, local=0, budget=-1, min_context=0).
-        whole = bounds.clone()
-        whole[:, 3] = 0  # sink_end
-        whole[:, 4] = length  # local_start
-        whole[:, 5:] = 0  # fits; middle start
-        found = _group_mass(q, k, mask, scale, 0, 0, -1, 0, bounds=whole)
-        picks = _h2o_update(found.mass, st["score"][:batch, :, :length], continuing, bounds,
-                            plan.middle, (q.shape[1] // kv_heads) * q_len)
-        indices = _compose(operand, bounds, picks, plan, batch, kv_heads, q_len)
-        retrieved = ~fits[:, None].expand(-1, kv_heads)
-    elif plan.policy == "hshare":
-        indices, retrieved = _hshare_choose(q, k, mask, scale, plan, st, continuing, bounds, fits,
-                                            operand)
-    elif plan.policy in ("sage_kv", "snapkv"):
-        indices, retrieved = _one_shot_choose(q, k, scale, plan, st, continuing, bounds, fits,
-                                              operand)
     else:
-        indices, retrieved = _prhs_choose(q, k, mask, scale, plan, st, continuing, newest,
-                                          bounds, fits, operand)
+        indices, retrieved = STEPS[rule.cuda_step](step)
     _bookkeeping(st["counters"], pos, fingerprint, k, newest, continuing, retrieved)
     return indices
 
@@ -312,17 +317,17 @@ def _store_picked(q, window_mass, picked_mass, fresh_key_norm, retrieve, reuse, 
                age, kept, anchor, anchor_dropped, key_norm)
 
 
-def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits, operand):
+def _gated_step(step: Step):
     """``PrHSRule.choose`` on the Triton path: gate, gated retrieval, stored picks, output.
     Slots that reuse their set read no K and rank nothing: the score pass and the top-k
     return at once for them."""
-    batch, q_heads, q_len, _ = q.shape
-    kv_heads, length = k.shape[1], k.shape[2]
+    q, k, mask, scale, plan, st, operand, bounds, newest, continuing, fits = step
+    batch, _, _, _, length = step.shape
+    rows = step.rows
     age, kept, anchor = st["age"][:batch], st["kept"][:batch], st["anchor"][:batch]
     anchor_dropped, key_norm = st["anchor_dropped"][:batch], st["key_norm"][:batch]
     retrieve, reuse = _gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_norm,
                             float(scale), plan.tau, plan.delta_target, plan.max_reuse)
-    rows = (q_heads // kv_heads) * q_len
     if plan.delta_target > 0:
         # The smallest sufficient prefix needs the picks in mass order: ranked in torch.
         found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget,
@@ -346,8 +351,7 @@ def _prhs_choose(q, k, mask, scale, plan, st, continuing, newest, bounds, fits, 
         _store_picked(q, found.window_mass, picked_mass,
                       found.key_norm if want_norm else key_norm, retrieve, reuse, age,
                       kept, anchor, anchor_dropped, key_norm, rows)
-    indices = _compose(operand, bounds, kept, plan, batch, kv_heads, q_len)
-    return indices, retrieve
+    return step.compose(kept), retrieve
 
 
 _quest_picks = _fused(quest_picks)
@@ -387,16 +391,58 @@ def _one_shot_ready(retrieve, ready):
     ready.copy_(torch.where(retrieve, 1, ready).to(ready.dtype))
 
 
-def _one_shot_choose(q, k, scale, plan, st, continuing, bounds, fits, operand):
-    batch = q.shape[0]
-    kv_heads, length = k.shape[1], k.shape[2]
+def _one_shot_step(step: Step):
+    """SAGE-KV / SnapKV at decode: the stored prompt selection; a gated retrieval for the
+    slots without one."""
+    batch, _, _, _, length = step.shape
+    plan, st = step.plan, step.st
     kept, ready = st["kept"][:batch], st["ready"][:batch]
-    retrieve = _one_shot_gate(continuing, fits, ready)
-    found = retrieve_keys(q, k, operand, bounds, scale, retrieve)
-    topk_picks(found.keys, bounds, min(plan.middle, length), out=kept, active=retrieve,
+    retrieve = _one_shot_gate(step.continuing, step.fits, ready)
+    found = retrieve_keys(step.q, step.k, step.operand, step.bounds, step.scale, retrieve)
+    topk_picks(found.keys, step.bounds, min(plan.middle, length), out=kept, active=retrieve,
                width=plan.middle)
     _one_shot_ready(retrieve, ready)
-    return _compose(operand, bounds, kept, plan, batch, kv_heads, q.shape[2]), retrieve
+    return step.compose(kept), retrieve
+
+
+def _exact_step(step: Step):
+    """The exact top-k of every slot at every step (oracle; LU-KV's per-head budgets)."""
+    plan, bounds = step.plan, step.bounds
+    found = retrieve_keys(step.q, step.k, step.operand, bounds, step.scale)
+    picks, _ = topk_picks(found.keys, bounds, min(plan.middle, step.shape[4]),
+                          caps=plan.head_middles(step.q.device), width=plan.middle)
+    return step.compose(picks), step.every_slot_retrieves()
+
+
+def _windows_step(step: Step):
+    """Sinks and the recent window only (StreamingLLM): nothing is scored."""
+    local = get_rule(step.plan.policy).local_window(step.plan)
+    retrieved = torch.zeros_like(step.every_slot_retrieves())
+    return step.compose(None, local=local), retrieved
+
+
+def _pages_step(step: Step):
+    """Quest: page upper bounds every step, the best pages' positions."""
+    length = step.shape[4]
+    scores = quest_page_scores(step.q, step.k, step.operand, step.bounds, QuestRule.PAGE)
+    picks = _quest_picks(scores, step.plan.middle, QuestRule.PAGE, length)
+    return step.compose(picks), step.every_slot_retrieves()
+
+
+def _heavy_hitters_step(step: Step):
+    """H2O: every step needs each kept position's share of the full softmax, the group mass
+    of every valid position (both K passes over the whole valid region). The bounds of that
+    region: this step's lo, hi and count, with no sinks, no local window, no PSAW cut, never
+    fitting (what _bounds gives for sink=0, local=0, budget=-1, min_context=0)."""
+    batch, _, _, _, length = step.shape
+    whole = step.bounds.clone()
+    whole[:, 3] = 0  # sink_end
+    whole[:, 4] = length  # local_start
+    whole[:, 5:] = 0  # fits; middle start
+    found = _group_mass(step.q, step.k, step.mask, step.scale, 0, 0, -1, 0, bounds=whole)
+    picks = _h2o_update(found.mass, step.st["score"][:batch, :, :length], step.continuing,
+                        step.bounds, step.plan.middle, step.rows)
+    return step.compose(picks), step.every_slot_retrieves()
 
 
 @_fused
@@ -432,11 +478,11 @@ def _hshare_store(mass, retrieve, anchor, kept, age, reuse, middle: int, rows: i
     return retrieve & (anchor == own)  # a head copying another reads no keys
 
 
-def _hshare_choose(q, k, mask, scale, plan, st, continuing, bounds, fits, operand):
+def _labels_step(step: Step):
     """``HShareRule.choose`` on the Triton path: label-channel scores, reuse every second
     step, head sharing."""
-    batch, q_heads, q_len, _ = q.shape
-    kv_heads = k.shape[1]
+    q, k, mask, scale, plan, st, operand, bounds, _, continuing, fits = step
+    batch, _, q_len, _, _ = step.shape
     labels, anchor = st["labels"][:batch], st["head_anchor"][:batch]
     age, kept = st["age"][:batch], st["kept"][:batch]
     unseeded, reuse, retrieve = _hshare_gate(continuing, fits, labels, anchor, age)
@@ -445,8 +491,20 @@ def _hshare_choose(q, k, mask, scale, plan, st, continuing, bounds, fits, operan
     found = _group_mass(q_lab, k_lab, mask, scale, plan.sink, plan.local, plan.budget,
                         plan.min_context, bounds=bounds, active=retrieve)
     retrieved = _hshare_store(found.mass, retrieve, anchor, kept, age, reuse, plan.middle,
-                              (q_heads // kv_heads) * q_len)
-    return _compose(operand, bounds, kept, plan, batch, kv_heads, q_len), retrieved
+                              step.rows)
+    return step.compose(kept), retrieved
+
+
+# The engine's steps, by the name a rule declares as its ``cuda_step``.
+STEPS = {
+    "gated": _gated_step,
+    "exact": _exact_step,
+    "one_shot": _one_shot_step,
+    "windows": _windows_step,
+    "pages": _pages_step,
+    "heavy_hitters": _heavy_hitters_step,
+    "labels": _labels_step,
+}
 
 
 def oracle_select_triton(q, k, mask, scale, budget, sink=0, local=0, min_context=0, *,

@@ -29,6 +29,21 @@ class SelectionRule:
     all_positions: bool = False
     #: True when the rule keeps per-position state, sized by a static cache length.
     needs_static_length: bool = False
+    #: Which step of the CUDA select engine runs this rule (``select_step_triton.STEPS``):
+    #: ``"gated"`` (gate, gated one-pass retrieval, radix top-k with dilation), ``"exact"``
+    #: (the same retrieval and top-k for every slot, every step), ``"one_shot"`` (a stored
+    #: prompt selection; a retrieval only for slots without one), ``"windows"`` (sinks and
+    #: recent window only), ``"pages"``, ``"heavy_hitters"``, ``"labels"`` (the policy's own
+    #: scorer); None: the torch reference runs it on every device.
+    cuda_step: str | None = None
+    #: True when that step applies per-KV-head budgets (``head_budgets``) itself.
+    cuda_head_budgets: bool = False
+    #: True when the rule retrieves only inside PrHS's progressive recency window (PSAW).
+    recency_window: bool = False
+
+    def local_window(self, plan: SelectPlan) -> int:
+        """The most recent valid positions always kept."""
+        return plan.local
 
     def state_spec(self, plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int):
         """Extra state tensors: ``{name: (shape, dtype, fill)}``, in a fixed order."""
