@@ -1,4 +1,4 @@
-"""The accuracy bounds PrHS reports beside the measured dropped mass (DESIGN.md section 4).
+"""The accuracy bounds PrHS reports beside the measured dropped mass (arXiv 2602.08329).
 
 Notation: attention p = softmax(scale * q.K) over the valid positions, a selection S, and the
 dropped mass delta = sum_{j not in S} p_j.

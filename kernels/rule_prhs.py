@@ -1,4 +1,4 @@
-"""PrHS, the default policy: pre-hoc sparsity on three axes (DESIGN.md section 4)."""
+"""PrHS, the default policy: pre-hoc sparsity on three axes (arXiv 2602.08329)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .selection import (
 
 
 class PrHSRule(SelectionRule):
-    """PrHS: pre-hoc sparsity on three axes (DESIGN.md section 4).
+    """PrHS: pre-hoc sparsity on three axes: time, depth and layer.
 
     * time (CIS): a retrieval scores the group's exact attention mass over the retrieval
       region, keeps the top positions with dilation, and stores them with the anchor queries;
