@@ -76,6 +76,9 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: PrHSConfig) -> Gra
 
 def _plan_for(config: PrHSConfig, num_layers: int, call):
     plan = config.select_plan(call.layer, num_layers)
+    if plan.head_budgets:
+        local = local_head_budgets(plan.head_budget_list, call.meta("key_source").shape[1], call.layer)
+        plan = dataclasses.replace(plan, head_budgets=",".join(map(str, local)))
     kv_len = call.meta("key_source").shape[2]
     if get_rule(config.policy).needs_static_length and isinstance(kv_len, int):
         plan = dataclasses.replace(plan, kv_len=kv_len)
@@ -89,11 +92,34 @@ def check_head_budgets(config: PrHSConfig, calls, num_layers: int) -> None:
     for layer, per_head in config.head_budgets.items():
         if layer >= total:
             raise ValueError(f"prhs option head_budgets names layer {layer}, but the model has {total} layers")
-        if layer in heads and len(per_head) != heads[layer]:
-            raise ValueError(
-                f"prhs option head_budgets gives layer {layer} {len(per_head)} budgets, "
-                f"but it has {heads[layer]} KV heads"
-            )
+        if layer in heads:
+            local_head_budgets(per_head, heads[layer], layer)  # raises if they do not fit
+
+
+def tensor_parallel_rank() -> tuple[int, int]:
+    """(rank, world size) of the process group a tensor-parallel model is sharded over (the
+    default group, as ``from_pretrained(tp_plan="auto")`` uses), or (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_head_budgets(per_head, kv_heads, layer: int) -> tuple[int, ...]:
+    """A layer's per-KV-head budgets for the heads this process holds. Tables name global KV
+    heads; under tensor parallelism rank r holds heads [r * h, (r + 1) * h) of each layer."""
+    per_head = tuple(per_head)
+    if not isinstance(kv_heads, int) or len(per_head) == kv_heads:
+        return per_head
+    rank, world = tensor_parallel_rank()
+    if world > 1 and len(per_head) == kv_heads * world:
+        return per_head[rank * kv_heads:(rank + 1) * kv_heads]
+    where = f" here ({world} ranks of {kv_heads})" if world > 1 else ""
+    raise ValueError(
+        f"prhs option head_budgets gives layer {layer} {len(per_head)} budgets, "
+        f"but it has {kv_heads} KV heads{where}"
+    )
 
 
 def check_share_map(config: PrHSConfig, calls, num_layers: int) -> None:

@@ -111,12 +111,19 @@ class PrHSStats:
         return "\n".join(lines)
 
 
-def stats() -> PrHSStats:
-    """Statistics of every rewritten layer since the last :func:`reset_stats` (host sync)."""
+def stats(across_ranks: bool = False) -> PrHSStats:
+    """Statistics of every rewritten layer since the last :func:`reset_stats` (host sync).
+
+    ``across_ranks=True`` (tensor parallelism, ``torch.distributed`` initialised): every rank
+    must call it; slots, retrievals, resets and prefill pairs are summed over the ranks
+    (each holds its share of the KV heads), decode steps are the largest any rank counted,
+    and verify records stay the calling rank's own."""
     layers: dict[int, LayerStats] = {}
-    for plan, tensors in all_states():
-        counters = tensors[COUNTERS_INDEX].tolist()
-        s = layers.setdefault(plan.layer, LayerStats(plan.layer))
+    rows = [(plan.layer, tensors[COUNTERS_INDEX].tolist()) for plan, tensors in all_states()]
+    if across_ranks:
+        rows = _gathered(rows)
+    for layer, counters in rows:
+        s = layers.setdefault(layer, LayerStats(layer))
         values = dict(zip(COUNTER_NAMES, counters))
         s.decode_steps += values["decode_calls"]
         s.slots += values["slots"]
@@ -127,6 +134,32 @@ def stats() -> PrHSStats:
     for layer, records in _VERIFY.items():
         layers.setdefault(layer, LayerStats(layer)).dropped_mass = list(records)
     return PrHSStats({k: v for k, v in layers.items() if v.decode_steps or v.dropped_mass or v.prefill_pairs})
+
+
+def _gathered(rows):
+    """Every rank's (layer, counters) rows, combined: counters summed over ranks, except the
+    decode-call count, which every rank makes the same number of (the largest is kept)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("stats(across_ranks=True) needs an initialised torch.distributed process group")
+    world = dist.get_world_size()
+    every = [None] * world
+    dist.all_gather_object(every, rows)
+    combined: dict[int, list[int]] = {}
+    calls = COUNTER_NAMES.index("decode_calls")
+    for rank_rows in every:
+        mine: dict[int, list[int]] = {}
+        for layer, counters in rank_rows:  # one rank may hold several states of a layer
+            mine[layer] = [a + b for a, b in zip(mine.get(layer, [0] * len(counters)), counters)]
+        for layer, counters in mine.items():
+            if layer not in combined:
+                combined[layer] = list(counters)
+                continue
+            total = combined[layer]
+            for i, value in enumerate(counters):
+                total[i] = max(total[i], value) if i == calls else total[i] + value
+    return sorted(combined.items())
 
 
 def reset_stats() -> None:
