@@ -25,26 +25,13 @@ nothing. Bytes per retrieving (slot, position), Llama-3-8B shape (D=128 bf16, M=
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .select_triton import (
-    _LOG2E,
-    CONFIG,
-    _SPLIT_CHUNK,
-    _assignment,
-    _check_inputs,
-    _lse_kernel,
-    _middle_range,
-    _num_sms,
-    _pick_splits,
-    _row_bounds,
-    _row_lse,
-)
+from .select_triton import _SPLIT_CHUNK, _assignment, _lse_pass, _middle_range, _row_bounds, _row_lse
 
 __all__ = ["Keys", "retrieve_keys", "retrieval_bytes"]
 
@@ -124,58 +111,25 @@ def retrieve_keys(q, k, operand, bounds, scale, active=None, *, want_norm=False,
     ``active`` is None), from one read of K. ``operand`` is ``select_triton._mask_operand``'s
     and ``bounds`` ``select_triton._bounds``'s for the same step. Rows of inactive slots are
     left undefined (callers select them away)."""
-    _check_inputs(q, k)
-    B, Hq, Tq, D = q.shape
+    B, Hq, Tq, _ = q.shape
     Hkv, L = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    M = G * Tq
-    device = q.device
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    mask_t, kind, ms, mask_min = operand
-    if mask_t is None:
-        mask_t = q  # unused placeholder pointer
-    active_t = bounds if active is None else active.reshape(B * Hkv).to(torch.int32)
-
-    block_n = block_n or CONFIG["block_n"]
-    BLOCK_M = min(64, max(16, triton.next_power_of_2(M)))
-    m_blocks = triton.cdiv(M, BLOCK_M)
-    n_blocks = max(1, triton.cdiv(L, block_n))
-    if num_splits is None:
-        num_splits = _pick_splits(n_blocks, B * Hkv * m_blocks, _num_sms(device))
-    num_splits = max(1, min(int(num_splits), n_blocks))
-    lse_width = B * Hkv * num_splits if active is not None else num_splits
-    lse_part = torch.empty((B * Hkv * m_blocks * BLOCK_M, lse_width), dtype=torch.float32,
-                           device=device)
-    scores = torch.empty((B * Hkv, M, L), dtype=torch.float32, device=device)
-    keys = torch.empty((B, Hkv, L), dtype=torch.int32, device=device)
-    norm_part = (torch.zeros((B * Hkv, lse_width), dtype=torch.float32, device=device)
-                 if want_norm else lse_part)
-    window_mass = (torch.empty((B, Hkv), dtype=torch.float32, device=device)
-                   if want_window_mass else lse_part)
-    grid = (B * Hkv, num_splits, m_blocks)
-    _lse_kernel[grid](
-        q, k, mask_t, bounds, lse_part, active_t, norm_part, scores, float(scale) * _LOG2E,
-        mask_min, Hkv, G, Tq, L, num_splits, B * Hkv, lse_width, *q.stride(), *k.stride(), *ms,
-        D=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        M_PAD=m_blocks * BLOCK_M, MASK_KIND=kind,
-        # The interpreter multiplies bf16 tiles as raw bit patterns; upcasting is exact.
-        DOT_F32=device.type != "cuda" and q.dtype != torch.float32,
-        HAS_ACTIVE=active is not None, WANT_NORM=want_norm,
-        TQ_P2=triton.next_power_of_2(Tq), BLOCK_BH=triton.next_power_of_2(B * Hkv),
-        WRITE_SCORES=True, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
-    )
+    M = (Hq // Hkv) * Tq
+    scores = torch.empty((B * Hkv, M, L), dtype=torch.float32, device=q.device)
+    first = _lse_pass(q, k, operand, bounds, scale, active, want_norm=want_norm,
+                      num_splits=num_splits, block_n=block_n, scores=scores)
+    keys = torch.empty((B, Hkv, L), dtype=torch.int32, device=q.device)
+    window_mass = (torch.empty((B, Hkv), dtype=torch.float32, device=q.device)
+                   if want_window_mass else first.lse_part)
     m_p2 = triton.next_power_of_2(M)
-    _keys_kernel[(B * Hkv, num_splits)](
-        scores, bounds, lse_part, keys, active_t, window_mass,
-        Hkv, M, L, num_splits, B * Hkv, lse_width,
-        M_PAD=m_blocks * BLOCK_M, M_P2=m_p2, SPLIT_CHUNK=_SPLIT_CHUNK,
+    _keys_kernel[(B * Hkv, first.num_splits)](
+        scores, bounds, first.lse_part, keys, first.active_t, window_mass,
+        Hkv, M, L, first.num_splits, B * Hkv, first.lse_width,
+        M_PAD=first.m_blocks * first.block_m, M_P2=m_p2, SPLIT_CHUNK=_SPLIT_CHUNK,
         BLOCK_N=max(16, min(256, 4096 // m_p2)), HAS_ACTIVE=active is not None,
         WANT_WINDOW_MASS=want_window_mass, BLOCK_BH=triton.next_power_of_2(B * Hkv),
         num_warps=4,
     )
-    key_norm = norm_part.amax(-1).sqrt().view(B, Hkv) if want_norm else None
-    return Keys(keys, key_norm, window_mass if want_window_mass else None)
+    return Keys(keys, first.key_norm(B, Hkv), window_mass if want_window_mass else None)
 
 
 def retrieval_bytes(batch: int, kv_heads: int, n_valid: int, head_dim: int, itemsize: int,

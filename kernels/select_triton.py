@@ -622,10 +622,84 @@ class Retrieval(NamedTuple):
     window_mass: Optional[torch.Tensor]  # fp32 [B, Hkv]: group mass of sinks + local window
 
 
+class LsePass(NamedTuple):
+    """The log-sum-exp pass over K of one step, as launched (``_lse_pass``): what the pass
+    after it needs to read its partials with the same assignment of programs."""
+
+    lse_part: torch.Tensor  # fp32 [B*Hkv*M_PAD, lse_width]: per-split log-sum-exp partials
+    norm_part: Optional[torch.Tensor]  # fp32 [B*Hkv, lse_width]: squared key norms, or None
+    lse_width: int
+    num_splits: int
+    m_blocks: int
+    block_m: int
+    block_n: int
+    mask_t: torch.Tensor  # the mask (or a placeholder pointer when there is none)
+    active_t: torch.Tensor
+    qk_scale_log2: float
+
+    def key_norm(self, batch: int, kv_heads: int) -> Optional[torch.Tensor]:
+        """Largest ||k|| over the valid positions, fp32 ``[B, Hkv]`` (with want_norm)."""
+        if self.norm_part is None:
+            return None
+        return self.norm_part.amax(-1).sqrt().view(batch, kv_heads)
+
+
+def _lse_pass(q, k, operand, bounds, scale, active=None, *, want_norm=False, num_splits=None,
+              block_n=None, scores=None) -> LsePass:
+    """Launch the log-sum-exp pass over K for the ``active`` slots (all when None), taking
+    the key norms (``want_norm``) and writing the scores to ``scores`` ([B*Hkv, M, L] fp32)
+    when given. With activity flags the active slots share all programs: up to every split
+    of every slot may serve one slot, so the partials are as wide as the grid."""
+    _check_inputs(q, k)
+    B, Hq, Tq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    M = (Hq // Hkv) * Tq
+    device = q.device
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    mask_t, kind, ms, mask_min = operand
+    if mask_t is None:
+        mask_t = q  # unused placeholder pointer
+    active_t = bounds if active is None else active.reshape(B * Hkv).to(torch.int32)
+    block_n = block_n or CONFIG["block_n"]
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+    m_blocks = triton.cdiv(M, block_m)
+    n_blocks = max(1, triton.cdiv(L, block_n))
+    if num_splits is None:
+        num_splits = _pick_splits(n_blocks, B * Hkv * m_blocks, _num_sms(device))
+    num_splits = max(1, min(int(num_splits), n_blocks))
+    lse_width = B * Hkv * num_splits if active is not None else num_splits
+    lse_part = torch.empty((B * Hkv * m_blocks * block_m, lse_width), dtype=torch.float32,
+                           device=device)
+    # Zero-filled: a slot's unused columns must not win the max.
+    norm_part = (torch.zeros((B * Hkv, lse_width), dtype=torch.float32, device=device)
+                 if want_norm else None)
+    qk_scale_log2 = float(scale) * _LOG2E
+    _lse_kernel[(B * Hkv, num_splits, m_blocks)](
+        q, k, mask_t, bounds, lse_part, active_t,
+        lse_part if norm_part is None else norm_part, lse_part if scores is None else scores,
+        qk_scale_log2, mask_min, Hkv, Hq // Hkv, Tq, L, num_splits, B * Hkv, lse_width,
+        *q.stride(), *k.stride(), *ms,
+        D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        M_PAD=m_blocks * block_m, MASK_KIND=kind, DOT_F32=_dot_f32(q),
+        HAS_ACTIVE=active is not None, WANT_NORM=want_norm,
+        TQ_P2=triton.next_power_of_2(Tq), BLOCK_BH=triton.next_power_of_2(B * Hkv),
+        WRITE_SCORES=scores is not None,
+        num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
+    )
+    return LsePass(lse_part, norm_part, lse_width, num_splits, m_blocks, block_m, block_n,
+                   mask_t, active_t, qk_scale_log2)
+
+
+def _dot_f32(q) -> bool:
+    """The interpreter multiplies bf16 tiles as raw bit patterns; upcasting is exact."""
+    return q.device.type != "cuda" and q.dtype != torch.float32
+
+
 def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_splits=None,
                 block_n=None, bounds=None, active=None, want_norm=False,
                 want_window_mass=False) -> Retrieval:
-    """The retrieval's two K passes.
+    """The two K passes of the rules that rank in torch (h2o, hshare, ``delta_target``).
 
     ``active`` (bool/int ``[B, Hkv]``, optional): only these (row, KV head) slots are scored;
     the others read no K and their rows of ``mass``, ``key_norm`` and ``window_mass`` are
@@ -636,66 +710,32 @@ def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_spli
     _check_inputs(q, k)
     B, Hq, Tq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    M = G * Tq
     device = q.device
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    mask_t, kind, ms, mask_min = _mask_operand(mask, B, Tq, L)
+    operand = _mask_operand(mask, B, Tq, L)
     if bounds is None:
-        bounds = _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget,
-                         min_context, device)
-    if mask_t is None:
-        mask_t = q  # unused placeholder pointer
-    active_t = bounds if active is None else active.reshape(B * Hkv).to(torch.int32)
-
-    block_n = block_n or CONFIG["block_n"]
-    BLOCK_M = min(64, max(16, triton.next_power_of_2(M)))
-    m_blocks = triton.cdiv(M, BLOCK_M)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    n_blocks = max(1, triton.cdiv(L, block_n))
-    if num_splits is None:
-        num_splits = _pick_splits(n_blocks, B * Hkv * m_blocks, _num_sms(device))
-    num_splits = max(1, min(int(num_splits), n_blocks))
-    tq_p2 = triton.next_power_of_2(Tq)
-
-    # With activity flags the active slots share all programs: up to every split of every
-    # slot may serve one slot, so the partials are as wide as the grid.
-    lse_width = B * Hkv * num_splits if active is not None else num_splits
-    lse_part = torch.empty((B * Hkv * m_blocks * BLOCK_M, lse_width), dtype=torch.float32,
-                           device=device)
-    mass = torch.empty((m_blocks, B, Hkv, L), dtype=torch.float32, device=device)
-    common = dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
-                  M_PAD=m_blocks * BLOCK_M, MASK_KIND=kind,
-                  # The interpreter multiplies bf16 tiles as raw bit patterns; upcasting is exact.
-                  DOT_F32=device.type != "cuda" and q.dtype != torch.float32,
-                  num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
-    qk_scale_log2 = float(scale) * _LOG2E
-    grid = (B * Hkv, num_splits, m_blocks)
-    # Zero-filled: a slot's unused columns must not win the max.
-    norm_part = (torch.zeros((B * Hkv, lse_width), dtype=torch.float32, device=device)
-                 if want_norm else lse_part)
-    window_mass = (torch.empty((m_blocks, B, Hkv), dtype=torch.float32, device=device)
-                   if want_window_mass else lse_part)
-    _lse_kernel[grid](
-        q, k, mask_t, bounds, lse_part, active_t, norm_part, lse_part, qk_scale_log2, mask_min,
-        Hkv, G, Tq, L, num_splits, B * Hkv, lse_width, *q.stride(), *k.stride(), *ms,
-        HAS_ACTIVE=active is not None, WANT_NORM=want_norm, TQ_P2=tq_p2,
-        BLOCK_BH=triton.next_power_of_2(B * Hkv), WRITE_SCORES=False, **common,
-    )
-    _mass_kernel[grid](
-        q, k, mask_t, bounds, lse_part, mass, active_t, window_mass, qk_scale_log2, mask_min,
-        B, Hkv, G, Tq, L, num_splits, B * Hkv, lse_width, *q.stride(), *k.stride(), *ms,
-        TQ_P2=tq_p2, SPLIT_CHUNK=_SPLIT_CHUNK, BLOCK_W=_BLOCK_W,
-        HAS_ACTIVE=active is not None, WANT_WINDOW_MASS=want_window_mass,
-        BLOCK_BH=triton.next_power_of_2(B * Hkv), **common,
+        bounds = _bounds(*operand, B, Tq, L, sink, local, budget, min_context, device)
+    first = _lse_pass(q, k, operand, bounds, scale, active, want_norm=want_norm,
+                      num_splits=num_splits, block_n=block_n)
+    _, kind, ms, mask_min = operand
+    mass = torch.empty((first.m_blocks, B, Hkv, L), dtype=torch.float32, device=device)
+    window_mass = (torch.empty((first.m_blocks, B, Hkv), dtype=torch.float32, device=device)
+                   if want_window_mass else first.lse_part)
+    _mass_kernel[(B * Hkv, first.num_splits, first.m_blocks)](
+        q, k, first.mask_t, bounds, first.lse_part, mass, first.active_t, window_mass,
+        first.qk_scale_log2, mask_min, B, Hkv, Hq // Hkv, Tq, L, first.num_splits, B * Hkv,
+        first.lse_width, *q.stride(), *k.stride(), *ms,
+        D=D, BLOCK_M=first.block_m, BLOCK_N=first.block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), M_PAD=first.m_blocks * first.block_m,
+        MASK_KIND=kind, DOT_F32=_dot_f32(q), TQ_P2=triton.next_power_of_2(Tq),
+        SPLIT_CHUNK=_SPLIT_CHUNK, BLOCK_W=_BLOCK_W, HAS_ACTIVE=active is not None,
+        WANT_WINDOW_MASS=want_window_mass, BLOCK_BH=triton.next_power_of_2(B * Hkv),
+        num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
     )
     # M > 64 query rows per group (e.g. G=8 with Tq=16): partial masses per row tile.
-    mass = mass[0] if m_blocks == 1 else mass.sum(0)
-    key_norm = norm_part.amax(-1).sqrt().view(B, Hkv) if want_norm else None
+    mass = mass[0] if first.m_blocks == 1 else mass.sum(0)
     if want_window_mass:
-        window_mass = window_mass[0] if m_blocks == 1 else window_mass.sum(0)
-    return Retrieval(mass, bounds, (mask_t, kind, ms, mask_min), key_norm,
+        window_mass = window_mass[0] if first.m_blocks == 1 else window_mass.sum(0)
+    return Retrieval(mass, bounds, operand, first.key_norm(B, Hkv),
                      window_mass if want_window_mass else None)
 
 
