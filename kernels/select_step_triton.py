@@ -179,7 +179,8 @@ def _fused(fn):
         if _COMPILE_GLUE == "never" or (_COMPILE_GLUE == "cuda" and not args[0].is_cuda):
             return fn(*args, **kwargs)
         if compiled is None:
-            compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False,
+                                     options=dict(GLUE_INDUCTOR_OPTIONS) or None)
         signature = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
         if signature in failed:
             return fn(*args, **kwargs)
@@ -210,10 +211,12 @@ _COMPILE_ERRORS = tuple(
 # When to compile the glue: "cuda" (default), "always" (tests: compiled on CPU too) or
 # "never" (debugging, and timing the glue eagerly).
 _COMPILE_GLUE = "cuda"
+# Inductor options of the glue's compiled graphs, read when a graph is first compiled
+# (``scripts/profile_step.py --glue-options`` tries others).
+GLUE_INDUCTOR_OPTIONS: dict = {}
 
 
-@_fused
-def _continuity(bounds, pos, fingerprint, k, q_len: int):
+def _row_facts(bounds, pos, fingerprint, k, q_len: int):
     """Per row: the newest valid position, whether the row continues the sequence the state
     was built on (``select_reference.continuing_rows``), and whether it fits the budget."""
     count, fits = bounds[:, 2].long(), bounds[:, 5] != 0
@@ -221,13 +224,15 @@ def _continuity(bounds, pos, fingerprint, k, q_len: int):
     return newest, continuing_rows(pos, fingerprint, k, newest, q_len), fits
 
 
+_continuity = _fused(_row_facts)
 _bookkeeping = _fused(step_bookkeeping)
 
 
 class Step(NamedTuple):
     """What every engine step of one decode call sees: the inputs, the plan, the layer's
-    named state, the mask operand and per-row bounds, and per row its newest position,
-    whether it continues the state's sequence and whether it fits the budget."""
+    named state, the mask operand and per-row bounds, and (once ``with_row_facts`` or a
+    step's own fused prologue has run) per row its newest position, whether it continues
+    the state's sequence and whether it fits the budget."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -237,9 +242,9 @@ class Step(NamedTuple):
     st: dict
     operand: tuple
     bounds: torch.Tensor
-    newest: torch.Tensor
-    continuing: torch.Tensor
-    fits: torch.Tensor
+    newest: Optional[torch.Tensor] = None
+    continuing: Optional[torch.Tensor] = None
+    fits: Optional[torch.Tensor] = None
 
     @property
     def shape(self):
@@ -252,6 +257,26 @@ class Step(NamedTuple):
         """Query rows of a KV group (the group mass of a position sums over them)."""
         return (self.q.shape[1] // self.k.shape[1]) * self.q.shape[2]
 
+    def seq_state(self):
+        """The layer's (pos, fingerprint) of the rows of this batch."""
+        batch = self.q.shape[0]
+        return self.st["pos"][:batch], self.st["fingerprint"][:batch]
+
+    def with_row_facts(self) -> "Step":
+        """This step with its per-row facts, from their own fused kernels (steps whose glue
+        has a prologue of its own compute them there, saving the launches)."""
+        pos, fingerprint = self.seq_state()
+        newest, continuing, fits = _continuity(self.bounds, pos, fingerprint, self.k,
+                                               self.q.shape[2])
+        return self._replace(newest=newest, continuing=continuing, fits=fits)
+
+    def finish(self, indices, retrieved):
+        """Count the step and remember where each row's sequence ends; returns ``indices``."""
+        pos, fingerprint = self.seq_state()
+        _bookkeeping(self.st["counters"], pos, fingerprint, self.k, self.newest,
+                     self.continuing, retrieved)
+        return indices
+
     def compose(self, picks, local=None):
         return _compose(self.operand, self.bounds, picks, self.plan, self.q.shape[0],
                         self.k.shape[1], self.q.shape[2], local=local)
@@ -261,39 +286,39 @@ class Step(NamedTuple):
 
 
 def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, shared=None):
-    """One decode step; ``st`` is the layer's named state (``select_reference._state_dict``)."""
+    """One decode step; ``st`` is the layer's named state (``select_reference._state_dict``).
+    Each engine step runs the continuity check and the bookkeeping too (``Step.with_row_facts``
+    and ``Step.finish``, or inside its own fused glue)."""
     batch, _, q_len, head_dim = q.shape
-    kv_heads, length = k.shape[1], k.shape[2]
+    length = k.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     rule = get_rule(plan.policy)
     psaw_frac = plan.psaw_fraction if rule.recency_window else -1.0
-    pos, fingerprint = st["pos"][:batch], st["fingerprint"][:batch]
     local = rule.local_window(plan)
 
     operand = _mask_operand(mask, batch, q_len, length)
     bounds = _bounds(*operand, batch, q_len, length, plan.sink, local, plan.budget,
                      plan.min_context, q.device, psaw_frac)
-    newest, continuing, fits = _continuity(bounds, pos, fingerprint, k, q_len)
-
-    step = Step(q, k, mask, scale, plan, st, operand, bounds, newest, continuing, fits)
+    step = Step(q, k, mask, scale, plan, st, operand, bounds)
     if shared is not None:  # cross-layer sharing: an earlier layer's selection, as is
-        indices = shared.clone()
-        retrieved = torch.zeros(batch, kv_heads, dtype=torch.bool, device=q.device)
-    else:
-        indices, retrieved = STEPS[rule.cuda_step](step)
-    _bookkeeping(st["counters"], pos, fingerprint, k, newest, continuing, retrieved)
-    return indices
+        step = step.with_row_facts()
+        retrieved = torch.zeros(batch, k.shape[1], dtype=torch.bool, device=q.device)
+        return step.finish(shared.clone(), retrieved)
+    return STEPS[rule.cuda_step](step)
 
 
 @_fused
-def _gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_norm,
+def _gate(bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm, q_len: int,
           scale: float, tau: float, delta_target: float, max_reuse: int):
-    """PrHS's gate (``rule_prhs.prhs_gate``): which slots reuse their stored set this step
-    and which retrieve (not the reuse bound: only verify mode reports it, on the reference)."""
+    """The gated step's prologue: the per-row facts (``_row_facts``) and PrHS's gate
+    (``rule_prhs.prhs_gate``): which slots reuse their stored set this step and which
+    retrieve, also as int32 flags for the kernels (not the reuse bound: only verify mode
+    reports it, on the reference). One compiled graph, so a few fused kernels."""
+    newest, continuing, fits = _row_facts(bounds, pos, fingerprint, k, q_len)
     retrieve, reuse, _ = prhs_gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped,
                                    key_norm, scale, tau, delta_target, max_reuse)
-    return retrieve, reuse
+    return newest, continuing, fits, retrieve, reuse, retrieve.flatten().to(torch.int32)
 
 
 @_fused
@@ -309,49 +334,57 @@ def _store(q, mass, window_mass, fresh_key_norm, retrieve, reuse, age, kept, anc
 
 
 @_fused
-def _store_picked(q, window_mass, picked_mass, fresh_key_norm, retrieve, reuse, age, kept,
-                  anchor, anchor_dropped, key_norm, rows: int):
-    """The state a step leaves (``rule_prhs.prhs_store``) once the top-k kernel has written
-    the picks of the retrieving slots into ``kept``."""
+def _store_picked(q, k, window_mass, picked_mass, fresh_key_norm, retrieve, reuse, age, kept,
+                  anchor, anchor_dropped, key_norm, rows: int, counters, pos, fingerprint,
+                  newest, continuing):
+    """The gated step's epilogue, once the top-k kernel has written the picks of the
+    retrieving slots into ``kept``: the state the step leaves (``rule_prhs.prhs_store``)
+    and its bookkeeping (``select_reference.step_bookkeeping``), in one compiled graph."""
     prhs_store(q, kept, (window_mass + picked_mass) / rows, fresh_key_norm, retrieve, reuse,
                age, kept, anchor, anchor_dropped, key_norm)
+    step_bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieve)
 
 
 def _gated_step(step: Step):
     """``PrHSRule.choose`` on the Triton path: gate, gated retrieval, stored picks, output.
     Slots that reuse their set read no K and rank nothing: the score pass and the top-k
-    return at once for them."""
-    q, k, mask, scale, plan, st, operand, bounds, newest, continuing, fits = step
-    batch, _, _, _, length = step.shape
+    return at once for them. The glue is two compiled graphs, one before the kernels and
+    one after (each launch costs microseconds even inside a CUDA graph)."""
+    q, k, mask, scale, plan, st, operand, bounds = step[:8]
+    batch, _, q_len, _, length = step.shape
     rows = step.rows
     age, kept, anchor = st["age"][:batch], st["kept"][:batch], st["anchor"][:batch]
     anchor_dropped, key_norm = st["anchor_dropped"][:batch], st["key_norm"][:batch]
-    retrieve, reuse = _gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_norm,
-                            float(scale), plan.tau, plan.delta_target, plan.max_reuse)
+    pos, fingerprint = step.seq_state()
+    newest, continuing, fits, retrieve, reuse, flags = _gate(
+        bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm, q_len,
+        float(scale), plan.tau, plan.delta_target, plan.max_reuse)
+    step = step._replace(newest=newest, continuing=continuing, fits=fits)
     if plan.delta_target > 0:
         # The smallest sufficient prefix needs the picks in mass order: ranked in torch.
         found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget,
-                            plan.min_context, bounds=bounds, active=retrieve, want_norm=True,
+                            plan.min_context, bounds=bounds, active=flags, want_norm=True,
                             want_window_mass=True)
         _store(q, found.mass, found.window_mass, found.key_norm, retrieve, reuse, age, kept,
                anchor, anchor_dropped, key_norm, plan.middle, plan.delta_target,
                plan.dilation_m, plan.dilation_r, rows, plan.head_middles(q.device))
-    else:
-        want_norm = needs_key_norms(plan)
-        found = retrieve_keys(q, k, operand, bounds, scale, retrieve, want_norm=want_norm,
-                              want_window_mass=True)
-        top = min(plan.middle, length)
-        radius = plan.dilation_r
-        cores = plan.dilation_m if plan.dilation_m >= 0 else top // (2 * radius + 1)
-        # The top-k writes the picks of retrieving slots straight into the stored set.
-        _, picked_mass = topk_picks(found.keys, bounds, top, out=kept, active=retrieve,
-                                    caps=plan.head_middles(q.device),
-                                    dilation_m=min(cores, length), dilation_r=radius,
-                                    width=plan.middle)
-        _store_picked(q, found.window_mass, picked_mass,
-                      found.key_norm if want_norm else key_norm, retrieve, reuse, age,
-                      kept, anchor, anchor_dropped, key_norm, rows)
-    return step.compose(kept), retrieve
+        return step.finish(step.compose(kept), retrieve)
+    want_norm = needs_key_norms(plan)
+    found = retrieve_keys(q, k, operand, bounds, scale, flags, want_norm=want_norm,
+                          want_window_mass=True)
+    top = min(plan.middle, length)
+    radius = plan.dilation_r
+    cores = plan.dilation_m if plan.dilation_m >= 0 else top // (2 * radius + 1)
+    # The top-k writes the picks of retrieving slots straight into the stored set.
+    _, picked_mass = topk_picks(found.keys, bounds, top, out=kept, active=flags,
+                                caps=plan.head_middles(q.device),
+                                dilation_m=min(cores, length), dilation_r=radius,
+                                width=plan.middle)
+    _store_picked(q, k, found.window_mass, picked_mass,
+                  found.key_norm if want_norm else key_norm, retrieve, reuse, age,
+                  kept, anchor, anchor_dropped, key_norm, rows, st["counters"], pos,
+                  fingerprint, newest, continuing)
+    return step.compose(kept)
 
 
 _quest_picks = _fused(quest_picks)
@@ -394,6 +427,7 @@ def _one_shot_ready(retrieve, ready):
 def _one_shot_step(step: Step):
     """SAGE-KV / SnapKV at decode: the stored prompt selection; a gated retrieval for the
     slots without one."""
+    step = step.with_row_facts()
     batch, _, _, _, length = step.shape
     plan, st = step.plan, step.st
     kept, ready = st["kept"][:batch], st["ready"][:batch]
@@ -402,31 +436,34 @@ def _one_shot_step(step: Step):
     topk_picks(found.keys, step.bounds, min(plan.middle, length), out=kept, active=retrieve,
                width=plan.middle)
     _one_shot_ready(retrieve, ready)
-    return step.compose(kept), retrieve
+    return step.finish(step.compose(kept), retrieve)
 
 
 def _exact_step(step: Step):
     """The exact top-k of every slot at every step (oracle; LU-KV's per-head budgets)."""
+    step = step.with_row_facts()
     plan, bounds = step.plan, step.bounds
     found = retrieve_keys(step.q, step.k, step.operand, bounds, step.scale)
     picks, _ = topk_picks(found.keys, bounds, min(plan.middle, step.shape[4]),
                           caps=plan.head_middles(step.q.device), width=plan.middle)
-    return step.compose(picks), step.every_slot_retrieves()
+    return step.finish(step.compose(picks), step.every_slot_retrieves())
 
 
 def _windows_step(step: Step):
     """Sinks and the recent window only (StreamingLLM): nothing is scored."""
+    step = step.with_row_facts()
     local = get_rule(step.plan.policy).local_window(step.plan)
     retrieved = torch.zeros_like(step.every_slot_retrieves())
-    return step.compose(None, local=local), retrieved
+    return step.finish(step.compose(None, local=local), retrieved)
 
 
 def _pages_step(step: Step):
     """Quest: page upper bounds every step, the best pages' positions."""
+    step = step.with_row_facts()
     length = step.shape[4]
     scores = quest_page_scores(step.q, step.k, step.operand, step.bounds, QuestRule.PAGE)
     picks = _quest_picks(scores, step.plan.middle, QuestRule.PAGE, length)
-    return step.compose(picks), step.every_slot_retrieves()
+    return step.finish(step.compose(picks), step.every_slot_retrieves())
 
 
 def _heavy_hitters_step(step: Step):
@@ -434,6 +471,7 @@ def _heavy_hitters_step(step: Step):
     of every valid position (both K passes over the whole valid region). The bounds of that
     region: this step's lo, hi and count, with no sinks, no local window, no PSAW cut, never
     fitting (what _bounds gives for sink=0, local=0, budget=-1, min_context=0)."""
+    step = step.with_row_facts()
     batch, _, _, _, length = step.shape
     whole = step.bounds.clone()
     whole[:, 3] = 0  # sink_end
@@ -442,7 +480,7 @@ def _heavy_hitters_step(step: Step):
     found = _group_mass(step.q, step.k, step.mask, step.scale, 0, 0, -1, 0, bounds=whole)
     picks = _h2o_update(found.mass, step.st["score"][:batch, :, :length], step.continuing,
                         step.bounds, step.plan.middle, step.rows)
-    return step.compose(picks), step.every_slot_retrieves()
+    return step.finish(step.compose(picks), step.every_slot_retrieves())
 
 
 @_fused
@@ -481,6 +519,7 @@ def _hshare_store(mass, retrieve, anchor, kept, age, reuse, middle: int, rows: i
 def _labels_step(step: Step):
     """``HShareRule.choose`` on the Triton path: label-channel scores, reuse every second
     step, head sharing."""
+    step = step.with_row_facts()
     q, k, mask, scale, plan, st, operand, bounds, _, continuing, fits = step
     batch, _, q_len, _, _ = step.shape
     labels, anchor = st["labels"][:batch], st["head_anchor"][:batch]
@@ -492,7 +531,7 @@ def _labels_step(step: Step):
                         plan.min_context, bounds=bounds, active=retrieve)
     retrieved = _hshare_store(found.mass, retrieve, anchor, kept, age, reuse, plan.middle,
                               step.rows)
-    return step.compose(kept), retrieved
+    return step.finish(step.compose(kept), retrieved)
 
 
 # The engine's steps, by the name a rule declares as its ``cuda_step``.
