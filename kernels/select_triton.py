@@ -52,7 +52,9 @@ _LO, _HI, _COUNT, _SINK_END, _LOCAL_START, _FITS = range(6)
 # passes): (64, 4 warps, 3 stages) was the best or within 1% of it among (32|64|128, 4|8, 2-4)
 # at B=1 L=128K (207 us, 2.6 TB/s of K read), B=16 L=32K (742 us, 2.9 TB/s) and B=8 L=4K
 # (62 us, 2.2 TB/s); 8 warps lost 20-30%. The measured copy rate is about 3.0 TB/s.
-CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+# The passes over K; programs_per_sm: how many programs per SM the splits aim for in all
+# (``scripts/engine_sweep.py`` times the choices).
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4}
 
 _CHUNK = 2048  # mask positions per program of the stats kernel
 _BLOCK_W = 1024  # positions per iteration of the -inf fill and of the write kernel scans
@@ -544,9 +546,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> int:
-    """Splits of the K passes: about 4 programs per SM in all (one wave, several resident per
-    SM to hide load latency), never more splits than blocks of the longest possible row."""
-    return max(1, min(triton.cdiv(4 * num_sms, max(1, n_base_programs)), n_blocks))
+    """Splits of the K passes: about ``programs_per_sm`` programs per SM in all (one wave,
+    several resident per SM to hide load latency), never more splits than blocks of the
+    longest possible row."""
+    per_sm = CONFIG["programs_per_sm"]
+    return max(1, min(triton.cdiv(per_sm * num_sms, max(1, n_base_programs)), n_blocks))
 
 
 def _mask_operand(mask, B: int, Tq: int, L: int):

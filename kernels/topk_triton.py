@@ -31,7 +31,6 @@ interpreter (CPU tests) each slot gets one program and no barrier.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -41,7 +40,11 @@ from .select_triton import _middle_range, _num_sms
 
 __all__ = ["topk_picks"]
 
-_BLOCK = 2048  # keys per iteration of a pass
+# block: keys per iteration of a pass. programs_per_sm: programs per SM of the grid; every
+# party of a slot must be resident while the others wait at its barrier, which the register
+# file guarantees while programs_per_sm * num_warps <= 8 (at most 256 threads of at most
+# 255 registers each per SM); ``scripts/engine_sweep.py`` times the choices.
+CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1}
 _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated neighbour
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # Scratch row per slot (int32): digit histograms, the barrier counter, the threshold the
@@ -317,11 +320,16 @@ def _topk_kernel(
             tl.store(PICKED_MASS + slot, mass_sum)
 
 
-@functools.lru_cache(maxsize=None)
 def _resident_programs(device: torch.device) -> int:
-    """How many programs of the top-k kernel may run at once with certainty: one per SM
-    (each party of a slot must be resident while the others wait at its barrier)."""
-    return _num_sms(device)
+    """How many programs of the top-k kernel may run at once with certainty (each party of
+    a slot must be resident while the others wait at its barrier): ``programs_per_sm`` per
+    SM, allowed only where the register file holds them all whatever the compiler
+    allocates."""
+    per_sm, warps = CONFIG["programs_per_sm"], CONFIG["num_warps"]
+    if per_sm < 1 or per_sm * warps > 8:
+        raise ValueError(f"top-k programs_per_sm={per_sm} with num_warps={warps}: need "
+                         "1 <= programs_per_sm * num_warps <= 8 for every party to be resident")
+    return per_sm * _num_sms(device)
 
 
 def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilation_m: int = 0,
@@ -360,8 +368,8 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         BH, Hkv, L, k, m, dilation_r if dilate else 0, width, cand_width,
         out.stride(0), out.stride(1), num_programs,
         HAS_ACTIVE=active is not None, HAS_CAPS=caps is not None, DILATE=dilate, MULTI=multi,
-        BLOCK=_BLOCK, BLOCK_BH=triton.next_power_of_2(BH),
+        BLOCK=CONFIG["block"], BLOCK_BH=triton.next_power_of_2(BH),
         C_P2=_C_MAX, CAND_P2=triton.next_power_of_2(cand_width), M_P2=m_p2,
-        R_P2=triton.next_power_of_2(2 * max(dilation_r, 0) + 1), num_warps=8,
+        R_P2=triton.next_power_of_2(2 * max(dilation_r, 0) + 1), num_warps=CONFIG["num_warps"],
     )
     return out, picked_mass

@@ -5,6 +5,7 @@
 #   scripts/gpu_bench.sh engine      # the select engine's kernel tests alone (retrieval, top-k)
 #   scripts/gpu_bench.sh attend_sweep  # attend's kernel configurations -> $OUT/attend_sweep.json
 #   scripts/gpu_bench.sh profile     # the kernels of one PrHS decode step, with their times
+#   scripts/gpu_bench.sh sweep       # the select engine's K pass and top-k configurations -> $OUT/engine_sweep.json
 #   scripts/gpu_bench.sh compare     # prhs-bench compare: every policy on the evaluation model
 #   scripts/gpu_bench.sh probe       # the CUDA-graphs probe alone
 #   scripts/gpu_bench.sh prefill     # block-sparse PSAW prefill: CUDA tests + prhs-bench prefill
@@ -38,8 +39,15 @@ for stage in "$@"; do
       python "$ROOT/scripts/attend_sweep.py" --out "$OUT/attend_sweep.json" 2>&1 | tail -20
       ;;
     profile)
-      python "$ROOT/scripts/profile_step.py" --batch 1 --context 4096 --budget 512 2>&1 | tee "$OUT/profile_b1.txt" | head -80
-      python "$ROOT/scripts/profile_step.py" --batch 16 --context 32768 --budget 2048 2>&1 | tee "$OUT/profile_b16.txt" | head -3
+      # r = 0 at B=1 (the fixed cost of a step), with the glue's default Inductor options and
+      # with combo kernels; r = 0.1 and r = 1 where retrievals dominate.
+      python "$ROOT/scripts/profile_step.py" --batch 1 --context 32768 --budget 2048 2>&1 | grep -v Warn | tee "$OUT/profile_b1_32k_r0.txt"
+      python "$ROOT/scripts/profile_step.py" --batch 1 --context 32768 --budget 2048 --glue-options '{"combo_kernels": true}' 2>&1 | grep -v Warn | tee "$OUT/profile_b1_32k_r0_combo.txt" | grep -E "kernels|graph"
+      python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 0.1 2>&1 | grep -v Warn | tee "$OUT/profile_b16_128k_r01.txt" | grep -E "kernels|graph|_kernel"
+      python "$ROOT/scripts/profile_step.py" --batch 1 --context 131072 --budget 2048 --rate 1 2>&1 | grep -v Warn | tee "$OUT/profile_b1_128k_r1.txt" | grep -E "kernels|graph|_kernel"
+      ;;
+    sweep)
+      python "$ROOT/scripts/engine_sweep.py" --out "$OUT/engine_sweep.json" 2>&1 | grep -v "engine sweep:"
       ;;
     compare)
       prhs-bench compare --model "$ROOT/models/substrate" --examples 2 --workers 4 --out "$OUT/compare_h200.json" 2>&1 | tail -60
@@ -58,6 +66,6 @@ for stage in "$@"; do
       prhs-bench throughput --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     *)
-      echo "unknown stage $stage (tests, engine, attend_sweep, profile, compare, probe, prefill, latency, throughput)"; exit 2;;
+      echo "unknown stage $stage (tests, engine, attend_sweep, profile, sweep, compare, probe, prefill, latency, throughput)"; exit 2;;
   esac
 done
