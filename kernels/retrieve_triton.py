@@ -61,6 +61,8 @@ def _keys_kernel(
     # finds its slot's partials (the per-slot split count is what the score pass used).
     pid_bh, b, hkv, split, num_splits, ok = _assignment(
         ACTIVE, tl.program_id(0), tl.program_id(1), BH, Hkv, num_splits, HAS_ACTIVE, BLOCK_BH)
+    if ok == 0:  # a program left over: no slot of its own (a step where no slot retrieves)
+        return
     offs_m = tl.arange(0, M_P2)
     m_ok = ((offs_m < M) & ok) != 0  # as int1 (the interpreter needs it)
     lse = _row_lse(LSE_PART, pid_bh.to(tl.int64) * M_PAD + offs_m, lse_width, num_splits,

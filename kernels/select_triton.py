@@ -318,6 +318,8 @@ def _lse_kernel(
     # (``retrieve_triton``).
     pid_bh, b, hkv, split, num_splits, ok = _assignment(
         ACTIVE, tl.program_id(0), tl.program_id(1), BH, Hkv, num_splits, HAS_ACTIVE, BLOCK_BH)
+    if ok == 0:  # a program left over (nothing reads its partials): done at once
+        return
     pid_m = tl.program_id(2)
     M = G * Tq
 
@@ -429,6 +431,8 @@ def _mass_kernel(
     # assignment as pass 1, so each program finds its slot's partials.
     pid_bh, b, hkv, split, num_splits, ok = _assignment(
         ACTIVE, tl.program_id(0), tl.program_id(1), BH, Hkv, num_splits, HAS_ACTIVE, BLOCK_BH)
+    if ok == 0:  # a program left over (nothing reads its partials): done at once
+        return
     pid_m = tl.program_id(2)
     M = G * Tq
 

@@ -13,8 +13,8 @@ per slot; every party of a slot is resident, since the grid never exceeds what t
 at once). Slots that reuse their set cost nothing but the launch. Under the Triton
 interpreter (CPU tests) each slot gets one program and no barrier.
 
-* ``_select``: the threshold of the top k, found digit by digit: eight rounds, each a 16-bin
-  histogram (``tl.histogram``) of one 4-bit digit of the keys that match the digits fixed so
+* ``_select``: the threshold of the top k, found digit by digit: four rounds, each a 256-bin
+  histogram (``tl.histogram``) of one 8-bit digit of the keys that match the digits fixed so
   far, summed over the parties; the bin holding the k-th largest key fixes the next digit,
   and a round whose bin holds exactly the keys still needed ends the search early. Result:
   every key above ``thr`` is in, and the first ``need`` keys equal to it.
@@ -49,13 +49,18 @@ _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated n
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # Scratch row per slot (int32): digit histograms, the barrier counter, the threshold the
 # dilation found, and per-party counts and mass partials of the two compactions.
-_SCRATCH_WIDTH = 8 * 16 + 4 + 5 * _C_MAX
+# Digits of 8 bits: four rounds (and four barriers) per select instead of eight of 4 bits.
+_DIGIT = tl.constexpr(8)
+_BINS = tl.constexpr(2 ** 8)
+_ROUNDS = tl.constexpr(32 // 8)
+_HIST_WIDTH = (32 // 8) * 2 ** 8
+_SCRATCH_WIDTH = _HIST_WIDTH + 4 + 5 * _C_MAX
 _HIST = tl.constexpr(0)
-_BAR = tl.constexpr(8 * 16)
-_THR = tl.constexpr(8 * 16 + 1)
-_CNT1 = tl.constexpr(8 * 16 + 4)
-_CNT2 = tl.constexpr(8 * 16 + 4 + 2 * _C_MAX)
-_MASSP = tl.constexpr(8 * 16 + 4 + 4 * _C_MAX)
+_BAR = tl.constexpr(_HIST_WIDTH)
+_THR = tl.constexpr(_HIST_WIDTH + 1)
+_CNT1 = tl.constexpr(_HIST_WIDTH + 4)
+_CNT2 = tl.constexpr(_HIST_WIDTH + 4 + 2 * _C_MAX)
+_MASSP = tl.constexpr(_HIST_WIDTH + 4 + 4 * _C_MAX)
 _SCRATCH = tl.constexpr(_SCRATCH_WIDTH)
 
 
@@ -75,17 +80,17 @@ def _barrier(BAR, parties, phase):
 
 @triton.jit
 def _digit_round(hist, d, remaining, prefix, fixed):
-    """Fix digit ``d`` (4 bits, most significant first) from its histogram among the keys
-    matching the digits fixed so far: returns (remaining, prefix, fixed, the bin held
-    exactly the keys still needed)."""
-    bins = tl.arange(0, 16)
+    """Fix digit ``d`` (``_DIGIT`` bits, most significant first) from its histogram among
+    the keys matching the digits fixed so far: returns (remaining, prefix, fixed, the bin
+    held exactly the keys still needed)."""
+    bins = tl.arange(0, _BINS)
     n = tl.sum(hist, 0)
     at_least = n - tl.cumsum(hist, 0) + hist  # matching keys whose digit is >= each bin
     best = tl.maximum(tl.max(tl.where(at_least >= remaining, bins, -1), 0), 0)
     in_best = tl.sum(tl.where(bins == best, hist, 0), 0)
     remaining = remaining - tl.sum(tl.where(bins > best, hist, 0), 0)
-    prefix = prefix | (best.to(tl.uint32) << (28 - 4 * d))
-    fixed = fixed | (tl.full([], 15, tl.uint32) << (28 - 4 * d))
+    prefix = prefix | (best.to(tl.uint32) << (32 - _DIGIT * (d + 1)))
+    fixed = fixed | (tl.full([], _BINS - 1, tl.uint32) << (32 - _DIGIT * (d + 1)))
     return remaining, prefix, fixed, remaining == in_best
 
 
@@ -95,25 +100,26 @@ def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
     """(thr, need, phase): the top ``k`` keys of the slot's middle (this party holds
     ``[start, end)`` of it) are those above ``thr`` and the first ``need`` equal to it.
     Fewer than k candidates: thr = 0 (all of them); k <= 0: none."""
-    bins = tl.arange(0, 16)
+    bins = tl.arange(0, _BINS)
     prefix = tl.full([], 0, tl.uint32)
     fixed = tl.full([], 0, tl.uint32)
     remaining = tl.full([], 0, tl.int32) + k
     total = tl.full([], 0, tl.int32)
     done = tl.full([], 0, tl.int32)
-    for d in tl.static_range(8):
+    for d in tl.static_range(_ROUNDS):
         if done == 0:
-            hist = tl.zeros([16], tl.int32)
+            hist = tl.zeros([_BINS], tl.int32)
             for s0 in range(start, end, BLOCK):
                 offs = s0 + tl.arange(0, BLOCK)
                 key = tl.load(key_row + offs, mask=offs < end, other=0,
                               cache_modifier=".cg").to(tl.uint32, bitcast=True)
                 match = (offs < end) & (key != 0) & ((key & fixed) == prefix)
-                hist += tl.histogram(((key >> (28 - 4 * d)) & 15).to(tl.int32), 16, mask=match)
+                digit = (key >> (32 - _DIGIT * (d + 1))) & (_BINS - 1)
+                hist += tl.histogram(digit.to(tl.int32), _BINS, mask=match)
             if MULTI:
-                tl.atomic_add(SCR + _HIST + d * 16 + bins, hist)
+                tl.atomic_add(SCR + _HIST + d * _BINS + bins, hist)
                 phase = _barrier(SCR + _BAR, parties, phase)
-                hist = tl.load(SCR + _HIST + d * 16 + bins, volatile=True)
+                hist = tl.load(SCR + _HIST + d * _BINS + bins, volatile=True)
             if d == 0:
                 total = tl.sum(hist, 0)
             remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix, fixed)
@@ -200,9 +206,10 @@ def _select_registers(key, k):
     fixed = tl.full([], 0, tl.uint32)
     remaining = tl.full([], 0, tl.int32) + k
     cand = key != 0
-    for d in tl.static_range(8):
+    for d in tl.static_range(_ROUNDS):
         match = cand & ((key & fixed) == prefix)
-        hist = tl.histogram(((key >> (28 - 4 * d)) & 15).to(tl.int32), 16, mask=match)
+        digit = (key >> (32 - _DIGIT * (d + 1))) & (_BINS - 1)
+        hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
         remaining, prefix, fixed, _ = _digit_round(hist, d, remaining, prefix, fixed)
     total = tl.sum(cand.to(tl.int32), 0)
     smallest = tl.min(tl.where(cand, key, tl.full(key.shape, 0xFFFFFFFF, tl.uint32)), 0)
