@@ -2,6 +2,7 @@
 # The GPU results of the README, each stage a separate command so that it fits one run:
 #
 #   scripts/gpu_bench.sh tests       # the CUDA-marked tests and the Triton select-step tests
+#   scripts/gpu_bench.sh topk        # the top-k's kernel tests alone (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh engine      # the select engine's kernel tests alone (retrieval, top-k)
 #   scripts/gpu_bench.sh attend_sweep  # attend's kernel configurations -> $OUT/attend_sweep.json
 #   scripts/gpu_bench.sh profile     # the kernels of one PrHS decode step, with their times
@@ -32,6 +33,9 @@ for stage in "$@"; do
       python -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
       python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
       ;;
+    topk)  # the top-k's kernel tests; a failure stops the stages after it
+      python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" 2>&1 | tee "$OUT/pytest_topk.txt" | tail -5 || exit 1
+      ;;
     engine)
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_engine.txt" | tail -25
       ;;
@@ -60,12 +64,13 @@ for stage in "$@"; do
       prhs-bench prefill --no-progress --out "$OUT/prefill.json" 2>&1 | tail -30
       ;;
     latency)
-      prhs-bench latency --no-progress --out "$OUT/latency.json" 2>&1 | tail -60
+      # shellcheck disable=SC2086  # LATENCY_ARGS: extra options, e.g. --no-flex
+      prhs-bench latency --no-progress ${LATENCY_ARGS:-} --out "$OUT/latency.json" 2>&1 | tail -60
       ;;
     throughput)
       prhs-bench throughput --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     *)
-      echo "unknown stage $stage (tests, engine, attend_sweep, profile, sweep, compare, probe, prefill, latency, throughput)"; exit 2;;
+      echo "unknown stage $stage (tests, topk, engine, attend_sweep, profile, sweep, compare, probe, prefill, latency, throughput)"; exit 2;;
   esac
 done
