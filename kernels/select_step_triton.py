@@ -170,7 +170,10 @@ def _fused(fn):
     become a few fused kernels (each launch costs microseconds even inside a CUDA graph);
     eager elsewhere (CPU tests go through the Triton interpreter). Only the glue between the
     Triton kernels is compiled; arguments that change between layers are tensors or ints
-    shared by all layers of a model, so one compiled version serves them all."""
+    shared by all layers of a model, so one compiled version serves them all. A size that
+    changes between calls (the length of a growing DynamicCache, the batch) becomes symbolic
+    at its first change (torch.compile's automatic dynamic shapes): one recompile, not one
+    per step until Dynamo's recompile limit leaves the glue eager (as static shapes did)."""
     compiled = None
     failed = set()  # argument signatures (shapes, scalars) Inductor could not compile
 
@@ -179,7 +182,7 @@ def _fused(fn):
         if _COMPILE_GLUE == "never" or (_COMPILE_GLUE == "cuda" and not args[0].is_cuda):
             return fn(*args, **kwargs)
         if compiled is None:
-            compiled = torch.compile(fn, fullgraph=True, dynamic=False,
+            compiled = torch.compile(fn, fullgraph=True, dynamic=None,
                                      options=dict(GLUE_INDUCTOR_OPTIONS) or None)
         signature = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
         if signature in failed:

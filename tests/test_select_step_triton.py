@@ -169,6 +169,31 @@ def test_compiled_glue_matches_the_reference(plan, monkeypatch, caplog):
     assert not [r.message for r in caplog.records if "runs eagerly" in r.message]
 
 
+def test_compiled_glue_follows_a_growing_cache_without_recompiling_per_step(monkeypatch, caplog):
+    """A DynamicCache grows by one position per step: the compiled glue must turn the cache
+    length symbolic instead of recompiling for every length (which, past Dynamo's recompile
+    limit, would leave it eager). With the limit at 2, five lengths still run compiled."""
+    import torch._dynamo
+
+    from prhs_compile.kernels import select_step_triton as step
+    from prhs_compile.kernels.select_reference import _state_dict
+    from prhs_compile.state import allocate_state
+
+    monkeypatch.setattr(step, "_COMPILE_GLUE", "always")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    plan = dataclasses.replace(PRHS, budget=24)
+    gen = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, D = 1, 4, 2, 16
+    state = allocate_state(plan, B, Hq, Hkv, D, torch.device("cpu"))
+    with caplog.at_level("WARNING"):
+        for length in range(60, 65):
+            q = torch.randn(B, Hq, 1, D, generator=gen)
+            k = torch.randn(B, Hkv, length, D, generator=gen)
+            mask = torch.ones(B, 1, 1, length, dtype=torch.bool)
+            step.select_step_triton(q, k, mask, D ** -0.5, plan, _state_dict(plan, state, q, k))
+    assert not [r.message for r in caplog.records if "runs eagerly" in r.message]
+
+
 def test_glue_that_fails_to_compile_runs_eagerly(monkeypatch, caplog):
     """An Inductor failure on some shape must not fail the decode step: that function runs
     eagerly for that shape from then on, with a logged reason."""
