@@ -13,8 +13,8 @@ per slot; every party of a slot is resident, since the grid never exceeds what t
 at once). Slots that reuse their set cost nothing but the launch. Under the Triton
 interpreter (CPU tests) each slot gets one program and no barrier.
 
-* ``_select``: the threshold of the top k, found digit by digit: four rounds, each a 256-bin
-  histogram (``tl.histogram``) of one 8-bit digit of the keys that match the digits fixed so
+* ``_select``: the threshold of the top k, found digit by digit: eight rounds, each a 16-bin
+  histogram (``tl.histogram``) of one 4-bit digit of the keys that match the digits fixed so
   far, summed over the parties; the bin holding the k-th largest key fixes the next digit,
   and a round whose bin holds exactly the keys still needed ends the search early. Result:
   every key above ``thr`` is in, and the first ``need`` keys equal to it.
@@ -49,11 +49,15 @@ _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated n
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # Scratch row per slot (int32): digit histograms, the barrier counter, the threshold the
 # dilation found, and per-party counts and mass partials of the two compactions.
-# Digits of 8 bits: four rounds (and four barriers) per select instead of eight of 4 bits.
-_DIGIT = tl.constexpr(8)
-_BINS = tl.constexpr(2 ** 8)
-_ROUNDS = tl.constexpr(32 // 8)
-_HIST_WIDTH = (32 // 8) * 2 ** 8
+# Digits of 4 bits: eight rounds of 16-bin histograms. 8-bit digits (four rounds, four
+# barriers, 256 bins) measured faster at 4K but slower from 32K on at B >= 8 and at B=1,
+# 128K on the H200 (bench_results/latency_h200_rerun.json), where a pass is bound by the
+# histogram instructions rather than by the rounds.
+_DIGIT_BITS = 4
+_DIGIT = tl.constexpr(_DIGIT_BITS)
+_BINS = tl.constexpr(2 ** _DIGIT_BITS)
+_ROUNDS = tl.constexpr(32 // _DIGIT_BITS)
+_HIST_WIDTH = (32 // _DIGIT_BITS) * 2 ** _DIGIT_BITS
 _SCRATCH_WIDTH = _HIST_WIDTH + 4 + 5 * _C_MAX
 _HIST = tl.constexpr(0)
 _BAR = tl.constexpr(_HIST_WIDTH)
