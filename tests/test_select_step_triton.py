@@ -180,12 +180,11 @@ def test_compiled_glue_follows_a_growing_cache_without_recompiling_per_step(monk
     from prhs_compile.state import allocate_state
 
     monkeypatch.setattr(step, "_COMPILE_GLUE", "always")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     plan = dataclasses.replace(PRHS, budget=24)
     gen = torch.Generator().manual_seed(0)
     B, Hq, Hkv, D = 1, 4, 2, 16
     state = allocate_state(plan, B, Hq, Hkv, D, torch.device("cpu"))
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING"), torch._dynamo.config.patch(recompile_limit=2):
         for length in range(60, 65):
             q = torch.randn(B, Hq, 1, D, generator=gen)
             k = torch.randn(B, Hkv, length, D, generator=gen)
