@@ -1,11 +1,14 @@
 """Greedy generation through ``backend="prhs"``: generated ids, time per token, selection stats.
 
     python examples/generate.py                      # the project's 6M-parameter model, a needle task
+    python examples/generate.py --model gemma3-270m --budget 256 --prompt-len 4096   # pip install -e ".[real]"
     python examples/generate.py --model PATH --budget 1024 --prompt-len 8192 --device cuda
 
 With no ``--model`` it loads the checkpoint committed in ``models/substrate`` (trained by
 ``prhs-bench train-substrate``) and asks it to retrieve a needle from a long haystack; without
-that folder (an installed package) it falls back to a small random-init Llama.
+that folder (an installed package) it falls back to a small random-init Llama. A model with
+its own tokenizer (a named model such as ``gemma3-270m``, a ``.gguf`` file, a checkpoint) is
+asked for a pass key hidden in filler text of ``--prompt-len`` tokens.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def random_model() -> transformers.PreTrainedModel:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="local path or hub id of a causal LM (default: a random-init Llama)")
+    parser.add_argument("--model", help="gemma3-270m, a .gguf file, or a local path / hub id of a causal LM "
+                                        "(default: models/substrate, else a random-init Llama)")
     parser.add_argument("--policy", default="oracle", choices=prhs_compile.available_policies())
     parser.add_argument("--budget", type=int, default=128, help="positions attended per KV head")
     parser.add_argument("--sink", type=int, default=4)
@@ -50,18 +54,25 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     path = args.model or (SUBSTRATE if os.path.isdir(SUBSTRATE) else None)
-    example = None
+    example = tokenizer = None
     if path:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        from prhs_compile.bench.models import load_model
+
+        model, tokenizer = load_model(path, args.device, dtype)
     else:
-        model = random_model().to(dtype)
-    model = model.to(args.device).eval()
+        model = random_model().to(dtype).to(args.device).eval()
     if path == SUBSTRATE:  # the project's model speaks the task format: ask it for a needle
         from prhs_compile.bench.tasks import niah_single
 
         example = niah_single(args.prompt_len, seed=0)
-        ids = torch.tensor([example.prompt_ids], device=args.device)
         args.new_tokens = len(example.answer_ids)
+    elif tokenizer is not None:  # a pretrained model: the pass key test through its tokenizer
+        from prhs_compile.bench.text_tasks import passkey
+
+        example = passkey(tokenizer, args.prompt_len, seed=0)
+        args.new_tokens = len(example.answer_ids) + 2
+    if example is not None:
+        ids = torch.tensor([example.prompt_ids], device=args.device)
     else:
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=generator).to(args.device)
@@ -88,7 +99,12 @@ def main() -> None:
     new = out[0, ids.shape[1]:].tolist()
     print(f"model: {path or 'random-init Llama'}")
     print(f"generated ids: {new}")
-    if example is not None:
+    if example is not None and example.meta.get("tokenized"):
+        from prhs_compile.bench.text_tasks import score
+
+        text = tokenizer.decode(new)
+        print(f"pass key {example.meta['answer']}: generated {text!r} -> {'correct' if score(text, example) else 'wrong'}")
+    elif example is not None:
         from prhs_compile.bench.tasks import score
 
         print(f"needle answer: {example.answer_ids} -> {'correct' if score('niah_single', new, example) else 'wrong'}")

@@ -33,6 +33,7 @@ class AttentionCall:
     key_source: fx.Node  # raw KV-head key tensor (repeat_kv peeled) or the SDPA key itself
     value_source: fx.Node
     peeled_repeat_kv: bool
+    rolled_cache: bool = False  # the key cache is overwritten by a roll of itself in this graph
 
     def meta(self, name: str):
         """Example value (usually a FakeTensor) of an argument, or None."""
@@ -66,9 +67,26 @@ def find_attention_calls(gm: fx.GraphModule) -> list[AttentionCall]:
                 key_source=k_src if peeled else args["key"],
                 value_source=v_src if peeled else args["value"],
                 peeled_repeat_kv=peeled,
+                rolled_cache=rolled_in_place(k_src if peeled else args["key"]),
             )
         )
     return calls
+
+
+def rolled_in_place(cache) -> bool:
+    """Whether the graph writes ``cache.roll(...)`` back into ``cache`` (``cache.copy_(roll)``).
+
+    HF's static sliding-window layer (``StaticSlidingWindowLayer``) does this at every decode
+    step once its window is full: every key moves one slot to the left, so a position's cache
+    index changes from step to step and no selection keyed by index survives a step."""
+    if not isinstance(cache, fx.Node):
+        return False
+    for user in cache.users:
+        if _is_method_or_fn(user, "copy_", None) and user.args and user.args[0] is cache and len(user.args) > 1:
+            source = user.args[1]
+            if isinstance(source, fx.Node) and _is_method_or_fn(source, "roll", torch.roll) and source.args[0] is cache:
+                return True
+    return False
 
 
 def _attention_module(node: fx.Node) -> tuple[str, str]:

@@ -29,6 +29,9 @@ class PrHSConfig:
         tau: PrHS time axis: a group reuses its selection while the cosine between every
             query head and its anchor query (from the last retrieval) is at least ``tau``;
             1.0 disables reuse, -1.0 reuses for ``max_reuse`` steps whatever the drift.
+        layer_tau: per-layer ``tau`` overriding ``tau`` for the layers it names:
+            ``{layer: tau}`` or the path of a calibration JSON (its ``suggested_tau``,
+            written by ``prhs_compile.calibrate`` / ``prhs-bench calibrate``).
         dilation_m: how many of the top positions pull in their +-``dilation_r`` neighbours
             at a retrieval; -1 = k / (2r + 1) of the k retrieved, 0 = no dilation.
         dilation_r: neighbourhood radius of that dilation (0 = no dilation).
@@ -70,6 +73,7 @@ class PrHSConfig:
     local: int = 64
     min_context: int = 0
     tau: float = 0.8
+    layer_tau: object = None
     dilation_m: int = -1
     dilation_r: int = 1
     max_reuse: int = 16
@@ -102,6 +106,7 @@ class PrHSConfig:
             )
         _check_range("min_context", self.min_context, 0, None)
         _check_range("tau", self.tau, -1.0, 1.0)
+        object.__setattr__(self, "layer_tau", load_layer_tau(self.layer_tau))
         if self.dilation_m != -1:
             _check_range("dilation_m", self.dilation_m, 0, None)
         _check_range("dilation_r", self.dilation_r, 0, None)
@@ -146,7 +151,7 @@ class PrHSConfig:
             sink=self.sink,
             local=self.local,
             min_context=self.min_context,
-            tau=self.tau,
+            tau=self.layer_tau.get(layer, self.tau),
             dilation_m=self.dilation_m,
             dilation_r=self.dilation_r,
             max_reuse=self.max_reuse,
@@ -202,6 +207,29 @@ def load_share_map(value) -> ShareMap:
             )
         share[follower] = anchor
     return ShareMap(share, num_layers, kv_heads)
+
+
+def load_layer_tau(value) -> dict[int, float]:
+    """``layer_tau`` option -> ``{layer: tau}`` (from a dict or a calibration JSON's ``suggested_tau``)."""
+    if value is None:
+        return {}
+    if isinstance(value, (str, os.PathLike)):
+        data = _read_json("layer_tau", value, "a calibration JSON")
+        if not isinstance(data, dict) or not isinstance(data.get("suggested_tau"), dict):
+            _bad("layer_tau", os.fspath(value), "a calibration JSON with a 'suggested_tau' map")
+        value = data["suggested_tau"]
+    if not isinstance(value, dict):
+        _bad("layer_tau", value, "a dict {layer: tau} or the path of a calibration JSON")
+    taus = {}
+    for layer, tau in value.items():
+        try:
+            layer = int(layer)
+        except (TypeError, ValueError):
+            _bad("layer_tau", value, "integer layer indices")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not -1.0 <= tau <= 1.0 or layer < 0:
+            _bad("layer_tau", {layer: tau}, "a layer >= 0 mapped to a tau in [-1, 1]")
+        taus[layer] = float(tau)
+    return taus
 
 
 def load_head_budgets(value, budget: int) -> dict[int, tuple[int, ...]]:

@@ -36,6 +36,8 @@ def test_defaults_are_valid_and_documented():
         ({"dilation_m": -2}, "dilation_m=-2 is invalid: expected >= 0"),
         ({"max_decode_query_len": 0}, "max_decode_query_len=0 is invalid"),
         ({"mode": "fastest"}, "mode='fastest' is invalid"),
+        ({"layer_tau": {"5": 1.5}}, "layer_tau={5: 1.5} is invalid: expected a layer >= 0 mapped to a tau in [-1, 1]"),
+        ({"layer_tau": [0.8]}, "layer_tau=[0.8] is invalid: expected a dict {layer: tau}"),
     ],
 )
 def test_bad_options_raise_naming_key_and_allowed_values(options, message):
@@ -106,3 +108,14 @@ def test_source_checkout_kernels_folder_does_not_shadow_the_ops():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "prhs::select"]
+
+
+def test_layer_tau_overrides_tau_for_the_layers_it_names(tmp_path):
+    config = PrHSConfig(tau=0.8, layer_tau={"1": 0.5})
+    assert config.select_plan(1).tau == 0.5 and config.select_plan(0).tau == 0.8
+    calibration = tmp_path / "cal.json"
+    calibration.write_text('{"suggested_tau": {"0": 0.9}}')
+    assert PrHSConfig(layer_tau=str(calibration)).select_plan(0).tau == 0.9
+    with pytest.raises(ValueError, match="a calibration JSON with a 'suggested_tau' map"):
+        calibration.write_text("{}")
+        PrHSConfig(layer_tau=str(calibration))

@@ -6,9 +6,11 @@ import json
 
 import torch
 
+from prhs_compile.bench.models import model_help
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="local path or hub id of a causal LM")
+    parser.add_argument("--model", required=True, help=model_help())
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=8, help="decode steps to observe")
     parser.add_argument("--budget", type=int, default=256)
@@ -18,26 +20,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", default=None,
-                        help="take the prompt from this task of prhs_compile.bench.tasks (byte-level models, e.g. "
-                             "the substrate); default: random token ids")
+                        help="take the prompt from this task (the byte-level tasks for the substrate, the text tasks "
+                             "through the model's tokenizer for others, e.g. natural_text); default: random token ids")
     parser.add_argument("--out", required=True, help="JSON file to write")
 
 
 def run(args) -> int:
-    import transformers
-
+    from prhs_compile.bench.accuracy import load
     from prhs_compile.calibrate import calibrate
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa")
-    model = model.to(args.device).eval()
-    if args.task:
-        from prhs_compile.bench.tasks import TASKS
-
-        ids = torch.tensor([TASKS[args.task](args.prompt_len, args.seed).prompt_ids], device=args.device)
-    else:
-        generator = torch.Generator().manual_seed(args.seed)
-        ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=generator).to(args.device)
+    model, codec = load(args.model, args.device, torch.float32)
+    ids = prompt_ids(model, codec, args.task, args.prompt_len, args.seed, args.device)
     result = calibrate(model, ids, steps=args.steps, budget=args.budget, sink=args.sink, local=args.local,
                        threshold=args.threshold, out=args.out)
     print(json.dumps({"share": result["share"], "suggested_tau": result["suggested_tau"]}, indent=1))
     return 0
+
+
+def prompt_ids(model, codec, task, length: int, seed: int, device) -> torch.Tensor:
+    """``[1, length]`` prompt: an example of ``task`` through the model's codec, or random ids."""
+    if task:
+        example = codec.example(task, length, seed)
+        return torch.tensor([codec.encode(example.prompt_ids, example)], device=device)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(device)

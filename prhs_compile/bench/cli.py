@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "profile": ("profile_cli", "LU-KV per-(layer, KV head) budget table for a model"),
     "latency": ("latency", "decode-attention kernel latency against dense baselines (GPU)"),
     "compare": ("compare", "every policy: LU-KV table, accuracy, dropped mass, decode latency, one report"),
+    "frontier": ("frontier", "PrHS tau/budget frontier on a real model: accuracy, KL, top-1, retrieval rate"),
     "prefill": ("prefill", "windowed (PSAW) prefill attention, block-sparse vs dense (GPU)"),
     "throughput": ("throughput", "end-to-end decode throughput of a compiled model (GPU)"),
 }

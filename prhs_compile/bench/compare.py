@@ -38,8 +38,10 @@ from prhs_compile.bench import accuracy
 from prhs_compile.bench import compare_accuracy as accuracy_lib
 from prhs_compile.bench import compare_lukv as lu_kv_lib
 from prhs_compile.bench import compare_report as report_lib
+from prhs_compile.bench import models
 from prhs_compile.bench import policy_latency as latency_lib
 from prhs_compile.bench import tasks as task_lib
+from prhs_compile.bench import text_tasks
 from prhs_compile.bench.report import write_json
 
 log = logging.getLogger("prhs.bench.compare")
@@ -78,11 +80,12 @@ POLICY_NOTES = {
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default="models/substrate", help="checkpoint path or hub id")
+    parser.add_argument("--model", default="models/substrate", help=models.model_help())
     parser.add_argument("--policies", default=None, help="comma-separated policies (default: all, dense and oracle included)")
     parser.add_argument("--budgets", default=None, help=f"comma-separated budgets (default {FULL['budgets']}; --quick {QUICK['budgets']})")
     parser.add_argument("--contexts", default=None, help=f"comma-separated contexts (default {FULL['contexts']}; --quick {QUICK['contexts']})")
-    parser.add_argument("--tasks", default=",".join(task_lib.TASKS), help="comma-separated task names")
+    parser.add_argument("--tasks", default=None, help="comma-separated task names (default: every task the model speaks; "
+                        "see prhs-bench accuracy)")
     parser.add_argument("--examples", type=int, default=None, help=f"examples per (task, context) (default {FULL['examples']})")
     parser.add_argument("--text-tokens", type=int, default=None,
                         help=f"natural_text continuation tokens scored (default {FULL['text_tokens']}; the task's own is 256)")
@@ -114,10 +117,7 @@ def resolve(args) -> dict:
         return defaults[name] if value is None else value
 
     policies = [p for p in (args.policies or ",".join(_all_policies())).split(",") if p]
-    tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in task_lib.TASKS]
-    if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; available: {sorted(task_lib.TASKS)}")
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None  # None: the model's own (run)
     contexts = _ints(pick("contexts"))
     if args.workers < 1:
         raise SystemExit(f"--workers {args.workers}: expected >= 1")
@@ -152,6 +152,10 @@ def run(args) -> int:
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     model, codec = accuracy.load(args.model, device, dtype)
+    settings["tasks"] = settings["tasks"] or list(codec.task_names)
+    unknown = sorted(set(settings["tasks"]) - set(task_lib.TASKS) - (set() if codec.native else set(text_tasks.TASKS)))
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; available for this model: {list(codec.task_names)}")
     report = _new_report(args, settings, device, dtype_name)
     stem = os.path.splitext(args.out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -14,7 +14,6 @@ import time
 import torch
 
 from prhs_compile.bench import accuracy
-from prhs_compile.bench import tasks as task_lib
 
 PROMPT_LEN = 4096  # calibration prompts: at most this long (shorter contexts: their length)
 
@@ -37,11 +36,12 @@ def lu_kv_grid(budgets: list[int], window: int, prompt_len: int, spread: int) ->
 
 def calibration_prompts(codec, count: int, length: int) -> list[tuple[str, list[int]]]:
     """``(task, prompt ids)`` of the calibration set: the tasks in turn, negative seeds."""
-    names = list(task_lib.TASKS)
+    names = list(codec.task_names)
     prompts = []
     for i in range(count):
         task = names[i % len(names)]
-        prompts.append((task, codec.encode(task_lib.TASKS[task](length, -(i + 1)).prompt_ids)))
+        example = codec.example(task, length, -(i + 1))
+        prompts.append((task, codec.encode(example.prompt_ids, example)))
     return prompts
 
 

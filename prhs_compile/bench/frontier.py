@@ -1,0 +1,280 @@
+"""``prhs-bench frontier``: PrHS's accuracy/retrieval frontier on a real model, beside the other policies.
+
+For each budget: PrHS at every ``--taus`` value and at the per-layer tau ``calibrate``
+suggests, ``oracle`` and the other policies, and dense once. Every cell runs the
+``prhs-bench accuracy`` harness (``accuracy.evaluate``, verify mode) on the model's tasks, and
+the report puts side by side: task accuracy, KL(dense || sparse) and top-1 agreement of the
+next-token distribution on natural text, dropped attention mass, and the retrieval rate
+overall and per sparse layer. It then picks the recommended PrHS setting: the lowest
+retrieval rate among the settings within the examples' noise of dense on every task
+(``recommend``). Writes JSON (after every cell, so an interrupted run keeps what it has),
+a markdown table beside it (``.md``) and a plot (``.png``, with matplotlib).
+
+The calibration prompt is a ``natural_text`` example with a negative seed: no evaluation
+example uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from prhs_compile.bench import accuracy
+from prhs_compile.bench.models import model_help
+from prhs_compile.bench.report import environment, write_json
+
+OTHER_POLICIES = "oracle,streaming,sage_kv,snapkv,quest,h2o,hshare"
+TOP1_AIM, RATE_AIM = 0.98, 0.25  # the aim a recommendation is checked against
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="gemma3-270m", help=model_help())
+    parser.add_argument("--budgets", default="256,1024")
+    parser.add_argument("--taus", default="0.3,0.5,0.6,0.7,0.8,0.9", help="PrHS tau values (each a cell per budget)")
+    parser.add_argument("--policies", default=OTHER_POLICIES, help="other policies run at every budget (dense runs once)")
+    parser.add_argument("--contexts", default="2048", help="comma-separated context lengths (tokens of the model)")
+    parser.add_argument("--tasks", default=None, help="default: every task the model speaks")
+    parser.add_argument("--examples", type=int, default=2, help="examples per (task, context)")
+    parser.add_argument("--text-tokens", type=int, default=64, help="teacher-forced natural_text steps per example")
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--local", type=int, default=32)
+    parser.add_argument("--calibration", default=None,
+                        help="calibration JSON (prhs-bench calibrate); default: calibrate here, written beside --out")
+    parser.add_argument("--calibration-steps", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", required=True, help="results JSON (.md and .png beside it)")
+
+
+def cells(budgets, taus, policies) -> list[dict]:
+    """Every cell of the frontier: ``label``, ``policy``, ``budget`` and extra backend options."""
+    out = [{"label": "dense", "policy": "dense", "budget": None, "extra": {}}]
+    for budget in budgets:
+        out += [{"label": f"prhs tau={tau:g}", "policy": "prhs", "budget": budget, "extra": {"tau": tau}} for tau in taus]
+        out.append({"label": "prhs calibrated tau", "policy": "prhs", "budget": budget, "extra": {"layer_tau": None}})
+        out += [{"label": p, "policy": p, "budget": budget, "extra": {}} for p in policies]
+    return out
+
+
+def summarize(rows: list[dict], examples: int) -> dict:
+    """One cell's rows (every context and task) -> per-task accuracy and the cell's means."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    text = [r for r in rows if "kl_mean" in r]
+    layer_rates: dict[str, list] = {}
+    for r in rows:
+        for layer, rate in r.get("layer_retrieval_rate", {}).items():
+            layer_rates.setdefault(layer, []).append(rate)
+    return {
+        "accuracy": {t: accuracy.mean([r["accuracy"] for r in rows if r["task"] == t]) for t in tasks},
+        "examples_per_task": examples * len({r["context"] for r in rows}),
+        "kl_mean": accuracy.mean([r["kl_mean"] for r in text]),
+        "kl_max": max((r["kl_max"] for r in text), default=None),
+        "top1_agreement": accuracy.mean([r["top1_agreement"] for r in text]),
+        "dropped_mean": accuracy.mean([r["dropped_mean"] for r in rows]),
+        "retrieval_rate": accuracy.mean([r["retrieval_rate"] for r in rows]),
+        "layer_retrieval_rate": {layer: sum(v) / len(v) for layer, v in layer_rates.items()},
+        "sparse_layers": sorted(int(layer) for layer in layer_rates),
+    }
+
+
+def noise(p: float, n: int) -> float:
+    """How far an accuracy over ``n`` examples may sit below dense's ``p`` by chance: two
+    standard errors of a binomial at ``p``, and never less than one example."""
+    return max(1.0 / n, 2.0 * math.sqrt(max(p * (1.0 - p), 0.0) / n))
+
+
+def within_noise(cell: dict, dense: dict) -> tuple[bool, list[str]]:
+    """Whether a cell matches dense on every task within noise (natural_text too, by its
+    next-token accuracy over every scored token), and what fails."""
+    n = cell["summary"]["examples_per_task"]
+    failures = []
+    for task, want in dense["summary"]["accuracy"].items():
+        got = cell["summary"]["accuracy"].get(task)
+        steps = n * cell.get("text_tokens", 1) if task == "natural_text" else n
+        if got is None or got < want - noise(want, steps):
+            failures.append(f"{task} {got} < dense {want:.2f} - noise")
+    return not failures, failures
+
+
+def recommend(done: list[dict], dense: dict) -> dict | None:
+    """The PrHS cell with the lowest retrieval rate among those within noise of dense on
+    every task (ties: the higher top-1 agreement); None when no PrHS cell is."""
+    candidates = []
+    for cell in done:
+        if cell["policy"] != "prhs" or cell["summary"]["retrieval_rate"] is None:
+            continue
+        ok, _ = within_noise(cell, dense)
+        if ok:
+            candidates.append(cell)
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda c: (c["summary"]["retrieval_rate"], -(c["summary"]["top1_agreement"] or 0)))
+    s = best["summary"]
+    return {"label": best["label"], "budget": best["budget"], "options": best["options"],
+            "retrieval_rate": s["retrieval_rate"], "layer_retrieval_rate": s["layer_retrieval_rate"],
+            "top1_agreement": s["top1_agreement"], "kl_mean": s["kl_mean"],
+            "aim_met": bool(s["retrieval_rate"] <= RATE_AIM and (s["top1_agreement"] or 0) >= TOP1_AIM),
+            "aim": f"retrieval rate <= {RATE_AIM} at top-1 agreement >= {TOP1_AIM}"}
+
+
+def markdown(report: dict) -> str:
+    done = report["cells"]
+    tasks = list(dict.fromkeys(t for c in done for t in c["summary"]["accuracy"]))
+    layers = sorted({layer for c in done if c["policy"] != "dense" for layer in c["summary"]["sparse_layers"]})
+    show_layers = layers if len(layers) <= 6 else []
+    head = ["setting", "budget", *tasks, "KL", "top-1", "dropped mass", "retrieval rate", *(f"L{layer}" for layer in show_layers)]
+    s = report["settings"]
+    lines = [f"`{report['command']}`", "",
+             f"{report['model']}, contexts {s['contexts']}, {s['examples']} example(s) per task and context, "
+             f"{s['text_tokens']} teacher-forced natural_text steps per example, {report['dtype']}, {report['device']}, "
+             f"torch {report['torch']}, sink {s['sink']}, local {s['local']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in done:
+        m = c["summary"]
+        row = [c["label"], "-" if c["budget"] is None else str(c["budget"])]
+        row += [_num(m["accuracy"].get(t), 2) for t in tasks]
+        row += [_num(m["kl_mean"], 4), _num(m["top1_agreement"], 3), _num(m["dropped_mean"], 3),
+                "-" if c["policy"] == "dense" else _num(m["retrieval_rate"], 2)]
+        row += ["-" if c["policy"] == "dense" else _num(m["layer_retrieval_rate"].get(str(layer)), 2) for layer in show_layers]
+        lines.append("| " + " | ".join(row) + " |")
+    rec = report.get("recommended")
+    lines.append("")
+    if rec:
+        lines.append(f"Recommended: {rec['label']} at budget {rec['budget']}: retrieval rate {rec['retrieval_rate']:.2f}, "
+                     f"top-1 agreement {rec['top1_agreement']:.3f}, KL {rec['kl_mean']:.4f} "
+                     f"(aim {rec['aim']}: {'met' if rec['aim_met'] else 'missed'}).")
+    else:
+        lines.append("Recommended: none (no PrHS setting is within the examples' noise of dense on every task).")
+    return "\n".join(lines) + "\n"
+
+
+def _num(x, digits) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def plot(report: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    budgets = [b for b in report["settings"]["budgets"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, label in ((axes[0], "top1_agreement", "top-1 agreement with dense"),
+                              (axes[1], "kl_mean", "KL(dense || sparse), nats")):
+        for budget, marker in zip(budgets, "os^D"):
+            cells = [c for c in report["cells"] if c["budget"] == budget and c["summary"][metric] is not None
+                     and c["summary"]["retrieval_rate"] is not None]
+            prhs = sorted((c for c in cells if c["policy"] == "prhs"), key=lambda c: c["summary"]["retrieval_rate"])
+            ax.plot([c["summary"]["retrieval_rate"] for c in prhs], [c["summary"][metric] for c in prhs],
+                    marker=marker, label=f"prhs, budget {budget}")
+            for c in prhs:
+                ax.annotate(c["label"].replace("prhs ", ""), (c["summary"]["retrieval_rate"], c["summary"][metric]), fontsize=6)
+            for c in cells:
+                if c["policy"] != "prhs":
+                    ax.scatter([c["summary"]["retrieval_rate"]], [c["summary"][metric]], marker=marker, color="gray", s=14)
+                    ax.annotate(f"{c['label']}@{budget}", (c["summary"]["retrieval_rate"], c["summary"][metric]), fontsize=6, color="gray")
+        ax.set_xlabel("retrieval rate (share of sparse-layer slots that retrieved)")
+        ax.set_ylabel(label)
+        if metric == "kl_mean":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report['model']}: PrHS frontier ({report['settings']['contexts']} tokens)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def calibration_for(model, codec, args, path: str) -> dict:
+    """The per-layer tau: ``--calibration`` if given, else ``calibrate`` on a held-out
+    natural_text prompt at the smallest budget and largest context (written to ``path``)."""
+    from prhs_compile.calibrate import calibrate
+
+    if args.calibration:
+        with open(args.calibration) as f:
+            return {"path": args.calibration, **json.load(f)}
+    context, budget = max(_ints(args.contexts)), min(_ints(args.budgets))
+    example = codec.example("natural_text", context, -1)
+    ids = torch.tensor([codec.encode(example.prompt_ids, example)], device=args.device)
+    local = min(args.local, budget // 4)
+    result = calibrate(model, ids, steps=args.calibration_steps, budget=budget, sink=min(args.sink, budget // 4),
+                       local=local, out=path)
+    return {"path": path, **result}
+
+
+def run(args) -> int:
+    started = time.perf_counter()
+    model, codec = accuracy.load(args.model, args.device, getattr(torch, args.dtype))
+    budgets, contexts = _ints(args.budgets), _ints(args.contexts)
+    taus = [float(t) for t in args.taus.split(",") if t]
+    bad = [t for t in taus if not -1.0 <= t <= 1.0]
+    if bad:
+        raise SystemExit(f"--taus {bad}: each tau must be in [-1, 1]")
+    task_names = [t for t in args.tasks.split(",") if t] if args.tasks else list(codec.task_names)
+    stem = os.path.splitext(args.out)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    log(f"calibrating (budget {min(budgets)}, {max(contexts)} tokens, {args.calibration_steps} steps)")
+    calibration = calibration_for(model, codec, args, stem + ".calibration.json")
+    log(f"suggested per-layer tau: {calibration['suggested_tau']}")
+    report = {
+        "command": " ".join(getattr(args, "command_line", ["prhs-bench", "frontier"])),
+        "model": args.model, **environment(torch, args.device), "dtype": args.dtype,
+        "settings": {"budgets": budgets, "taus": taus, "contexts": contexts, "tasks": task_names,
+                     "examples": args.examples, "text_tokens": args.text_tokens, "sink": args.sink,
+                     "local": args.local, "seed": args.seed},
+        "calibration": {"path": calibration["path"], "suggested_tau": calibration["suggested_tau"],
+                        "share": calibration.get("share")},
+        "cells": [], "rows": [], "complete": False,
+    }
+    plan = cells(budgets, taus, [p for p in args.policies.split(",") if p])
+    dense = None
+    for i, cell in enumerate(plan):
+        extra = dict(cell["extra"])
+        if "layer_tau" in extra:
+            extra["layer_tau"] = calibration["suggested_tau"]
+        phase = time.perf_counter()
+        rows = accuracy.evaluate(
+            model, codec, policies=[cell["policy"]], budgets=[cell["budget"]], contexts=contexts,
+            task_names=task_names, examples=args.examples, sink=args.sink, local=args.local, extra=extra,
+            verify=True, inductor=False, device=args.device, seed=args.seed,
+            task_options={"natural_text": {"continuation": args.text_tokens}})
+        done = {**cell, "options": accuracy.backend_options(cell["policy"], cell["budget"], sink=args.sink, local=args.local,
+                                                              extra=extra, verify=False, inductor=False),
+                "text_tokens": args.text_tokens, "summary": summarize(rows, args.examples),
+                "seconds": time.perf_counter() - phase}
+        report["cells"].append(done)
+        report["rows"] += [{"label": cell["label"], **r} for r in rows]
+        dense = done if cell["policy"] == "dense" else dense
+        if dense is not None:
+            report["recommended"] = recommend(report["cells"], dense)
+        m = done["summary"]
+        log(f"[{i + 1}/{len(plan)}] {cell['label']} @ {cell['budget']}: acc {m['accuracy']} top-1 {_num(m['top1_agreement'], 3)} "
+            f"KL {_num(m['kl_mean'], 4)} rate {_num(m['retrieval_rate'], 3)} {m['layer_retrieval_rate']} ({done['seconds']:.0f} s)")
+        write_json(args.out, report)
+    report["complete"] = True
+    report["seconds"] = time.perf_counter() - started
+    write_json(args.out, report)
+    table = markdown(report)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    plotted = plot(report, stem + ".png")
+    print(table)
+    print(f"wrote {args.out}, {stem}.md" + (f" and {stem}.png" if plotted else " (matplotlib missing: no plot)")
+          + f" in {report['seconds']:.0f} s")
+    return 0
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
