@@ -21,10 +21,9 @@ from .match import AttentionCall
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 # A rolling window cache (see ``match.rolled_in_place``) moves every key each step, so a
-# selection cannot be reused there and every step retrieves: it reads all W keys, then attends
-# over the budget's B keys and values, W + 2B rows against dense attention's 2W. Selection
-# only reads less when W > 2B; windows up to this many budgets stay dense.
-ROLLING_WINDOW_DENSE_FACTOR = 2
+# selection cannot be reused there and every step retrieves over the whole window. A step in
+# which every slot retrieves is slower than dense SDPA at every shape measured (0.2-0.5x on an
+# H200, README "Latency"), so rolling caches of any length stay dense.
 
 
 @dataclasses.dataclass
@@ -115,11 +114,9 @@ def decide(call: AttentionCall, config, autograd: bool) -> Decision:
         # Sliding-window layers (a cache as long as the window) and short static caches:
         # every position would be selected, so SDPA is already the exact, cheapest answer.
         return dense(f"key length {kv_len} <= max(budget, min_context)={slots}: selection would keep every position")
-    if (call.rolled_cache and isinstance(kv_len, int) and kv_len <= ROLLING_WINDOW_DENSE_FACTOR * slots
-            and not rule.all_positions):
-        return dense(f"rolling sliding-window cache of {kv_len} keys <= {ROLLING_WINDOW_DENSE_FACTOR} x "
-                     f"max(budget, min_context)={ROLLING_WINDOW_DENSE_FACTOR * slots}: the cache shifts every step, so "
-                     "every step would retrieve over all its keys, which reads more than dense attention")
+    if call.rolled_cache and not rule.all_positions:
+        return dense(f"rolling sliding-window cache of {kv_len} keys: the cache shifts every step, so a selection "
+                     "cannot be reused and every step would retrieve over all its keys, which is slower than dense attention")
     return Decision(call.layer, "decode", f"query length {q_len}: select-then-attend", call.module_path)
 
 

@@ -85,11 +85,19 @@ def calibrate(model, input_ids, *, steps: int = 8, budget: int = 256, sink: int 
         "share": {str(f): a for f, a in share.items()},
         "overlap": overlap,
         "suggested_tau": {str(layer): _suggest_tau(records[layer], kv_heads) for layer in layers},
+        # Mean overlap of consecutive steps' exact sets per layer: below the 0.9 that
+        # _suggest_tau calls stable, it suggests no reuse (1.0).
+        "step_overlap": {str(layer): _step_overlap(records[layer]) for layer in layers},
     }
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+def _step_overlap(steps: list) -> float:
+    values = [_overlap(idx_b, idx_a) for (idx_a, _), (idx_b, _) in zip(steps, steps[1:])]
+    return round(sum(values) / len(values), 4) if values else 1.0
 
 
 def _suggest_tau(steps: list, kv_heads: int, stable: float = 0.9) -> float:

@@ -50,6 +50,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", required=True, help="results JSON (.md and .png beside it)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the cells an existing --out JSON of the same settings already holds, run the rest")
+    parser.add_argument("--render", action="store_true",
+                        help="only re-derive the recommendations, table and plot of an existing --out JSON")
 
 
 def cells(budgets, taus, policies) -> list[dict]:
@@ -102,15 +106,16 @@ def within_noise(cell: dict, dense: dict) -> tuple[bool, list[str]]:
     return not failures, failures
 
 
-def recommend(done: list[dict], dense: dict) -> dict | None:
+def recommend(done: list[dict], dense: dict, min_top1: float | None = None) -> dict | None:
     """The PrHS cell with the lowest retrieval rate among those within noise of dense on
-    every task (ties: the higher top-1 agreement); None when no PrHS cell is."""
+    every task (ties: the higher top-1 agreement), and with ``min_top1``, whose top-1
+    agreement reaches it too; None when no PrHS cell qualifies."""
     candidates = []
     for cell in done:
         if cell["policy"] != "prhs" or cell["summary"]["retrieval_rate"] is None:
             continue
         ok, _ = within_noise(cell, dense)
-        if ok:
+        if ok and (min_top1 is None or (cell["summary"]["top1_agreement"] or 0) >= min_top1):
             candidates.append(cell)
     if not candidates:
         return None
@@ -143,15 +148,30 @@ def markdown(report: dict) -> str:
                 "-" if c["policy"] == "dense" else _num(m["retrieval_rate"], 2)]
         row += ["-" if c["policy"] == "dense" else _num(m["layer_retrieval_rate"].get(str(layer)), 2) for layer in show_layers]
         lines.append("| " + " | ".join(row) + " |")
-    rec = report.get("recommended")
     lines.append("")
-    if rec:
-        lines.append(f"Recommended: {rec['label']} at budget {rec['budget']}: retrieval rate {rec['retrieval_rate']:.2f}, "
-                     f"top-1 agreement {rec['top1_agreement']:.3f}, KL {rec['kl_mean']:.4f} "
-                     f"(aim {rec['aim']}: {'met' if rec['aim_met'] else 'missed'}).")
-    else:
-        lines.append("Recommended: none (no PrHS setting is within the examples' noise of dense on every task).")
+    for key, what in (("recommended", "Lowest retrieval rate within the examples' noise of dense on every task"),
+                      ("recommended_top1", f"Lowest retrieval rate within noise and at top-1 agreement >= {TOP1_AIM}")):
+        rec = report.get(key)
+        if rec:
+            lines.append(f"{what}: {rec['label']} at budget {rec['budget']}: retrieval rate {rec['retrieval_rate']:.2f} "
+                         f"(per layer {', '.join(f'L{k} {v:.2f}' for k, v in rec['layer_retrieval_rate'].items())}), "
+                         f"top-1 agreement {rec['top1_agreement']:.3f}, KL {rec['kl_mean']:.4f} "
+                         f"(aim {rec['aim']}: {'met' if rec['aim_met'] else 'missed'}).")
+        else:
+            lines.append(f"{what}: none.")
     return "\n".join(lines) + "\n"
+
+
+def render(report: dict, stem: str) -> tuple[str, bool]:
+    """Recommendations, the markdown table (``stem.md``) and the plot (``stem.png``) of a report."""
+    dense = next((c for c in report["cells"] if c["policy"] == "dense"), None)
+    if dense is not None:
+        report["recommended"] = recommend(report["cells"], dense)
+        report["recommended_top1"] = recommend(report["cells"], dense, TOP1_AIM)
+    table = markdown(report)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    return table, plot(report, stem + ".png")
 
 
 def _num(x, digits) -> str:
@@ -212,6 +232,14 @@ def calibration_for(model, codec, args, path: str) -> dict:
 
 def run(args) -> int:
     started = time.perf_counter()
+    stem = os.path.splitext(args.out)[0]
+    if args.render:
+        with open(args.out) as f:
+            report = json.load(f)
+        table, plotted = render(report, stem)
+        write_json(args.out, report)
+        print(table)
+        return 0
     model, codec = accuracy.load(args.model, args.device, getattr(torch, args.dtype))
     budgets, contexts = _ints(args.budgets), _ints(args.contexts)
     taus = [float(t) for t in args.taus.split(",") if t]
@@ -219,24 +247,34 @@ def run(args) -> int:
     if bad:
         raise SystemExit(f"--taus {bad}: each tau must be in [-1, 1]")
     task_names = [t for t in args.tasks.split(",") if t] if args.tasks else list(codec.task_names)
-    stem = os.path.splitext(args.out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    log(f"calibrating (budget {min(budgets)}, {max(contexts)} tokens, {args.calibration_steps} steps)")
-    calibration = calibration_for(model, codec, args, stem + ".calibration.json")
+    settings = {"budgets": budgets, "taus": taus, "contexts": contexts, "tasks": task_names,
+                "examples": args.examples, "text_tokens": args.text_tokens, "sink": args.sink,
+                "local": args.local, "seed": args.seed}
+    previous = _previous_report(args, settings)
+    if previous is not None:
+        calibration = previous["calibration"]
+        log(f"resuming {args.out}: {len(previous['cells'])} cell(s) done, calibration kept")
+    else:
+        log(f"calibrating (budget {min(budgets)}, {max(contexts)} tokens, {args.calibration_steps} steps)")
+        calibration = calibration_for(model, codec, args, stem + ".calibration.json")
     log(f"suggested per-layer tau: {calibration['suggested_tau']}")
     report = {
         "command": " ".join(getattr(args, "command_line", ["prhs-bench", "frontier"])),
         "model": args.model, **environment(torch, args.device), "dtype": args.dtype,
-        "settings": {"budgets": budgets, "taus": taus, "contexts": contexts, "tasks": task_names,
-                     "examples": args.examples, "text_tokens": args.text_tokens, "sink": args.sink,
-                     "local": args.local, "seed": args.seed},
+        "settings": settings,
         "calibration": {"path": calibration["path"], "suggested_tau": calibration["suggested_tau"],
                         "share": calibration.get("share")},
         "cells": [], "rows": [], "complete": False,
     }
     plan = cells(budgets, taus, [p for p in args.policies.split(",") if p])
-    dense = None
+    done_before = {(c["label"], c["budget"]): c for c in (previous or {}).get("cells", [])}
     for i, cell in enumerate(plan):
+        if (cell["label"], cell["budget"]) in done_before:
+            key = (cell["label"], cell["budget"])
+            report["cells"].append(done_before[key])
+            report["rows"] += [r for r in previous["rows"] if (r["label"], r["budget"]) == key]
+            continue
         extra = dict(cell["extra"])
         if "layer_tau" in extra:
             extra["layer_tau"] = calibration["suggested_tau"]
@@ -252,24 +290,31 @@ def run(args) -> int:
                 "seconds": time.perf_counter() - phase}
         report["cells"].append(done)
         report["rows"] += [{"label": cell["label"], **r} for r in rows]
-        dense = done if cell["policy"] == "dense" else dense
-        if dense is not None:
-            report["recommended"] = recommend(report["cells"], dense)
         m = done["summary"]
         log(f"[{i + 1}/{len(plan)}] {cell['label']} @ {cell['budget']}: acc {m['accuracy']} top-1 {_num(m['top1_agreement'], 3)} "
             f"KL {_num(m['kl_mean'], 4)} rate {_num(m['retrieval_rate'], 3)} {m['layer_retrieval_rate']} ({done['seconds']:.0f} s)")
         write_json(args.out, report)
     report["complete"] = True
     report["seconds"] = time.perf_counter() - started
+    table, plotted = render(report, stem)
     write_json(args.out, report)
-    table = markdown(report)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    plotted = plot(report, stem + ".png")
     print(table)
     print(f"wrote {args.out}, {stem}.md" + (f" and {stem}.png" if plotted else " (matplotlib missing: no plot)")
           + f" in {report['seconds']:.0f} s")
     return 0
+
+
+def _previous_report(args, settings: dict) -> dict | None:
+    """The report ``--resume`` continues: the --out JSON when it exists, None otherwise.
+    Settings that differ from this run's are an error (the cells would not be comparable)."""
+    if not args.resume or not os.path.exists(args.out):
+        return None
+    with open(args.out) as f:
+        previous = json.load(f)
+    if previous.get("model") != args.model or previous.get("settings") != settings:
+        raise SystemExit(f"--resume: {args.out} was run with model {previous.get('model')!r} and settings "
+                         f"{previous.get('settings')}, not {args.model!r} and {settings}")
+    return previous
 
 
 def log(message: str) -> None:
