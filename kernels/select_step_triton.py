@@ -182,8 +182,8 @@ def _fused(fn):
         if _COMPILE_GLUE == "never" or (_COMPILE_GLUE == "cuda" and not args[0].is_cuda):
             return fn(*args, **kwargs)
         if compiled is None:
-            compiled = torch.compile(fn, fullgraph=True, dynamic=None,
-                                     options=dict(GLUE_INDUCTOR_OPTIONS) or None)
+            options = dict(GLUE_INDUCTOR_OPTIONS) if args[0].is_cuda else {}
+            compiled = torch.compile(fn, fullgraph=True, dynamic=None, options=options or None)
         signature = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
         if signature in failed:
             return fn(*args, **kwargs)
@@ -214,9 +214,12 @@ _COMPILE_ERRORS = tuple(
 # When to compile the glue: "cuda" (default), "always" (tests: compiled on CPU too) or
 # "never" (debugging, and timing the glue eagerly).
 _COMPILE_GLUE = "cuda"
-# Inductor options of the glue's compiled graphs, read when a graph is first compiled
-# (``scripts/profile_step.py --glue-options`` tries others).
-GLUE_INDUCTOR_OPTIONS: dict = {}
+# Inductor options of the glue's compiled graphs on CUDA, read when a graph is first
+# compiled (``scripts/profile_step.py --glue-options`` tries others). Combo kernels put the
+# glue's independent small kernels into shared launches: 17 kernels and 53 us for a step
+# at B=1, 32K (r=0) on the H200, against 24 kernels and 60 us without
+# (bench_results/profile_step_b1_32k_combo_h200.txt). CPU glue (tests) takes the defaults.
+GLUE_INDUCTOR_OPTIONS: dict = {"combo_kernels": True}
 
 
 def _row_facts(bounds, pos, fingerprint, k, q_len: int):

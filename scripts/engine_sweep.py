@@ -51,7 +51,7 @@ def main() -> int:
                 for n, w, s in itertools.product((64, 128), (4, 8), (3, 4))]
     lse_grid += [dict(lse_default, programs_per_sm=p) for p in (2, 8)]
     topk_grid = [dict(block=b, num_warps=w, programs_per_sm=p)
-                 for b, (w, p) in itertools.product((2048, 4096), ((8, 1), (4, 2)))]
+                 for b, (w, p) in itertools.product((2048, 4096, 8192), ((8, 1), (4, 2)))]
     rows = []
     shapes = [(1, 131072), (16, 32768), (16, 131072)]
     if args.smoke:

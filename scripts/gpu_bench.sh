@@ -43,10 +43,10 @@ for stage in "$@"; do
       python "$ROOT/scripts/attend_sweep.py" --out "$OUT/attend_sweep.json" 2>&1 | tail -20
       ;;
     profile)
-      # r = 0 at B=1 (the fixed cost of a step), with the glue's default Inductor options and
-      # with combo kernels; r = 0.1 and r = 1 where retrievals dominate.
+      # r = 0 at B=1 (the fixed cost of a step), with the glue's default Inductor options
+      # (combo kernels) and without them; r = 0.1 and r = 1 where retrievals dominate.
       python "$ROOT/scripts/profile_step.py" --batch 1 --context 32768 --budget 2048 2>&1 | grep -v Warn | tee "$OUT/profile_b1_32k_r0.txt"
-      python "$ROOT/scripts/profile_step.py" --batch 1 --context 32768 --budget 2048 --glue-options '{"combo_kernels": true}' 2>&1 | grep -v Warn | tee "$OUT/profile_b1_32k_r0_combo.txt" | grep -E "kernels|graph"
+      python "$ROOT/scripts/profile_step.py" --batch 1 --context 32768 --budget 2048 --glue-options '{"combo_kernels": false}' 2>&1 | grep -v Warn | tee "$OUT/profile_b1_32k_r0_nocombo.txt" | grep -E "kernels|graph"
       python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 0.1 2>&1 | grep -v Warn | tee "$OUT/profile_b16_128k_r01.txt" | grep -E "kernels|graph|_kernel"
       python "$ROOT/scripts/profile_step.py" --batch 1 --context 131072 --budget 2048 --rate 1 2>&1 | grep -v Warn | tee "$OUT/profile_b1_128k_r1.txt" | grep -E "kernels|graph|_kernel"
       ;;

@@ -2,7 +2,7 @@
 (through the registered ops, as ``prhs-bench latency`` runs them), per launch.
 
     python scripts/profile_step.py [--batch 16 --context 32768 --budget 2048 --rate 0]
-        [--glue-options '{"combo_kernels": true}']
+        [--glue-options '{"combo_kernels": false}']
 
 Prints the kernels of one step in launch order with their GPU time (torch.profiler, after a
 warm-up; no CUDA graph, so the gaps between kernels are launch overhead that a graph would
