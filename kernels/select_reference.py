@@ -13,7 +13,11 @@ of a model):
 * ``counters``    int64 ``[6]``        decode calls, (row, KV head) slots, retrievals, resets,
                                        and the (query, key) pairs of windowed prefill attention:
                                        causal ones and those the window kept
-* then whatever the policy's rule declares.
+* then whatever the policy's rule declares;
+* ``topk_guess``  int32 ``[Bc, Hkv]``  (rules whose CUDA step retrieves with the radix top-k
+                                       every time a gate says so) the threshold of each
+                                       slot's last retrieval, the next one's first guess
+                                       (``topk_triton``); the reference never reads it.
 
 ``Bc`` may exceed the batch size (a graph with a symbolic batch allocates for the largest);
 only the first ``B`` rows are used.
@@ -34,6 +38,8 @@ from .selection import indices_to_keep, keep_to_indices, keys_at
 COUNTER_NAMES = ("decode_calls", "slots", "retrievals", "resets", "prefill_pairs", "prefill_pairs_kept")
 CALLS, SLOTS, RETRIEVALS, RESETS, PREFILL_PAIRS, PREFILL_KEPT = range(len(COUNTER_NAMES))
 COUNTERS_INDEX = 2  # position of ``counters`` in every state list (see state_spec)
+TOPK_GUESS = "topk_guess"
+TOPK_GUESS_STEPS = ("gated", "exact")  # engine steps that keep a top-k guess per slot
 
 # Called with a verify record (a dict, see ``_verify_record``) when a plan has verify=True.
 # The public package installs its stats recorder here; kernels never import it.
@@ -50,7 +56,10 @@ def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_d
         "fingerprint": ((batch, head_dim), torch.float32, 0.0),
         "counters": ((len(COUNTER_NAMES),), torch.int64, 0),
     }
-    spec.update(get_rule(plan.policy).state_spec(plan, batch, q_heads, kv_heads, head_dim))
+    rule = get_rule(plan.policy)
+    spec.update(rule.state_spec(plan, batch, q_heads, kv_heads, head_dim))
+    if rule.cuda_step in TOPK_GUESS_STEPS:
+        spec[TOPK_GUESS] = ((batch, kv_heads), torch.int32, 0)
     return spec
 
 

@@ -52,7 +52,7 @@ from .rules import get_rule
 from .rules_baselines import QuestRule
 from .select_hshare_triton import channel_abs_sums
 from .select_quest_triton import quest_page_scores, quest_picks
-from .select_reference import continuing_rows, selection_listeners, step_bookkeeping
+from .select_reference import TOPK_GUESS, continuing_rows, selection_listeners, step_bookkeeping
 from .selection import advance_age, scatter_keep
 from .compose_triton import compose as _compose
 from .retrieve_triton import retrieve_keys
@@ -385,7 +385,7 @@ def _gated_step(step: Step):
     _, picked_mass = topk_picks(found.keys, bounds, top, out=kept, active=flags,
                                 caps=plan.head_middles(q.device),
                                 dilation_m=min(cores, length), dilation_r=radius,
-                                width=plan.middle)
+                                width=plan.middle, guess=st[TOPK_GUESS][:batch])
     _store_picked(q, k, found.window_mass, picked_mass,
                   found.key_norm if want_norm else key_norm, retrieve, reuse, age,
                   kept, anchor, anchor_dropped, key_norm, rows, st["counters"], pos,
@@ -451,7 +451,8 @@ def _exact_step(step: Step):
     plan, bounds = step.plan, step.bounds
     found = retrieve_keys(step.q, step.k, step.operand, bounds, step.scale)
     picks, _ = topk_picks(found.keys, bounds, min(plan.middle, step.shape[4]),
-                          caps=plan.head_middles(step.q.device), width=plan.middle)
+                          caps=plan.head_middles(step.q.device), width=plan.middle,
+                          guess=step.st[TOPK_GUESS][:step.shape[0]])
     return step.finish(step.compose(picks), step.every_slot_retrieves())
 
 

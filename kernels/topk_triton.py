@@ -27,6 +27,14 @@ interpreter (CPU tests) each slot gets one program and no barrier.
   of the rest: the neighbours plus the best ``k - |neighbours|`` others (or the best ``k``
   neighbours, should they not all fit) are all among the candidates, so those few thousand
   keys are all it looks at. A last ``_compact`` over the flagged keys writes the picks.
+* guess (``guess=``, a threshold per slot kept between calls): a slot that retrieves again
+  and again sees masses of much the same spread, so the last call's threshold predicts this
+  one's. With a guess ``g``, one pass counts the keys ``>= g``; when they hold the keys
+  needed and fit the candidate buffer (at most ``_GUESS_SLACK`` times as many), a second
+  pass compacts exactly those, and the radix rounds are skipped: one program finds the
+  threshold among the candidates (as the dilation does). Otherwise the radix select runs as
+  without a guess, and its threshold (of the top 5/4 x the needed count) becomes the next
+  guess. Either way the set is the same.
 """
 
 from __future__ import annotations
@@ -47,6 +55,11 @@ __all__ = ["topk_picks"]
 CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1}
 _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated neighbour
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
+# A guess is taken while the keys at or above it are between the needed count and
+# _GUESS_SLACK times it (the candidate buffer); the next guess aims at _GUESS_AHEAD times it.
+_GUESS_SLACK = 2
+_GUESS_AHEAD_NUM = tl.constexpr(5)
+_GUESS_AHEAD_DEN = tl.constexpr(4)
 # Scratch row per slot (int32): digit histograms, the barrier counter, the threshold the
 # dilation found, and per-party counts and mass partials of the two compactions.
 # Digits of 4 bits: eight rounds of 16-bin histograms. 8-bit digits (four rounds, four
@@ -202,6 +215,51 @@ def _compact(key_row, start, end, thr, need, out_row, width, SCR, CNT: tl.conste
 
 
 @triton.jit
+def _count_at_least(key_row, start, end, g, SCR, CNT: tl.constexpr, c, parties, phase,
+                    MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr):
+    """(keys >= ``g`` before this party's chunk, in the whole middle, phase)."""
+    n = tl.full([], 0, tl.int32)
+    for s0 in range(start, end, BLOCK):
+        offs = s0 + tl.arange(0, BLOCK)
+        key = tl.load(key_row + offs, mask=offs < end, other=0,
+                      cache_modifier=".cg").to(tl.uint32, bitcast=True)
+        n += tl.sum(((offs < end) & (key >= g)).to(tl.int32), 0)
+    before = tl.full([], 0, tl.int32)
+    total = n
+    if MULTI:
+        tl.store(SCR + CNT + 2 * c, n)
+        phase = _barrier(SCR + _BAR, parties, phase)
+        offs_c = tl.arange(0, C_P2)
+        counts = tl.load(SCR + CNT + 2 * offs_c, mask=offs_c < parties, other=0, volatile=True)
+        before = tl.sum(tl.where(offs_c < c, counts, 0), 0)
+        total = tl.sum(counts, 0)
+    return before, total, phase
+
+
+@triton.jit
+def _write_at_least(key_row, start, end, g, out_row, n_out, BLOCK: tl.constexpr):
+    """Write the positions of this party's keys >= ``g`` from slot ``n_out`` on, in order."""
+    for s0 in range(start, end, BLOCK):
+        pos = s0 + tl.arange(0, BLOCK)
+        key = tl.load(key_row + pos, mask=pos < end, other=0,
+                      cache_modifier=".cg").to(tl.uint32, bitcast=True)
+        take = (pos < end) & (key >= g)
+        slot = n_out + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(out_row + slot, pos, mask=take)
+        n_out += tl.sum(take.to(tl.int32), 0)
+
+
+@triton.jit
+def _candidate_keys(key_row, cand_row, n_cand, CAND_P2: tl.constexpr):
+    """The keys of the candidates (without a dilation flag), 0 past ``n_cand``."""
+    offs = tl.arange(0, CAND_P2)
+    in_list = offs < n_cand
+    cpos = tl.load(cand_row + offs, mask=in_list, other=0, volatile=True)
+    ckey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
+    return tl.where(in_list, ckey & 0x7FFFFFFF, 0)
+
+
+@triton.jit
 def _select_registers(key, k):
     """(thr, need) of the top ``k`` of a block of keys held in registers (0: no candidate),
     exact even when all of them are in (thr = the smallest, need = how many equal it), so
@@ -272,10 +330,60 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
 
 
 @triton.jit
+def _guessed_threshold(key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr, c, parties,
+                       phase, cand_row, cand_width, core_row, guess_ptr, DILATE: tl.constexpr,
+                       MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr,
+                       CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr):
+    """(thr, need, phase) of the slot's picks, with a guessed threshold. The candidates are
+    the keys >= the guess when they hold the ``top`` needed and fit the buffer (the guess
+    stays), else the top ``ahead`` by the radix select (whose threshold becomes the next
+    guess); one program finds the threshold among them, with the dilation or plainly."""
+    top = cap
+    if DILATE:
+        top = tl.maximum(cap, tl.full([], 0, tl.int32) + m)
+    ahead = tl.minimum((top * _GUESS_AHEAD_NUM) // _GUESS_AHEAD_DEN, cand_width)
+    g = tl.load(guess_ptr).to(tl.uint32, bitcast=True)
+    hit = tl.full([], 0, tl.int32)
+    n_cand = tl.full([], 0, tl.int32)
+    thr = tl.full([], 0, tl.uint32)
+    need = tl.full([], 0, tl.int32)
+    if g != 0:
+        before, n_ge, phase = _count_at_least(key_row, start, end, g, scr, _CNT1, c, parties,
+                                              phase, MULTI, BLOCK, C_P2)
+        if (n_ge >= top) & (n_ge <= cand_width):
+            _write_at_least(key_row, start, end, g, cand_row, before, BLOCK)
+            if MULTI:
+                phase = _barrier(scr + _BAR, parties, phase)
+            hit = hit + 1
+            n_cand = n_ge
+    if hit == 0:
+        thr, need, phase = _select(key_row, start, end, ahead, scr, parties, phase, MULTI, BLOCK)
+        n_cand, _, phase = _compact(key_row, start, end, thr, need, cand_row, cand_width,
+                                    scr, _CNT1, c, parties, phase, MULTI, BLOCK, C_P2)
+        if c == 0:  # the next guess: every key >= it makes ``ahead`` (0: too few keys)
+            tl.store(guess_ptr, thr.to(tl.int32, bitcast=True))
+    if c == 0:
+        if DILATE:
+            thr, need = _dilate(key_row, cand_row, n_cand, core_row, m, radius, cap, mid_lo,
+                                mid_hi, CAND_P2, M_P2, R_P2)
+        else:
+            thr, need = _select_registers(_candidate_keys(key_row, cand_row, n_cand, CAND_P2), cap)
+        thr = tl.where(cap <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
+        need = tl.where(cap <= 0, 0, need)
+        tl.store(scr + _THR, thr.to(tl.int32, bitcast=True))
+        tl.store(scr + _THR + 1, need)
+    if MULTI:
+        phase = _barrier(scr + _BAR, parties, phase)
+    thr = tl.load(scr + _THR, volatile=True).to(tl.uint32, bitcast=True)
+    need = tl.load(scr + _THR + 1, volatile=True)
+    return thr, need, phase
+
+
+@triton.jit
 def _topk_kernel(
-    KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, SCRATCH, PICKED_MASS,
+    KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, SCRATCH, PICKED_MASS, GUESS,
     BH, Hkv, L, k, m, radius, width, cand_width, stride_ob, stride_oh, num_programs,
-    HAS_ACTIVE: tl.constexpr, HAS_CAPS: tl.constexpr, DILATE: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, HAS_CAPS: tl.constexpr, DILATE: tl.constexpr, HAS_GUESS: tl.constexpr,
     MULTI: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BH: tl.constexpr, C_P2: tl.constexpr,
     CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr,
 ):
@@ -307,7 +415,12 @@ def _topk_kernel(
         if HAS_CAPS:
             cap = tl.minimum(tl.load(CAPS + h).to(tl.int32), cap)
         phase = tl.full([], 0, tl.int32)
-        if DILATE:
+        if HAS_GUESS:
+            thr, need, phase = _guessed_threshold(
+                key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr, c, parties, phase,
+                CAND + slot.to(tl.int64) * cand_width, cand_width, CORES + slot.to(tl.int64) * M_P2,
+                GUESS + slot, DILATE, MULTI, BLOCK, C_P2, CAND_P2, M_P2, R_P2)
+        elif DILATE:
             top = tl.maximum(cap, tl.full([], 0, tl.int32) + m)
             thr, need, phase = _select(key_row, start, end, top, scr, parties, phase, MULTI, BLOCK)
             cand_row = CAND + slot.to(tl.int64) * cand_width
@@ -344,13 +457,15 @@ def _resident_programs(device: torch.device) -> int:
 
 
 def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilation_m: int = 0,
-               dilation_r: int = 0, width: int | None = None):
+               dilation_r: int = 0, width: int | None = None, guess=None):
     """Picks of every active slot from ``keys`` (int32 ``[B, Hkv, L]``, modified in place
     when dilating): the top ``k`` of the middle (at most ``caps[h]`` for KV head h, when
     given), the +-``dilation_r`` neighbours of the best ``dilation_m`` first. Writes
     ascending positions, -1 padded, into ``out`` (``[B, Hkv, width]``, e.g. a view of the
     selection state: rows of inactive slots are left as they are) and returns it with the
-    summed mass of each slot's picks (fp32 ``[B, Hkv]``, undefined for inactive slots)."""
+    summed mass of each slot's picks (fp32 ``[B, Hkv]``, undefined for inactive slots).
+    ``guess`` (int32 ``[B, Hkv]``, 0: none) seeds each active slot's threshold and receives
+    the next call's; the picks are the same with or without it."""
     B, Hkv, L = keys.shape
     BH = B * Hkv
     width = k if width is None else width
@@ -368,17 +483,23 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     scratch = (torch.zeros((BH, _SCRATCH_WIDTH), dtype=torch.int32, device=device) if multi
                else torch.empty((BH, _SCRATCH_WIDTH), dtype=torch.int32, device=device))
     m = dilation_m if dilate else 0
-    cand_width = max(k, m, 1)
-    cand = torch.empty((BH, cand_width), dtype=torch.int32, device=device) if dilate else scratch
+    cand_width = max(k, m, 1) * (_GUESS_SLACK if guess is not None else 1)
+    if guess is not None and (guess.dtype != torch.int32 or guess.numel() != BH):
+        raise ValueError(f"guess must be int32 with one entry per (row, KV head) slot ({BH}), "
+                         f"got {guess.dtype} of {guess.numel()}")
+    cand = (torch.empty((BH, cand_width), dtype=torch.int32, device=device)
+            if dilate or guess is not None else scratch)
     m_p2 = triton.next_power_of_2(max(m, 1))
     cores = torch.empty((BH, m_p2), dtype=torch.int32, device=device) if dilate else scratch
     active_t = keys if active is None else active.reshape(BH).to(torch.int32)
     caps_t = keys if caps is None else caps.to(torch.int32)
     _topk_kernel[(num_programs,)](
         keys, bounds, active_t, caps_t, out, cand, cores, scratch, picked_mass,
+        keys if guess is None else guess,
         BH, Hkv, L, k, m, dilation_r if dilate else 0, width, cand_width,
         out.stride(0), out.stride(1), num_programs,
-        HAS_ACTIVE=active is not None, HAS_CAPS=caps is not None, DILATE=dilate, MULTI=multi,
+        HAS_ACTIVE=active is not None, HAS_CAPS=caps is not None, DILATE=dilate,
+        HAS_GUESS=guess is not None, MULTI=multi,
         BLOCK=CONFIG["block"], BLOCK_BH=triton.next_power_of_2(BH),
         C_P2=_C_MAX, CAND_P2=triton.next_power_of_2(cand_width), M_P2=m_p2,
         R_P2=triton.next_power_of_2(2 * max(dilation_r, 0) + 1), num_warps=CONFIG["num_warps"],

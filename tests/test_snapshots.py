@@ -89,9 +89,9 @@ prefill_default = torch.ops.prhs.prefill.default(q_embed, key, None, True, 0.25,
 attn_output_5 = torch._C._nn.scaled_dot_product_attention(q_embed_1, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True, enable_gqa = True)
 prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
         self.assertExpectedInline(decisions, """\
 layer 0: prefill (query length 12 > max_decode_query_len=1: dense attention, selection state reset)
@@ -102,17 +102,17 @@ layer 1: decode (query length 1: select-then-attend)""")
     def test_mistral(self):
         prefill, decode, decisions = prefill_and_decode("mistral")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_qwen3_qk_norm(self):
         prefill, decode, decisions = prefill_and_decode("qwen3")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_gemma3_sliding_window_layers(self):
@@ -124,7 +124,7 @@ attn_output_5 = torch._C._nn.scaled_dot_product_attention(q_embed_1, key_1, valu
 prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.0625, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
         self.assertExpectedInline(decode, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, key, value, attn_mask = attention_mask_2, dropout_p = 0.0, scale = 0.0625, is_causal = False)
-select_default = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.0625, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+select_default = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.0625, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8], None)
 attend_default = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default, attention_mask_1, 0.0625)""")
         self.assertExpectedInline(decisions, """\
 layer 0: prefill (query length 12 > max_decode_query_len=1: dense attention, selection state reset)
@@ -135,9 +135,9 @@ layer 1: decode (query length 1: select-then-attend)""")
     def test_phi3(self):
         prefill, decode, decisions = prefill_and_decode("phi3")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_gpt_neox_partial_rotary_no_gqa(self):
@@ -148,17 +148,17 @@ prefill_default = torch.ops.prhs.prefill.default(q_embed_1, key, None, True, 0.2
 attn_output_6 = torch._C._nn.scaled_dot_product_attention(q_embed_3, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True)
 prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_3, key_1, None, True, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed_1, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+select_default = torch.ops.prhs.select.default(q_embed_1, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8], None)
 attend_default = torch.ops.prhs.attend.default(q_embed_1, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_3, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+select_default_1 = torch.ops.prhs.select.default(q_embed_3, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_3, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_falcon_fused_qkv(self):
         prefill, decode, decisions = prefill_and_decode("falcon")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_deepseek_v3_mla(self):
@@ -167,23 +167,23 @@ attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys,
         prefill, decode, decisions = prefill_and_decode("deepseek_v3")
         assert decisions.count("decode (query length 1: select-then-attend)") == 2
         self.assertExpectedInline(with_hf_names_numbered(decode), """\
-select_default = torch.ops.prhs.select.default(t0, t1, t2, t3, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+select_default = torch.ops.prhs.select.default(t0, t1, t2, t3, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8], None)
 attend_default = torch.ops.prhs.attend.default(t0, t1, t2, select_default, t3, 0.25)
-select_default_1 = torch.ops.prhs.select.default(t4, t5, t6, t3, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], None)
+select_default_1 = torch.ops.prhs.select.default(t4, t5, t6, t3, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8], None)
 attend_default_1 = torch.ops.prhs.attend.default(t4, t5, t6, select_default_1, t3, 0.25)""")
 
     def test_llama_prhs_cross_layer_sharing(self):
         prefill, decode, decisions = prefill_and_decode("llama", layer_share={1: 0}, psaw_start_layer=1)
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;psaw_start=1;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7], None)
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;psaw_start=1;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;psaw_start=1;num_layers=2;share_from=0', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7], select_default)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;psaw_start=1;num_layers=2;share_from=0', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8], select_default)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")
 
     def test_llama_oracle_policy(self):
         prefill, decode, decisions = prefill_and_decode("llama", policy="oracle")
         self.assertExpectedInline(decode, """\
-select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2], None)
+select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=oracle;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
-select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2], None)
+select_default_1 = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.25, 'policy=oracle;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3], None)
 attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, select_default_1, attention_mask_1, 0.25)""")

@@ -82,6 +82,52 @@ def test_topk_over_a_long_row(tied):
         torch.testing.assert_close(picked, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("m,r", [(0, 0), (13, 1)])
+def test_a_guessed_threshold_gives_the_same_set_whether_it_holds_or_not(tied, m, r):
+    """The guess (a threshold per slot carried between calls) only changes how the set is
+    found: a guess that holds the needed keys, one too high, one too low (too many keys at
+    or above it), none, and the guess a call leaves behind all give the reference's set."""
+    gen = torch.Generator().manual_seed(5 + 2 * tied + m)
+    B, H, L, k = 2, 2, 700, 40
+    mass = torch.rand(B, H, L, generator=gen) ** 3
+    if tied:
+        mass = (mass * 16).floor() / 16
+    mass = mass.to(DEVICE)
+    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    region[:, 300:320] = False
+    keys = _keys_of(mass, region)
+    bounds = _middle_bounds([3, 3], [L - 2, L - 2], L)
+    region &= (torch.arange(L, device=DEVICE) >= 3) & (torch.arange(L, device=DEVICE) < L - 2)
+    plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=m, dilation_r=r)
+    ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=m > 0), k)
+    middle_keys = torch.where(region[:, None, :], keys, 0)
+    ranked = middle_keys.sort(-1, descending=True).values  # [B, H, L]
+
+    def at_rank(rank):  # a guess with ``rank`` keys at or above it (fewer with ties)
+        return ranked[..., rank - 1].contiguous()
+
+    top = max(k, m)
+    guesses = {"none": torch.zeros(B, H, dtype=torch.int32, device=DEVICE),
+               "holds": at_rank(top + top // 2), "exact": at_rank(top),
+               "too high": at_rank(top // 2), "too low": at_rank(min(5 * top, L - 30))}
+    for name, given in guesses.items():
+        guess = given.clone()
+        out, picked = topk_picks(keys.clone(), bounds, k, dilation_m=m, dilation_r=r, width=k,
+                                 guess=guess)
+        assert torch.equal(out, ref), name
+        if name in ("holds", "exact") and not tied:
+            assert torch.equal(guess, given)  # it held: taken, and kept for the next call
+        want = torch.where(ref >= 0, mass.gather(-1, ref.clamp_min(0).long()), 0.0).sum(-1)
+        torch.testing.assert_close(picked, want, rtol=1e-5, atol=1e-6)
+        # what the call leaves: a guess the next call takes (the keys at or above it hold
+        # the needed ones and fit twice their number)
+        n_ge = (middle_keys.long() >= guess.long()[..., None]).sum(-1)  # keys are positive
+        assert ((n_ge >= top) & (n_ge <= 2 * top)).all(), (name, n_ge)
+        again, _ = topk_picks(keys.clone(), bounds, k, dilation_m=m, dilation_r=r, width=k, guess=guess)
+        assert torch.equal(again, ref), name
+
+
 def test_topk_skips_inactive_slots_and_caps_each_head():
     gen = torch.Generator().manual_seed(3)
     B, H, L, k = 2, 2, 128, 20
