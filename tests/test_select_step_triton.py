@@ -186,12 +186,12 @@ def test_compiled_glue_follows_a_growing_cache_without_recompiling_per_step(monk
     plan = dataclasses.replace(PRHS, budget=24)
     gen = torch.Generator().manual_seed(0)
     B, Hq, Hkv, D = 1, 4, 2, 16
-    state = allocate_state(plan, B, Hq, Hkv, D, torch.device("cpu"))
+    state = allocate_state(plan, B, Hq, Hkv, D, torch.device(DEVICE))
     with caplog.at_level("WARNING"), torch._dynamo.config.patch(recompile_limit=2):
         for length in range(60, 65):
-            q = torch.randn(B, Hq, 1, D, generator=gen)
-            k = torch.randn(B, Hkv, length, D, generator=gen)
-            mask = torch.ones(B, 1, 1, length, dtype=torch.bool)
+            q = torch.randn(B, Hq, 1, D, generator=gen).to(DEVICE)
+            k = torch.randn(B, Hkv, length, D, generator=gen).to(DEVICE)
+            mask = torch.ones(B, 1, 1, length, dtype=torch.bool, device=DEVICE)
             step.select_step_triton(q, k, mask, D ** -0.5, plan, _state_dict(plan, state, q, k))
     assert not [r.message for r in caplog.records if "runs eagerly" in r.message]
 
