@@ -68,7 +68,8 @@ for stage in "$@"; do
       prhs-bench latency --no-progress ${LATENCY_ARGS:-} --out "$OUT/latency.json" 2>&1 | tail -60
       ;;
     throughput)
-      prhs-bench throughput --out "$OUT/throughput.json" 2>&1 | tail -40
+      # shellcheck disable=SC2086  # THROUGHPUT_ARGS: extra options, e.g. --configs inductor_gqa,prhs
+      prhs-bench throughput ${THROUGHPUT_ARGS:-} --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     *)
       echo "unknown stage $stage (tests, topk, engine, attend_sweep, profile, sweep, compare, probe, prefill, latency, throughput)"; exit 2;;
