@@ -35,7 +35,7 @@ TOP1_AIM, RATE_AIM = 0.98, 0.25  # the aim a recommendation is checked against
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="gemma3-270m", help=model_help())
     parser.add_argument("--budgets", default="256,1024")
-    parser.add_argument("--taus", default="0.3,0.5,0.6,0.7,0.8,0.9", help="PrHS tau values (each a cell per budget)")
+    parser.add_argument("--taus", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="PrHS tau values (each a cell per budget)")
     parser.add_argument("--policies", default=OTHER_POLICIES, help="other policies run at every budget (dense runs once)")
     parser.add_argument("--contexts", default="2048", help="comma-separated context lengths (tokens of the model)")
     parser.add_argument("--tasks", default=None, help="default: every task the model speaks")
