@@ -28,7 +28,7 @@ from prhs_compile.bench import accuracy
 from prhs_compile.bench.models import model_help
 from prhs_compile.bench.report import environment, write_json
 
-OTHER_POLICIES = "oracle,streaming,sage_kv,snapkv,quest,h2o,hshare"
+OTHER_POLICIES = "oracle,streaming,sage_kv,snapkv,quest,h2o,hshare,lu_kv"
 TOP1_AIM, RATE_AIM = 0.98, 0.25  # the aim a recommendation is checked against
 
 
@@ -268,6 +268,10 @@ def run(args) -> int:
         "cells": [], "rows": [], "complete": False,
     }
     plan = cells(budgets, taus, [p for p in args.policies.split(",") if p])
+    lu_kv_table = _lu_kv_table(model, codec, args, settings, stem, previous) if any(
+        c["policy"] == "lu_kv" for c in plan) else None
+    if lu_kv_table:
+        report["lu_kv"] = lu_kv_table
     done_before = {(c["label"], c["budget"]): c for c in (previous or {}).get("cells", [])}
     for i, cell in enumerate(plan):
         if (cell["label"], cell["budget"]) in done_before:
@@ -278,6 +282,8 @@ def run(args) -> int:
         extra = dict(cell["extra"])
         if "layer_tau" in extra:
             extra["layer_tau"] = calibration["suggested_tau"]
+        if cell["policy"] == "lu_kv":
+            extra["head_budgets"] = lu_kv_table["table_path"]
         phase = time.perf_counter()
         rows = accuracy.evaluate(
             model, codec, policies=[cell["policy"]], budgets=[cell["budget"]], contexts=contexts,
@@ -302,6 +308,21 @@ def run(args) -> int:
     print(f"wrote {args.out}, {stem}.md" + (f" and {stem}.png" if plotted else " (matplotlib missing: no plot)")
           + f" in {report['seconds']:.0f} s")
     return 0
+
+
+def _lu_kv_table(model, codec, args, settings: dict, stem: str, previous: dict | None) -> dict:
+    """LU-KV's per-(layer, KV head) budgets for every budget of the frontier: the table a
+    resumed run already profiled, else a profile on held-out prompts (``compare_lukv``)."""
+    from prhs_compile.bench import compare_lukv
+
+    path = stem + ".lukv.json"
+    if previous and previous.get("lu_kv") and os.path.exists(path):
+        return previous["lu_kv"]
+    lu_settings = {**settings, "lu_kv_prompts": 2, "lu_kv_steps": 4, "lu_kv_spread": 4,
+                   "lu_kv_prompt_len": min(compare_lukv.PROMPT_LEN, max(settings["contexts"]))}
+    log(f"LU-KV: profiling per-head budgets ({path})")
+    _, summary = compare_lukv.table_for(model, codec, lu_settings, None, path, args.device)
+    return {**summary, "table_path": path}
 
 
 def _previous_report(args, settings: dict) -> dict | None:
