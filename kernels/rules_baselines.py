@@ -81,6 +81,12 @@ class LUKVRule(OracleRule):
             return "needs per-head budgets: options head_budgets=<JSON written by prhs-bench profile>"
         return super().validate(plan)
 
+    def keeps_dense(self, plan):
+        if not plan.head_budgets and plan.layer >= 0:
+            return (f"the per-head budgets (head_budgets) name no budget for layer {plan.layer} "
+                    "(the profile never saw it rewritten, e.g. a sliding-window layer)")
+        return None
+
 
 class H2ORule(SelectionRule):
     """H2O: heavy hitters by accumulated attention, plus sinks and the recent window.

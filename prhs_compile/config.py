@@ -125,7 +125,10 @@ class PrHSConfig:
         _check_range("max_batch_size", self.max_batch_size, 1, None)
         if self.mode not in MODES:
             _bad("mode", self.mode, f"one of {list(MODES)}")
-        plan_problem = RULES[self.policy].validate(self.select_plan(layer=0))
+        # Checked on a layer the per-head budgets name when there are any (a table lists only
+        # the layers its profile rewrote: e.g. the global layers of a sliding-window model).
+        first = min(self.head_budgets) if self.head_budgets else 0
+        plan_problem = RULES[self.policy].validate(self.select_plan(layer=first))
         if plan_problem:
             raise ValueError(f"prhs option policy={self.policy!r}: {plan_problem}")
 

@@ -92,3 +92,26 @@ def test_profile_table_drives_per_head_budgets_end_to_end(tmp_path):
     compiled = torch.compile(fresh, backend="prhs", options={"policy": "lu_kv", "budget": 16, "head_budgets": {0: [8, 8, 8], 1: [8, 8]}, "sink": 1, "local": 1, "inductor": False})
     with torch.no_grad(), pytest.raises(Exception, match="gives layer 0 3 budgets, but it has 2 KV heads"):
         compiled(torch.randint(0, 128, (1, 8)))
+
+
+def test_a_layer_the_per_head_budgets_do_not_name_stays_dense_with_its_reason():
+    """A table lists only the layers its profile saw rewritten (the global layers of a
+    sliding-window model): the others stay dense, saying why, instead of failing."""
+    import torch
+    import transformers
+    from tiny_models import tiny_model
+
+    import prhs_compile
+
+    model = tiny_model("llama")
+    options = {"policy": "lu_kv", "budget": 16, "head_budgets": {1: [8, 8]}, "sink": 1, "local": 1,
+               "inductor": False}
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    cache = transformers.StaticCache(config=model.config, max_cache_len=64)
+    keyword = prhs_compile.cache_keyword(model)
+    with torch.no_grad():
+        model(input_ids=ids, **{keyword: cache})
+        decisions = prhs_compile.explain(model, input_ids=ids[:, -1:], **{keyword: cache}, options=options).decisions
+    by_layer = {d.layer: d for d in decisions}
+    assert by_layer[0].kind == "dense" and "name no budget for layer 0" in by_layer[0].reason
+    assert by_layer[1].kind == "decode"
