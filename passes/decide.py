@@ -22,7 +22,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 # A rolling window cache (see ``match.rolled_in_place``) moves every key each step, so a
 # selection cannot be reused there and every step retrieves over the whole window. A step in
-# which every slot retrieves is slower than dense SDPA at every shape measured (0.2-0.5x on an
+# which every slot retrieves is slower than dense SDPA at every shape measured (0.1-0.6x on an
 # H200, README "Latency"), so rolling caches of any length stay dense.
 
 
