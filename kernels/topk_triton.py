@@ -334,6 +334,22 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
 
 
 @triton.jit
+def _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI: tl.constexpr):
+    """Every party of the slot gets the (thr, need) its party 0 found (party 0 passes the
+    real values, the others anything); returns (thr, need, phase)."""
+    if c == 0:
+        tl.store(scr + _THR, thr.to(tl.int32, bitcast=True))
+        tl.store(scr + _THR + 1, need)
+    if MULTI:
+        phase = _barrier(scr + _BAR, parties, phase)
+    else:
+        tl.debug_barrier()
+    thr = tl.load(scr + _THR, volatile=True).to(tl.uint32, bitcast=True)
+    need = tl.load(scr + _THR + 1, volatile=True)
+    return thr, need, phase
+
+
+@triton.jit
 def _guessed_threshold(key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr, c, parties,
                        phase, cand_row, cand_width, core_row, guess_ptr, DILATE: tl.constexpr,
                        MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr,
@@ -358,7 +374,7 @@ def _guessed_threshold(key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr,
             _write_at_least(key_row, start, end, g, cand_row, before, BLOCK)
             if MULTI:
                 phase = _barrier(scr + _BAR, parties, phase)
-            hit = hit + 1
+            hit = tl.full([], 1, tl.int32)
             n_cand = n_ge
     if hit == 0:
         thr, need, phase = _select(key_row, start, end, ahead, scr, parties, phase, MULTI, BLOCK)
@@ -374,13 +390,7 @@ def _guessed_threshold(key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr,
             thr, need = _select_registers(_candidate_keys(key_row, cand_row, n_cand, CAND_P2), cap)
         thr = tl.where(cap <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
         need = tl.where(cap <= 0, 0, need)
-        tl.store(scr + _THR, thr.to(tl.int32, bitcast=True))
-        tl.store(scr + _THR + 1, need)
-    if MULTI:
-        phase = _barrier(scr + _BAR, parties, phase)
-    thr = tl.load(scr + _THR, volatile=True).to(tl.uint32, bitcast=True)
-    need = tl.load(scr + _THR + 1, volatile=True)
-    return thr, need, phase
+    return _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI)
 
 
 @triton.jit
@@ -433,12 +443,7 @@ def _topk_kernel(
             if c == 0:
                 thr, need = _dilate(key_row, cand_row, n_cand, CORES + slot.to(tl.int64) * M_P2,
                                     m, radius, cap, mid_lo, mid_hi, CAND_P2, M_P2, R_P2)
-                tl.store(scr + _THR, thr.to(tl.int32, bitcast=True))
-                tl.store(scr + _THR + 1, need)
-            if MULTI:
-                phase = _barrier(scr + _BAR, parties, phase)
-                thr = tl.load(scr + _THR, volatile=True).to(tl.uint32, bitcast=True)
-                need = tl.load(scr + _THR + 1, volatile=True)
+            thr, need, phase = _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI)
         else:
             thr, need, phase = _select(key_row, start, end, cap, scr, parties, phase, MULTI, BLOCK)
         out_row = OUT + b * stride_ob + h.to(tl.int64) * stride_oh

@@ -87,10 +87,10 @@ def main() -> int:
             for cfg in topk_grid:
                 tk.CONFIG.update(cfg)
 
-                def run():
+                def run(guess=None):
                     keys.copy_(pristine)  # dilation flags neighbours in place
                     return tk.topk_picks(keys, bounds, middle, active=active, dilation_m=cores,
-                                         dilation_r=radius, width=middle)
+                                         dilation_r=radius, width=middle, guess=guess)
 
                 picks = run()[0]
                 if active is not None:
@@ -109,9 +109,7 @@ def main() -> int:
             guess = torch.zeros(B, Hkv, dtype=torch.int32, device=device)
 
             def run_guessed():
-                keys.copy_(pristine)
-                return tk.topk_picks(keys, bounds, middle, active=active, dilation_m=cores,
-                                     dilation_r=radius, width=middle, guess=guess)
+                return run(guess)
 
             run_guessed()
             picks = run_guessed()[0]

@@ -36,6 +36,12 @@ def _keys_of(mass, region):
     return torch.where(region[:, None, :], mass.view(torch.int32) + 1, 0).to(torch.int32)
 
 
+def _assert_picked_mass(picked, mass, ref):
+    """The summed mass the top-k reports is that of the reference's picks."""
+    want = torch.where(ref >= 0, mass.gather(-1, ref.clamp_min(0).long()), 0.0).sum(-1)
+    torch.testing.assert_close(picked, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("k,m,r", [(40, 13, 1), (40, 0, 0), (40, 30, 2), (500, 5, 1), (1, 1, 1)])
 def test_topk_is_the_references_set(tied, k, m, r):
@@ -55,8 +61,7 @@ def test_topk_is_the_references_set(tied, k, m, r):
     out, picked = topk_picks(_keys_of(mass, region), _middle_bounds(mid_lo, mid_hi, L),
                              min(k, L), dilation_m=m, dilation_r=r, width=k)
     assert torch.equal(out, ref)
-    want = torch.where(ref >= 0, mass.gather(-1, ref.clamp_min(0).long()), 0.0).sum(-1)
-    torch.testing.assert_close(picked, want, rtol=1e-5, atol=1e-6)
+    _assert_picked_mass(picked, mass, ref)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -78,8 +83,7 @@ def test_topk_over_a_long_row(tied):
         ref = keep_to_indices(dilate_and_pick(mass, region & (torch.arange(L, device=DEVICE) < L - 3),
                                               plan, dilate=m > 0), k)
         assert torch.equal(out, ref)
-        want = torch.where(ref >= 0, mass.gather(-1, ref.clamp_min(0).long()), 0.0).sum(-1)
-        torch.testing.assert_close(picked, want, rtol=1e-5, atol=1e-6)
+        _assert_picked_mass(picked, mass, ref)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -118,8 +122,7 @@ def test_a_guessed_threshold_gives_the_same_set_whether_it_holds_or_not(tied, m,
         assert torch.equal(out, ref), name
         if name in ("holds", "exact") and not tied:
             assert torch.equal(guess, given)  # it held: taken, and kept for the next call
-        want = torch.where(ref >= 0, mass.gather(-1, ref.clamp_min(0).long()), 0.0).sum(-1)
-        torch.testing.assert_close(picked, want, rtol=1e-5, atol=1e-6)
+        _assert_picked_mass(picked, mass, ref)
         # what the call leaves: a guess the next call takes (the keys at or above it hold
         # the needed ones and fit twice their number)
         n_ge = (middle_keys.long() >= guess.long()[..., None]).sum(-1)  # keys are positive

@@ -314,11 +314,12 @@ def _lu_kv_table(model, codec, args, settings: dict, stem: str, previous: dict |
     """LU-KV's per-(layer, KV head) budgets for every budget of the frontier: the table a
     resumed run already profiled, else a profile on held-out prompts (``compare_lukv``)."""
     from prhs_compile.bench import compare_lukv
+    from prhs_compile.bench.compare import FULL  # compare's LU-KV profile settings
 
     path = stem + ".lukv.json"
     if previous and previous.get("lu_kv") and os.path.exists(path):
         return previous["lu_kv"]
-    lu_settings = {**settings, "lu_kv_prompts": 2, "lu_kv_steps": 4, "lu_kv_spread": 4,
+    lu_settings = {**settings, **{key: FULL[key] for key in ("lu_kv_prompts", "lu_kv_steps", "lu_kv_spread")},
                    "lu_kv_prompt_len": min(compare_lukv.PROMPT_LEN, max(settings["contexts"]))}
     log(f"LU-KV: profiling per-head budgets ({path})")
     _, summary = compare_lukv.table_for(model, codec, lu_settings, None, path, args.device)
