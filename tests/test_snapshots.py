@@ -85,9 +85,9 @@ class TestRewriteSnapshots(expecttest.TestCase):
         prefill, decode, decisions = prefill_and_decode("llama")
         self.assertPrefill(prefill, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, key, value, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True, enable_gqa = True)
-prefill_default = torch.ops.prhs.prefill.default(q_embed, key, None, True, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7])
+prefill_default = torch.ops.prhs.prefill.default(q_embed, key, None, True, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8])
 attn_output_5 = torch._C._nn.scaled_dot_product_attention(q_embed_1, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True, enable_gqa = True)
-prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
+prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8])""")
         self.assertExpectedInline(decode, """\
 select_default = torch.ops.prhs.select.default(q_embed, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8], None)
 attend_default = torch.ops.prhs.attend.default(q_embed, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
@@ -119,9 +119,9 @@ attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys,
         prefill, decode, decisions = prefill_and_decode("gemma3")
         self.assertPrefill(prefill, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, key, value, attn_mask = attention_mask, dropout_p = 0.0, scale = 0.0625, is_causal = False)
-prefill_default = torch.ops.prhs.prefill.default(q_embed, k_embed, attention_mask, False, 0.0625, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7])
+prefill_default = torch.ops.prhs.prefill.default(q_embed, k_embed, attention_mask, False, 0.0625, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8])
 attn_output_5 = torch._C._nn.scaled_dot_product_attention(q_embed_1, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.0625, is_causal = True, enable_gqa = True)
-prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.0625, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
+prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_1, key_1, None, True, 0.0625, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8])""")
         self.assertExpectedInline(decode, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, key, value, attn_mask = attention_mask_2, dropout_p = 0.0, scale = 0.0625, is_causal = False)
 select_default = torch.ops.prhs.select.default(q_embed_1, cache_layers_1_keys, cache_layers_1_values, attention_mask_1, 0.0625, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8], None)
@@ -144,9 +144,9 @@ attend_default_1 = torch.ops.prhs.attend.default(q_embed_1, cache_layers_1_keys,
         prefill, decode, decisions = prefill_and_decode("gpt_neox")
         self.assertPrefill(prefill, """\
 attn_output = torch._C._nn.scaled_dot_product_attention(q_embed_1, key, value, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True)
-prefill_default = torch.ops.prhs.prefill.default(q_embed_1, key, None, True, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7])
+prefill_default = torch.ops.prhs.prefill.default(q_embed_1, key, None, True, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8])
 attn_output_6 = torch._C._nn.scaled_dot_product_attention(q_embed_3, key_1, value_1, attn_mask = None, dropout_p = 0.0, scale = 0.25, is_causal = True)
-prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_3, key_1, None, True, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7])""")
+prefill_default_1 = torch.ops.prhs.prefill.default(q_embed_3, key_1, None, True, 0.25, 'policy=prhs;layer=1;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_1_0, _prhs_state_1_1, _prhs_state_1_2, _prhs_state_1_3, _prhs_state_1_4, _prhs_state_1_5, _prhs_state_1_6, _prhs_state_1_7, _prhs_state_1_8])""")
         self.assertExpectedInline(decode, """\
 select_default = torch.ops.prhs.select.default(q_embed_1, cache_layers_0_keys, cache_layers_0_values, attention_mask_1, 0.25, 'policy=prhs;layer=0;budget=16;sink=2;local=4;num_layers=2', [_prhs_state_0_0, _prhs_state_0_1, _prhs_state_0_2, _prhs_state_0_3, _prhs_state_0_4, _prhs_state_0_5, _prhs_state_0_6, _prhs_state_0_7, _prhs_state_0_8], None)
 attend_default = torch.ops.prhs.attend.default(q_embed_1, cache_layers_0_keys, cache_layers_0_values, select_default, attention_mask_1, 0.25)
