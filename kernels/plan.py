@@ -35,6 +35,10 @@ class SelectPlan:
     head_budgets: str = ""  # per-KV-head budgets of this layer ("64,192"), from an LU-KV table
     kv_len: int = 0  # static cache length, for rules that keep per-position state (H2O)
     verify: bool = False  # measure the exact dropped attention mass every step (host sync)
+    retrieval: str = "exact"  # "exact": score every retrievable key; "pages": two-stage (pages.py)
+    page_size: int = 16  # positions per page of the page summaries (retrieval="pages")
+    candidates: int = 4  # two-stage retrieval scores exactly the best pages holding this x budget positions
+    max_cache_len: int = 32768  # positions the stored page summaries cover
 
     @property
     def head_budget_list(self) -> tuple[int, ...]:

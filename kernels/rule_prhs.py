@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import pages
 from .bounds import reuse_bound
 from .selection import (
     SelectionRule,
@@ -29,12 +30,16 @@ class PrHSRule(SelectionRule):
     * depth (PSAW): from ``psaw_start`` on, the oldest non-sink positions are outside the
       layer's recency window and never retrieved.
     * layer: a layer with ``share_from`` takes that layer's selection (see ``select_reference``).
+
+    A retrieval scores every retrievable key (``retrieval="exact"``) or, two-stage, only the
+    keys of the pages whose summaries bound the highest (``retrieval="pages"``, ``pages.py``).
     """
 
     name = "prhs"
     cuda_step = "gated"
     cuda_head_budgets = True
     recency_window = True
+    two_stage = True
 
     def state_spec(self, plan, batch, q_heads, kv_heads, head_dim):
         return {
@@ -62,12 +67,13 @@ class PrHSRule(SelectionRule):
 
         region = retrieval_region(plan, view)
         windows = view.windows(plan)
-        mass = view.group_mass()  # a kernel computes this only for retrieving heads
         rows = group * view.q_len
-        if plan.delta_target > 0:
+        if plan.delta_target > 0:  # exact retrieval only (the options refuse pages with it)
+            mass = view.group_mass()
             fresh = smallest_sufficient(mass, region, windows, rows, plan)
-        else:
-            fresh = dilate_and_pick(mass, region, plan)
+        else:  # a kernel scores only for retrieving heads
+            fresh, mass = pages.retrieve(plan, view, state, region,
+                                         lambda m, pickable: dilate_and_pick(m, pickable, plan))
         retained = ((mass / rows) * (fresh | windows[:, None, :])).sum(-1)
         if needs_key_norms(plan):
             fresh_norm = view.k.float().norm(dim=-1).masked_fill(~view.valid[:, None, :], 0.0).amax(-1)

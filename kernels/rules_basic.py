@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import pages
 from .selection import SelectionRule, dilate_and_pick
 
 
@@ -40,8 +41,10 @@ class OracleRule(SelectionRule):
     name = "oracle"
     cuda_step = "exact"
     cuda_head_budgets = True
+    two_stage = True  # "an oracle within candidates" with retrieval="pages"
 
     def choose(self, plan, view, state):
         base = view.windows(plan)  # [B, L] sinks and local window
-        picked = dilate_and_pick(view.group_mass(), view.valid & ~base, plan, dilate=False)
+        picked, _ = pages.retrieve(plan, view, state, view.valid & ~base,
+                                   lambda mass, pickable: dilate_and_pick(mass, pickable, plan, dilate=False))
         return picked | base[:, None, :], ~view.no_retrieval()

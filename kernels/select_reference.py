@@ -18,6 +18,8 @@ of a model):
                                        every time a gate says so) the threshold of each
                                        slot's last retrieval, the next one's first guess
                                        (``topk_triton``); the reference never reads it.
+* ``page_min``, ``page_max``  ``[Bc, Hkv, pages, D]`` in the cache's dtype (``retrieval="pages"``):
+                                       the page summaries of ``pages.py``.
 
 ``Bc`` may exceed the batch size (a graph with a symbolic batch allocates for the largest);
 only the first ``B`` rows are used.
@@ -30,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from . import pages
 from .bounds import output_error_bound
 from .plan import SelectPlan
 from .rules import get_rule
@@ -49,8 +52,10 @@ dropped_mass_listeners: list[Callable[[dict], None]] = []
 selection_listeners: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
 
 
-def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int):
-    """``{name: (shape, dtype, fill)}`` of every state tensor, in the order the ops take them."""
+def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int,
+               key_dtype=torch.float32):
+    """``{name: (shape, dtype, fill)}`` of every state tensor, in the order the ops take them
+    (``key_dtype``: the cache's, which the page summaries keep)."""
     spec = {
         "pos": ((batch,), torch.int64, -1),
         "fingerprint": ((batch, head_dim), torch.float32, 0.0),
@@ -60,6 +65,8 @@ def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_d
     spec.update(rule.state_spec(plan, batch, q_heads, kv_heads, head_dim))
     if rule.cuda_step in TOPK_GUESS_STEPS:
         spec[TOPK_GUESS] = ((batch, kv_heads), torch.int32, 0)
+    if pages.uses_pages(plan):
+        spec.update(pages.summary_spec(plan, batch, kv_heads, head_dim, key_dtype))
     return spec
 
 
@@ -190,6 +197,8 @@ def select_reference(q, k, v, mask, scale: float, plan: SelectPlan, state: list[
     pos, fingerprint = st["pos"][:batch], st["fingerprint"][:batch]
 
     view.continuing = continuing_rows(pos, fingerprint, k, view.newest, view.q_len)
+    if pages.uses_pages(plan):
+        pages.maintain_summaries(st, k, view.valid, pos, view.continuing, plan)
 
     rule = get_rule(plan.policy)
     # Rows that fit attend to everything: no selection, no retrieval.
@@ -224,13 +233,24 @@ def _verify_record(plan, view, keep, retrieved, v) -> dict:
     * ``output_bound`` [B, Hq, Tq]: ``2 * dropped * max ||v_j||`` bounds the L2 error of the
       renormalised sparse output against dense attention;
     * ``reused`` [B, Hkv] and ``reuse_bound`` [B, Hkv] (policies that reuse, else None):
-      which groups reused a set, and the dropped mass predicted for them.
+      which groups reused a set, and the dropped mass predicted for them;
+    * ``exact_group_dropped`` and ``outside_candidates`` [B, Hkv] (two-stage retrieval, else
+      None): the group's dropped mass had the exact retrieval picked on this step, and the
+      share of the exact picks that stage one left out of the candidates.
     """
     kept_mass = (view.probs * keep[:, :, None, None, :]).sum(-1)  # [B, Hkv, G, Tq]
     dropped = (1.0 - kept_mass).clamp_min(0.0)
     v_norm = v.float().norm(dim=-1).masked_fill(~view.valid[:, None, :], 0.0).amax(-1)  # [B, Hkv]
     output_bound = output_error_bound(dropped, v_norm[:, :, None, None])
     shape = (view.batch, view.q_heads, view.q_len)
+    two_stage = getattr(view, "two_stage", None)
+    exact_dropped = outside = None
+    if two_stage is not None:  # what the exact retrieval would have dropped, on this same step
+        exact = two_stage["exact"]
+        exact_kept = (view.probs * (exact | view.windows(plan)[:, None, :])[:, :, None, None, :]).sum(-1)
+        exact_dropped = (1.0 - exact_kept).clamp_min(0.0).mean(dim=(2, 3))  # [B, Hkv]
+        missed = (exact & ~two_stage["candidates"]).sum(-1)
+        outside = missed / exact.sum(-1).clamp_min(1)  # [B, Hkv] share of its picks not among the candidates
     return {
         "layer": plan.layer,
         "dropped": dropped.reshape(shape),
@@ -239,6 +259,8 @@ def _verify_record(plan, view, keep, retrieved, v) -> dict:
         "retrieved": retrieved,
         "reused": getattr(view, "reused", None),
         "reuse_bound": getattr(view, "reuse_bound", None),
+        "exact_group_dropped": exact_dropped,  # two-stage retrieval only, else None
+        "outside_candidates": outside,
     }
 
 
@@ -253,6 +275,8 @@ def prefill_reference(q, k, mask, is_causal: bool, scale: float, plan: SelectPla
     batch = view.batch
     st["pos"][:batch].copy_(view.newest)
     st["fingerprint"][:batch].copy_(_key_at(k, view.newest))
+    if pages.uses_pages(plan):
+        pages.build_summaries(st, k, view.valid, plan)
     get_rule(plan.policy).on_prefill(plan, view, st, lambda rows: tail_view(q, k, mask, scale, is_causal, rows))
 
 

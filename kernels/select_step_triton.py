@@ -83,6 +83,8 @@ def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> st
         return f"policy {plan.policy!r} selects every position: nothing to rank"
     if rule.cuda_step not in STEPS:
         return f"policy {plan.policy!r} declares no step of the CUDA select engine"
+    if plan.retrieval == "pages":
+        return "retrieval='pages' (two-stage retrieval over page summaries) has no Triton step yet"
     if plan.verify:
         return "verify=True measures the exact dropped mass with the torch reference"
     if selection_listeners:

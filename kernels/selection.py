@@ -40,6 +40,8 @@ class SelectionRule:
     cuda_head_budgets: bool = False
     #: True when the rule retrieves only inside PrHS's progressive recency window (PSAW).
     recency_window: bool = False
+    #: True when its retrievals may be two-stage (``retrieval="pages"``, ``pages.retrieve``).
+    two_stage: bool = False
 
     def local_window(self, plan: SelectPlan) -> int:
         """The most recent valid positions always kept."""
@@ -86,14 +88,16 @@ def retrieval_region(plan: SelectPlan, view) -> torch.Tensor:
 def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan, dilate: bool = True) -> torch.Tensor:
     """Top positions by group mass, each of the best ``m`` pulling in its +-r neighbours.
 
-    ``mass`` [B, Hkv, L], ``region`` [B, L]. Returns a keep-mask [B, Hkv, L] of at most
+    ``mass`` [B, Hkv, L], ``region`` [B, L] (or per KV head, [B, Hkv, L]). Returns a keep-mask [B, Hkv, L] of at most
     ``plan.middle`` positions: first the top ``m`` and their neighbours (best first, should
     they not all fit), then the next best. With ``dilate=False``, ``dilation_m == 0`` or
     ``dilation_r == 0`` this is exactly the top-k.
     """
     length = mass.shape[-1]
     k = min(plan.middle, length)
-    score = mass.masked_fill(~region[:, None, :], float("-inf"))
+    if region.dim() == 2:
+        region = region[:, None, :]
+    score = mass.masked_fill(~region, float("-inf"))
     radius = plan.dilation_r
     m = plan.dilation_m if plan.dilation_m >= 0 else k // (2 * radius + 1)
     caps = head_caps(plan, k, mass.device)
@@ -105,7 +109,7 @@ def dilate_and_pick(mass: torch.Tensor, region: torch.Tensor, plan: SelectPlan, 
     offsets = torch.arange(-radius, radius + 1, device=mass.device)
     neighbours = (cores.indices[..., None] + offsets).clamp(0, length - 1).flatten(-2)
     core_ok = (cores.values > float("-inf"))[..., None].expand(-1, -1, -1, offsets.numel()).flatten(-2)
-    dilated = scatter_keep(neighbours, core_ok, length) & region[:, None, :]
+    dilated = scatter_keep(neighbours, core_ok, length) & region
     # Two rankings rather than one shifted score (score + constant would round masses
     # together): the neighbours first, best first, then the best of the others.
     lead = ranked_topk(score.masked_fill(~dilated, float("-inf")), k)

@@ -11,6 +11,7 @@ from prhs_compile.kernels.rules import RULES
 
 # torch.compile modes the backend understands; each maps onto Inductor config patches.
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+RETRIEVALS = ("exact", "pages")  # how a retrieval scores keys (option ``retrieval``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,16 @@ class PrHSConfig:
             ``prhs-bench profile`` (the entry for ``budget`` as the mean per-head budget is
             used) or ``{layer: [budget per KV head]}``. Used by ``lu_kv``, ``oracle`` and
             ``prhs``.
+        retrieval: how a retrieval (policies ``prhs``, ``oracle``, ``lu_kv``) scores keys:
+            ``"exact"`` scores every retrievable key; ``"pages"`` is two-stage: page summaries
+            (channel-wise min and max of every ``page_size`` keys, kept in the selection state)
+            bound each page's scores, and only the keys of the best pages, holding
+            ``candidates`` x ``budget`` positions, are scored exactly.
+        page_size: positions per page of the summaries (a power of two, 1 to 256).
+        candidates: pages kept by the first stage hold this many budgets of positions (>= 1).
+        max_cache_len: positions the stored page summaries cover per row (they take
+            ``2 / page_size`` of the keys' memory there); pages past it are summarised from
+            the cache at each step (correct, slower; logged).
         max_decode_query_len: attention calls whose query length is at most this are
             decode steps (rewritten); longer ones are prefill (kept dense).
         max_batch_size: rows of selection state allocated when the batch size is symbolic.
@@ -84,6 +95,10 @@ class PrHSConfig:
     num_layers: int = 0
     layer_share: object = None
     head_budgets: object = None
+    retrieval: str = "exact"
+    page_size: int = 16
+    candidates: int = 4
+    max_cache_len: int = 32768
     max_decode_query_len: int = 1
     max_batch_size: int = 64
     debug: bool = False
@@ -121,6 +136,7 @@ class PrHSConfig:
         _check_range("num_layers", self.num_layers, 0, None)
         object.__setattr__(self, "layer_share", load_share_map(self.layer_share))
         object.__setattr__(self, "head_budgets", load_head_budgets(self.head_budgets, self.budget))
+        self._check_retrieval()
         _check_range("max_decode_query_len", self.max_decode_query_len, 1, None)
         _check_range("max_batch_size", self.max_batch_size, 1, None)
         if self.mode not in MODES:
@@ -131,6 +147,23 @@ class PrHSConfig:
         plan_problem = RULES[self.policy].validate(self.select_plan(layer=first))
         if plan_problem:
             raise ValueError(f"prhs option policy={self.policy!r}: {plan_problem}")
+
+    def _check_retrieval(self) -> None:
+        if self.retrieval not in RETRIEVALS:
+            _bad("retrieval", self.retrieval, f"one of {list(RETRIEVALS)}")
+        if not (1 <= self.page_size <= 256 and self.page_size & (self.page_size - 1) == 0):
+            _bad("page_size", self.page_size, "a power of two from 1 to 256")
+        _check_range("candidates", self.candidates, 1, None)
+        _check_range("max_cache_len", self.max_cache_len, self.page_size, None)
+        if self.retrieval == "pages":
+            if not RULES[self.policy].two_stage:
+                two_stage = sorted(name for name, rule in RULES.items() if rule.two_stage)
+                raise ValueError(f"prhs option retrieval='pages' needs a policy that retrieves by score, one of "
+                                 f"{two_stage}; policy={self.policy!r} does not")
+            if self.delta_target > 0:
+                raise ValueError(f"prhs options retrieval='pages' and delta_target={self.delta_target} do not "
+                                 "combine: delta_target needs the attention mass outside the candidates, "
+                                 "which a two-stage retrieval never scores; use retrieval='exact'")
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> "PrHSConfig":
@@ -166,6 +199,10 @@ class PrHSConfig:
             share_from=self.layer_share.get(layer, -1) if self.policy in ("prhs", "hshare") else -1,
             head_budgets=",".join(map(str, self.head_budgets.get(layer, ()))),
             verify=self.verify,
+            retrieval=self.retrieval,
+            page_size=self.page_size,
+            candidates=self.candidates,
+            max_cache_len=self.max_cache_len,
         )
 
 

@@ -24,13 +24,15 @@ def state_for(call: AttentionCall, plan: SelectPlan, capacity: int) -> list[torc
     device = q.device
     key = (call.module_key, plan.encode(), capacity, q_heads, kv_heads, head_dim, str(device))
     if key not in _STATES:
-        _STATES[key] = (plan, allocate_state(plan, capacity, q_heads, kv_heads, head_dim, device))
+        _STATES[key] = (plan, allocate_state(plan, capacity, q_heads, kv_heads, head_dim, device, k.dtype))
     return _STATES[key][1]
 
 
-def allocate_state(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int, device) -> list[torch.Tensor]:
-    """Fresh state tensors of one layer for ``batch`` rows, in the order the ops take them."""
-    spec = state_spec(plan, batch, q_heads, kv_heads, head_dim)
+def allocate_state(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int, device,
+                   key_dtype=torch.float32) -> list[torch.Tensor]:
+    """Fresh state tensors of one layer for ``batch`` rows, in the order the ops take them
+    (``key_dtype``: the cache's dtype, which page summaries keep)."""
+    spec = state_spec(plan, batch, q_heads, kv_heads, head_dim, key_dtype)
     return [torch.full(shape, fill, dtype=dtype, device=device) for shape, dtype, fill in spec.values()]
 
 

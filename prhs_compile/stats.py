@@ -12,7 +12,8 @@ from collections import defaultdict
 
 import torch
 
-from prhs_compile.kernels import COUNTER_NAMES, COUNTERS_INDEX, dropped_mass_listeners
+from prhs_compile.kernels import COUNTER_NAMES, COUNTERS_INDEX, dropped_mass_listeners, state_spec
+from prhs_compile.kernels.pages import PAGE_MAX, PAGE_MIN
 from prhs_compile.state import all_states
 
 # layer -> one VerifyStep per decode step (verify mode)
@@ -30,6 +31,13 @@ class VerifyStep:
     reused_max: float | None  # max group-mean dropped mass over groups that reused a set
     reuse_bound: float | None  # max predicted bound over those reused groups
     reuse_violations: int  # reused groups whose dropped mass exceeded their bound
+    retrieved_mean: float | None = None  # mean group-mean dropped mass over groups that retrieved
+    retrieved_groups: int = 0  # groups that retrieved
+    # two-stage retrieval (retrieval="pages"), over the groups that retrieved; else None:
+    exact_retrieved_max: float | None = None  # max dropped mass had they retrieved exactly
+    exact_retrieved_mean: float | None = None  # mean of that
+    outside_candidates: float | None = None  # mean share of the exact picks not among the candidates
+    missed_retrievals: int | None = None  # retrievals where some exact pick was not a candidate
 
 
 @dataclasses.dataclass
@@ -41,6 +49,7 @@ class LayerStats:
     resets: int = 0  # rows whose state did not continue the previous step
     prefill_pairs: int = 0  # (query, key, KV head) pairs of causal prefill attention (PSAW layers)
     prefill_pairs_kept: int = 0  # of those, inside the layer's recency window
+    page_summary_bytes: int = 0  # memory of the layer's page summaries (retrieval="pages")
     dropped_mass: list = dataclasses.field(default_factory=list)  # VerifyStep per step
 
     @property
@@ -59,6 +68,24 @@ class LayerStats:
     def reuse_violations(self) -> int:
         return sum(s.reuse_violations for s in self.dropped_mass)
 
+    def two_stage(self) -> dict | None:
+        """Verify mode with two-stage retrieval: over every group that retrieved, the mean
+        dropped mass of its two-stage picks and of the exact picks of the same step, the
+        mean share of the exact picks outside the candidates, and the share of retrievals
+        that missed any. None without such records."""
+        steps = [s for s in self.dropped_mass if s.exact_retrieved_mean is not None]
+        groups = sum(s.retrieved_groups for s in steps)
+        if not groups:
+            return None
+
+        def weighted(name):
+            return sum(getattr(s, name) * s.retrieved_groups for s in steps) / groups
+
+        return {"retrieved_groups": groups, "dropped_mean": weighted("retrieved_mean"),
+                "exact_dropped_mean": weighted("exact_retrieved_mean"),
+                "outside_candidates": weighted("outside_candidates"),
+                "missed_share": sum(s.missed_retrievals for s in steps) / groups}
+
 
 @dataclasses.dataclass
 class PrHSStats:
@@ -74,6 +101,12 @@ class PrHSStats:
         return sum(s.retrievals for s in self.layers.values()) / slots if slots else 0.0
 
     @property
+    def page_summary_bytes(self) -> int:
+        """Memory the page summaries of every layer hold (``2 / page_size`` of the keys they
+        cover)."""
+        return sum(s.page_summary_bytes for s in self.layers.values())
+
+    @property
     def prefill_attention_fraction(self) -> float | None:
         """Share of causal prefill attention pairs (hence FLOPs) the recency windows keep."""
         total = sum(s.prefill_pairs for s in self.layers.values())
@@ -84,6 +117,7 @@ class PrHSStats:
             "decode_steps": self.decode_steps,
             "retrieval_rate": self.retrieval_rate,
             "prefill_attention_fraction": self.prefill_attention_fraction,
+            "page_summary_bytes": self.page_summary_bytes,
             "layers": {
                 layer: {
                     **{f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "dropped_mass"},
@@ -117,7 +151,7 @@ def stats(across_ranks: bool = False) -> PrHSStats:
     ``across_ranks=True`` (tensor parallelism, ``torch.distributed`` initialised): every rank
     must call it; slots, retrievals, resets and prefill pairs are summed over the ranks
     (each holds its share of the KV heads), decode steps are the largest any rank counted,
-    and verify records stay the calling rank's own."""
+    and verify records and page-summary memory stay the calling rank's own."""
     layers: dict[int, LayerStats] = {}
     rows = [(plan.layer, tensors[COUNTERS_INDEX].tolist()) for plan, tensors in all_states()]
     if across_ranks:
@@ -131,6 +165,12 @@ def stats(across_ranks: bool = False) -> PrHSStats:
         s.resets += values["resets"]
         s.prefill_pairs += values["prefill_pairs"]
         s.prefill_pairs_kept += values["prefill_pairs_kept"]
+    for plan, tensors in all_states():  # this rank's own memory
+        names = state_spec(plan, 1, 1, 1, 1)
+        summaries = [t for name, t in zip(names, tensors) if name in (PAGE_MIN, PAGE_MAX)]
+        if summaries:
+            layers.setdefault(plan.layer, LayerStats(plan.layer)).page_summary_bytes += sum(
+                t.numel() * t.element_size() for t in summaries)
     for layer, records in _VERIFY.items():
         layers.setdefault(layer, LayerStats(layer)).dropped_mass = list(records)
     return PrHSStats({k: v for k, v in layers.items() if v.decode_steps or v.dropped_mass or v.prefill_pairs})
@@ -174,10 +214,22 @@ def _record_dropped(record: dict) -> None:
     def max_where(values, where):
         return values[where].max().item() if bool(where.any()) else None
 
+    def mean_where(values, where):
+        return values[where].mean().item() if bool(where.any()) else None
+
     bound, reused = record["reuse_bound"], record["reused"]
     if reused is None:
         reused = torch.zeros_like(retrieved)
     violations = int(((group_dropped > bound + 1e-6) & reused).sum()) if bound is not None else 0
+    two_stage = {}
+    if record.get("exact_group_dropped") is not None:
+        outside = record["outside_candidates"]
+        two_stage = dict(
+            exact_retrieved_max=max_where(record["exact_group_dropped"], retrieved),
+            exact_retrieved_mean=mean_where(record["exact_group_dropped"], retrieved),
+            outside_candidates=mean_where(outside, retrieved),
+            missed_retrievals=int(((outside > 0) & retrieved).sum()),
+        )
     _VERIFY[record["layer"]].append(
         VerifyStep(
             mean=dropped.mean().item(),
@@ -185,8 +237,11 @@ def _record_dropped(record: dict) -> None:
             output_bound=record["output_bound"].max().item(),
             retrieved_max=max_where(group_dropped, retrieved),
             reused_max=max_where(group_dropped, reused),
+            retrieved_mean=mean_where(group_dropped, retrieved),
+            retrieved_groups=int(retrieved.sum()),
             reuse_bound=max_where(bound, reused) if bound is not None else None,
             reuse_violations=violations,
+            **two_stage,
         )
     )
 

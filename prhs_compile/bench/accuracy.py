@@ -217,6 +217,12 @@ def evaluate(model, codec, *, policies, budgets, contexts, task_names, examples,
                     "layer_retrieval_rate": {str(layer): s.retrieval_rate for layer, s in sorted(stats.layers.items())},
                     "seconds": time.perf_counter() - start,
                 }
+                two_stage = [t for t in (s.two_stage() for s in stats.layers.values()) if t]
+                if two_stage:  # retrieval="pages" in verify mode: beside what exact retrieval would drop
+                    groups = sum(t["retrieved_groups"] for t in two_stage)
+                    row["two_stage"] = {key: sum(t[key] * t["retrieved_groups"] for t in two_stage) / groups
+                                        for key in ("dropped_mean", "exact_dropped_mean", "outside_candidates",
+                                                    "missed_share")}
                 if kls:
                     row.update(kl_mean=sum(kls) / len(kls), kl_max=max(kls), top1_agreement=sum(agree) / len(agree),
                                fidelity_steps=len(kls))

@@ -30,6 +30,7 @@ from prhs_compile.bench.report import environment, write_json
 
 OTHER_POLICIES = "oracle,streaming,sage_kv,snapkv,quest,h2o,hshare,lu_kv"
 TOP1_AIM, RATE_AIM = 0.98, 0.25  # the aim a recommendation is checked against
+ADDED_CELLS = ("pages_taus", "pages_candidates")  # settings that only add cells (``--resume`` may add them)
 
 
 def add_arguments(parser) -> None:
@@ -37,6 +38,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budgets", default="256,1024")
     parser.add_argument("--taus", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="PrHS tau values (each a cell per budget)")
     parser.add_argument("--policies", default=OTHER_POLICIES, help="other policies run at every budget (dense runs once)")
+    parser.add_argument("--pages-taus", default="",
+                        help="PrHS tau values also run with two-stage retrieval (retrieval='pages'), "
+                             "beside oracle with it; default: none")
+    parser.add_argument("--pages-candidates", type=int, default=4,
+                        help="candidates of those two-stage cells (pages holding this x budget positions)")
     parser.add_argument("--contexts", default="2048", help="comma-separated context lengths (tokens of the model)")
     parser.add_argument("--tasks", default=None, help="default: every task the model speaks")
     parser.add_argument("--examples", type=int, default=2, help="examples per (task, context)")
@@ -56,13 +62,20 @@ def add_arguments(parser) -> None:
                         help="only re-derive the recommendations, table and plot of an existing --out JSON")
 
 
-def cells(budgets, taus, policies) -> list[dict]:
-    """Every cell of the frontier: ``label``, ``policy``, ``budget`` and extra backend options."""
+def cells(budgets, taus, policies, pages_taus=(), pages_candidates: int = 4) -> list[dict]:
+    """Every cell of the frontier: ``label``, ``policy``, ``budget`` and extra backend options.
+    With ``pages_taus``, PrHS at those taus and oracle also run two-stage retrieval."""
     out = [{"label": "dense", "policy": "dense", "budget": None, "extra": {}}]
+    pages = {"retrieval": "pages", "candidates": pages_candidates}
     for budget in budgets:
         out += [{"label": f"prhs tau={tau:g}", "policy": "prhs", "budget": budget, "extra": {"tau": tau}} for tau in taus]
         out.append({"label": "prhs calibrated tau", "policy": "prhs", "budget": budget, "extra": {"layer_tau": None}})
         out += [{"label": p, "policy": p, "budget": budget, "extra": {}} for p in policies]
+        if pages_taus:
+            out += [{"label": f"prhs tau={tau:g} pages c={pages_candidates}", "policy": "prhs", "budget": budget,
+                     "extra": {"tau": tau, **pages}} for tau in pages_taus]
+            out.append({"label": f"oracle pages c={pages_candidates}", "policy": "oracle", "budget": budget,
+                        "extra": dict(pages)})
     return out
 
 
@@ -84,7 +97,20 @@ def summarize(rows: list[dict], examples: int) -> dict:
         "retrieval_rate": accuracy.mean([r["retrieval_rate"] for r in rows]),
         "layer_retrieval_rate": {layer: sum(v) / len(v) for layer, v in layer_rates.items()},
         "sparse_layers": sorted(int(layer) for layer in layer_rates),
+        "two_stage": _two_stage_mean([r["two_stage"] for r in rows if r.get("two_stage")]),
     }
+
+
+def _two_stage_mean(parts: list[dict]) -> dict | None:
+    """Two-stage retrieval's verify figures of a cell (mean over its rows), or None."""
+    if not parts:
+        return None
+    return {key: sum(p[key] for p in parts) / len(parts) for key in parts[0]}
+
+
+def _exact_prhs(cell: dict) -> bool:
+    """PrHS with exact retrieval: the cells the recommendation and the plot's line are made of."""
+    return cell["policy"] == "prhs" and cell.get("extra", {}).get("retrieval", "exact") == "exact"
 
 
 def noise(p: float, n: int) -> float:
@@ -112,7 +138,7 @@ def recommend(done: list[dict], dense: dict, min_top1: float | None = None) -> d
     agreement reaches it too; None when no PrHS cell qualifies."""
     candidates = []
     for cell in done:
-        if cell["policy"] != "prhs" or cell["summary"]["retrieval_rate"] is None:
+        if not _exact_prhs(cell) or cell["summary"]["retrieval_rate"] is None:
             continue
         ok, _ = within_noise(cell, dense)
         if ok and (min_top1 is None or (cell["summary"]["top1_agreement"] or 0) >= min_top1):
@@ -149,6 +175,16 @@ def markdown(report: dict) -> str:
         row += ["-" if c["policy"] == "dense" else _num(m["layer_retrieval_rate"].get(str(layer)), 2) for layer in show_layers]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    paged = [c for c in done if c["summary"].get("two_stage")]
+    if paged:
+        lines += ["Two-stage retrieval against the exact one on the same steps (verify mode, groups that retrieved):",
+                  "", "| setting | budget | dropped mass, two-stage | dropped mass, exact top-k | exact picks outside "
+                  "the candidates | retrievals missing any |", "|---|---|---|---|---|---|"]
+        for c in paged:
+            t = c["summary"]["two_stage"]
+            lines.append(f"| {c['label']} | {c['budget']} | {t['dropped_mean']:.4f} | {t['exact_dropped_mean']:.4f} | "
+                         f"{t['outside_candidates']:.3f} | {t['missed_share']:.3f} |")
+        lines.append("")
     for key, what in (("recommended", "Lowest retrieval rate within the examples' noise of dense on every task"),
                       ("recommended_top1", f"Lowest retrieval rate within noise and at top-1 agreement >= {TOP1_AIM}")):
         rec = report.get(key)
@@ -193,13 +229,13 @@ def plot(report: dict, path: str) -> bool:
         for budget, marker in zip(budgets, "os^D"):
             cells = [c for c in report["cells"] if c["budget"] == budget and c["summary"][metric] is not None
                      and c["summary"]["retrieval_rate"] is not None]
-            prhs = sorted((c for c in cells if c["policy"] == "prhs"), key=lambda c: c["summary"]["retrieval_rate"])
+            prhs = sorted((c for c in cells if _exact_prhs(c)), key=lambda c: c["summary"]["retrieval_rate"])
             ax.plot([c["summary"]["retrieval_rate"] for c in prhs], [c["summary"][metric] for c in prhs],
                     marker=marker, label=f"prhs, budget {budget}")
             for c in prhs:
                 ax.annotate(c["label"].replace("prhs ", ""), (c["summary"]["retrieval_rate"], c["summary"][metric]), fontsize=6)
             for c in cells:
-                if c["policy"] != "prhs":
+                if not _exact_prhs(c):
                     ax.scatter([c["summary"]["retrieval_rate"]], [c["summary"][metric]], marker=marker, color="gray", s=14)
                     ax.annotate(f"{c['label']}@{budget}", (c["summary"]["retrieval_rate"], c["summary"][metric]), fontsize=6, color="gray")
         ax.set_xlabel("retrieval rate (share of sparse-layer slots that retrieved)")
@@ -243,14 +279,19 @@ def run(args) -> int:
     model, codec = accuracy.load(args.model, args.device, getattr(torch, args.dtype))
     budgets, contexts = _ints(args.budgets), _ints(args.contexts)
     taus = [float(t) for t in args.taus.split(",") if t]
-    bad = [t for t in taus if not -1.0 <= t <= 1.0]
+    pages_taus = [float(t) for t in args.pages_taus.split(",") if t]
+    bad = [t for t in taus + pages_taus if not -1.0 <= t <= 1.0]
     if bad:
-        raise SystemExit(f"--taus {bad}: each tau must be in [-1, 1]")
+        raise SystemExit(f"--taus/--pages-taus {bad}: each tau must be in [-1, 1]")
+    if args.pages_candidates < 1:
+        raise SystemExit(f"--pages-candidates {args.pages_candidates}: must be >= 1")
     task_names = [t for t in args.tasks.split(",") if t] if args.tasks else list(codec.task_names)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     settings = {"budgets": budgets, "taus": taus, "contexts": contexts, "tasks": task_names,
                 "examples": args.examples, "text_tokens": args.text_tokens, "sink": args.sink,
                 "local": args.local, "seed": args.seed}
+    if pages_taus:  # cells that only add to a report: a resumed run may add them
+        settings.update(pages_taus=pages_taus, pages_candidates=args.pages_candidates)
     previous = _previous_report(args, settings)
     if previous is not None:
         calibration = previous["calibration"]
@@ -267,7 +308,7 @@ def run(args) -> int:
                         "share": calibration.get("share")},
         "cells": [], "rows": [], "complete": False,
     }
-    plan = cells(budgets, taus, [p for p in args.policies.split(",") if p])
+    plan = cells(budgets, taus, [p for p in args.policies.split(",") if p], pages_taus, args.pages_candidates)
     lu_kv_table = _lu_kv_table(model, codec, args, settings, stem, previous) if any(
         c["policy"] == "lu_kv" for c in plan) else None
     if lu_kv_table:
@@ -333,7 +374,10 @@ def _previous_report(args, settings: dict) -> dict | None:
         return None
     with open(args.out) as f:
         previous = json.load(f)
-    if previous.get("model") != args.model or previous.get("settings") != settings:
+    def comparable(s):  # the settings every cell shares (pages cells only add to a report)
+        return {k: v for k, v in (s or {}).items() if k not in ADDED_CELLS}
+
+    if previous.get("model") != args.model or comparable(previous.get("settings")) != comparable(settings):
         raise SystemExit(f"--resume: {args.out} was run with model {previous.get('model')!r} and settings "
                          f"{previous.get('settings')}, not {args.model!r} and {settings}")
     return previous
