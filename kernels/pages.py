@@ -34,6 +34,7 @@ import math
 import torch
 
 from .plan import SelectPlan
+from .selection import ranked_topk
 
 PAGE_MIN, PAGE_MAX = "page_min", "page_max"
 log = logging.getLogger("prhs")
@@ -148,7 +149,7 @@ def candidate_positions(plan: SelectPlan, view, state: dict, region: torch.Tenso
     pad = pages * size - length
     pickable = torch.nn.functional.pad(region, (0, pad)).unflatten(1, (pages, size)).any(-1)  # [B, pages]
     score = page_bounds(view.q, low, high).masked_fill(~pickable[:, None, :], float("-inf"))
-    top = score.topk(min(candidate_pages(plan), pages), dim=-1)
+    top = ranked_topk(score, min(candidate_pages(plan), pages))  # ties: the lower page
     chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, top.values > float("-inf"))
     return chosen.repeat_interleave(size, dim=-1)[..., :length] & region[:, None, :]
 

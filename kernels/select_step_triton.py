@@ -49,6 +49,8 @@ from . import select_quest_triton
 from .plan import SelectPlan
 from .rule_prhs import needs_key_norms, prhs_gate, prhs_store
 from .rules import get_rule
+from .pages import capacity, uses_pages
+from .pages_triton import maintain_summaries_triton, two_stage_keys
 from .rules_baselines import QuestRule
 from .select_hshare_triton import channel_abs_sums
 from .select_quest_triton import quest_page_scores, quest_picks
@@ -84,7 +86,13 @@ def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> st
     if rule.cuda_step not in STEPS:
         return f"policy {plan.policy!r} declares no step of the CUDA select engine"
     if plan.retrieval == "pages":
-        return "retrieval='pages' (two-stage retrieval over page summaries) has no Triton step yet"
+        if rule.cuda_step not in ("gated", "exact"):
+            return f"retrieval='pages' is for policies that retrieve by score, not {plan.policy!r}"
+        if plan.delta_target > 0:
+            return "delta_target needs the mass outside the candidates of a two-stage retrieval"
+        if k.shape[2] > capacity(plan) * plan.page_size:
+            return (f"the cache holds {k.shape[2]} positions, more than the page summaries cover "
+                    f"(max_cache_len={plan.max_cache_len})")
     if plan.verify:
         return "verify=True measures the exact dropped mass with the torch reference"
     if selection_listeners:
@@ -289,6 +297,27 @@ class Step(NamedTuple):
         return _compose(self.operand, self.bounds, picks, self.plan, self.q.shape[0],
                         self.k.shape[1], self.q.shape[2], local=local)
 
+    def keep_summaries(self) -> None:
+        """Fold this step's new keys into the page summaries (``retrieval="pages"``), before
+        the bookkeeping moves the state's newest position."""
+        if uses_pages(self.plan):
+            pos, _ = self.seq_state()
+            maintain_summaries_triton(self.st, self.k, self.operand, self.bounds, pos,
+                                      self.continuing, self.plan, self.q.shape[2])
+
+    def retrieval_keys(self, active, want_norm: bool = False):
+        """The top-k keys of the ``active`` slots (int32 ``[B * Hkv]``, None: all): one pass
+        over K, or a two-stage retrieval over the page summaries (``retrieval="pages"``; no
+        key norms there, which only verify and ``delta_target`` read)."""
+        if uses_pages(self.plan):
+            if active is None:
+                active = torch.ones(self.q.shape[0] * self.k.shape[1], dtype=torch.int32,
+                                    device=self.q.device)
+            return two_stage_keys(self.q, self.k, self.operand, self.bounds, self.scale,
+                                  self.st, active, self.plan)
+        return retrieve_keys(self.q, self.k, self.operand, self.bounds, self.scale, active,
+                             want_norm=want_norm, want_window_mass=True)
+
     def every_slot_retrieves(self):
         return ~self.fits[:, None].expand(-1, self.k.shape[1])
 
@@ -311,6 +340,7 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
     step = Step(q, k, mask, scale, plan, st, operand, bounds)
     if shared is not None:  # cross-layer sharing: an earlier layer's selection, as is
         step = step.with_row_facts()
+        step.keep_summaries()
         retrieved = torch.zeros(batch, k.shape[1], dtype=torch.bool, device=q.device)
         return step.finish(shared.clone(), retrieved)
     return STEPS[rule.cuda_step](step)
@@ -377,9 +407,9 @@ def _gated_step(step: Step):
                anchor, anchor_dropped, key_norm, plan.middle, plan.delta_target,
                plan.dilation_m, plan.dilation_r, rows, plan.head_middles(q.device))
         return step.finish(step.compose(kept), retrieve)
+    step.keep_summaries()
     want_norm = needs_key_norms(plan)
-    found = retrieve_keys(q, k, operand, bounds, scale, flags, want_norm=want_norm,
-                          want_window_mass=True)
+    found = step.retrieval_keys(flags, want_norm)
     top = min(plan.middle, length)
     radius = plan.dilation_r
     cores = plan.dilation_m if plan.dilation_m >= 0 else top // (2 * radius + 1)
@@ -451,7 +481,8 @@ def _exact_step(step: Step):
     """The exact top-k of every slot at every step (oracle; LU-KV's per-head budgets)."""
     step = step.with_row_facts()
     plan, bounds = step.plan, step.bounds
-    found = retrieve_keys(step.q, step.k, step.operand, bounds, step.scale)
+    step.keep_summaries()
+    found = step.retrieval_keys(None)
     picks, _ = topk_picks(found.keys, bounds, min(plan.middle, step.shape[4]),
                           caps=plan.head_middles(step.q.device), width=plan.middle,
                           guess=step.st[TOPK_GUESS][:step.shape[0]])

@@ -1,0 +1,354 @@
+"""Two-stage retrieval on the GPU (``retrieval="pages"``; its reference is ``pages.py``).
+
+Three launches per decode step, each gated by the slots it concerns:
+
+    _summaries_kernel     (B*Hkv, splits)  keeps the page summaries: for a row that continues
+                                           its sequence only the pages of the step's new keys
+                                           are recomputed from K (one page of P keys per
+                                           slot, usually); a row that does not continue is
+                                           rebuilt, every stored page
+    _page_scores_kernel   (B*Hkv, blocks)  stage one, retrieving slots only: Quest's bound of
+                                           every page from its summary (2/P of K's bytes),
+                                           -inf for pages with no retrievable position
+    _candidate_lse_kernel (B*Hkv, splits)  stage two, retrieving slots only: the exact scores
+    _candidate_keys_kernel                 of the best pages' keys and of the sink and local
+                                           windows (one read of those rows), then the group
+                                           mass of each candidate as a top-k key (``Keys``
+                                           of ``retrieve_triton``: mass bits + 1, 0 where
+                                           nothing may be picked) and the windows' mass
+
+The best pages themselves are a small ``ranked_topk`` over ``[B, Hkv, pages]`` in torch (ties
+to the lower page, as the reference). The radix top-k (``topk_triton``) then picks from the
+keys as it does after an exact retrieval. A retrieving slot reads the summaries plus
+``candidates x budget`` rows of K plus its windows, instead of all of K.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .pages import PAGE_MAX, PAGE_MIN, candidate_pages
+from .retrieve_triton import Keys
+from .select_triton import (
+    _LOG2E,
+    _SPLIT_CHUNK,
+    _dot_f32,
+    _load_q,
+    _masked_scores,
+    _middle_range,
+    _row_bounds,
+    _row_lse,
+    _run_mass,
+    _scores,
+    _valid_positions,
+)
+from .selection import ranked_topk
+
+__all__ = ["candidate_keys", "maintain_summaries_triton", "page_scores", "two_stage_keys"]
+
+_SUB = 16  # keys loaded per iteration of the summaries kernel
+
+
+@triton.jit
+def _summaries_kernel(
+    K, MASK, BOUNDS, OLD_NEWEST, REBUILD, LOW, HIGH, Hkv, Tq, L, pages, num_splits,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_mb, stride_mt, stride_ml, mask_min,
+    stride_sb, stride_sh, stride_sp, stride_sd,
+    D: tl.constexpr, P: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr,
+    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hkv = (pid_bh % Hkv).to(tl.int64)
+    lo, hi, _, _, _, _ = _row_bounds(BOUNDS, b)
+    rebuild = tl.load(REBUILD + b) != 0
+    # A continuing row recomputes the pages its new keys land in: from the page of the
+    # position after its old newest one to the page of its new newest one.
+    old = tl.load(OLD_NEWEST + b).to(tl.int32)
+    first = tl.where(rebuild, 0, tl.maximum(old + 1, 0) // P)
+    last = tl.where(rebuild, pages - 1, tl.minimum((hi - 1) // P, pages - 1))
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k_base = K + b * stride_kb + hkv * stride_kh
+    s_base = b * stride_sb + hkv * stride_sh + offs_d * stride_sd
+    start = first + (split - first % num_splits + num_splits) % num_splits
+    for page in range(start, last + 1, num_splits):
+        low = tl.full([BLOCK_D], float("inf"), tl.float32)
+        high = tl.full([BLOCK_D], float("-inf"), tl.float32)
+        for r0 in range(0, P, SUB):
+            pos = page * P + r0 + tl.arange(0, SUB)
+            in_range = (pos >= lo) & (pos < hi) & (r0 + tl.arange(0, SUB) < P)
+            valid = _valid_positions(MASK, b, pos, in_range, Tq, stride_mb, stride_mt,
+                                     stride_ml, mask_min, MASK_KIND, TQ_P2)
+            k = tl.load(k_base + pos[:, None].to(tl.int64) * stride_kl
+                        + offs_d[None, :] * stride_kd, mask=valid[:, None] & d_ok[None, :],
+                        other=0.0).to(tl.float32)
+            low = tl.minimum(low, tl.min(tl.where(valid[:, None], k, float("inf")), 0))
+            high = tl.maximum(high, tl.max(tl.where(valid[:, None], k, float("-inf")), 0))
+        at = s_base + page * stride_sp
+        tl.store(LOW + at, low.to(LOW.dtype.element_ty), mask=d_ok)
+        tl.store(HIGH + at, high.to(HIGH.dtype.element_ty), mask=d_ok)
+
+
+def maintain_summaries_triton(st: dict, k, operand, bounds, old_newest, continuing, plan,
+                              q_len: int) -> None:
+    """``pages.maintain_summaries`` on the GPU: the pages of the step's new keys for rows
+    that continue (``old_newest``: the state's newest position before this step), every page
+    for the others."""
+    B, Hkv, L, D = k.shape
+    low, high = st[PAGE_MIN][:B], st[PAGE_MAX][:B]
+    pages = low.shape[2]
+    mask_t, kind, ms, mask_min = operand
+    if mask_t is None:
+        mask_t = bounds  # unused placeholder pointer
+    rebuild = (~continuing).to(torch.int32)
+    Tq = q_len
+    num_splits = max(1, min(64, triton.cdiv(pages, 16)))
+    _summaries_kernel[(B * Hkv, num_splits)](
+        k, mask_t, bounds, old_newest, rebuild, low, high, Hkv, Tq, L, pages, num_splits,
+        *k.stride(), *ms, mask_min, *low.stride(),
+        D=D, P=plan.page_size, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        SUB=min(_SUB, triton.next_power_of_2(plan.page_size)), MASK_KIND=kind,
+        TQ_P2=triton.next_power_of_2(Tq), num_warps=4,
+    )
+
+
+@triton.jit
+def _page_scores_kernel(
+    Q, MASK, BOUNDS, LOW, HIGH, ACTIVE, OUT, Hkv, G, Tq, pages,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_mb, stride_mt, stride_ml, mask_min,
+    stride_sb, stride_sh, stride_sp, stride_sd,
+    D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    M_P2: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    if tl.load(ACTIVE + pid_bh) == 0:  # a slot that reuses its set scores nothing
+        return
+    b = (pid_bh // Hkv).to(tl.int64)
+    hkv = (pid_bh % Hkv).to(tl.int64)
+    mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < pages
+    # A page may be a candidate when it holds a retrievable position (valid, in the middle).
+    pickable = tl.zeros([BLOCK_P], tl.int32)
+    for r in range(P):
+        pos = offs_p * P + r
+        inside = p_ok & (pos >= mid_lo) & (pos < mid_hi)
+        valid = _valid_positions(MASK, b, pos, inside, Tq, stride_mb, stride_mt,
+                                 stride_ml, mask_min, MASK_KIND, TQ_P2)
+        pickable = tl.maximum(pickable, valid.to(tl.int32))
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    at = (b * stride_sb + hkv * stride_sh + offs_p[:, None].to(tl.int64) * stride_sp
+          + offs_d[None, :] * stride_sd)
+    ld = (pickable != 0)[:, None] & d_ok[None, :]
+    low = tl.load(LOW + at, mask=ld, other=0.0).to(tl.float32)
+    high = tl.load(HIGH + at, mask=ld, other=0.0).to(tl.float32)
+    offs_m = tl.arange(0, M_P2)
+    q, m_ok, _ = _load_q(Q, b, hkv, offs_m, G * Tq, G, Tq, stride_qb, stride_qh, stride_qt,
+                         stride_qd, offs_d, d_ok)
+    q = q.to(tl.float32)
+    score = tl.zeros([BLOCK_P], tl.float32)
+    for m in tl.static_range(M_P2):
+        row = tl.sum(tl.where(offs_m[:, None] == m, q, 0.0), 0)  # [BLOCK_D] query row m
+        bound = tl.maximum(row[None, :] * low, row[None, :] * high)
+        score += tl.sum(bound, 1)
+    tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p,
+             tl.where(pickable != 0, score, float("-inf")), mask=p_ok)
+
+
+def page_scores(q, st: dict, operand, bounds, active, plan, length: int) -> torch.Tensor:
+    """Stage one: fp32 ``[B, Hkv, pages]`` bounds of the pages of a cache of ``length``
+    positions, for the ``active`` slots (int32 ``[B * Hkv]``; rows of the others are
+    undefined), -inf where no position is retrievable."""
+    B, Hq, Tq, D = q.shape
+    low, high = st[PAGE_MIN][:B], st[PAGE_MAX][:B]
+    Hkv, pages = low.shape[1], triton.cdiv(length, plan.page_size)
+    mask_t, kind, ms, mask_min = operand
+    if mask_t is None:
+        mask_t = bounds
+    out = torch.empty((B, Hkv, pages), dtype=torch.float32, device=q.device)
+    block_p = 16
+    _page_scores_kernel[(B * Hkv, triton.cdiv(pages, block_p))](
+        q, mask_t, bounds, low, high, active, out, Hkv, Hq // Hkv, Tq, pages,
+        *q.stride(), *ms, mask_min, *low.stride(),
+        D=D, P=plan.page_size, BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        M_P2=triton.next_power_of_2((Hq // Hkv) * Tq), MASK_KIND=kind, TQ_P2=triton.next_power_of_2(Tq), num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _candidate_positions(PAGES, slot, group, n_pages, mid_lo, mid_hi,
+                         P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ``group``-th block of BLOCK_N of a slot's candidates (the positions of its list of
+    pages, in list order: several pages per block when P < BLOCK_N, part of one otherwise):
+    their positions, their columns in the candidate scratch, and which may be picked."""
+    col = group * BLOCK_N + tl.arange(0, BLOCK_N)  # column among the n_pages * P candidates
+    entry = col // P
+    page = tl.load(PAGES + slot * n_pages + entry, mask=entry < n_pages, other=-1)
+    pos = page * P + col % P
+    ok = (page >= 0) & (pos >= mid_lo) & (pos < mid_hi)
+    return pos, col, ok
+
+
+@triton.jit
+def _candidate_lse_kernel(
+    Q, K, MASK, BOUNDS, PAGES, ACTIVE, LSE_PART, SCORES,
+    qk_scale_log2, mask_min, Hkv, G, Tq, n_pages, num_splits,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_mb, stride_mt, stride_ml,
+    D: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    split = tl.program_id(1)
+    if tl.load(ACTIVE + slot) == 0:
+        return
+    b = (slot // Hkv).to(tl.int64)
+    hkv = (slot % Hkv).to(tl.int64)
+    M = G * Tq
+    width = n_pages * P
+    lo, hi, _, sink_end, local_start, _ = _row_bounds(BOUNDS, b)
+    mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q, m_ok, tpos = _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
+                            stride_qd, offs_d, d_ok)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for group in range(split, tl.cdiv(width, BLOCK_N), num_splits):
+        pos, col, ok = _candidate_positions(PAGES, slot, group, n_pages, mid_lo, mid_hi, P,
+                                            BLOCK_N)
+        s = _scores(q, k_base, pos, ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
+                    DOT_F32)
+        s = _masked_scores(s, mask_rows, pos, m_ok, ok, stride_ml, mask_min, MASK_KIND)
+        tl.store(SCORES + (slot.to(tl.int64) * M + offs_m)[:, None] * width + col[None, :], s,
+                 mask=m_ok[:, None] & (col < width)[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    if split == 0:  # the sink and local windows are read too: the softmax is over both
+        sink_hi = tl.minimum(sink_end, hi)
+        loc_lo = tl.maximum(local_start, lo)
+        n_sink = tl.cdiv(tl.maximum(sink_hi - lo, 0), BLOCK_N)
+        n_local = tl.cdiv(tl.maximum(hi - loc_lo, 0), BLOCK_N)
+        for i in range(0, n_sink + n_local):  # the sink blocks, then the local window's
+            in_sink = i < n_sink
+            pos = tl.where(in_sink, lo + i * BLOCK_N, loc_lo + (i - n_sink) * BLOCK_N) \
+                + tl.arange(0, BLOCK_N)
+            ok = pos < tl.where(in_sink, sink_hi, hi)
+            s = _scores(q, k_base, pos, ok, offs_d, d_ok, stride_kl, stride_kd,
+                        qk_scale_log2, DOT_F32)
+            s = _masked_scores(s, mask_rows, pos, m_ok, ok, stride_ml, mask_min, MASK_KIND)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            m_i = m_new
+    lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    tl.store(LSE_PART + (slot.to(tl.int64) * BLOCK_M + offs_m) * num_splits + split, lse)
+
+
+@triton.jit
+def _candidate_keys_kernel(
+    Q, K, MASK, BOUNDS, PAGES, ACTIVE, LSE_PART, SCORES, KEYS, WMASS,
+    qk_scale_log2, mask_min, Hkv, G, Tq, L, n_pages, num_splits,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_mb, stride_mt, stride_ml,
+    D: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    split = tl.program_id(1)
+    if tl.load(ACTIVE + slot) == 0:
+        return
+    b = (slot // Hkv).to(tl.int64)
+    hkv = (slot % Hkv).to(tl.int64)
+    M = G * Tq
+    width = n_pages * P
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    lse = _row_lse(LSE_PART, slot.to(tl.int64) * BLOCK_M + offs_m, num_splits, num_splits,
+                   m_ok, BLOCK_M, SPLIT_CHUNK)
+    mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
+    score_rows = SCORES + (slot.to(tl.int64) * M + offs_m)[:, None] * width
+    for group in range(split, tl.cdiv(width, BLOCK_N), num_splits):
+        pos, col, ok = _candidate_positions(PAGES, slot, group, n_pages, mid_lo, mid_hi, P,
+                                            BLOCK_N)
+        s = tl.load(score_rows + col[None, :], mask=m_ok[:, None] & ok[None, :],
+                    other=float("-inf"))
+        mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
+        allowed = ok & (tl.max(s, 0) > float("-inf"))
+        key = mass.to(tl.int32, bitcast=True) + 1
+        tl.store(KEYS + slot.to(tl.int64) * L + pos, key, mask=allowed)
+    if split == 0:
+        lo, hi, _, sink_end, local_start, _ = _row_bounds(BOUNDS, b)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        q, _, tpos = _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
+                             stride_qd, offs_d, d_ok)
+        k_base = K + b * stride_kb + hkv * stride_kh
+        mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
+        w = _run_mass(q, k_base, lo, tl.minimum(sink_end, hi), lse, mask_rows, m_ok, offs_d, d_ok,
+                      stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
+                      MASK_KIND, DOT_F32)
+        w += _run_mass(q, k_base, tl.maximum(local_start, lo), hi, lse, mask_rows, m_ok, offs_d,
+                       d_ok, stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
+                       MASK_KIND, DOT_F32)
+        tl.store(WMASS + slot, w)
+
+
+def candidate_keys(q, k, operand, bounds, scale, pages_list, active, page_size: int) -> Keys:
+    """Stage two: top-k keys (int32 ``[B, Hkv, L]``, 0 outside the candidates) of the
+    ``active`` slots from the exact scores of the positions of their ``pages_list`` (int64
+    ``[B, Hkv, n]``, -1: none), and each slot's window mass; the softmax runs over the
+    candidates and the windows."""
+    B, Hq, Tq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    n_pages = pages_list.shape[-1]
+    M = (Hq // Hkv) * Tq
+    block_m = max(16, triton.next_power_of_2(M))
+    block_n = max(16, min(64, page_size * max(1, 64 // page_size)))
+    width = n_pages * page_size
+    num_splits = max(1, min(16, triton.cdiv(width, block_n)))
+    mask_t, kind, ms, mask_min = operand
+    if mask_t is None:
+        mask_t = bounds
+    pages_list = pages_list.to(torch.int32).contiguous()
+    lse_part = torch.empty((B * Hkv * block_m, num_splits), dtype=torch.float32, device=q.device)
+    scores = torch.empty((B * Hkv, M, width), dtype=torch.float32, device=q.device)
+    keys = torch.zeros((B, Hkv, L), dtype=torch.int32, device=q.device)
+    window_mass = torch.zeros((B, Hkv), dtype=torch.float32, device=q.device)
+    common = dict(D=D, P=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_D=max(16, triton.next_power_of_2(D)), MASK_KIND=kind, DOT_F32=_dot_f32(q),
+                  num_warps=4)
+    qk = float(scale) * _LOG2E
+    _candidate_lse_kernel[(B * Hkv, num_splits)](
+        q, k, mask_t, bounds, pages_list, active, lse_part, scores, qk, mask_min, Hkv,
+        Hq // Hkv, Tq, n_pages, num_splits, *q.stride(), *k.stride(), *ms, **common)
+    _candidate_keys_kernel[(B * Hkv, num_splits)](
+        q, k, mask_t, bounds, pages_list, active, lse_part, scores, keys, window_mass, qk,
+        mask_min, Hkv, Hq // Hkv, Tq, L, n_pages, num_splits, *q.stride(), *k.stride(), *ms,
+        SPLIT_CHUNK=_SPLIT_CHUNK, **common)
+    return Keys(keys, None, window_mass)
+
+
+def two_stage_keys(q, k, operand, bounds, scale, st: dict, active, plan) -> Keys:
+    """A two-stage retrieval of the ``active`` slots (int32 ``[B * Hkv]``): stage one's page
+    bounds, the best ``candidate_pages(plan)`` pages of each slot, stage two's keys."""
+    score = page_scores(q, st, operand, bounds, active, plan, k.shape[2])
+    top = ranked_topk(score, min(candidate_pages(plan), score.shape[-1]))
+    chosen = torch.where(top.values > float("-inf"), top.indices, -1)
+    return candidate_keys(q, k, operand, bounds, scale, chosen, active, plan.page_size)

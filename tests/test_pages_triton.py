@@ -1,0 +1,149 @@
+"""The two-stage retrieval kernels (``pages_triton``) against their torch references
+(``pages``), on fresh random inputs; on CPU under the Triton interpreter (tiny shapes).
+
+* the summaries kernel: the pages of a step's new keys for continuing rows, every page for
+  the others, exactly the reference's min and max (fp32 and bf16, masks with padding);
+* stage one's page bounds (relative error by norm, fp32 1e-5), -inf where no position may be
+  retrieved;
+* stage two's keys: the same candidate positions, their group mass within 1e-5, the
+  windows' mass;
+* whole select steps (prhs and oracle with ``retrieval="pages"``) give the reference's
+  indices and state after every step.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+from prhs_compile.kernels import pages  # noqa: E402
+from prhs_compile.kernels.pages_triton import maintain_summaries_triton, two_stage_keys  # noqa: E402
+from prhs_compile.kernels.plan import SelectPlan  # noqa: E402
+from prhs_compile.kernels.select_reference import StepView, state_spec  # noqa: E402
+from prhs_compile.kernels.select_triton import _bounds, _mask_operand  # noqa: E402
+from prhs_compile.kernels.selection import retrieval_region  # noqa: E402
+from test_select_step_triton import DEVICE, _mask_for, _run  # noqa: E402
+
+PLAN = SelectPlan(policy="oracle", layer=0, budget=12, sink=2, local=3, retrieval="pages",
+                  page_size=4, candidates=1, max_cache_len=64)
+
+
+def rel_err(a, b):
+    assert not torch.isnan(a).any(), "NaN never passes"
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _inputs(B=2, Hq=4, Hkv=2, D=16, L=64, Tq=1, lengths=(50, 37), pad=(0, 5), dtype=torch.float32,
+            seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Tq, D, generator=gen).to(dtype).to(DEVICE)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(dtype).to(DEVICE)
+    mask = _mask_for(list(lengths), list(pad), L, Tq, "bool")
+    return q, k, mask
+
+
+def _state(plan, B, Hq, Hkv, D, dtype):
+    spec = state_spec(plan, B, Hq, Hkv, D, dtype)
+    return {n: torch.full(s, f, dtype=dt, device=DEVICE) for n, (s, dt, f) in spec.items()}
+
+
+def _operand_bounds(plan, q, k, mask, psaw_frac=-1.0):
+    B, _, Tq, _ = q.shape
+    L = k.shape[2]
+    operand = _mask_operand(mask, B, Tq, L)
+    bounds = _bounds(*operand, B, Tq, L, plan.sink, plan.local, plan.budget, plan.min_context,
+                     q.device, psaw_frac)
+    return operand, bounds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Tq", [1, 2])
+def test_summaries_kernel_matches_the_reference(dtype, Tq):
+    q, k, mask = _inputs(Tq=Tq, dtype=dtype)
+    B, Hkv, L, D = k.shape
+    st = _state(PLAN, B, q.shape[1], Hkv, D, dtype)
+    # A state built two steps ago (summaries of then), row 1 not continuing (rebuilt).
+    view_then = StepView(q, k, _mask_for([50 - 2, 37 - 2], [0, 5], L, Tq, "bool"), 0.25)
+    pages.build_summaries(st, k, view_then.valid, PLAN)
+    st[pages.PAGE_MIN][1].fill_(7.0)  # stale content a rebuild must replace
+    ref = {n: t.clone() for n, t in st.items()}
+    old_newest = torch.tensor([47, 34], device=DEVICE)
+    continuing = torch.tensor([True, False], device=DEVICE)
+    view = StepView(q, k, mask, 0.25)
+    pages.maintain_summaries(ref, k, view.valid, old_newest, continuing, PLAN)
+    operand, bounds = _operand_bounds(PLAN, q, k, mask)
+    maintain_summaries_triton(st, k, operand, bounds, old_newest, continuing, PLAN, Tq)
+    for name in (pages.PAGE_MIN, pages.PAGE_MAX):
+        assert torch.equal(st[name], ref[name]), name
+
+
+def test_page_bounds_kernel_matches_the_reference():
+    from prhs_compile.kernels.pages_triton import page_scores
+
+    q, k, mask = _inputs(Hq=8, Hkv=2, D=32, seed=1)
+    B, Hkv, L, D = k.shape
+    st = _state(PLAN, B, q.shape[1], Hkv, D, torch.float32)
+    view = StepView(q, k, mask, D ** -0.5)
+    pages.build_summaries(st, k, view.valid, PLAN)
+    operand, bounds = _operand_bounds(PLAN, q, k, mask)
+    active = torch.tensor([1, 0, 1, 1], dtype=torch.int32, device=DEVICE)
+    got = page_scores(q, st, operand, bounds, active, PLAN, L)
+    region = retrieval_region(PLAN, view)
+    n = L // PLAN.page_size
+    pickable = region.unflatten(1, (n, PLAN.page_size)).any(-1)
+    want = pages.page_bounds(q, st[pages.PAGE_MIN][:, :, :n], st[pages.PAGE_MAX][:, :, :n])
+    want = want.masked_fill(~pickable[:, None, :], float("-inf"))
+    on = active.bool().reshape(B, Hkv)
+    assert torch.equal(got[on].isinf(), want[on].isinf())
+    finite = ~want[on].isinf()
+    assert rel_err(got[on][finite], want[on][finite]) < 1e-5
+
+
+@pytest.mark.parametrize("Tq", [1, 2])
+def test_candidate_keys_kernel_matches_the_reference_mass(Tq):
+    q, k, mask = _inputs(Tq=Tq, seed=2)
+    B, Hkv, L, D = k.shape
+    scale = D ** -0.5
+    st = _state(PLAN, B, q.shape[1], Hkv, D, torch.float32)
+    view = StepView(q, k, mask, scale)
+    pages.build_summaries(st, k, view.valid, PLAN)
+    operand, bounds = _operand_bounds(PLAN, q, k, mask)
+    active = torch.ones(B * Hkv, dtype=torch.int32, device=DEVICE)
+    found = two_stage_keys(q, k, operand, bounds, scale, st, active, PLAN)
+    mass, candidates = pages.two_stage_mass(PLAN, view, st, retrieval_region(PLAN, view))
+    picked = found.keys > 0
+    assert torch.equal(picked, candidates)
+    got = (found.keys - 1).view(torch.float32)
+    assert rel_err(got[picked], mass[picked]) < 1e-5
+    windows = view.windows(PLAN)[:, None, :]
+    read = candidates | windows
+    bias = view.row_bias[:, None, None]
+    qg = q.float().reshape(B, Hkv, -1, Tq, D)
+    logits = torch.einsum("bhgtd,bhld->bhgtl", qg, k.float()) * scale + bias
+    probs = torch.softmax(logits.masked_fill(~read[:, :, None, None, :], float("-inf")), -1)
+    window_mass = (probs * windows[:, :, None, None, :]).sum(dim=(2, 3, 4))
+    assert rel_err(found.window_mass, window_mass) < 1e-5
+
+
+PRHS_PAGES = SelectPlan(policy="prhs", layer=2, budget=24, sink=2, local=4, tau=0.9, num_layers=4,
+                        retrieval="pages", page_size=8, candidates=2, max_cache_len=96)
+
+
+@pytest.mark.parametrize("plan", [
+    PRHS_PAGES,
+    dataclasses.replace(PRHS_PAGES, psaw_start=1, page_size=4),
+    dataclasses.replace(PRHS_PAGES, policy="oracle", page_size=16, candidates=1),
+], ids=["prhs", "prhs-psaw-p4", "oracle-p16"])
+def test_two_stage_select_step_matches_the_reference(plan):
+    counts = _run(plan, steps=6, drift=0.1)
+    assert counts[-1] > 0
+
+
+def test_two_stage_select_step_with_two_query_rows_and_float_masks():
+    _run(PRHS_PAGES, Tq=2, mask_kind="float", steps=4, drift=0.1)
