@@ -46,7 +46,8 @@ from .select_triton import (
 )
 from .selection import ranked_topk
 
-__all__ = ["candidate_keys", "maintain_summaries_triton", "page_scores", "two_stage_keys"]
+__all__ = ["candidate_keys", "maintain_summaries_triton", "page_scores", "two_stage_bytes",
+           "two_stage_keys"]
 
 _SUB = 16  # keys loaded per iteration of the summaries kernel
 
@@ -352,3 +353,20 @@ def two_stage_keys(q, k, operand, bounds, scale, st: dict, active, plan) -> Keys
     top = ranked_topk(score, min(candidate_pages(plan), score.shape[-1]))
     chosen = torch.where(top.values > float("-inf"), top.indices, -1)
     return candidate_keys(q, k, operand, bounds, scale, chosen, active, plan.page_size)
+
+
+def two_stage_bytes(batch: int, kv_heads: int, n_valid: int, head_dim: int, itemsize: int,
+                    plan, q_rows: int = 4, key_passes: int = 3) -> int:
+    """Bytes a two-stage retrieval of every slot moves: the page summaries (min and max,
+    ``2 / page_size`` of K over the valid region), the candidate rows of K plus the sink and
+    local windows, the fp32 candidate scores of the group's ``q_rows`` query rows written and
+    read back, and the int32 keys: zeroed over the cache, then read ``key_passes`` times by
+    the top-k (a guessed threshold: a count and a compaction; more when it misses)."""
+    slots = batch * kv_heads
+    pages = -(-n_valid // plan.page_size)
+    candidates = min(candidate_pages(plan), pages) * plan.page_size
+    summary_bytes = slots * 2 * pages * head_dim * itemsize
+    row_bytes = slots * (candidates + plan.sink + plan.local) * head_dim * itemsize
+    score_bytes = 2 * slots * q_rows * candidates * 4
+    key_bytes = (1 + key_passes) * slots * n_valid * 4
+    return summary_bytes + row_bytes + score_bytes + key_bytes

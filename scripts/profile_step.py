@@ -24,6 +24,9 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--rate", type=float, default=0.0)
+    parser.add_argument("--retrieval", default="exact", choices=["exact", "pages"])
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--glue-options", default="{}", help="JSON dict of Inductor options")
     args = parser.parse_args()
 
@@ -31,7 +34,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     import prhs_compile  # noqa: F401  (registers the ops)
-    from prhs_compile.bench.latency import _PrHSStep
+    from prhs_compile.bench.latency import _PrHSStep, _step_plan
     from prhs_compile.bench.timing import Timer
     from prhs_compile.kernels import select_step_triton
 
@@ -43,7 +46,8 @@ def main() -> int:
     k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device="cuda")
-    step = _PrHSStep(torch, q, k, v, mask, 1 / math.sqrt(D), args.budget, 4, 64)
+    plan = _step_plan(args.budget, 4, 64, args.retrieval, args, L)
+    step = _PrHSStep(torch, q, k, v, mask, 1 / math.sqrt(D), plan)
     rate = step.set_rate(args.rate)
     for _ in range(5):
         step.call()
@@ -52,7 +56,7 @@ def main() -> int:
         step.call()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    print(f"B={B} L={L} budget={args.budget} retrieval rate {rate}: {len(kernels)} kernels, "
+    print(f"B={B} L={L} budget={args.budget} retrieval={args.retrieval} rate {rate}: {len(kernels)} kernels, "
           f"{sum(e.device_time for e in kernels):.1f} us of GPU time")
     for e in kernels:
         print(f"{e.device_time:9.1f} us  {e.name[:110]}")

@@ -67,3 +67,26 @@ def test_recommends_the_lowest_rate_within_noise_and_resume_runs_only_what_is_mi
     assert [c["label"] for c in resumed["cells"]] == ["dense", "prhs tau=0.3", "prhs tau=0.6", "prhs tau=0.8",
                                                       "prhs tau=0.9", "prhs calibrated tau", "oracle"]
     assert len(resumed["rows"]) == 2 * len(resumed["cells"])
+
+
+def test_pages_cells_add_to_a_report_and_stay_out_of_the_recommendation(fake, tmp_path, monkeypatch):
+    assert frontier.run(_args(tmp_path)) == 0
+    fake.clear()
+
+    def evaluate(model, codec, *, policies, budgets, extra, **_):
+        fake.append((policies[0], budgets[0], extra.get("tau"), extra.get("retrieval")))
+        rows = _rows(policies[0], budgets[0], extra.get("tau", 0.8))
+        for r in rows:  # cheaper than any exact cell: must still not be recommended
+            r["retrieval_rate"] = 0.01
+            r["two_stage"] = {"dropped_mean": 0.2, "exact_dropped_mean": 0.1, "outside_candidates": 0.3,
+                              "missed_share": 0.5}
+        return rows
+
+    monkeypatch.setattr(accuracy, "evaluate", evaluate)
+    assert frontier.run(_args(tmp_path, **{"pages-taus": "0.6", "pages-candidates": 2, "resume": True})) == 0
+    assert fake == [("prhs", 16, 0.6, "pages"), ("oracle", 16, None, "pages")]
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert [c["label"] for c in report["cells"]][-2:] == ["prhs tau=0.6 pages c=2", "oracle pages c=2"]
+    assert report["recommended"]["label"] == "prhs tau=0.6"
+    table = (tmp_path / "f.md").read_text()
+    assert "| prhs tau=0.6 pages c=2 | 16 | 0.2000 | 0.1000 | 0.300 | 0.500 |" in table

@@ -25,6 +25,9 @@ bf16, one query position), for every context length x batch size x budget:
                    reusing their stored set (``--step-rates``); each call first restores the
                    layer state (a few small copies, timed alone as ``restore``), so every
                    call sees the same mix
+``prhs-pages@r``   the same with two-stage retrieval (``retrieval="pages"``: page summaries,
+                   then the candidates' rows; ``--retrievals exact,pages``); its page
+                   summaries are not restored (replaying the step rewrites them unchanged)
 =================  ===========================================================================
 
 Timing: ``triton.testing.do_bench_cudagraph`` (median of 10 replays of a CUDA graph holding
@@ -73,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="budgets: absolute positions or fractions of the context (1/8)")
     parser.add_argument("--step-rates", default="0,0.1,0.5,1",
                         help="retrieval rates of the measured PrHS step (prhs@r), comma separated")
+    parser.add_argument("--retrievals", default="exact",
+                        help="how the PrHS step retrieves: exact, pages or both (exact,pages)")
+    parser.add_argument("--candidates", type=int, default=4,
+                        help="two-stage retrieval's candidates (pages holding this x budget positions)")
+    parser.add_argument("--page-size", type=int, default=16, help="two-stage retrieval's page size")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--local", type=int, default=64)
     parser.add_argument("--q-heads", type=int, default=32)
@@ -178,6 +186,7 @@ def run(args) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
     from prhs_compile.kernels.attend_triton import attend_triton
+    from prhs_compile.kernels.pages_triton import two_stage_bytes
     from prhs_compile.kernels.retrieve_triton import retrieval_bytes, retrieve_keys
     from prhs_compile.kernels.select_step_triton import oracle_select_triton
     from prhs_compile.kernels.select_triton import _bounds, _mask_operand
@@ -237,7 +246,10 @@ def run(args) -> int:
     step_rates = [float(r) for r in args.step_rates.split(",") if r.strip()]
     if any(not 0.0 <= r <= 1.0 for r in step_rates):
         raise SystemExit(f"--step-rates {args.step_rates!r}: every rate must be in [0, 1]")
-    total = sum(1 + (8 + len(step_rates)) * len(b) for _, _, b in configs)  # ticks per config
+    retrievals = [r.strip() for r in args.retrievals.split(",") if r.strip()]
+    if not retrievals or any(r not in ("exact", "pages") for r in retrievals):
+        raise SystemExit(f"--retrievals {args.retrievals!r}: a comma-separated list of exact, pages")
+    total = sum(1 + (8 + 2 * len(retrievals) * len(step_rates)) * len(b) for _, _, b in configs)
 
     progress = Progress(total, "latency", enabled=not args.no_progress)
     tick = progress.tick
@@ -390,19 +402,27 @@ def run(args) -> int:
             tick(f"B={B} L={L} S={S} select+attend")
 
 
-            steps = [_PrHSStep(torch, q, k, v, mask, scale, S, sink, local) for k, v in caches]
-            restore_ms = timer(rotating([st.restore for st in steps]))
-            methods["restore"] = {"ms": restore_ms, "bytes": steps[0].state_bytes * 2}
-            tick(f"B={B} L={L} S={S} restore")
-            for r in step_rates:
-                achieved = [st.set_rate(r) for st in steps][0]
-                step_ms = timer(rotating([st.call for st in steps]))
-                methods[f"prhs@{r:g}"] = {
-                    "ms": step_ms, "retrieval_rate": achieved, "restore_ms": restore_ms,
-                    "bytes": achieved * sel_bytes + attend_bytes + 2 * steps[0].state_bytes,
-                }
-                tick(f"B={B} L={L} S={S} prhs@{r:g}")
-            del steps
+            for retrieval in retrievals:
+                plan = _step_plan(S, sink, local, retrieval, args, L)
+                steps = [_PrHSStep(torch, q, k, v, mask, scale, plan) for k, v in caches]
+                tag = "prhs" if retrieval == "exact" else "prhs-pages"
+                restore_ms = timer(rotating([st.restore for st in steps]))
+                methods["restore" if retrieval == "exact" else "restore-pages"] = {
+                    "ms": restore_ms, "bytes": steps[0].state_bytes * 2}
+                tick(f"B={B} L={L} S={S} {tag} restore")
+                retrieval_bytes_now = sel_bytes if retrieval == "exact" else two_stage_bytes(
+                    B, Hkv, L, D, itemsize, plan, q_rows=rows)
+                for r in step_rates:
+                    achieved = [st.set_rate(r) for st in steps][0]
+                    step_ms = timer(rotating([st.call for st in steps]))
+                    methods[f"{tag}@{r:g}"] = {
+                        "ms": step_ms, "retrieval_rate": achieved, "restore_ms": restore_ms,
+                        "bytes": achieved * retrieval_bytes_now + attend_bytes + 2 * steps[0].state_bytes,
+                    }
+                    if retrieval == "pages":
+                        methods[f"{tag}@{r:g}"]["retrieval_bytes_vs_k"] = retrieval_bytes_now / (B * Hkv * L * D * itemsize)
+                    tick(f"B={B} L={L} S={S} {tag}@{r:g}")
+                del steps
 
             for m in methods.values():
                 if "ms" in m:
@@ -424,21 +444,32 @@ def run(args) -> int:
     return 0
 
 
+def _step_plan(budget: int, sink: int, local: int, retrieval: str, args, context: int):
+    """The plan of the measured PrHS step (its page summaries cover the context)."""
+    from prhs_compile.kernels.plan import SelectPlan
+
+    return SelectPlan(policy="prhs", layer=0, budget=budget, sink=sink, local=local,
+                      retrieval=retrieval, page_size=args.page_size, candidates=args.candidates,
+                      max_cache_len=max(context, args.page_size) if retrieval == "pages" else 32768)
+
+
 class _PrHSStep:
     """One attention layer's PrHS decode step through the registered ops, on a state set up
     so that a chosen share of the (row, KV head) slots retrieves and the rest reuses."""
 
-    def __init__(self, torch, q, k, v, mask, scale, budget, sink, local):
-        from prhs_compile.kernels.plan import SelectPlan
+    def __init__(self, torch, q, k, v, mask, scale, plan):
+        from prhs_compile.kernels.pages import PAGE_MAX, PAGE_MIN
         from prhs_compile.kernels.select_reference import state_spec
         from prhs_compile.state import allocate_state
 
         self.torch, self.q, self.k, self.v, self.mask, self.scale = torch, q, k, v, mask, scale
         B, Hq, _, D = q.shape
-        self.plan = SelectPlan(policy="prhs", layer=0, budget=budget, sink=sink, local=local)
+        self.plan = plan
         self.plan_text = self.plan.encode()
         self.names = list(state_spec(self.plan, B, Hq, k.shape[1], D))
-        self.state = allocate_state(self.plan, B, Hq, k.shape[1], D, q.device)
+        self.state = allocate_state(self.plan, B, Hq, k.shape[1], D, q.device, k.dtype)
+        # Page summaries: the replayed step recomputes the newest key's page to what it holds.
+        self.restored = [name not in (PAGE_MIN, PAGE_MAX) for name in self.names]
         # One full retrieval fills the stored sets; then the state is made to continue from
         # position L - 2, so that the step at L - 1 follows it.
         self._ops()
@@ -447,8 +478,9 @@ class _PrHSStep:
         st["pos"].fill_(L - 2)
         st["fingerprint"].copy_(k[:, 0, L - 2].float())
         st["age"].fill_(0)
-        self.snapshot = [t.clone() for t in self.state]
-        self.state_bytes = sum(t.numel() * t.element_size() for t in self.state)
+        self.snapshot = [t.clone() if keep else None for t, keep in zip(self.state, self.restored)]
+        self.state_bytes = sum(t.numel() * t.element_size()
+                               for t, keep in zip(self.state, self.restored) if keep)
 
     def set_rate(self, rate: float) -> float:
         """Anchors equal to the query reuse (cosine 1), opposite ones retrieve; returns the
@@ -473,7 +505,8 @@ class _PrHSStep:
 
     def restore(self):
         for t, s in zip(self.state, self.snapshot):
-            t.copy_(s)
+            if s is not None:
+                t.copy_(s)
 
     def call(self):
         self.restore()
@@ -512,7 +545,8 @@ def _markdown(report) -> str:
                      "select_score", "topk", "select_attend"):
             cells.append(f"{ms(m[name])} ({frac(m[name])})" if "ms" in m[name] else "skip")
         lines.append("| " + " | ".join(cells) + " |")
-    rates = [n for n in report["results"][0]["methods"] if n.startswith("prhs@")] if report["results"] else []
+    rates = [n for n in report["results"][0]["methods"] if n.startswith(("prhs@", "prhs-pages@"))] \
+        if report["results"] else []
     if rates:
         lines += [
             "",
