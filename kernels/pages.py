@@ -8,9 +8,10 @@ page holds ``+inf`` / ``-inf``.
 
 * **Prefill** writes the summaries of the whole prompt (``build_summaries``); every other
   page is emptied, so a new sequence never sees the previous one's keys.
-* **Each decode step** folds the step's new keys into the pages they land in
-  (``maintain_summaries``); a row that does not continue the state's sequence (new prompt,
-  position jump, reordered beams, changed batch) is rebuilt from its cache instead.
+* **Each decode step** recomputes the pages the step's new keys land in, and the page of the
+  oldest valid key (``maintain_summaries``); a row that does not continue the state's
+  sequence (new prompt, position jump, reordered beams, changed batch) is rebuilt from its
+  cache instead.
 * **Two-stage retrieval** (``two_stage_mass``): stage one scores every page holding a
   retrievable position by Quest's upper bound ``sum_d max(q_d * min_d, q_d * max_d)``, summed
   over the GQA group's query rows, and keeps the best ``candidate_pages`` of them; stage two
@@ -86,21 +87,28 @@ def build_summaries(state: dict, k: torch.Tensor, valid: torch.Tensor, plan: Sel
 
 def maintain_summaries(state: dict, k: torch.Tensor, valid: torch.Tensor, old_newest: torch.Tensor,
                        continuing: torch.Tensor, plan: SelectPlan) -> None:
-    """One decode step: fold the keys after ``old_newest`` (the newest position the state had
-    seen, per row) into their pages for rows that continue; rebuild the others.
+    """One decode step. A row that continues recomputes the pages its new keys (after
+    ``old_newest``, the newest position the state had seen) land in, and the page of its
+    oldest valid key (a sliding window drops keys there); every other page keeps its summary.
+    A row that does not continue is rebuilt.
 
-    The reference computes both and keeps one per row; the fold alone touches only the pages
-    of the step's new keys."""
-    batch = k.shape[0]
+    Pages wholly before the oldest valid key keep what they held (no position there is ever
+    retrievable, so they are never candidates); every page holding a valid key equals a
+    from-scratch summary. The reference computes every page and keeps the refreshed ones;
+    the Triton step computes only those."""
+    batch, length = k.shape[0], k.shape[2]
     low, high = state[PAGE_MIN][:batch], state[PAGE_MAX][:batch]
-    pages = low.shape[2]
-    positions = torch.arange(k.shape[2], device=k.device)
-    new = valid & (positions[None, :] > old_newest[:, None])  # [B, L] the step's new keys
-    add_low, add_high = summaries_of(k, new, plan.page_size, pages)
-    fresh_low, fresh_high = summaries_of(k, valid, plan.page_size, pages)
-    keep = continuing[:, None, None, None]
-    low.copy_(torch.where(keep, torch.minimum(low, add_low), fresh_low))
-    high.copy_(torch.where(keep, torch.maximum(high, add_high), fresh_high))
+    pages, size = low.shape[2], plan.page_size
+    positions = torch.arange(length, device=k.device)
+    oldest = torch.where(valid, positions, length).amin(-1)  # [B] (length: no valid key)
+    touched = valid & ((positions[None, :] > old_newest[:, None]) | (positions[None, :] == oldest[:, None]))
+    span = pages * size
+    touched = torch.nn.functional.pad(touched, (0, max(0, span - length)))[:, :span]
+    refresh = touched.unflatten(1, (pages, size)).any(-1) | ~continuing[:, None]  # [B, pages]
+    fresh_low, fresh_high = summaries_of(k, valid, size, pages)
+    refresh = refresh[:, None, :, None]
+    low.copy_(torch.where(refresh, fresh_low, low))
+    high.copy_(torch.where(refresh, fresh_high, high))
 
 
 def page_summaries(state: dict, k: torch.Tensor, valid: torch.Tensor, plan: SelectPlan, layer: int):

@@ -67,17 +67,20 @@ def _summaries_kernel(
     hkv = (pid_bh % Hkv).to(tl.int64)
     lo, hi, _, _, _, _ = _row_bounds(BOUNDS, b)
     rebuild = tl.load(REBUILD + b) != 0
-    # A continuing row recomputes the pages its new keys land in: from the page of the
-    # position after its old newest one to the page of its new newest one.
+    # A continuing row recomputes the page of its oldest valid key (entry 0: a sliding window
+    # drops keys there) and the pages its new keys land in (entries 1...: from the page of the
+    # position after its old newest one to the page of its new newest one); a rebuilt row,
+    # every page (entries 1...).
     old = tl.load(OLD_NEWEST + b).to(tl.int32)
     first = tl.where(rebuild, 0, tl.maximum(old + 1, 0) // P)
     last = tl.where(rebuild, pages - 1, tl.minimum((hi - 1) // P, pages - 1))
+    lo_page = tl.minimum(lo // P, pages - 1)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     k_base = K + b * stride_kb + hkv * stride_kh
     s_base = b * stride_sb + hkv * stride_sh + offs_d * stride_sd
-    start = first + (split - first % num_splits + num_splits) % num_splits
-    for page in range(start, last + 1, num_splits):
+    for entry in range(split, last - first + 2, num_splits):
+        page = tl.where(entry == 0, lo_page, first + entry - 1)
         low = tl.full([BLOCK_D], float("inf"), tl.float32)
         high = tl.full([BLOCK_D], float("-inf"), tl.float32)
         for r0 in range(0, P, SUB):

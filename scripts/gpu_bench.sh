@@ -12,6 +12,8 @@
 #   scripts/gpu_bench.sh prefill     # block-sparse PSAW prefill: CUDA tests + prhs-bench prefill
 #   scripts/gpu_bench.sh latency     # prhs-bench latency, full grid -> $OUT/latency.json
 #   scripts/gpu_bench.sh throughput  # prhs-bench throughput -> $OUT/throughput.json
+#   scripts/gpu_bench.sh pages       # two-stage retrieval: its kernel tests, then the PrHS step
+#                                    # with exact and two-stage retrieval -> $OUT/latency_pages.json
 #
 # Output lands in $OUT (or ./gpu_out). Runs from outside the checkout after a regular
 # install, so the source folders at its root never shadow the installed package.
@@ -71,7 +73,13 @@ for stage in "$@"; do
       # shellcheck disable=SC2086  # THROUGHPUT_ARGS: extra options, e.g. --configs inductor_gqa,prhs
       prhs-bench throughput ${THROUGHPUT_ARGS:-} --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
+    pages)
+      python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_pages_triton.py" 2>&1 | tee "$OUT/pytest_pages.txt" | tail -8 || exit 1
+      prhs-bench latency --no-progress --no-flex --retrievals exact,pages --step-rates 0,0.1,1 \
+        --budgets 2048 ${LATENCY_ARGS:-} --out "$OUT/latency_pages.json" 2>&1 | tail -30
+      python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 1 --retrieval pages 2>&1 | grep -v Warn | tee "$OUT/profile_pages_b16_128k_r1.txt" | grep -E "kernels|graph|_kernel"
+      ;;
     *)
-      echo "unknown stage $stage (tests, topk, engine, attend_sweep, profile, sweep, compare, probe, prefill, latency, throughput)"; exit 2;;
+      echo "unknown stage $stage (tests, topk, engine, attend_sweep, profile, sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
   esac
 done

@@ -84,6 +84,25 @@ def test_summaries_follow_the_cache_after_prefill_and_every_step(dtype, Tq):
         _assert_summaries(PAGES, state, k, _valid(lengths, pads, L))
 
 
+def test_summaries_follow_a_sliding_window():
+    """Keys leave the window at its old end: every page holding a valid key equals its
+    from-scratch summary (pages wholly behind the window are never candidates)."""
+    torch.manual_seed(4)
+    B, Hq, Hkv, D, L, window = 1, 2, 1, 8, 96, 10
+    k = torch.randn(B, Hkv, L, D)
+    state = _state(PAGES, B, Hq, Hkv, D)
+    n = 30
+    prefill_reference(torch.randn(B, Hq, 1, D), k, _mask([n], [n - window], L), False, D ** -0.5, PAGES, state)
+    for _ in range(15):
+        n += 1
+        select_reference(torch.randn(B, Hq, 1, D), k, k, _mask([n], [n - window], L), D ** -0.5, PAGES, state)
+        valid = _valid([n], [n - window], L)
+        low, high = summaries_of(k, valid, PAGES.page_size, capacity(PAGES))
+        held = valid.unflatten(1, (-1, PAGES.page_size)).any(-1)[:, None, :capacity(PAGES)]  # pages with a valid key
+        st = _named(PAGES, state)
+        assert torch.equal(st[PAGE_MIN][held], low[held]) and torch.equal(st[PAGE_MAX][held], high[held])
+
+
 def test_summaries_are_rebuilt_for_a_row_that_does_not_continue():
     torch.manual_seed(1)
     B, Hq, Hkv, D, L = 2, 2, 1, 8, 64

@@ -83,6 +83,30 @@ def test_summaries_kernel_matches_the_reference(dtype, Tq):
         assert torch.equal(st[name], ref[name]), name
 
 
+def test_summaries_kernel_follows_a_sliding_window():
+    q, k, _ = _inputs(seed=3)
+    B, Hkv, L, D = k.shape
+    st = _state(PLAN, B, q.shape[1], Hkv, D, torch.float32)
+    lengths, window = [40, 29], 9
+    pages.build_summaries(st, k, _valid_window(lengths, window, L), PLAN)
+    ref = {n: t.clone() for n, t in st.items()}
+    for _ in range(6):
+        old_newest = torch.tensor([n - 1 for n in lengths], device=DEVICE)
+        lengths = [n + 1 for n in lengths]
+        mask = _mask_for(lengths, [n - window for n in lengths], L, 1, "bool")
+        continuing = torch.tensor([True, True], device=DEVICE)
+        pages.maintain_summaries(ref, k, StepView(q, k, mask, 0.25).valid, old_newest, continuing, PLAN)
+        operand, bounds = _operand_bounds(PLAN, q, k, mask)
+        maintain_summaries_triton(st, k, operand, bounds, old_newest, continuing, PLAN, 1)
+        for name in (pages.PAGE_MIN, pages.PAGE_MAX):
+            assert torch.equal(st[name], ref[name]), name
+
+
+def _valid_window(lengths, window, L):
+    pos = torch.arange(L, device=DEVICE)
+    return torch.stack([(pos >= n - window) & (pos < n) for n in lengths])
+
+
 def test_page_bounds_kernel_matches_the_reference():
     from prhs_compile.kernels.pages_triton import page_scores
 
