@@ -113,7 +113,7 @@ def _window_prefill_fake(q, k, v, mask, is_causal, scale, plan, state):
 
 @select.register_kernel("cuda")
 def _select_cuda(q, k, v, mask, scale, plan, state, shared=None):
-    from .select_quest_triton import QuestKernelUnavailable  # Triton only when a GPU runs it
+    from .pages_triton import PagesKernelUnavailable  # Triton only when a GPU runs it
     from .select_step_triton import select_step_triton, unsupported_reason
 
     p = decode_plan(plan)
@@ -121,8 +121,8 @@ def _select_cuda(q, k, v, mask, scale, plan, state, shared=None):
     if reason is None:
         try:
             return select_step_triton(q, k, mask, scale, p, _state_dict(p, state, q, k), shared)
-        except QuestKernelUnavailable as exc:  # its first failure, raised before any state changed
-            reason = f"quest page kernel unavailable ({exc})"
+        except PagesKernelUnavailable as exc:  # the reference redoes what the step had done
+            reason = f"page kernels unavailable ({exc})"
     # The dense policy needs no ranking: the reference's index list is all it does.
     if p.policy != "dense" and (p.layer, reason) not in _logged_fallbacks:
         _logged_fallbacks.add((p.layer, reason))

@@ -43,8 +43,11 @@ _warned_capacity: set[int] = set()  # layers whose cache outgrew the summaries (
 
 
 def uses_pages(plan: SelectPlan) -> bool:
-    """Whether this plan keeps page summaries in its selection state."""
-    return plan.retrieval == "pages"
+    """Whether this plan keeps page summaries in its selection state: two-stage retrieval,
+    or a rule that selects whole pages (``quest``, stage one alone)."""
+    from .rules import get_rule  # the rules import this module
+
+    return plan.retrieval == "pages" or get_rule(plan.policy).selects_pages
 
 
 def capacity(plan: SelectPlan) -> int:
@@ -149,15 +152,16 @@ def candidate_pages(plan: SelectPlan) -> int:
     return math.ceil(plan.candidates * budget / plan.page_size)
 
 
-def candidate_positions(plan: SelectPlan, view, state: dict, region: torch.Tensor) -> torch.Tensor:
-    """Stage one: ``[B, Hkv, L]`` the retrievable positions of each slot's best pages."""
+def best_pages(plan: SelectPlan, view, state: dict, region: torch.Tensor, count: int) -> torch.Tensor:
+    """Stage one: ``[B, Hkv, L]`` the retrievable positions of each slot's ``count`` pages of
+    highest bound (ties to the lower page)."""
     length, size = view.kv_len, plan.page_size
     low, high = page_summaries(state, view.k, view.valid, plan, plan.layer)
     pages = low.shape[2]
     pad = pages * size - length
     pickable = torch.nn.functional.pad(region, (0, pad)).unflatten(1, (pages, size)).any(-1)  # [B, pages]
     score = page_bounds(view.q, low, high).masked_fill(~pickable[:, None, :], float("-inf"))
-    top = ranked_topk(score, min(candidate_pages(plan), pages))  # ties: the lower page
+    top = ranked_topk(score, min(count, pages))
     chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, top.values > float("-inf"))
     return chosen.repeat_interleave(size, dim=-1)[..., :length] & region[:, None, :]
 
@@ -166,7 +170,7 @@ def two_stage_mass(plan: SelectPlan, view, state: dict, region: torch.Tensor):
     """``(mass, candidates)``: the group's attention mass over the positions a two-stage
     retrieval reads (``[B, Hkv, L]``, 0 elsewhere), and the candidate positions it may pick
     from (``[B, Hkv, L]``)."""
-    candidates = candidate_positions(plan, view, state, region)
+    candidates = best_pages(plan, view, state, region, candidate_pages(plan))
     read = candidates | view.windows(plan)[:, None, :]  # [B, Hkv, L]
     b, hkv, group, q_len, dim = view.batch, view.kv_heads, view.group, view.q_len, view.head_dim
     qg = view.q.float().reshape(b, hkv, group, q_len, dim)

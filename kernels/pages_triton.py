@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 from .pages import PAGE_MAX, PAGE_MIN, candidate_pages
 from .retrieve_triton import Keys
@@ -46,10 +47,31 @@ from .select_triton import (
 )
 from .selection import ranked_topk
 
-__all__ = ["candidate_keys", "maintain_summaries_triton", "page_scores", "two_stage_bytes",
-           "two_stage_keys"]
+__all__ = ["PagesKernelUnavailable", "candidate_keys", "maintain_summaries_triton", "page_scores",
+           "quest_picks", "two_stage_bytes", "two_stage_keys"]
 
 _SUB = 16  # keys loaded per iteration of the summaries kernel
+
+# Set when one of the page kernels failed to compile on this machine: the steps that use page
+# summaries then run the torch reference (the caller logs why).
+unavailable: str | None = None
+
+
+class PagesKernelUnavailable(RuntimeError):
+    """A page kernel cannot compile here. Raised before that kernel ran; what earlier ones of
+    the step did is what the reference redoes the same way (summaries of the same pages
+    recomputed), so the reference may take the step over."""
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    global unavailable
+    if unavailable is not None:
+        raise PagesKernelUnavailable(unavailable)
+    try:
+        kernel[grid](*args, **meta)
+    except CompilationError as exc:  # compiled before it runs: nothing written by it yet
+        unavailable = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        raise PagesKernelUnavailable(unavailable) from exc
 
 
 @triton.jit
@@ -112,7 +134,7 @@ def maintain_summaries_triton(st: dict, k, operand, bounds, old_newest, continui
     rebuild = (~continuing).to(torch.int32)
     Tq = q_len
     num_splits = max(1, min(64, triton.cdiv(pages, 16)))
-    _summaries_kernel[(B * Hkv, num_splits)](
+    _launch(_summaries_kernel, (B * Hkv, num_splits),
         k, mask_t, bounds, old_newest, rebuild, low, high, Hkv, Tq, L, pages, num_splits,
         *k.stride(), *ms, mask_min, *low.stride(),
         D=D, P=plan.page_size, BLOCK_D=max(16, triton.next_power_of_2(D)),
@@ -178,7 +200,7 @@ def page_scores(q, st: dict, operand, bounds, active, plan, length: int) -> torc
         mask_t = bounds
     out = torch.empty((B, Hkv, pages), dtype=torch.float32, device=q.device)
     block_p = 16
-    _page_scores_kernel[(B * Hkv, triton.cdiv(pages, block_p))](
+    _launch(_page_scores_kernel, (B * Hkv, triton.cdiv(pages, block_p)),
         q, mask_t, bounds, low, high, active, out, Hkv, Hq // Hkv, Tq, pages,
         *q.stride(), *ms, mask_min, *low.stride(),
         D=D, P=plan.page_size, BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(D)),
@@ -339,10 +361,10 @@ def candidate_keys(q, k, operand, bounds, scale, pages_list, active, page_size: 
                   BLOCK_D=max(16, triton.next_power_of_2(D)), MASK_KIND=kind, DOT_F32=_dot_f32(q),
                   num_warps=4)
     qk = float(scale) * _LOG2E
-    _candidate_lse_kernel[(B * Hkv, num_splits)](
+    _launch(_candidate_lse_kernel, (B * Hkv, num_splits),
         q, k, mask_t, bounds, pages_list, active, lse_part, scores, qk, mask_min, Hkv,
         Hq // Hkv, Tq, n_pages, num_splits, *q.stride(), *k.stride(), *ms, **common)
-    _candidate_keys_kernel[(B * Hkv, num_splits)](
+    _launch(_candidate_keys_kernel, (B * Hkv, num_splits),
         q, k, mask_t, bounds, pages_list, active, lse_part, scores, keys, window_mass, qk,
         mask_min, Hkv, Hq // Hkv, Tq, L, n_pages, num_splits, *q.stride(), *k.stride(), *ms,
         SPLIT_CHUNK=_SPLIT_CHUNK, **common)
@@ -373,3 +395,14 @@ def two_stage_bytes(batch: int, kv_heads: int, n_valid: int, head_dim: int, item
     score_bytes = 2 * slots * q_rows * candidates * 4
     key_bytes = (1 + key_passes) * slots * n_valid * 4
     return summary_bytes + row_bytes + score_bytes + key_bytes
+
+
+def quest_picks(page_score: torch.Tensor, middle: int, page: int, length: int) -> torch.Tensor:
+    """Quest's selection: the positions of the best ``middle // page`` pages (ties to the lower
+    page, as ``QuestRule``), ascending int32 ``[B, Hkv, n * page]``, -1 for pages not chosen
+    (the compose kernel drops positions outside the retrieval region)."""
+    top = ranked_topk(page_score, min(middle // page, page_score.shape[-1]))
+    pages = torch.where(top.values > float("-inf"), top.indices, -1).sort(-1).values
+    pos = pages[..., None] * page + torch.arange(page, device=pages.device)
+    pos = torch.where((pages[..., None] >= 0) & (pos < length), pos, -1)
+    return pos.flatten(-2).to(torch.int32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import pages
 from .rules_basic import OracleRule
 from .selection import SelectionRule, advance_age, dilate_and_pick, keep_to_indices, stored_and_windows
 
@@ -196,18 +197,21 @@ class HShareRule(SelectionRule):
 
 
 class QuestRule(SelectionRule):
-    """Quest: pages of ``PAGE`` keys keep their elementwise min and max; a page's score for a
-    query is ``sum_d max(q_d * min_d, q_d * max_d)`` (an upper bound of any q.k in it); the
-    best pages are kept whole every step. The first two layers stay dense."""
+    """Quest: the best pages kept whole every step, by their bound ``sum_d max(q_d * min_d,
+    q_d * max_d)`` (an upper bound of any q.k in the page) from the page summaries of the
+    selection state (``pages.py``: channel-wise min and max of each page of ``page_size``
+    keys, kept up to date each step), so a step reads the summaries, not K. The first two
+    layers stay dense."""
 
     name = "quest"
     cuda_step = "pages"
-    PAGE = 16
+    selects_pages = True
     DENSE_LAYERS = 2
 
     def validate(self, plan):
-        if plan.middle < self.PAGE:
-            return f"budget={plan.budget} minus sink and local leaves less than one page of {self.PAGE} keys"
+        if plan.middle < plan.page_size:
+            return (f"budget={plan.budget} minus sink and local leaves less than one page of "
+                    f"{plan.page_size} keys")
         return None
 
     def keeps_dense(self, plan):
@@ -216,20 +220,6 @@ class QuestRule(SelectionRule):
         return None
 
     def choose(self, plan, view, state):
-        b, hkv, length = view.batch, view.kv_heads, view.kv_len
-        pages = -(-length // self.PAGE)
         region = view.valid & ~view.windows(plan)  # [B, L]
-        pad = pages * self.PAGE - length
-        k = torch.nn.functional.pad(view.k.float(), (0, 0, 0, pad))
-        inside = torch.nn.functional.pad(region, (0, pad))[:, None, :, None]  # [B, 1, L', 1]
-        k_min = k.masked_fill(~inside, float("inf")).unflatten(2, (pages, self.PAGE)).amin(3)
-        k_max = k.masked_fill(~inside, float("-inf")).unflatten(2, (pages, self.PAGE)).amax(3)
-        q = view.q.float().reshape(b, hkv, view.group * view.q_len, 1, view.head_dim)
-        bound = torch.maximum(q * k_min[:, :, None], q * k_max[:, :, None]).nan_to_num(0.0, posinf=0.0, neginf=0.0)
-        page_score = bound.sum(-1).sum(2)  # [B, Hkv, pages], summed over the group's queries
-        has_any = inside.unflatten(2, (pages, self.PAGE)).any(3)[:, :, :, 0]  # [B, 1, pages]
-        page_score = page_score.masked_fill(~has_any, float("-inf"))
-        top = page_score.topk(min(plan.middle // self.PAGE, pages), dim=-1)
-        chosen = torch.zeros_like(page_score, dtype=torch.bool).scatter_(-1, top.indices, top.values > float("-inf"))
-        keep = chosen.repeat_interleave(self.PAGE, dim=-1)[..., :length] & region[:, None, :]
+        keep = pages.best_pages(plan, view, state, region, plan.middle // plan.page_size)
         return keep | view.windows(plan)[:, None, :], ~view.no_retrieval()

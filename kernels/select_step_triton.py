@@ -3,7 +3,8 @@
 ``select_step_triton`` returns what ``select_reference`` returns and mutates the same state,
 for the plans it supports (``supports``): policies ``oracle``, ``prhs`` (every selector:
 cosine or ``delta_target`` gate, dilation, PSAW recency window, cross-layer ``shared`` sets),
-``streaming``, ``quest`` (page scores in ``select_quest_triton.py``), ``h2o``, ``lu_kv`` (and
+``streaming``, ``quest`` (page bounds from the page summaries, ``pages_triton.py``), ``h2o``,
+``lu_kv`` (and
 ``oracle`` / ``prhs`` within per-head budgets), and
 ``sage_kv`` / ``snapkv`` at decode (their one-shot selection is made at prefill by
 ``prhs::prefill``, the reference on every device), verify mode or selection listeners; everything else falls back to
@@ -45,15 +46,13 @@ from typing import NamedTuple, Optional
 import torch
 import torch._dynamo
 import torch._inductor
-from . import select_quest_triton
+from . import pages_triton
 from .plan import SelectPlan
 from .rule_prhs import needs_key_norms, prhs_gate, prhs_store
 from .rules import get_rule
 from .pages import capacity, uses_pages
-from .pages_triton import maintain_summaries_triton, two_stage_keys
-from .rules_baselines import QuestRule
+from .pages_triton import maintain_summaries_triton, page_scores, quest_picks, two_stage_keys
 from .select_hshare_triton import channel_abs_sums
-from .select_quest_triton import quest_page_scores, quest_picks
 from .select_reference import TOPK_GUESS, continuing_rows, selection_listeners, step_bookkeeping
 from .selection import advance_age, scatter_keep
 from .compose_triton import compose as _compose
@@ -71,11 +70,11 @@ def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
     return unsupported_reason(plan, q, k) is None
 
 
-def quest_unavailable(plan: SelectPlan) -> str | None:
-    """Why this (quest) plan's page kernel cannot run on this machine, or None."""
-    if get_rule(plan.policy).cuda_step != "pages" or select_quest_triton.unavailable is None:
+def pages_unavailable(plan: SelectPlan) -> str | None:
+    """Why this plan's page kernels cannot run on this machine, or None."""
+    if not uses_pages(plan) or pages_triton.unavailable is None:
         return None
-    return f"quest page kernel unavailable ({select_quest_triton.unavailable})"
+    return f"page kernels unavailable ({pages_triton.unavailable})"
 
 
 def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -90,9 +89,6 @@ def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> st
             return f"retrieval='pages' is for policies that retrieve by score, not {plan.policy!r}"
         if plan.delta_target > 0:
             return "delta_target needs the mass outside the candidates of a two-stage retrieval"
-        if k.shape[2] > capacity(plan) * plan.page_size:
-            return (f"the cache holds {k.shape[2]} positions, more than the page summaries cover "
-                    f"(max_cache_len={plan.max_cache_len})")
     if plan.verify:
         return "verify=True measures the exact dropped mass with the torch reference"
     if selection_listeners:
@@ -105,7 +101,10 @@ def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> st
         return f"head dim {q.shape[-1]} > 256"
     if q.shape[2] < 1 or k.shape[2] < 1:
         return "an empty query or cache"
-    return quest_unavailable(plan)
+    if uses_pages(plan) and k.shape[2] > capacity(plan) * plan.page_size:
+        return (f"the cache holds {k.shape[2]} positions, more than the page summaries cover "
+                f"(max_cache_len={plan.max_cache_len})")
+    return pages_unavailable(plan)
 
 
 def _pick(mass: torch.Tensor, window_mass: torch.Tensor, middle: int, delta_target: float,
@@ -498,11 +497,14 @@ def _windows_step(step: Step):
 
 
 def _pages_step(step: Step):
-    """Quest: page upper bounds every step, the best pages' positions."""
+    """Quest: the page summaries kept up to date, every page's bound from them, the best
+    pages' positions. Reads the summaries, not K."""
     step = step.with_row_facts()
-    length = step.shape[4]
-    scores = quest_page_scores(step.q, step.k, step.operand, step.bounds, QuestRule.PAGE)
-    picks = _quest_picks(scores, step.plan.middle, QuestRule.PAGE, length)
+    step.keep_summaries()
+    batch, _, _, kv_heads, length = step.shape
+    every = torch.ones(batch * kv_heads, dtype=torch.int32, device=step.q.device)
+    scores = page_scores(step.q, step.st, step.operand, step.bounds, every, step.plan, length)
+    picks = _quest_picks(scores, step.plan.middle, step.plan.page_size, length)
     return step.finish(step.compose(picks), step.every_slot_retrieves())
 
 

@@ -42,6 +42,8 @@ class SelectionRule:
     recency_window: bool = False
     #: True when its retrievals may be two-stage (``retrieval="pages"``, ``pages.retrieve``).
     two_stage: bool = False
+    #: True when it selects whole pages from the page summaries (``pages.best_pages``).
+    selects_pages: bool = False
 
     def local_window(self, plan: SelectPlan) -> int:
         """The most recent valid positions always kept."""

@@ -221,7 +221,8 @@ def time_policy(plan, shape: AttentionShape, stream: DecodeStream, timer: Timer,
 
     ops = torch.ops.prhs
     text = plan.encode()
-    state = allocate_state(plan, 1, shape.q_heads, shape.kv_heads, shape.head_dim, stream.k.device)
+    state = allocate_state(plan, 1, shape.q_heads, shape.kv_heads, shape.head_dim, stream.k.device,
+                           stream.k.dtype)
     scale = stream.scale
     ops.prefill(stream.prompt_q, stream.k, stream.prompt_mask, False, scale, text, state)
     stream.rewind()  # the first step continues the primed prompt
