@@ -37,6 +37,7 @@ from .select_triton import (
     _SPLIT_CHUNK,
     _dot_f32,
     _load_q,
+    _lse_update,
     _masked_scores,
     _middle_range,
     _row_bounds,
@@ -260,10 +261,7 @@ def _candidate_lse_kernel(
         s = _masked_scores(s, mask_rows, pos, m_ok, ok, stride_ml, mask_min, MASK_KIND)
         tl.store(SCORES + (slot.to(tl.int64) * M + offs_m)[:, None] * width + col[None, :], s,
                  mask=m_ok[:, None] & (col < width)[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = _lse_update(m_i, l_i, s)
     if split == 0:  # the sink and local windows are read too: the softmax is over both
         sink_hi = tl.minimum(sink_end, hi)
         loc_lo = tl.maximum(local_start, lo)
@@ -277,10 +275,7 @@ def _candidate_lse_kernel(
             s = _scores(q, k_base, pos, ok, offs_d, d_ok, stride_kl, stride_kd,
                         qk_scale_log2, DOT_F32)
             s = _masked_scores(s, mask_rows, pos, m_ok, ok, stride_ml, mask_min, MASK_KIND)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-            m_i = m_new
+            m_i, l_i = _lse_update(m_i, l_i, s)
     lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
     tl.store(LSE_PART + (slot.to(tl.int64) * BLOCK_M + offs_m) * num_splits + split, lse)
 

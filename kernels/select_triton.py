@@ -300,6 +300,15 @@ def _assignment(ACTIVE, pid_bh, split, BH, Hkv, num_splits, HAS_ACTIVE: tl.const
 
 
 @triton.jit
+def _lse_update(m_i, l_i, s):
+    """Online log-sum-exp (log2 domain): the running max ``m_i`` and sum ``l_i`` of each row
+    after a tile of scores ``s`` [rows, cols]; rows with nothing allowed so far stay (-inf, 0)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+
+
+@triton.jit
 def _lse_kernel(
     Q, K, MASK, BOUNDS, LSE_PART, ACTIVE, NORM_PART, SCORES,
     qk_scale_log2, mask_min,
@@ -348,10 +357,7 @@ def _lse_kernel(
             srow = (pid_bh.to(tl.int64) * M + offs_m) * L
             tl.store(SCORES + srow[:, None] + pos[None, :], s,
                      mask=((m_ok[:, None] & col_ok[None, :]) & ok) != 0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = _lse_update(m_i, l_i, s)
         if WANT_NORM:  # norms of the tile just loaded for the scores
             kf = kt.to(tl.float32)
             if TQ_P2 <= BLOCK_M:
