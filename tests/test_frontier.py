@@ -90,3 +90,9 @@ def test_pages_cells_add_to_a_report_and_stay_out_of_the_recommendation(fake, tm
     assert report["recommended"]["label"] == "prhs tau=0.6"
     table = (tmp_path / "f.md").read_text()
     assert "| prhs tau=0.6 pages c=2 | 16 | 0.2000 | 0.1000 | 0.300 | 0.500 |" in table
+    # Another candidate count adds its cells and keeps the first ones.
+    fake.clear()
+    assert frontier.run(_args(tmp_path, **{"pages-taus": "0.6", "pages-candidates": 4, "resume": True})) == 0
+    assert fake == [("prhs", 16, 0.6, "pages"), ("oracle", 16, None, "pages")]
+    labels = [c["label"] for c in json.loads((tmp_path / "f.json").read_text())["cells"]]
+    assert {"prhs tau=0.6 pages c=2", "oracle pages c=2", "prhs tau=0.6 pages c=4", "oracle pages c=4"} <= set(labels)

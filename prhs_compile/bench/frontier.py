@@ -341,6 +341,13 @@ def run(args) -> int:
         log(f"[{i + 1}/{len(plan)}] {cell['label']} @ {cell['budget']}: acc {m['accuracy']} top-1 {_num(m['top1_agreement'], 3)} "
             f"KL {_num(m['kl_mean'], 4)} rate {_num(m['retrieval_rate'], 3)} {m['layer_retrieval_rate']} ({done['seconds']:.0f} s)")
         write_json(args.out, report)
+    # Cells of the resumed report this run did not plan (e.g. two-stage cells of another
+    # --pages-candidates) stay in it.
+    planned = {(c["label"], c["budget"]) for c in plan}
+    for key, cell in done_before.items():
+        if key not in planned:
+            report["cells"].append(cell)
+            report["rows"] += [r for r in previous["rows"] if (r["label"], r["budget"]) == key]
     report["complete"] = True
     report["seconds"] = time.perf_counter() - started
     table, plotted = render(report, stem)
