@@ -67,16 +67,19 @@ def summaries_of(k: torch.Tensor, valid: torch.Tensor, page_size: int, pages: in
     ``k`` [B, Hkv, L, D], ``valid`` [B, L]. Returns two ``[B, Hkv, pages, D]`` tensors in k's
     dtype (``+inf`` / ``-inf`` for pages without a valid key, or past the cache)."""
     batch, heads, length, dim = k.shape
-    span = pages * page_size
+    held = min(pages, -(-length // page_size))  # pages that hold cache positions
+    span = held * page_size
     keys = k[:, :, :span]
     inside = valid[:, :span]
-    if span > length:  # pages reach past the cache: pad them empty
+    if span > length:  # the last page reaches past the cache: pad it empty
         keys = torch.nn.functional.pad(keys, (0, 0, 0, span - length))
         inside = torch.nn.functional.pad(inside, (0, span - length))
     inside = inside[:, None, :, None]
-    inf = torch.tensor(float("inf"), dtype=k.dtype, device=k.device)
-    low = keys.masked_fill(~inside, inf).unflatten(2, (pages, page_size)).amin(3)
-    high = keys.masked_fill(~inside, -inf).unflatten(2, (pages, page_size)).amax(3)
+    low = keys.masked_fill(~inside, float("inf")).unflatten(2, (held, page_size)).amin(3)
+    high = keys.masked_fill(~inside, float("-inf")).unflatten(2, (held, page_size)).amax(3)
+    if held < pages:  # pages past the cache are empty (no padded copy of K for them)
+        empty = low.new_full((batch, heads, pages - held, dim), float("inf"))
+        low, high = torch.cat([low, empty], 2), torch.cat([high, -empty], 2)
     return low, high
 
 

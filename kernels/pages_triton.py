@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+import triton.runtime.errors
 from triton.compiler.errors import CompilationError
 
 from .pages import PAGE_MAX, PAGE_MIN, candidate_pages
@@ -64,13 +65,20 @@ class PagesKernelUnavailable(RuntimeError):
     recomputed), so the reference may take the step over."""
 
 
+_COMPILE_ERRORS = (CompilationError, RuntimeError) + tuple(
+    getattr(triton.runtime.errors, name) for name in ("OutOfResources", "PTXASError")
+    if hasattr(triton.runtime.errors, name))
+
+
 def _launch(kernel, grid, *args, **meta) -> None:
     global unavailable
     if unavailable is not None:
         raise PagesKernelUnavailable(unavailable)
     try:
         kernel[grid](*args, **meta)
-    except CompilationError as exc:  # compiled before it runs: nothing written by it yet
+    # Compiled and loaded before it runs, so nothing is written yet: a front-end error, a
+    # failing backend pass (RuntimeError), ptxas, or too few registers / shared memory.
+    except _COMPILE_ERRORS as exc:
         unavailable = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         raise PagesKernelUnavailable(unavailable) from exc
 

@@ -22,7 +22,7 @@ def state_for(call: AttentionCall, plan: SelectPlan, capacity: int) -> list[torc
     q, k = call.meta("query"), call.meta("key_source")
     q_heads, kv_heads, head_dim = q.shape[1], k.shape[1], k.shape[-1]
     device = q.device
-    key = (call.module_key, plan.encode(), capacity, q_heads, kv_heads, head_dim, str(device))
+    key = (call.module_key, plan.encode(), capacity, q_heads, kv_heads, head_dim, str(device), k.dtype)
     if key not in _STATES:
         _STATES[key] = (plan, allocate_state(plan, capacity, q_heads, kv_heads, head_dim, device, k.dtype))
     return _STATES[key][1]
