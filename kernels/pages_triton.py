@@ -38,6 +38,7 @@ from .select_triton import (
     _SPLIT_CHUNK,
     _dot_f32,
     _load_q,
+    _lse_final,
     _lse_update,
     _masked_scores,
     _middle_range,
@@ -233,6 +234,14 @@ def _candidate_positions(PAGES, slot, group, n_pages, mid_lo, mid_hi,
 
 
 @triton.jit
+def _tile(q, k_base, mask_rows, pos, ok, m_ok, offs_d, d_ok, stride_kl, stride_kd, stride_ml,
+          qk_scale_log2, mask_min, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr):
+    """Masked log2-domain scores of the group's query rows against the keys at ``pos``."""
+    s = _scores(q, k_base, pos, ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2, DOT_F32)
+    return _masked_scores(s, mask_rows, pos, m_ok, ok, stride_ml, mask_min, MASK_KIND)
+
+
+@triton.jit
 def _candidate_lse_kernel(
     Q, K, MASK, BOUNDS, PAGES, ACTIVE, LSE_PART, SCORES,
     qk_scale_log2, mask_min, Hkv, G, Tq, n_pages, num_splits,
@@ -264,9 +273,8 @@ def _candidate_lse_kernel(
     for group in range(split, tl.cdiv(width, BLOCK_N), num_splits):
         pos, col, ok = _candidate_positions(PAGES, slot, group, n_pages, mid_lo, mid_hi, P,
                                             BLOCK_N)
-        s = _scores(q, k_base, pos, ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
-                    DOT_F32)
-        s = _masked_scores(s, mask_rows, pos, m_ok, ok, stride_ml, mask_min, MASK_KIND)
+        s = _tile(q, k_base, mask_rows, pos, ok, m_ok, offs_d, d_ok, stride_kl, stride_kd,
+                  stride_ml, qk_scale_log2, mask_min, MASK_KIND, DOT_F32)
         tl.store(SCORES + (slot.to(tl.int64) * M + offs_m)[:, None] * width + col[None, :], s,
                  mask=m_ok[:, None] & (col < width)[None, :])
         m_i, l_i = _lse_update(m_i, l_i, s)
@@ -280,11 +288,10 @@ def _candidate_lse_kernel(
             pos = tl.where(in_sink, lo + i * BLOCK_N, loc_lo + (i - n_sink) * BLOCK_N) \
                 + tl.arange(0, BLOCK_N)
             ok = pos < tl.where(in_sink, sink_hi, hi)
-            s = _scores(q, k_base, pos, ok, offs_d, d_ok, stride_kl, stride_kd,
-                        qk_scale_log2, DOT_F32)
-            s = _masked_scores(s, mask_rows, pos, m_ok, ok, stride_ml, mask_min, MASK_KIND)
+            s = _tile(q, k_base, mask_rows, pos, ok, m_ok, offs_d, d_ok, stride_kl, stride_kd,
+                      stride_ml, qk_scale_log2, mask_min, MASK_KIND, DOT_F32)
             m_i, l_i = _lse_update(m_i, l_i, s)
-    lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    lse = _lse_final(m_i, l_i)
     tl.store(LSE_PART + (slot.to(tl.int64) * BLOCK_M + offs_m) * num_splits + split, lse)
 
 

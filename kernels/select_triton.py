@@ -309,6 +309,12 @@ def _lse_update(m_i, l_i, s):
 
 
 @triton.jit
+def _lse_final(m_i, l_i):
+    """The log-sum-exp (log2 domain) of an online pass; -inf for rows with nothing allowed."""
+    return tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+
+
+@triton.jit
 def _lse_kernel(
     Q, K, MASK, BOUNDS, LSE_PART, ACTIVE, NORM_PART, SCORES,
     qk_scale_log2, mask_min,
@@ -369,7 +375,7 @@ def _lse_kernel(
                 valid = _valid_positions(MASK, b, pos, col_ok, Tq, stride_mb, stride_mt,
                                          stride_ml, mask_min, MASK_KIND, TQ_P2)
             norm_sq = tl.maximum(norm_sq, tl.where(valid, tl.sum(kf * kf, 1), 0.0))
-    lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    lse = _lse_final(m_i, l_i)
     row = pid_bh.to(tl.int64) * M_PAD + offs_m
     tl.store(LSE_PART + row * lse_width + split, lse, mask=((offs_m >= 0) & ok) != 0)
     if WANT_NORM:
