@@ -27,7 +27,31 @@ if __name__ == "prhs_compile.kernels":
         "state_spec",
     ]
 else:
-    # From a source checkout's root this folder is also importable as a top-level "kernels",
-    # and libraries probing for the unrelated `kernels` package (transformers does) import
-    # it. Register nothing then: a second copy of the ops would split their state.
+    # From a source checkout's root (``python -m``, ``python -c`` or a REPL started there) this
+    # folder is also importable as a top-level "kernels", where it shadows the Hugging Face
+    # `kernels` package that transformers (a dependency since 5.25) imports. Register nothing
+    # (a second copy of the ops would split their state) and hand the name to the installed
+    # package when there is one, so that importing transformers from the checkout works.
     __all__ = []
+
+    def _load_installed_kernels():
+        import importlib.machinery
+        import importlib.util
+        import os
+        import sys
+
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != checkout]
+        spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
+        if spec is None or spec.loader is None:
+            return  # nothing installed: the empty placeholder answers a probe
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kernels"] = module  # the import system returns what sys.modules holds
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop("kernels", None)
+            raise
+
+    _load_installed_kernels()
+    del _load_installed_kernels

@@ -117,10 +117,11 @@ def _select_cuda(q, k, v, mask, scale, plan, state, shared=None):
     from .select_step_triton import select_step_triton, unsupported_reason
 
     p = decode_plan(plan)
-    reason = unsupported_reason(p, q, k)
+    named = _state_dict(p, state, q, k)
+    reason = unsupported_reason(p, q, k, named)
     if reason is None:
         try:
-            return select_step_triton(q, k, mask, scale, p, _state_dict(p, state, q, k), shared)
+            return select_step_triton(q, k, mask, scale, p, named, shared)
         except PagesKernelUnavailable as exc:  # the reference redoes what the step had done
             reason = f"page kernels unavailable ({exc})"
     # The dense policy needs no ranking: the reference's index list is all it does.

@@ -3,7 +3,8 @@
 A page is ``page_size`` consecutive cache positions. Its summary, per (row, KV head), is the
 channel-wise min and max of its valid keys, kept in the selection state in the cache's dtype
 (min and max of bf16 values are bf16 values: nothing is rounded) for the first
-``capacity = ceil(max_cache_len / page_size)`` pages: ``2 / page_size`` of K's bytes. An empty
+``capacity = ceil(max(max_cache_len, L0) / page_size)`` pages, ``L0`` the cache length of the
+first graph compiled for the layer (a static cache's whole length): ``2 / page_size`` of K's bytes. An empty
 page holds ``+inf`` / ``-inf``.
 
 * **Prefill** writes the summaries of the whole prompt (``build_summaries``); every other
@@ -20,8 +21,8 @@ page holds ``+inf`` / ``-inf``.
   With every page a candidate and no recency window (PSAW) excluding positions, that is the
   exact retrieval's group mass, so both pick the same set.
 
-Pages past the summaries' capacity (a cache longer than ``max_cache_len``) are summarised from
-the cache at each step, so selection stays correct there, only slower; the op logs it once.
+Pages past the summaries' capacity (a dynamic cache that outgrew ``max_cache_len``) are
+summarised from the cache at each step, so selection stays correct there, only slower; the op logs it once.
 
 The same functions keep the state on every device: they are torch code, shared by the
 reference and the CUDA step (which compiles them into its glue).
@@ -50,14 +51,16 @@ def uses_pages(plan: SelectPlan) -> bool:
     return plan.retrieval == "pages" or get_rule(plan.policy).selects_pages
 
 
-def capacity(plan: SelectPlan) -> int:
-    """Pages the summaries hold per (row, KV head)."""
-    return math.ceil(plan.max_cache_len / plan.page_size)
+def capacity(plan: SelectPlan, cache_len: int = 0) -> int:
+    """Pages the summaries hold per (row, KV head): enough for ``max_cache_len`` positions,
+    or for ``cache_len`` (a static cache's length, known when the state is made) if longer."""
+    return math.ceil(max(plan.max_cache_len, cache_len) / plan.page_size)
 
 
-def summary_spec(plan: SelectPlan, batch: int, kv_heads: int, head_dim: int, key_dtype) -> dict:
+def summary_spec(plan: SelectPlan, batch: int, kv_heads: int, head_dim: int, key_dtype,
+                 cache_len: int = 0) -> dict:
     """The two summary tensors of the state spec: ``[Bc, Hkv, capacity, D]`` each."""
-    shape = (batch, kv_heads, capacity(plan), head_dim)
+    shape = (batch, kv_heads, capacity(plan, cache_len), head_dim)
     return {PAGE_MIN: (shape, key_dtype, float("inf")), PAGE_MAX: (shape, key_dtype, float("-inf"))}
 
 
@@ -128,9 +131,9 @@ def page_summaries(state: dict, k: torch.Tensor, valid: torch.Tensor, plan: Sele
         return low[:, :, :pages], high[:, :, :pages]
     if layer not in _warned_capacity:
         _warned_capacity.add(layer)
-        log.warning("prhs: layer %d's cache holds %d positions, more than max_cache_len=%d: pages past "
-                    "it are summarised from the cache at every step (raise max_cache_len)",
-                    layer, length, plan.max_cache_len)
+        log.warning("prhs: layer %d's cache holds %d positions, more than the %d its page summaries "
+                    "cover: pages past them are summarised from the cache at every step (raise "
+                    "max_cache_len, now %d)", layer, length, stored * plan.page_size, plan.max_cache_len)
     start = stored * plan.page_size
     rest_low, rest_high = summaries_of(k[:, :, start:], valid[:, start:], plan.page_size, pages - stored)
     return torch.cat([low, rest_low], 2), torch.cat([high, rest_high], 2)
@@ -186,17 +189,23 @@ def two_stage_mass(plan: SelectPlan, view, state: dict, region: torch.Tensor):
 
 
 def retrieve(plan: SelectPlan, view, state: dict, region: torch.Tensor, pick):
-    """A retrieval's picks and the group mass it ranked by, exact or two-stage.
+    """A retrieval's picks, and the group's attention mass over the whole context
+    (``[B, Hkv, L]``) where it is known, exact or two-stage.
 
     ``pick(mass, pickable)`` is the rule's own choice of positions (top-k, dilation) from a
-    mass ``[B, Hkv, L]`` over pickable positions (``[B, L]`` or ``[B, Hkv, L]``). In verify
-    mode a two-stage retrieval also leaves on ``view`` what the exact one would have picked,
-    for the verify record (``select_reference._verify_record``)."""
+    mass ``[B, Hkv, L]`` over pickable positions (``[B, L]`` or ``[B, Hkv, L]``). A two-stage
+    retrieval ranks by a softmax over the positions it reads, which sums to 1 there and so
+    overstates what its picks keep of the whole context: the mass it returns is the exact one
+    in verify mode (which then also leaves on ``view`` what the exact retrieval would have
+    picked, for ``select_reference._verify_record``), and the two-stage one otherwise (only
+    the reuse bound reads it, and outside verify mode only ``delta_target`` does, which
+    two-stage retrieval refuses)."""
     if not uses_pages(plan):
         mass = view.group_mass()
         return pick(mass, region), mass
     mass, candidates = two_stage_mass(plan, view, state, region)
     picked = pick(mass, candidates)
     if plan.verify:
-        view.two_stage = {"candidates": candidates, "exact": pick(view.group_mass(), region)}
+        mass = view.group_mass()
+        view.two_stage = {"candidates": candidates, "exact": pick(mass, region)}
     return picked, mass

@@ -53,9 +53,10 @@ selection_listeners: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = [
 
 
 def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int,
-               key_dtype=torch.float32):
+               key_dtype=torch.float32, cache_len: int = 0):
     """``{name: (shape, dtype, fill)}`` of every state tensor, in the order the ops take them
-    (``key_dtype``: the cache's, which the page summaries keep)."""
+    (``key_dtype``: the cache's, which the page summaries keep; ``cache_len``: a cache length
+    known when the state is made, which the summaries cover even past ``max_cache_len``)."""
     spec = {
         "pos": ((batch,), torch.int64, -1),
         "fingerprint": ((batch, head_dim), torch.float32, 0.0),
@@ -66,7 +67,7 @@ def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_d
     if rule.cuda_step in TOPK_GUESS_STEPS:
         spec[TOPK_GUESS] = ((batch, kv_heads), torch.int32, 0)
     if pages.uses_pages(plan):
-        spec.update(pages.summary_spec(plan, batch, kv_heads, head_dim, key_dtype))
+        spec.update(pages.summary_spec(plan, batch, kv_heads, head_dim, key_dtype, cache_len))
     return spec
 
 

@@ -50,7 +50,7 @@ from . import pages_triton
 from .plan import SelectPlan
 from .rule_prhs import needs_key_norms, prhs_gate, prhs_store
 from .rules import get_rule
-from .pages import capacity, uses_pages
+from .pages import PAGE_MIN, capacity, uses_pages
 from .pages_triton import maintain_summaries_triton, page_scores, quest_picks, two_stage_keys
 from .select_hshare_triton import channel_abs_sums
 from .select_reference import TOPK_GUESS, continuing_rows, selection_listeners, step_bookkeeping
@@ -65,9 +65,9 @@ __all__ = ["oracle_select_triton", "select_step_triton", "supports", "unsupporte
 log = logging.getLogger("prhs")
 
 
-def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> bool:
+def supports(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor, state: dict | None = None) -> bool:
     """Whether ``select_step_triton`` runs this plan here (else use the reference)."""
-    return unsupported_reason(plan, q, k) is None
+    return unsupported_reason(plan, q, k, state) is None
 
 
 def pages_unavailable(plan: SelectPlan) -> str | None:
@@ -77,8 +77,10 @@ def pages_unavailable(plan: SelectPlan) -> str | None:
     return f"page kernels unavailable ({pages_triton.unavailable})"
 
 
-def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> str | None:
-    """Why ``select_step_triton`` does not run this plan here (the reference does), or None."""
+def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor, state: dict | None = None) -> str | None:
+    """Why ``select_step_triton`` does not run this plan here (the reference does), or None.
+    ``state`` (the named state tensors) gives the page summaries' capacity; without it, the
+    plan's ``max_cache_len``."""
     rule = get_rule(plan.policy)
     if rule.all_positions:
         return f"policy {plan.policy!r} selects every position: nothing to rank"
@@ -101,9 +103,11 @@ def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor) -> st
         return f"head dim {q.shape[-1]} > 256"
     if q.shape[2] < 1 or k.shape[2] < 1:
         return "an empty query or cache"
-    if uses_pages(plan) and k.shape[2] > capacity(plan) * plan.page_size:
-        return (f"the cache holds {k.shape[2]} positions, more than the page summaries cover "
-                f"(max_cache_len={plan.max_cache_len})")
+    if uses_pages(plan):
+        covered = (state[PAGE_MIN].shape[2] if state else capacity(plan)) * plan.page_size
+        if k.shape[2] > covered:
+            return (f"the cache holds {k.shape[2]} positions, more than the {covered} the page "
+                    f"summaries cover (raise max_cache_len, now {plan.max_cache_len})")
     return pages_unavailable(plan)
 
 

@@ -34,6 +34,7 @@ class AttentionCall:
     value_source: fx.Node
     peeled_repeat_kv: bool
     rolled_cache: bool = False  # the key cache is overwritten by a roll of itself in this graph
+    cache_len: int = 0  # longest static length of the key cache behind key_source (0: symbolic)
 
     def meta(self, name: str):
         """Example value (usually a FakeTensor) of an argument, or None."""
@@ -68,9 +69,28 @@ def find_attention_calls(gm: fx.GraphModule) -> list[AttentionCall]:
                 value_source=v_src if peeled else args["value"],
                 peeled_repeat_kv=peeled,
                 rolled_cache=rolled_in_place(k_src if peeled else args["key"]),
+                cache_len=cache_length(k_src if peeled else args["key"]),
             )
         )
     return calls
+
+
+def cache_length(key) -> int:
+    """The longest static length (dim 2) of the key tensor and of what it was sliced from.
+
+    HF's ``sdpa_attention_forward`` slices an empty static cache down to the prompt for the
+    prefill (``key[:, :, :q_length]``); the whole cache's length is what selection state sized
+    at the prefill must cover. 0 when no length is static."""
+    longest, node = 0, key
+    while isinstance(node, fx.Node):
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and isinstance(value.shape[2], int):
+            longest = max(longest, value.shape[2])
+        index = node.args[1] if node.op == "call_function" and node.target is operator.getitem else None
+        if not (isinstance(index, tuple) and all(isinstance(i, slice) for i in index)):
+            break
+        node = node.args[0]
+    return longest
 
 
 def rolled_in_place(cache) -> bool:

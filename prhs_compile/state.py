@@ -24,15 +24,20 @@ def state_for(call: AttentionCall, plan: SelectPlan, capacity: int) -> list[torc
     device = q.device
     key = (call.module_key, plan.encode(), capacity, q_heads, kv_heads, head_dim, str(device), k.dtype)
     if key not in _STATES:
-        _STATES[key] = (plan, allocate_state(plan, capacity, q_heads, kv_heads, head_dim, device, k.dtype))
+        # The first graph of a layer is its prefill: the page summaries cover the cache length
+        # it shows even past max_cache_len (a static cache's whole length, a dynamic cache's
+        # prompt).
+        _STATES[key] = (plan, allocate_state(plan, capacity, q_heads, kv_heads, head_dim, device, k.dtype,
+                                             call.cache_len))
     return _STATES[key][1]
 
 
 def allocate_state(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int, device,
-                   key_dtype=torch.float32) -> list[torch.Tensor]:
+                   key_dtype=torch.float32, cache_len: int = 0) -> list[torch.Tensor]:
     """Fresh state tensors of one layer for ``batch`` rows, in the order the ops take them
-    (``key_dtype``: the cache's dtype, which page summaries keep)."""
-    spec = state_spec(plan, batch, q_heads, kv_heads, head_dim, key_dtype)
+    (``key_dtype``: the cache's dtype, which page summaries keep; ``cache_len``: a cache length
+    the summaries must cover, see ``state_spec``)."""
+    spec = state_spec(plan, batch, q_heads, kv_heads, head_dim, key_dtype, cache_len)
     return [torch.full(shape, fill, dtype=dtype, device=device) for shape, dtype, fill in spec.values()]
 
 

@@ -97,17 +97,30 @@ def test_backend_is_found_by_name_without_importing_the_package():
 
 
 def test_source_checkout_kernels_folder_does_not_shadow_the_ops():
-    """transformers probes for a top-level ``kernels`` package; from the repository root ours
-    is importable under that name and must then register nothing."""
+    """From the repository root our ``kernels/`` folder is importable as a top-level
+    ``kernels``. It must then register nothing, and hand the name to the Hugging Face
+    ``kernels`` package when that is installed (transformers 5.25 and later import it)."""
+    import importlib.machinery
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     import prhs_compile
 
     if not os.path.abspath(prhs_compile.__file__).startswith(root):
         pytest.skip("prhs_compile is installed as a regular package: its source root is not importable")
-    code = "import kernels, torch, prhs_compile; print(kernels.__all__, torch.ops.prhs.select.default.name())"
+    elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    installed = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
+    code = (
+        "import kernels, torch, prhs_compile, transformers.activations\n"
+        "print(kernels.__file__, torch.ops.prhs.select.default.name())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["[]", "prhs::select"]
+    where, op = out.stdout.split()
+    assert op == "prhs::select"
+    if installed is None:
+        assert where == os.path.join(root, "kernels", "__init__.py")
+    else:
+        assert where == installed.origin
 
 
 def test_layer_tau_overrides_tau_for_the_layers_it_names(tmp_path):

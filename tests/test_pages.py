@@ -212,6 +212,31 @@ def test_verify_reports_the_exact_retrievals_dropped_mass_and_misses():
             assert r.exact_retrieved_max == pytest.approx(r.retrieved_max, abs=1e-6)
 
 
+def test_verify_measures_a_two_stage_retrievals_dropped_mass_over_the_whole_context():
+    """The reuse bound starts from the mass a retrieval dropped; two-stage retrieval ranks by
+    a softmax over the keys it read, which would understate it. In verify mode the state keeps
+    the dropped mass over the whole context: the record's on the retrieval step."""
+    from prhs_compile.kernels import dropped_mass_listeners
+
+    torch.manual_seed(7)
+    B, Hq, Hkv, D, L = 1, 4, 2, 8, 96
+    plan = dataclasses.replace(PAGES, candidates=1, verify=True)
+    k, v = torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    state = _state(plan, B, Hq, Hkv, D)
+    prefill_reference(torch.randn(B, Hq, 80, D), k[:, :, :80], None, True, D ** -0.5, plan, state)
+    records = []
+    dropped_mass_listeners.append(records.append)
+    try:
+        select_reference(torch.randn(B, Hq, 1, D), k, v, _mask([81], [0], L), D ** -0.5, plan, state)
+    finally:
+        dropped_mass_listeners.remove(records.append)
+    (record,) = records
+    assert record["retrieved"].all()
+    anchor_dropped = _named(plan, state)["anchor_dropped"][:B]
+    torch.testing.assert_close(anchor_dropped, record["group_dropped"], rtol=1e-5, atol=1e-6)
+    assert (anchor_dropped > 0.05).all()  # one candidate page of 4 keys leaves real mass out
+
+
 def test_a_cache_past_max_cache_len_is_summarised_from_the_cache(caplog):
     ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(6))
     options = dict(policy="oracle", budget=16, sink=2, local=4, retrieval="pages", page_size=4, candidates=2)
@@ -219,7 +244,23 @@ def test_a_cache_past_max_cache_len_is_summarised_from_the_cache(caplog):
     with caplog.at_level(logging.WARNING, logger="prhs"):
         _, tight = _generate("llama", {**options, "max_cache_len": 16}, ids)
     assert torch.equal(roomy, tight)
-    assert "more than max_cache_len=16" in caplog.text
+    # The summaries cover the prompt the prefill saw (40 positions); decode outgrows them.
+    assert "more than the 40 its page summaries cover" in caplog.text
+    assert "max_cache_len, now 16" in caplog.text
+
+
+def test_a_static_cache_longer_than_max_cache_len_is_covered_by_the_summaries(caplog):
+    from prhs_compile.state import all_states
+
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(6))
+    options = dict(policy="oracle", budget=16, sink=2, local=4, retrieval="pages", page_size=4, candidates=2)
+    _, roomy = _generate("llama", {**options, "max_cache_len": 128}, ids, cache_implementation="static")
+    with caplog.at_level(logging.WARNING, logger="prhs"):
+        _, tight = _generate("llama", {**options, "max_cache_len": 16}, ids, cache_implementation="static")
+    assert torch.equal(roomy, tight)
+    assert "page summaries cover" not in caplog.text
+    states = all_states()  # those of the second run: max_cache_len 16, a cache of 40 + 6 or more
+    assert states and all(_named(plan, t)[PAGE_MIN].shape[2] * 4 >= 46 for plan, t in states)
 
 
 @pytest.mark.parametrize("options, message", [
