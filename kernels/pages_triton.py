@@ -7,7 +7,7 @@ Three launches per decode step, each gated by the slots it concerns:
                                            are recomputed from K (one page of P keys per
                                            slot, usually); a row that does not continue is
                                            rebuilt, every stored page
-    _page_scores_kernel   (B*Hkv, blocks)  stage one, retrieving slots only: Quest's bound of
+    _page_scores_kernel   (blocks, B*Hkv)  stage one, retrieving slots only: Quest's bound of
                                            every page from its summary (2/P of K's bytes),
                                            -inf for pages with no retrievable position
     _candidate_lse_kernel (B*Hkv, splits)  stage two, retrieving slots only: the exact scores
@@ -162,13 +162,15 @@ def _page_scores_kernel(
     D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     M_P2: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    # Page blocks run along the grid's x axis (2^31 - 1 programs; y stops at 65535, which one
+    # row of 16-page blocks passes at 1M pages: page_size 1 past a 1M-position cache).
+    pid_bh = tl.program_id(1)
     if tl.load(ACTIVE + pid_bh) == 0:  # a slot that reuses its set scores nothing
         return
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
     mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < pages
     # A page may be a candidate when it holds a retrievable position (valid, in the middle).
     pickable = tl.zeros([BLOCK_P], tl.int32)
@@ -210,7 +212,7 @@ def page_scores(q, st: dict, operand, bounds, active, plan, length: int) -> torc
         mask_t = bounds
     out = torch.empty((B, Hkv, pages), dtype=torch.float32, device=q.device)
     block_p = 16
-    _launch(_page_scores_kernel, (B * Hkv, triton.cdiv(pages, block_p)),
+    _launch(_page_scores_kernel, (triton.cdiv(pages, block_p), B * Hkv),
         q, mask_t, bounds, low, high, active, out, Hkv, Hq // Hkv, Tq, pages,
         *q.stride(), *ms, mask_min, *low.stride(),
         D=D, P=plan.page_size, BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(D)),
