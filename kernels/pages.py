@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from . import sketch
 from .plan import SelectPlan
 from .selection import ranked_topk
 
@@ -172,11 +173,20 @@ def best_pages(plan: SelectPlan, view, state: dict, region: torch.Tensor, count:
     return chosen.repeat_interleave(size, dim=-1)[..., :length] & region[:, None, :]
 
 
+def stage_one(plan: SelectPlan, view, state: dict, region: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, L]`` the candidates of a two-stage retrieval: the positions of the best
+    pages by their summaries (``retrieval="pages"``), or the best positions by their key
+    sketch (``retrieval="sketch"``, ``sketch.py``)."""
+    if sketch.uses_sketch(plan):
+        return sketch.best_positions(plan, view, state, region)
+    return best_pages(plan, view, state, region, candidate_pages(plan))
+
+
 def two_stage_mass(plan: SelectPlan, view, state: dict, region: torch.Tensor):
     """``(mass, candidates)``: the group's attention mass over the positions a two-stage
     retrieval reads (``[B, Hkv, L]``, 0 elsewhere), and the candidate positions it may pick
     from (``[B, Hkv, L]``)."""
-    candidates = best_pages(plan, view, state, region, candidate_pages(plan))
+    candidates = stage_one(plan, view, state, region)
     read = candidates | view.windows(plan)[:, None, :]  # [B, Hkv, L]
     b, hkv, group, q_len, dim = view.batch, view.kv_heads, view.group, view.q_len, view.head_dim
     qg = view.q.float().reshape(b, hkv, group, q_len, dim)
@@ -200,7 +210,7 @@ def retrieve(plan: SelectPlan, view, state: dict, region: torch.Tensor, pick):
     picked, for ``select_reference._verify_record``), and the two-stage one otherwise (only
     the reuse bound reads it, and outside verify mode only ``delta_target`` does, which
     two-stage retrieval refuses)."""
-    if not uses_pages(plan):
+    if plan.retrieval == "exact":
         mass = view.group_mass()
         return pick(mass, region), mass
     mass, candidates = two_stage_mass(plan, view, state, region)

@@ -35,9 +35,9 @@ class SelectPlan:
     head_budgets: str = ""  # per-KV-head budgets of this layer ("64,192"), from an LU-KV table
     kv_len: int = 0  # static cache length, for rules that keep per-position state (H2O)
     verify: bool = False  # measure the exact dropped attention mass every step (host sync)
-    retrieval: str = "exact"  # "exact": score every retrievable key; "pages": two-stage (pages.py)
+    retrieval: str = "exact"  # "exact": every retrievable key; two-stage: "pages" (pages.py), "sketch" (sketch.py)
     page_size: int = 16  # positions per page of the page summaries (retrieval="pages")
-    candidates: int = 4  # two-stage retrieval scores exactly the best pages holding this x budget positions
+    candidates: int = 4  # two-stage retrieval scores exactly this x budget positions (the best pages' or positions')
     max_cache_len: int = 32768  # positions the stored page summaries cover
 
     @property

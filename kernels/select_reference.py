@@ -20,6 +20,8 @@ of a model):
                                        (``topk_triton``); the reference never reads it.
 * ``page_min``, ``page_max``  ``[Bc, Hkv, pages, D]`` in the cache's dtype (``retrieval="pages"``):
                                        the page summaries of ``pages.py``.
+* ``sketch_bits`` int32 ``[Bc, Hkv, positions, D/32]``, ``sketch_centre``, ``sketch_scale``
+  fp32 ``[Bc, Hkv, D]`` (``retrieval="sketch"``): the key sketch of ``sketch.py``.
 
 ``Bc`` may exceed the batch size (a graph with a symbolic batch allocates for the largest);
 only the first ``B`` rows are used.
@@ -32,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from . import pages
+from . import pages, sketch
 from .bounds import output_error_bound
 from .plan import SelectPlan
 from .rules import get_rule
@@ -68,6 +70,8 @@ def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_d
         spec[TOPK_GUESS] = ((batch, kv_heads), torch.int32, 0)
     if pages.uses_pages(plan):
         spec.update(pages.summary_spec(plan, batch, kv_heads, head_dim, key_dtype, cache_len))
+    if sketch.uses_sketch(plan):
+        spec.update(sketch.sketch_spec(plan, batch, kv_heads, head_dim, cache_len))
     return spec
 
 
@@ -200,6 +204,8 @@ def select_reference(q, k, v, mask, scale: float, plan: SelectPlan, state: list[
     view.continuing = continuing_rows(pos, fingerprint, k, view.newest, view.q_len)
     if pages.uses_pages(plan):
         pages.maintain_summaries(st, k, view.valid, pos, view.continuing, plan)
+    if sketch.uses_sketch(plan):
+        sketch.maintain_sketch(st, k, view.valid, pos, view.continuing, plan)
 
     rule = get_rule(plan.policy)
     # Rows that fit attend to everything: no selection, no retrieval.
@@ -278,6 +284,8 @@ def prefill_reference(q, k, mask, is_causal: bool, scale: float, plan: SelectPla
     st["fingerprint"][:batch].copy_(_key_at(k, view.newest))
     if pages.uses_pages(plan):
         pages.build_summaries(st, k, view.valid, plan)
+    if sketch.uses_sketch(plan):
+        sketch.build_sketch(st, k, view.valid, plan)
     get_rule(plan.policy).on_prefill(plan, view, st, lambda rows: tail_view(q, k, mask, scale, is_causal, rows))
 
 

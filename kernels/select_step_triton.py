@@ -86,6 +86,8 @@ def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor, state
         return f"policy {plan.policy!r} selects every position: nothing to rank"
     if rule.cuda_step not in STEPS:
         return f"policy {plan.policy!r} declares no step of the CUDA select engine"
+    if plan.retrieval == "sketch":
+        return "retrieval='sketch' has a torch reference only: no CUDA step is built for it yet"
     if plan.retrieval == "pages":
         if rule.cuda_step not in ("gated", "exact"):
             return f"retrieval='pages' is for policies that retrieve by score, not {plan.policy!r}"

@@ -11,7 +11,7 @@ from prhs_compile.kernels.rules import RULES
 
 # torch.compile modes the backend understands; each maps onto Inductor config patches.
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-RETRIEVALS = ("exact", "pages")  # how a retrieval scores keys (option ``retrieval``)
+RETRIEVALS = ("exact", "pages", "sketch")  # how a retrieval scores keys (option ``retrieval``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +58,16 @@ class PrHSConfig:
             ``"exact"`` scores every retrievable key; ``"pages"`` is two-stage: page summaries
             (channel-wise min and max of every ``page_size`` keys, kept in the selection state)
             bound each page's scores, and only the keys of the best pages, holding
-            ``candidates`` x ``budget`` positions, are scored exactly.
+            ``candidates`` x ``budget`` positions, are scored exactly; ``"sketch"`` is
+            two-stage over a one-bit key sketch (a sign bit per channel around the prompt's
+            channel means, kept in the selection state): the ``candidates`` x ``budget``
+            positions of highest estimated score are scored exactly (torch reference only).
         page_size: positions per page of the summaries (a power of two, 1 to 256).
-        candidates: pages kept by the first stage hold this many budgets of positions (>= 1).
-        max_cache_len: positions the stored page summaries cover per row (they take
-            ``2 / page_size`` of the keys' memory there); pages past it are summarised from
-            the cache at each step (correct, slower; logged).
+        candidates: the first stage keeps this many budgets of positions (>= 1).
+        max_cache_len: positions the stored page summaries or key sketch cover per row (at
+            least the cache length of the layer's first compiled graph; the summaries take
+            ``2 / page_size`` of the keys' memory, the sketch 1/16 of bf16 keys); past them
+            the cache is summarised at each step (correct, slower; logged).
         max_decode_query_len: attention calls whose query length is at most this are
             decode steps (rewritten); longer ones are prefill (kept dense).
         max_batch_size: rows of selection state allocated when the batch size is symbolic.
@@ -155,13 +159,13 @@ class PrHSConfig:
             _bad("page_size", self.page_size, "a power of two from 1 to 256")
         _check_range("candidates", self.candidates, 1, None)
         _check_range("max_cache_len", self.max_cache_len, self.page_size, None)
-        if self.retrieval == "pages":
+        if self.retrieval != "exact":
             if not RULES[self.policy].two_stage:
                 two_stage = sorted(name for name, rule in RULES.items() if rule.two_stage)
-                raise ValueError(f"prhs option retrieval='pages' needs a policy that retrieves by score, one of "
-                                 f"{two_stage}; policy={self.policy!r} does not")
+                raise ValueError(f"prhs option retrieval={self.retrieval!r} needs a policy that retrieves by "
+                                 f"score, one of {two_stage}; policy={self.policy!r} does not")
             if self.delta_target > 0:
-                raise ValueError(f"prhs options retrieval='pages' and delta_target={self.delta_target} do not "
+                raise ValueError(f"prhs options retrieval={self.retrieval!r} and delta_target={self.delta_target} do not "
                                  "combine: delta_target needs the attention mass outside the candidates, "
                                  "which a two-stage retrieval never scores; use retrieval='exact'")
 

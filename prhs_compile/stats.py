@@ -14,6 +14,7 @@ import torch
 
 from prhs_compile.kernels import COUNTER_NAMES, COUNTERS_INDEX, dropped_mass_listeners, state_spec
 from prhs_compile.kernels.pages import PAGE_MAX, PAGE_MIN
+from prhs_compile.kernels.sketch import SKETCH_BITS, SKETCH_CENTRE, SKETCH_SCALE
 from prhs_compile.state import all_states
 
 # layer -> one VerifyStep per decode step (verify mode)
@@ -50,6 +51,7 @@ class LayerStats:
     prefill_pairs: int = 0  # (query, key, KV head) pairs of causal prefill attention (PSAW layers)
     prefill_pairs_kept: int = 0  # of those, inside the layer's recency window
     page_summary_bytes: int = 0  # memory of the layer's page summaries (retrieval="pages")
+    sketch_bytes: int = 0  # memory of the layer's key sketch (retrieval="sketch")
     dropped_mass: list = dataclasses.field(default_factory=list)  # VerifyStep per step
 
     @property
@@ -107,6 +109,11 @@ class PrHSStats:
         return sum(s.page_summary_bytes for s in self.layers.values())
 
     @property
+    def sketch_bytes(self) -> int:
+        """Memory the key sketches of every layer hold (1/16 of the bf16 keys they cover)."""
+        return sum(s.sketch_bytes for s in self.layers.values())
+
+    @property
     def prefill_attention_fraction(self) -> float | None:
         """Share of causal prefill attention pairs (hence FLOPs) the recency windows keep."""
         total = sum(s.prefill_pairs for s in self.layers.values())
@@ -118,6 +125,7 @@ class PrHSStats:
             "retrieval_rate": self.retrieval_rate,
             "prefill_attention_fraction": self.prefill_attention_fraction,
             "page_summary_bytes": self.page_summary_bytes,
+            "sketch_bytes": self.sketch_bytes,
             "layers": {
                 layer: {
                     **{f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "dropped_mass"},
@@ -171,6 +179,10 @@ def stats(across_ranks: bool = False) -> PrHSStats:
         if summaries:
             layers.setdefault(plan.layer, LayerStats(plan.layer)).page_summary_bytes += sum(
                 t.numel() * t.element_size() for t in summaries)
+        sketches = [t for name, t in zip(names, tensors) if name in (SKETCH_BITS, SKETCH_CENTRE, SKETCH_SCALE)]
+        if sketches:
+            layers.setdefault(plan.layer, LayerStats(plan.layer)).sketch_bytes += sum(
+                t.numel() * t.element_size() for t in sketches)
     for layer, records in _VERIFY.items():
         layers.setdefault(layer, LayerStats(layer)).dropped_mass = list(records)
     return PrHSStats({k: v for k, v in layers.items() if v.decode_steps or v.dropped_mass or v.prefill_pairs})
