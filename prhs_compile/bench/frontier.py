@@ -30,7 +30,7 @@ from prhs_compile.bench.report import environment, write_json
 
 OTHER_POLICIES = "oracle,streaming,sage_kv,snapkv,quest,h2o,hshare,lu_kv"
 TOP1_AIM, RATE_AIM = 0.98, 0.25  # the aim a recommendation is checked against
-ADDED_CELLS = ("pages_taus", "pages_candidates")  # settings that only add cells (``--resume`` may add them)
+ADDED_CELLS = ("pages_taus", "pages_candidates", "two_stage_retrieval")  # settings that only add cells (``--resume`` may add them)
 
 
 def add_arguments(parser) -> None:
@@ -39,10 +39,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--taus", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="PrHS tau values (each a cell per budget)")
     parser.add_argument("--policies", default=OTHER_POLICIES, help="other policies run at every budget (dense runs once)")
     parser.add_argument("--pages-taus", default="",
-                        help="PrHS tau values also run with two-stage retrieval (retrieval='pages'), "
+                        help="PrHS tau values also run with two-stage retrieval (--two-stage-retrieval), "
                              "beside oracle with it; default: none")
     parser.add_argument("--pages-candidates", type=int, default=4,
-                        help="candidates of those two-stage cells (pages holding this x budget positions)")
+                        help="candidates of those two-stage cells (stage one keeps this x budget positions)")
+    parser.add_argument("--two-stage-retrieval", default="pages", choices=["pages", "sketch"],
+                        help="stage one of those cells: page summaries or the one-bit key sketch")
     parser.add_argument("--contexts", default="2048", help="comma-separated context lengths (tokens of the model)")
     parser.add_argument("--tasks", default=None, help="default: every task the model speaks")
     parser.add_argument("--examples", type=int, default=2, help="examples per (task, context)")
@@ -62,19 +64,20 @@ def add_arguments(parser) -> None:
                         help="only re-derive the recommendations, table and plot of an existing --out JSON")
 
 
-def cells(budgets, taus, policies, pages_taus=(), pages_candidates: int = 4) -> list[dict]:
+def cells(budgets, taus, policies, pages_taus=(), pages_candidates: int = 4, retrieval: str = "pages") -> list[dict]:
     """Every cell of the frontier: ``label``, ``policy``, ``budget`` and extra backend options.
-    With ``pages_taus``, PrHS at those taus and oracle also run two-stage retrieval."""
+    With ``pages_taus``, PrHS at those taus and oracle also run two-stage retrieval
+    (``retrieval``: "pages" or "sketch")."""
     out = [{"label": "dense", "policy": "dense", "budget": None, "extra": {}}]
-    pages = {"retrieval": "pages", "candidates": pages_candidates}
+    pages = {"retrieval": retrieval, "candidates": pages_candidates}
     for budget in budgets:
         out += [{"label": f"prhs tau={tau:g}", "policy": "prhs", "budget": budget, "extra": {"tau": tau}} for tau in taus]
         out.append({"label": "prhs calibrated tau", "policy": "prhs", "budget": budget, "extra": {"layer_tau": None}})
         out += [{"label": p, "policy": p, "budget": budget, "extra": {}} for p in policies]
         if pages_taus:
-            out += [{"label": f"prhs tau={tau:g} pages c={pages_candidates}", "policy": "prhs", "budget": budget,
+            out += [{"label": f"prhs tau={tau:g} {retrieval} c={pages_candidates}", "policy": "prhs", "budget": budget,
                      "extra": {"tau": tau, **pages}} for tau in pages_taus]
-            out.append({"label": f"oracle pages c={pages_candidates}", "policy": "oracle", "budget": budget,
+            out.append({"label": f"oracle {retrieval} c={pages_candidates}", "policy": "oracle", "budget": budget,
                         "extra": dict(pages)})
     return out
 
@@ -291,7 +294,8 @@ def run(args) -> int:
                 "examples": args.examples, "text_tokens": args.text_tokens, "sink": args.sink,
                 "local": args.local, "seed": args.seed}
     if pages_taus:  # cells that only add to a report: a resumed run may add them
-        settings.update(pages_taus=pages_taus, pages_candidates=args.pages_candidates)
+        settings.update(pages_taus=pages_taus, pages_candidates=args.pages_candidates,
+                        two_stage_retrieval=args.two_stage_retrieval)
     previous = _previous_report(args, settings)
     if previous is not None:
         calibration = previous["calibration"]
@@ -308,7 +312,8 @@ def run(args) -> int:
                         "share": calibration.get("share")},
         "cells": [], "rows": [], "complete": False,
     }
-    plan = cells(budgets, taus, [p for p in args.policies.split(",") if p], pages_taus, args.pages_candidates)
+    plan = cells(budgets, taus, [p for p in args.policies.split(",") if p], pages_taus, args.pages_candidates,
+                 args.two_stage_retrieval)
     lu_kv_table = _lu_kv_table(model, codec, args, settings, stem, previous) if any(
         c["policy"] == "lu_kv" for c in plan) else None
     if lu_kv_table:
