@@ -23,7 +23,6 @@ the page scores use the project's own functions. CPU is enough (``--device``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
