@@ -15,10 +15,10 @@ as after the page summaries' stage one. Memory: ``D / 8`` bytes per position and
 the first ``max(max_cache_len, L0)`` positions (``L0`` as for the summaries, see ``pages``).
 
 Why: Quest's min/max box bounds a page of wide keys loosely. On Gemma 3 270M (head dim 256,
-4K contexts, budget 256) stage one over page summaries left 47% of the exact top-k out of
-four budgets' worth of candidates and lost 0.067 of attention mass against the exact
-top-k; ranking positions by the sketch left 19% out and lost 0.012, from half the bytes
-(README, "Two-stage retrieval").
+4K contexts, budget 256, four budgets of candidates) stage one over page summaries left 49%
+of the exact top-k out of the candidates and lost 0.081 of attention mass against it; even
+pages ranked by their true mass lost 0.011; positions ranked by the sketch left 14% out and
+lost 0.008, from half the bytes (``scripts/stage_one_recall.py``, README "Two-stage retrieval").
 
 * **Prefill** computes the centre and scale over the prompt's valid keys and the bits of its
   positions; positions past it are zero (never read: not valid).

@@ -96,3 +96,12 @@ def test_pages_cells_add_to_a_report_and_stay_out_of_the_recommendation(fake, tm
     assert fake == [("prhs", 16, 0.6, "pages"), ("oracle", 16, None, "pages")]
     labels = [c["label"] for c in json.loads((tmp_path / "f.json").read_text())["cells"]]
     assert {"prhs tau=0.6 pages c=2", "oracle pages c=2", "prhs tau=0.6 pages c=4", "oracle pages c=4"} <= set(labels)
+    # Sketch cells add theirs too; the report lists every run and the cells each added.
+    fake.clear()
+    assert frontier.run(_args(tmp_path, **{"pages-taus": "0.6", "two-stage-retrieval": "sketch", "resume": True})) == 0
+    assert fake == [("prhs", 16, 0.6, "sketch"), ("oracle", 16, None, "sketch")]
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert {"prhs tau=0.6 sketch c=4", "oracle sketch c=4", "oracle pages c=2"} <= {c["label"] for c in report["cells"]}
+    assert len(report["commands"]) == 4
+    assert [(a["pages_candidates"], a["two_stage_retrieval"]) for a in report["settings"]["added_cells"]] == [
+        (2, "pages"), (4, "pages"), (4, "sketch")]

@@ -30,7 +30,9 @@ from prhs_compile.bench.report import environment, write_json
 
 OTHER_POLICIES = "oracle,streaming,sage_kv,snapkv,quest,h2o,hshare,lu_kv"
 TOP1_AIM, RATE_AIM = 0.98, 0.25  # the aim a recommendation is checked against
-ADDED_CELLS = ("pages_taus", "pages_candidates", "two_stage_retrieval")  # settings that only add cells (``--resume`` may add them)
+# Settings that only add cells (``--resume`` may add them); ``added_cells`` lists those of
+# every run that wrote to a report.
+ADDED_CELLS = ("pages_taus", "pages_candidates", "two_stage_retrieval", "added_cells")
 
 
 def add_arguments(parser) -> None:
@@ -304,8 +306,19 @@ def run(args) -> int:
         log(f"calibrating (budget {min(budgets)}, {max(contexts)} tokens, {args.calibration_steps} steps)")
         calibration = calibration_for(model, codec, args, stem + ".calibration.json")
     log(f"suggested per-layer tau: {calibration['suggested_tau']}")
+    command = " ".join(getattr(args, "command_line", ["prhs-bench", "frontier"]))
+    added = {k: settings[k] for k in ADDED_CELLS if k in settings}
+    if previous is not None:  # every run that wrote to the report, and the cells each added
+        commands = previous.get("commands", [previous.get("command")]) + [command]
+        before = previous["settings"]
+        prior = before["added_cells"] if "added_cells" in before else [  # a report older than the list
+            {k: before[k] for k in ADDED_CELLS if k in before}]
+        settings = {**settings, "added_cells": [a for a in prior if a] + ([added] if added else [])}
+    else:
+        commands = [command]
+        settings = {**settings, "added_cells": [added] if added else []}
     report = {
-        "command": " ".join(getattr(args, "command_line", ["prhs-bench", "frontier"])),
+        "command": command, "commands": commands,
         "model": args.model, **environment(torch, args.device), "dtype": args.dtype,
         "settings": settings,
         "calibration": {"path": calibration["path"], "suggested_tau": calibration["suggested_tau"],
