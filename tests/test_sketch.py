@@ -65,24 +65,26 @@ def test_scores_are_the_group_logits_over_the_one_bit_keys_up_to_a_constant():
     torch.testing.assert_close(score - score[..., :1], logits - logits[..., :1], rtol=1e-5, atol=1e-4)
 
 
-def test_sketch_follows_the_cache_after_prefill_and_every_step_and_rebuilds_a_new_row():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sketch_follows_the_cache_after_prefill_and_every_step_and_rebuilds_a_new_row(dtype):
     torch.manual_seed(1)
     B, Hq, Hkv, D, L = 2, 4, 2, 8, 64
-    k, v = torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    k, v = torch.randn(B, Hkv, L, D, dtype=dtype), torch.randn(B, Hkv, L, D, dtype=dtype)
     state = _state(SKETCH, B, Hq, Hkv, D)
-    prefill_reference(torch.randn(B, Hq, 30, D), k[:, :, :30], None, True, D ** -0.5, SKETCH, state)
+    prefill_reference(torch.randn(B, Hq, 30, D, dtype=dtype), k[:, :, :30], None, True, D ** -0.5, SKETCH, state)
     st = _named(SKETCH, state)
     centre, scale = channel_stats(k[:, :, :30], torch.ones(B, 30, dtype=torch.bool))
     torch.testing.assert_close(st[SKETCH_CENTRE][:B], centre)
     torch.testing.assert_close(st[SKETCH_SCALE][:B], scale)
     for n in range(31, 40):
-        select_reference(torch.randn(B, Hq, 1, D), k, v, _mask(n, L).expand(B, 1, 1, L), D ** -0.5, SKETCH, state)
+        select_reference(torch.randn(B, Hq, 1, D, dtype=dtype), k, v, _mask(n, L).expand(B, 1, 1, L), D ** -0.5,
+                         SKETCH, state)
         # decode keys are sketched against the prompt's centre
         assert torch.equal(st[SKETCH_BITS][:B, :, :n], pack_bits(k[:, :, :n], centre))
     # Row 1 gets another sequence: it is rebuilt with its new centre, row 0 keeps its own.
     k2 = k.clone()
-    k2[1] = torch.randn(Hkv, L, D)
-    select_reference(torch.randn(B, Hq, 1, D), k2, v, _mask(40, L).expand(B, 1, 1, L), D ** -0.5, SKETCH, state)
+    k2[1] = torch.randn(Hkv, L, D, dtype=dtype)
+    select_reference(torch.randn(B, Hq, 1, D, dtype=dtype), k2, v, _mask(40, L).expand(B, 1, 1, L), D ** -0.5, SKETCH, state)
     fresh_centre, _ = channel_stats(k2[1:, :, :40], torch.ones(1, 40, dtype=torch.bool))
     torch.testing.assert_close(st[SKETCH_CENTRE][1:2], fresh_centre)
     torch.testing.assert_close(st[SKETCH_CENTRE][:1], centre[:1])
