@@ -166,7 +166,8 @@ def markdown(report: dict) -> str:
     show_layers = layers if len(layers) <= 6 else []
     head = ["setting", "budget", *tasks, "KL", "top-1", "dropped mass", "retrieval rate", *(f"L{layer}" for layer in show_layers)]
     s = report["settings"]
-    lines = [f"`{report['command']}`", "",
+    commands = report.get("commands") or [report["command"]]  # a resumed report: every run that wrote to it
+    lines = [*(f"`{c}`" + ("  " if i < len(commands) - 1 else "") for i, c in enumerate(commands)), "",
              f"{report['model']}, contexts {s['contexts']}, {s['examples']} example(s) per task and context, "
              f"{s['text_tokens']} teacher-forced natural_text steps per example, {report['dtype']}, {report['device']}, "
              f"torch {report['torch']}, sink {s['sink']}, local {s['local']}", "",
