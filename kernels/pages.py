@@ -147,9 +147,12 @@ def page_bounds(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch
     ``[B, Hkv, pages]`` (non-finite for empty pages: mask them)."""
     batch, q_heads, q_len, dim = q.shape
     kv_heads = low.shape[1]
-    rows = q.float().reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, 1, dim)
-    lo, hi = low.float()[:, :, None], high.float()[:, :, None]  # [B, Hkv, 1, pages, D]
-    return torch.maximum(rows * lo, rows * hi).sum(-1).sum(2)
+    rows = q.float().reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, dim)
+    # max(q*min, q*max) is q*max where q >= 0 and q*min elsewhere (max >= min), so the sum
+    # over rows is linear in the summaries: one pass over them, no [rows, pages, D] product.
+    q_pos, q_neg = rows.clamp_min(0).sum(2), rows.clamp_max(0).sum(2)  # [B, Hkv, D]
+    return (torch.einsum("bhpd,bhd->bhp", high.float(), q_pos)
+            + torch.einsum("bhpd,bhd->bhp", low.float(), q_neg))
 
 
 def candidate_pages(plan: SelectPlan) -> int:

@@ -170,34 +170,34 @@ def _page_scores_kernel(
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
     mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    first = tl.program_id(0) * BLOCK_P
+    offs_p = first + tl.arange(0, BLOCK_P)
     p_ok = offs_p < pages
-    # A page may be a candidate when it holds a retrievable position (valid, in the middle).
-    pickable = tl.zeros([BLOCK_P], tl.int32)
-    for r in range(P):
-        pos = offs_p * P + r
-        inside = p_ok & (pos >= mid_lo) & (pos < mid_hi)
-        valid = _valid_positions(MASK, b, pos, inside, Tq, stride_mb, stride_mt,
-                                 stride_ml, mask_min, MASK_KIND, TQ_P2)
-        pickable = tl.maximum(pickable, valid.to(tl.int32))
+    # A page may be a candidate when it holds a retrievable position (valid, in the middle):
+    # the block's positions are contiguous, so the mask is read in one coalesced load.
+    pos = first * P + tl.arange(0, BLOCK_P * P)
+    inside = (pos < pages * P) & (pos >= mid_lo) & (pos < mid_hi)
+    valid = _valid_positions(MASK, b, pos, inside, Tq, stride_mb, stride_mt, stride_ml,
+                             mask_min, MASK_KIND, TQ_P2)
+    pickable = tl.max(tl.reshape(valid.to(tl.int32), [BLOCK_P, P]), 1) != 0
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     at = (b * stride_sb + hkv * stride_sh + offs_p[:, None].to(tl.int64) * stride_sp
           + offs_d[None, :] * stride_sd)
-    ld = (pickable != 0)[:, None] & d_ok[None, :]
+    ld = pickable[:, None] & d_ok[None, :]
     low = tl.load(LOW + at, mask=ld, other=0.0).to(tl.float32)
     high = tl.load(HIGH + at, mask=ld, other=0.0).to(tl.float32)
     offs_m = tl.arange(0, M_P2)
-    q, m_ok, _ = _load_q(Q, b, hkv, offs_m, G * Tq, G, Tq, stride_qb, stride_qh, stride_qt,
-                         stride_qd, offs_d, d_ok)
+    q, _, _ = _load_q(Q, b, hkv, offs_m, G * Tq, G, Tq, stride_qb, stride_qh, stride_qt,
+                      stride_qd, offs_d, d_ok)
     q = q.to(tl.float32)
-    score = tl.zeros([BLOCK_P], tl.float32)
-    for m in tl.static_range(M_P2):
-        row = tl.sum(tl.where(offs_m[:, None] == m, q, 0.0), 0)  # [BLOCK_D] query row m
-        bound = tl.maximum(row[None, :] * low, row[None, :] * high)
-        score += tl.sum(bound, 1)
+    # sum_rows sum_d max(q*min, q*max) = max . sum_rows(q+) + min . sum_rows(q-), as
+    # ``pages.page_bounds``: two multiply-adds per summary element.
+    q_pos = tl.sum(tl.maximum(q, 0.0), 0)
+    q_neg = tl.sum(tl.minimum(q, 0.0), 0)
+    score = tl.sum(high * q_pos[None, :] + low * q_neg[None, :], 1)
     tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p,
-             tl.where(pickable != 0, score, float("-inf")), mask=p_ok)
+             tl.where(pickable, score, float("-inf")), mask=p_ok)
 
 
 def page_scores(q, st: dict, operand, bounds, active, plan, length: int) -> torch.Tensor:
@@ -211,7 +211,7 @@ def page_scores(q, st: dict, operand, bounds, active, plan, length: int) -> torc
     if mask_t is None:
         mask_t = bounds
     out = torch.empty((B, Hkv, pages), dtype=torch.float32, device=q.device)
-    block_p = 16
+    block_p = max(2, min(64, 2048 // plan.page_size))  # pages per program (their positions' mask in registers)
     _launch(_page_scores_kernel, (triton.cdiv(pages, block_p), B * Hkv),
         q, mask_t, bounds, low, high, active, out, Hkv, Hq // Hkv, Tq, pages,
         *q.stride(), *ms, mask_min, *low.stride(),
@@ -299,8 +299,8 @@ def _candidate_lse_kernel(
 
 @triton.jit
 def _candidate_keys_kernel(
-    Q, K, MASK, BOUNDS, PAGES, ACTIVE, LSE_PART, SCORES, KEYS, WMASS,
-    qk_scale_log2, mask_min, Hkv, G, Tq, L, n_pages, num_splits,
+    Q, K, MASK, BOUNDS, PAGES, ACTIVE, LSE_PART, SCORES, KEYS, POSITIONS, WMASS,
+    qk_scale_log2, mask_min, Hkv, G, Tq, n_pages, num_splits,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_mb, stride_mt, stride_ml,
@@ -329,8 +329,10 @@ def _candidate_keys_kernel(
                     other=float("-inf"))
         mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
         allowed = ok & (tl.max(s, 0) > float("-inf"))
-        key = mass.to(tl.int32, bitcast=True) + 1
-        tl.store(KEYS + slot.to(tl.int64) * L + pos, key, mask=allowed)
+        key = tl.where(allowed, mass.to(tl.int32, bitcast=True) + 1, 0)
+        at = slot.to(tl.int64) * width + col
+        tl.store(KEYS + at, key, mask=col < width)
+        tl.store(POSITIONS + at, tl.where(pos >= 0, pos, -1), mask=col < width)
     if split == 0:
         lo, hi, _, sink_end, local_start, _ = _row_bounds(BOUNDS, b)
         offs_d = tl.arange(0, BLOCK_D)
@@ -349,12 +351,14 @@ def _candidate_keys_kernel(
 
 
 def candidate_keys(q, k, operand, bounds, scale, pages_list, active, page_size: int) -> Keys:
-    """Stage two: top-k keys (int32 ``[B, Hkv, L]``, 0 outside the candidates) of the
-    ``active`` slots from the exact scores of the positions of their ``pages_list`` (int64
-    ``[B, Hkv, n]``, -1: none), and each slot's window mass; the softmax runs over the
-    candidates and the windows."""
+    """Stage two: the top-k keys of the ``active`` slots from the exact scores of the
+    positions of their ``pages_list`` (int64 ``[B, Hkv, n]``, ascending, -1 after the last),
+    as a compact row of ``n * page_size`` columns per slot (int32 keys, 0 where nothing may
+    be picked, and the position of each column, -1 past the pages: ``Keys.positions``), and
+    each slot's window mass; the softmax runs over the candidates and the windows. The top-k
+    ranks the compact rows, not the cache: its passes read 4 bytes per candidate."""
     B, Hq, Tq, D = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     n_pages = pages_list.shape[-1]
     M = (Hq // Hkv) * Tq
     block_m = max(16, triton.next_power_of_2(M))
@@ -367,7 +371,8 @@ def candidate_keys(q, k, operand, bounds, scale, pages_list, active, page_size: 
     pages_list = pages_list.to(torch.int32).contiguous()
     lse_part = torch.empty((B * Hkv * block_m, num_splits), dtype=torch.float32, device=q.device)
     scores = torch.empty((B * Hkv, M, width), dtype=torch.float32, device=q.device)
-    keys = torch.zeros((B, Hkv, L), dtype=torch.int32, device=q.device)
+    keys = torch.empty((B, Hkv, width), dtype=torch.int32, device=q.device)
+    positions = torch.empty((B, Hkv, width), dtype=torch.int32, device=q.device)
     window_mass = torch.zeros((B, Hkv), dtype=torch.float32, device=q.device)
     common = dict(D=D, P=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), MASK_KIND=kind, DOT_F32=_dot_f32(q),
@@ -377,19 +382,31 @@ def candidate_keys(q, k, operand, bounds, scale, pages_list, active, page_size: 
         q, k, mask_t, bounds, pages_list, active, lse_part, scores, qk, mask_min, Hkv,
         Hq // Hkv, Tq, n_pages, num_splits, *q.stride(), *k.stride(), *ms, **common)
     _launch(_candidate_keys_kernel, (B * Hkv, num_splits),
-        q, k, mask_t, bounds, pages_list, active, lse_part, scores, keys, window_mass, qk,
-        mask_min, Hkv, Hq // Hkv, Tq, L, n_pages, num_splits, *q.stride(), *k.stride(), *ms,
-        SPLIT_CHUNK=_SPLIT_CHUNK, **common)
-    return Keys(keys, None, window_mass)
+        q, k, mask_t, bounds, pages_list, active, lse_part, scores, keys, positions,
+        window_mass, qk, mask_min, Hkv, Hq // Hkv, Tq, n_pages, num_splits, *q.stride(),
+        *k.stride(), *ms, SPLIT_CHUNK=_SPLIT_CHUNK, **common)
+    return Keys(keys, None, window_mass, positions)
 
 
 def two_stage_keys(q, k, operand, bounds, scale, st: dict, active, plan) -> Keys:
     """A two-stage retrieval of the ``active`` slots (int32 ``[B * Hkv]``): stage one's page
-    bounds, the best ``candidate_pages(plan)`` pages of each slot, stage two's keys."""
+    bounds, the best ``candidate_pages(plan)`` pages of each slot (in page order: the top-k
+    then ranks a compact row whose positions ascend), stage two's keys. A dilation radius
+    wider than a page would reach across a gap between chosen pages, which the compact
+    row cannot see (``topk_picks``): its keys are then spread over the cache."""
     score = page_scores(q, st, operand, bounds, active, plan, k.shape[2])
-    top = ranked_topk(score, min(candidate_pages(plan), score.shape[-1]))
-    chosen = torch.where(top.values > float("-inf"), top.indices, -1)
-    return candidate_keys(q, k, operand, bounds, scale, chosen, active, plan.page_size)
+    n = score.shape[-1]
+    top = ranked_topk(score, min(candidate_pages(plan), n))
+    chosen = torch.where(top.values > float("-inf"), top.indices, n).sort(-1).values
+    chosen = torch.where(chosen < n, chosen, -1)
+    found = candidate_keys(q, k, operand, bounds, scale, chosen, active, plan.page_size)
+    if plan.dilation_r <= plan.page_size:
+        return found
+    B, Hkv, L = k.shape[0], k.shape[1], k.shape[2]
+    spread = torch.zeros((B, Hkv, L + 1), dtype=torch.int32, device=k.device)
+    columns = torch.where((found.positions >= 0) & (found.positions < L), found.positions, L).long()
+    spread.scatter_(-1, columns, found.keys)
+    return Keys(spread[..., :L].contiguous(), None, found.window_mass)
 
 
 def two_stage_bytes(batch: int, kv_heads: int, n_valid: int, head_dim: int, itemsize: int,
@@ -397,15 +414,16 @@ def two_stage_bytes(batch: int, kv_heads: int, n_valid: int, head_dim: int, item
     """Bytes a two-stage retrieval of every slot moves: the page summaries (min and max,
     ``2 / page_size`` of K over the valid region), the candidate rows of K plus the sink and
     local windows, the fp32 candidate scores of the group's ``q_rows`` query rows written and
-    read back, and the int32 keys: zeroed over the cache, then read ``key_passes`` times by
-    the top-k (a guessed threshold: a count and a compaction; more when it misses)."""
+    read back, and the compact row of int32 keys and positions (one per candidate): written,
+    then the keys read ``key_passes`` times by the top-k (a guessed threshold: a count and a
+    compaction; more when it misses)."""
     slots = batch * kv_heads
     pages = -(-n_valid // plan.page_size)
     candidates = min(candidate_pages(plan), pages) * plan.page_size
     summary_bytes = slots * 2 * pages * head_dim * itemsize
     row_bytes = slots * (candidates + plan.sink + plan.local) * head_dim * itemsize
     score_bytes = 2 * slots * q_rows * candidates * 4
-    key_bytes = (1 + key_passes) * slots * n_valid * 4
+    key_bytes = (2 + key_passes) * slots * candidates * 4
     return summary_bytes + row_bytes + score_bytes + key_bytes
 
 

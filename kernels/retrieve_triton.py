@@ -105,6 +105,9 @@ class Keys(NamedTuple):
     keys: torch.Tensor  # int32 [B, Hkv, L]: mass bits + 1 in the middle of active slots
     key_norm: Optional[torch.Tensor]  # fp32 [B, Hkv]: largest ||k|| over the valid positions
     window_mass: Optional[torch.Tensor]  # fp32 [B, Hkv]: group mass of sinks + local window
+    # int32 [B, Hkv, C]: the position of each key column when the keys are a compact row of
+    # candidates (two-stage retrieval, ``pages_triton.candidate_keys``); None: column = position
+    positions: Optional[torch.Tensor] = None
 
 
 def retrieve_keys(q, k, operand, bounds, scale, active=None, *, want_norm=False,

@@ -422,7 +422,8 @@ def _gated_step(step: Step):
     _, picked_mass = topk_picks(found.keys, bounds, top, out=kept, active=flags,
                                 caps=plan.head_middles(q.device),
                                 dilation_m=min(cores, length), dilation_r=radius,
-                                width=plan.middle, guess=st[TOPK_GUESS][:batch])
+                                width=plan.middle, guess=st[TOPK_GUESS][:batch],
+                                positions=found.positions)
     _store_picked(q, k, found.window_mass, picked_mass,
                   found.key_norm if want_norm else key_norm, retrieve, reuse, age,
                   kept, anchor, anchor_dropped, key_norm, rows, st["counters"], pos,
@@ -490,7 +491,7 @@ def _exact_step(step: Step):
     found = step.retrieval_keys(None)
     picks, _ = topk_picks(found.keys, bounds, min(plan.middle, step.shape[4]),
                           caps=plan.head_middles(step.q.device), width=plan.middle,
-                          guess=step.st[TOPK_GUESS][:step.shape[0]])
+                          guess=step.st[TOPK_GUESS][:step.shape[0]], positions=found.positions)
     return step.finish(step.compose(picks), step.every_slot_retrieves())
 
 

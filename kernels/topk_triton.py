@@ -160,10 +160,12 @@ def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
 
 @triton.jit
 def _compact(key_row, start, end, thr, need, out_row, width, SCR, CNT: tl.constexpr, c,
-             parties, phase, MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr):
+             parties, phase, MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr,
+             map_row, MAP: tl.constexpr):
     """Write the slot's picks (keys above ``thr``, then the first ``need`` equal to it) in
-    position order to ``out_row[0:width)`` and -1 after them; this party writes those of
-    ``[start, end)``. Returns (count, summed mass of the picks, phase)."""
+    column order to ``out_row[0:width)`` and -1 after them; this party writes those of
+    ``[start, end)``. A column is written as itself, or as ``map_row[column]`` (its
+    position) with ``MAP``. Returns (count, summed mass of the picks, phase)."""
     n_gt = tl.full([], 0, tl.int32)
     n_eq = tl.full([], 0, tl.int32)
     for s0 in range(start, end, BLOCK):
@@ -200,7 +202,11 @@ def _compact(key_row, start, end, thr, need, out_row, width, SCR, CNT: tl.conste
         eq_rank = eq_seen + tl.cumsum(is_eq.to(tl.int32), 0) - 1
         pick = cand & ((key > thr) | (is_eq & (eq_rank < need)))
         slot = n_out + tl.cumsum(pick.to(tl.int32), 0) - 1
-        tl.store(out_row + slot, pos, mask=pick & (slot < width))
+        if MAP:
+            written = tl.load(map_row + pos, mask=pick, other=-1)
+        else:
+            written = pos
+        tl.store(out_row + slot, written, mask=pick & (slot < width))
         mass = ((key & 0x7FFFFFFF) - 1).to(tl.int32, bitcast=True).to(tl.float32, bitcast=True)
         mass_sum += tl.sum(tl.where(pick, mass, 0.0), 0)
         n_out += tl.sum(pick.to(tl.int32), 0)
@@ -287,10 +293,13 @@ def _select_registers(key, k):
 
 @triton.jit
 def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
-            CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr):
-    """One program, over the candidates (the top max(k, m) keys, in position order): flag
+            CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, map_row, n_cols,
+            MAP: tl.constexpr):
+    """One program, over the candidates (the top max(k, m) keys, in column order): flag
     the +-radius neighbours of the top ``m`` and return (thr, need) of the final top ``k``
-    over the flagged keys."""
+    over the flagged keys. With ``MAP`` the columns are ascending positions ``map_row``
+    (runs of consecutive positions, at least ``radius`` apart), so the neighbour at position
+    ``p + o`` of a core at column ``c`` is column ``c + o`` when that column holds it."""
     offs = tl.arange(0, CAND_P2)
     in_list = offs < n_cand
     cpos = tl.load(cand_row + offs, mask=in_list, other=0, volatile=True)
@@ -308,14 +317,25 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
     # each position once, in ascending order.
     i = tl.arange(0, M_P2)
     o = tl.arange(0, R_P2) - radius
-    core_pos = tl.load(core_row + i, mask=i < n_core, other=0, volatile=True)
-    prev = tl.load(core_row + i - 1, mask=(i >= 1) & (i < n_core), other=-(2 ** 30), volatile=True)
+    core_col = tl.load(core_row + i, mask=i < n_core, other=0, volatile=True)
+    prev_col = tl.load(core_row + i - 1, mask=(i >= 1) & (i < n_core), other=0, volatile=True)
+    if MAP:
+        core_pos = tl.load(map_row + core_col, mask=i < n_core, other=0)
+        prev = tl.load(map_row + prev_col, mask=(i >= 1) & (i < n_core), other=0)
+    else:
+        core_pos = core_col
+        prev = prev_col
+    prev = tl.where(i >= 1, prev, -(2 ** 30))
     p = core_pos[:, None] + o[None, :]
+    col = core_col[:, None] + o[None, :]
     near = ((i < n_core)[:, None] & (o <= radius)[None, :] & (p >= mid_lo) & (p < mid_hi)
             & (p > prev[:, None] + radius))
-    nkey = tl.load(key_row + p, mask=near, other=0, volatile=True)
+    if MAP:  # the neighbour's column holds it, or it is no candidate
+        near = near & (col >= 0) & (col < n_cols)
+        near = near & (tl.load(map_row + col, mask=near, other=-1) == p)
+    nkey = tl.load(key_row + col, mask=near, other=0, volatile=True)
     near = near & (nkey != 0)
-    tl.store(key_row + p, nkey | _NEAR_BIT, mask=near)
+    tl.store(key_row + col, nkey | _NEAR_BIT, mask=near)
     n_near = tl.sum(tl.sum(near.to(tl.int32), 1), 0)
     tl.debug_barrier()
 
@@ -353,7 +373,8 @@ def _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI: tl.constexpr)
 def _guessed_threshold(key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr, c, parties,
                        phase, cand_row, cand_width, core_row, guess_ptr, DILATE: tl.constexpr,
                        MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr,
-                       CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr):
+                       CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr,
+                       map_row, n_cols, MAP: tl.constexpr):
     """(thr, need, phase) of the slot's picks, with a guessed threshold. The candidates are
     the keys >= the guess when they hold the ``top`` needed and fit the buffer (the guess
     stays), else the top ``ahead`` by the radix select (whose threshold becomes the next
@@ -379,13 +400,14 @@ def _guessed_threshold(key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr,
     if hit == 0:
         thr, need, phase = _select(key_row, start, end, ahead, scr, parties, phase, MULTI, BLOCK)
         n_cand, _, phase = _compact(key_row, start, end, thr, need, cand_row, cand_width,
-                                    scr, _CNT1, c, parties, phase, MULTI, BLOCK, C_P2)
+                                    scr, _CNT1, c, parties, phase, MULTI, BLOCK, C_P2,
+                                    map_row, False)
         if c == 0:  # the next guess: every key >= it makes ``ahead`` (0: too few keys)
             tl.store(guess_ptr, thr.to(tl.int32, bitcast=True))
     if c == 0:
         if DILATE:
             thr, need = _dilate(key_row, cand_row, n_cand, core_row, m, radius, cap, mid_lo,
-                                mid_hi, CAND_P2, M_P2, R_P2)
+                                mid_hi, CAND_P2, M_P2, R_P2, map_row, n_cols, MAP)
         else:
             thr, need = _select_registers(_candidate_keys(key_row, cand_row, n_cand, CAND_P2), cap)
         thr = tl.where(cap <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
@@ -395,11 +417,11 @@ def _guessed_threshold(key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr,
 
 @triton.jit
 def _topk_kernel(
-    KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, SCRATCH, PICKED_MASS, GUESS,
+    KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, SCRATCH, PICKED_MASS, GUESS, POSITIONS,
     BH, Hkv, L, k, m, radius, width, cand_width, stride_ob, stride_oh, num_programs,
     HAS_ACTIVE: tl.constexpr, HAS_CAPS: tl.constexpr, DILATE: tl.constexpr, HAS_GUESS: tl.constexpr,
     MULTI: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BH: tl.constexpr, C_P2: tl.constexpr,
-    CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr,
+    CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, MAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_bh = tl.arange(0, BLOCK_BH)
@@ -420,10 +442,17 @@ def _topk_kernel(
         b = (slot // Hkv).to(tl.int64)
         h = slot % Hkv
         mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
-        per = tl.cdiv(tl.cdiv(tl.maximum(mid_hi - mid_lo, 0), parties), BLOCK) * BLOCK
-        start = tl.minimum(mid_lo + c * per, mid_hi)
-        end = tl.minimum(start + per, mid_hi)
+        if MAP:  # a row of L candidate columns, whatever positions they hold
+            scan_lo = mid_lo * 0
+            scan_hi = scan_lo + L
+        else:
+            scan_lo = mid_lo
+            scan_hi = mid_hi
+        per = tl.cdiv(tl.cdiv(tl.maximum(scan_hi - scan_lo, 0), parties), BLOCK) * BLOCK
+        start = tl.minimum(scan_lo + c * per, scan_hi)
+        end = tl.minimum(start + per, scan_hi)
         key_row = KEYS + slot.to(tl.int64) * L
+        map_row = POSITIONS + slot.to(tl.int64) * L
         scr = SCRATCH + slot.to(tl.int64) * _SCRATCH
         cap = tl.full([], 0, tl.int32) + k
         if HAS_CAPS:
@@ -433,22 +462,24 @@ def _topk_kernel(
             thr, need, phase = _guessed_threshold(
                 key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr, c, parties, phase,
                 CAND + slot.to(tl.int64) * cand_width, cand_width, CORES + slot.to(tl.int64) * M_P2,
-                GUESS + slot, DILATE, MULTI, BLOCK, C_P2, CAND_P2, M_P2, R_P2)
+                GUESS + slot, DILATE, MULTI, BLOCK, C_P2, CAND_P2, M_P2, R_P2, map_row, L, MAP)
         elif DILATE:
             top = tl.maximum(cap, tl.full([], 0, tl.int32) + m)
             thr, need, phase = _select(key_row, start, end, top, scr, parties, phase, MULTI, BLOCK)
             cand_row = CAND + slot.to(tl.int64) * cand_width
             n_cand, _, phase = _compact(key_row, start, end, thr, need, cand_row, cand_width,
-                                        scr, _CNT1, c, parties, phase, MULTI, BLOCK, C_P2)
+                                        scr, _CNT1, c, parties, phase, MULTI, BLOCK, C_P2,
+                                        map_row, False)
             if c == 0:
                 thr, need = _dilate(key_row, cand_row, n_cand, CORES + slot.to(tl.int64) * M_P2,
-                                    m, radius, cap, mid_lo, mid_hi, CAND_P2, M_P2, R_P2)
+                                    m, radius, cap, mid_lo, mid_hi, CAND_P2, M_P2, R_P2,
+                                    map_row, L, MAP)
             thr, need, phase = _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI)
         else:
             thr, need, phase = _select(key_row, start, end, cap, scr, parties, phase, MULTI, BLOCK)
         out_row = OUT + b * stride_ob + h.to(tl.int64) * stride_oh
         _, mass_sum, phase = _compact(key_row, start, end, thr, need, out_row, width, scr,
-                                      _CNT2, c, parties, phase, MULTI, BLOCK, C_P2)
+                                      _CNT2, c, parties, phase, MULTI, BLOCK, C_P2, map_row, MAP)
         if c == 0:
             tl.store(PICKED_MASS + slot, mass_sum)
 
@@ -466,7 +497,7 @@ def _resident_programs(device: torch.device) -> int:
 
 
 def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilation_m: int = 0,
-               dilation_r: int = 0, width: int | None = None, guess=None):
+               dilation_r: int = 0, width: int | None = None, guess=None, positions=None):
     """Picks of every active slot from ``keys`` (int32 ``[B, Hkv, L]``, modified in place
     when dilating): the top ``k`` of the middle (at most ``caps[h]`` for KV head h, when
     given), the +-``dilation_r`` neighbours of the best ``dilation_m`` first. Writes
@@ -474,8 +505,17 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     selection state: rows of inactive slots are left as they are) and returns it with the
     summed mass of each slot's picks (fp32 ``[B, Hkv]``, undefined for inactive slots).
     ``guess`` (int32 ``[B, Hkv]``, 0: none) seeds each active slot's threshold and receives
-    the next call's; the picks are the same with or without it."""
+    the next call's; the picks are the same with or without it.
+
+    ``positions`` (int32 ``[B, Hkv, C]``, same shape as ``keys``): the keys are a compact row
+    of C candidates rather than one per position (a two-stage retrieval's), column j holding
+    the key of position ``positions[..., j]``: ascending along the row, in runs of
+    consecutive positions with gaps of at least ``dilation_r`` positions between them (whole
+    pages, when ``dilation_r <= page_size``), -1 past the last. The whole row is ranked (keys outside the middle are 0) and the picks are
+    written as positions."""
     B, Hkv, L = keys.shape
+    if positions is not None and positions.shape != keys.shape:
+        raise ValueError(f"positions {tuple(positions.shape)} must match the keys {tuple(keys.shape)}")
     BH = B * Hkv
     width = k if width is None else width
     device = keys.device
@@ -506,13 +546,14 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     caps_t = keys if caps is None else caps.to(torch.int32)
     _topk_kernel[(num_programs,)](
         keys, bounds, active_t, caps_t, out, cand, cores, scratch, picked_mass,
-        keys if guess is None else guess,
+        keys if guess is None else guess, keys if positions is None else positions.to(torch.int32),
         BH, Hkv, L, k, m, dilation_r if dilate else 0, width, cand_width,
         out.stride(0), out.stride(1), num_programs,
         HAS_ACTIVE=active is not None, HAS_CAPS=caps is not None, DILATE=dilate,
         HAS_GUESS=guess is not None, MULTI=multi,
         BLOCK=CONFIG["block"], BLOCK_BH=triton.next_power_of_2(BH),
         C_P2=_C_MAX, CAND_P2=triton.next_power_of_2(cand_width), M_P2=m_p2,
-        R_P2=triton.next_power_of_2(2 * max(dilation_r, 0) + 1), num_warps=CONFIG["num_warps"],
+        R_P2=triton.next_power_of_2(2 * max(dilation_r, 0) + 1), MAP=positions is not None,
+        num_warps=CONFIG["num_warps"],
     )
     return out, picked_mass

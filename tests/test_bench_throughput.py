@@ -11,7 +11,7 @@ def test_throughput_quick_reports_every_configuration(tmp_path):
     parser = argparse.ArgumentParser()
     throughput.add_arguments(parser)
     out = tmp_path / "throughput.json"
-    names = "inductor,inductor_gqa,dense_ops,prhs,prhs_every_step"
+    names = "inductor,inductor_gqa,dense_ops,prhs,prhs_every_step,prhs_pages_every_step"
     args = parser.parse_args(["--quick", "--configs", names, "--out", str(out)])
     assert throughput.run(args) == 0
     report = json.loads(out.read_text())
@@ -21,6 +21,7 @@ def test_throughput_quick_reports_every_configuration(tmp_path):
         assert "failed" not in r, r
         assert r["tokens_per_s"] > 0 and r["compile_s"] > 0
     assert results["prhs_every_step"]["retrieval_rate"] == 1.0  # a retrieval at every step
+    assert results["prhs_pages_every_step"]["retrieval_rate"] == 1.0
     assert results["prhs"]["speedup_vs_inductor"] > 0
     # Every ratio is also given against the best dense configuration of the run.
     assert report["best_dense"] in ("inductor", "inductor_gqa", "dense_ops")

@@ -122,6 +122,21 @@ def test_summaries_are_rebuilt_for_a_row_that_does_not_continue():
     assert _named(PAGES, state)[PAGE_MIN][:, :, 3:].isinf().all()
 
 
+def test_page_bounds_are_quests_bound():
+    """``page_bounds`` sums the summaries against the group's rows split by sign; that is
+    Quest's bound sum_rows sum_d max(q_d * min_d, q_d * max_d), on fresh random inputs."""
+    from prhs_compile.kernels.pages import page_bounds
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 2, 16, generator=gen)
+    a, b = torch.randn(2, 2, 2, 9, 16, generator=gen)
+    low, high = torch.minimum(a, b), torch.maximum(a, b)
+    rows = q.reshape(2, 2, 6, 1, 16)  # [B, Hkv, group rows, 1, D]
+    want = torch.maximum(rows * low[:, :, None], rows * high[:, :, None]).sum(-1).sum(2)
+    got = page_bounds(q, low, high)
+    assert ((got - want).norm() / want.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("policy", ["oracle", "prhs"])
 def test_two_stage_over_every_page_picks_what_exact_retrieval_picks(policy):
     torch.manual_seed(2)

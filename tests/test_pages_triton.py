@@ -130,6 +130,16 @@ def test_page_bounds_kernel_matches_the_reference(dtype, tol):
     assert rel_err(got[on][finite], want[on][finite]) < tol
 
 
+def _spread(found, L):
+    """A compact row of candidate keys (``Keys.positions``: ascending positions, -1 after
+    the last) as one key per position of the cache, 0 elsewhere."""
+    pos = found.positions.long()
+    assert (pos[..., 1:] > pos[..., :-1])[pos[..., 1:] >= 0].all(), "positions ascend"
+    assert (found.keys[pos >= L] == 0).all() and (found.keys[pos < 0] == 0).all()
+    full = torch.zeros(*found.keys.shape[:2], L + 1, dtype=torch.int32, device=DEVICE)
+    return full.scatter_(-1, torch.where((pos >= 0) & (pos < L), pos, L), found.keys)[..., :L]
+
+
 @pytest.mark.parametrize("Tq", [1, 2])
 def test_candidate_keys_kernel_matches_the_reference_mass(Tq):
     q, k, mask = _inputs(Tq=Tq, seed=2)
@@ -142,9 +152,10 @@ def test_candidate_keys_kernel_matches_the_reference_mass(Tq):
     active = torch.ones(B * Hkv, dtype=torch.int32, device=DEVICE)
     found = two_stage_keys(q, k, operand, bounds, scale, st, active, PLAN)
     mass, candidates = pages.two_stage_mass(PLAN, view, st, retrieval_region(PLAN, view))
-    picked = found.keys > 0
+    keys = _spread(found, L)
+    picked = keys > 0
     assert torch.equal(picked, candidates)
-    got = (found.keys - 1).view(torch.float32)
+    got = (keys - 1).view(torch.float32)
     assert rel_err(got[picked], mass[picked]) < 1e-5
     windows = view.windows(PLAN)[:, None, :]
     read = candidates | windows
@@ -164,7 +175,9 @@ PRHS_PAGES = SelectPlan(policy="prhs", layer=2, budget=24, sink=2, local=4, tau=
     PRHS_PAGES,
     dataclasses.replace(PRHS_PAGES, psaw_start=1, page_size=4),
     dataclasses.replace(PRHS_PAGES, policy="oracle", page_size=16, candidates=1),
-], ids=["prhs", "prhs-psaw-p4", "oracle-p16"])
+    # a dilation wider than a page: the keys are spread over the cache for the top-k
+    dataclasses.replace(PRHS_PAGES, page_size=2, dilation_r=3, candidates=3),
+], ids=["prhs", "prhs-psaw-p4", "oracle-p16", "prhs-dilation-past-a-page"])
 def test_two_stage_select_step_matches_the_reference(plan):
     counts = _run(plan, steps=6, drift=0.1)
     assert counts[-1] > 0

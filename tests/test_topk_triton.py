@@ -147,6 +147,68 @@ def test_topk_skips_inactive_slots_and_caps_each_head():
     assert (out[~active] == -7).all()  # an inactive slot's row is left as it was
 
 
+def _compact_rows(keys, pages, page):
+    """The keys of the positions of ``pages`` (ascending per slot, -1 after the last) as a
+    compact row, and the positions of its columns (``topk_picks(positions=...)``)."""
+    pos = pages[..., None] * page + torch.arange(page, device=DEVICE)
+    pos = torch.where(pages[..., None] >= 0, pos, -1).flatten(-2)
+    L = keys.shape[-1]
+    ok = (pos >= 0) & (pos < L)
+    compact = torch.where(ok, keys.gather(-1, pos.clamp(0, L - 1).long()), 0)
+    return compact.to(torch.int32).contiguous(), pos.to(torch.int32).contiguous()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("m,r,page,guessed", [(0, 0, 8, False), (13, 1, 8, False), (9, 2, 2, False),
+                                              (13, 1, 8, True), (11, 4, 4, True)])
+def test_topk_over_a_compact_row_of_candidates_is_the_references_set(tied, m, r, page, guessed):
+    """A two-stage retrieval's keys: a compact row of the chosen pages' positions (gaps of
+    whole pages between them; the last page past the cache). The picks, written as
+    positions, are the reference's over those candidates, dilation (which must not reach
+    across a gap) and ties included; with or without a guessed threshold."""
+    gen = torch.Generator().manual_seed(31 * page + m + r + tied)
+    B, H, L, k = 2, 2, 203, 30
+    mass = torch.rand(B, H, L, generator=gen) ** 2
+    if tied:
+        mass = (mass * 8).floor() / 8
+    mass = mass.to(DEVICE)
+    mid_lo, mid_hi = [4, 9], [L - 5, 180]
+    region = torch.zeros(B, L, dtype=torch.bool, device=DEVICE)
+    for b in range(B):
+        region[b, mid_lo[b]:mid_hi[b]] = True
+    region[:, 60:63] = False
+    n_pages = -(-L // page)
+    chosen = torch.stack([torch.randperm(n_pages, generator=gen)[: n_pages // 2]
+                          for _ in range(B * H)]).reshape(B, H, -1).sort(-1).values
+    chosen[0, 1, -3:] = -1  # a slot with fewer pages
+    chosen[1, 0, -1] = n_pages - 1  # the page that runs past the cache
+    chosen[1, 0] = chosen[1, 0].sort().values
+    candidates = torch.zeros(B, H, L + page, dtype=torch.bool, device=DEVICE)
+    for b in range(B):
+        for h in range(H):
+            for p in chosen[b, h].tolist():
+                if p >= 0:
+                    candidates[b, h, p * page:(p + 1) * page] = True
+    pickable = candidates[..., :L] & region[:, None, :]
+    plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=m, dilation_r=r)
+    ref = keep_to_indices(dilate_and_pick(mass, pickable, plan, dilate=m > 0), k)
+    full = torch.where(pickable, mass.view(torch.int32) + 1, 0).to(torch.int32)
+    compact, positions = _compact_rows(full, chosen.to(DEVICE), page)
+    guess = torch.zeros(B * H, dtype=torch.int32, device=DEVICE) if guessed else None
+    for call in range(2 if guessed else 1):  # the second call starts from the guess the first left
+        out, picked = topk_picks(compact.clone(), _middle_bounds(mid_lo, mid_hi, L), k,
+                                 dilation_m=m, dilation_r=r, width=k, guess=guess,
+                                 positions=positions)
+        assert torch.equal(out, ref), f"call {call}"
+        _assert_picked_mass(picked, mass, ref)
+
+
+def test_topk_refuses_positions_of_another_shape():
+    keys = torch.ones(1, 1, 8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="positions"):
+        topk_picks(keys, _middle_bounds([0], [8], 8), 2, positions=keys[..., :4])
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("G,Tq", [(2, 1), (4, 3)])
 def test_one_pass_keys_are_the_group_mass(dtype, tol, G, Tq):

@@ -21,6 +21,10 @@ and cache, one after the other:
                        steps, a retrieval rate of 1/10 whatever the queries do (the paper
                        reports under 10% for real models; ``prhs_reuse16``: 1/16)
 ``prhs_every_step``    ``max_reuse=1``: a retrieval at every step (rate 1, the worst case)
+``prhs_pages_*``       ``prhs_pages_reuse10``, ``prhs_pages_every_step``: the same rates with
+                       two-stage retrieval (``retrieval="pages"``, default page size and
+                       candidates): a retrieval reads the page summaries and the candidates'
+                       rows instead of all of K
 =====================  =====================================================================
 
 The tokens fed back are the model's own greedy picks. With random weights these settle on a
@@ -97,6 +101,8 @@ CONFIGS = {
     "prhs_reuse10": {"tau": -1.0, "max_reuse": 10},
     "prhs_reuse16": {"tau": -1.0, "max_reuse": 16},
     "prhs_every_step": {"max_reuse": 1},
+    "prhs_pages_reuse10": {"tau": -1.0, "max_reuse": 10, "retrieval": "pages"},
+    "prhs_pages_every_step": {"max_reuse": 1, "retrieval": "pages"},
 }
 DENSE = ("inductor", "inductor_gqa", "dense_ops")  # the dense baselines
 
