@@ -1,6 +1,6 @@
 """Two-stage retrieval on the GPU (``retrieval="pages"``; its reference is ``pages.py``).
 
-Three launches per decode step, each gated by the slots it concerns:
+The launches of a decode step, each gated by the slots it concerns:
 
     _summaries_kernel     (B*Hkv, splits)  keeps the page summaries: for a row that continues
                                            its sequence only the pages of the step's new keys
@@ -8,19 +8,24 @@ Three launches per decode step, each gated by the slots it concerns:
                                            slot, usually); a row that does not continue is
                                            rebuilt, every stored page
     _page_scores_kernel   (blocks, B*Hkv)  stage one, retrieving slots only: Quest's bound of
-                                           every page from its summary (2/P of K's bytes),
-                                           -inf for pages with no retrievable position
+                                           every page from its summary (2/P of K's bytes, one
+                                           coalesced pass), as a top-k key per page (0 for
+                                           pages with no retrievable position)
+    _topk_kernel                           the best pages, ascending (``topk_triton`` over
+                                           whole rows of page keys; ties to the lower page)
     _candidate_lse_kernel (B*Hkv, splits)  stage two, retrieving slots only: the exact scores
     _candidate_keys_kernel                 of the best pages' keys and of the sink and local
                                            windows (one read of those rows), then the group
                                            mass of each candidate as a top-k key (``Keys``
                                            of ``retrieve_triton``: mass bits + 1, 0 where
-                                           nothing may be picked) and the windows' mass
+                                           nothing may be picked) in a compact row of the
+                                           candidates with their positions, and the
+                                           windows' mass
 
-The best pages themselves are a small ``ranked_topk`` over ``[B, Hkv, pages]`` in torch (ties
-to the lower page, as the reference). The radix top-k (``topk_triton``) then picks from the
-keys as it does after an exact retrieval. A retrieving slot reads the summaries plus
-``candidates x budget`` rows of K plus its windows, instead of all of K.
+The radix top-k then picks from that compact row (``topk_picks(positions=...)``) as it does
+after an exact retrieval, and writes positions. A retrieving slot reads the summaries plus
+``candidates x budget`` rows of K plus its windows, instead of all of K; no torch top-k or
+sort runs. Quest (``quest_pages``) is stage one alone: page keys and the page top-k.
 """
 
 from __future__ import annotations
@@ -48,12 +53,13 @@ from .select_triton import (
     _scores,
     _valid_positions,
 )
-from .selection import ranked_topk
+from .topk_triton import topk_picks
 
-__all__ = ["PagesKernelUnavailable", "candidate_keys", "maintain_summaries_triton", "page_scores",
-           "quest_picks", "two_stage_bytes", "two_stage_keys"]
+__all__ = ["PagesKernelUnavailable", "candidate_keys", "maintain_summaries_triton", "page_positions",
+           "page_scores", "quest_pages", "two_stage_bytes", "two_stage_keys"]
 
 _SUB = 16  # keys loaded per iteration of the summaries kernel
+_SIGN_BIT = tl.constexpr(-(2 ** 31))
 
 # Set when one of the page kernels failed to compile on this machine: the steps that use page
 # summaries then run the torch reference (the caller logs why).
@@ -160,7 +166,7 @@ def _page_scores_kernel(
     stride_mb, stride_mt, stride_ml, mask_min,
     stride_sb, stride_sh, stride_sp, stride_sd,
     D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    M_P2: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
+    M_P2: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, AS_KEYS: tl.constexpr,
 ):
     # Page blocks run along the grid's x axis (2^31 - 1 programs; y stops at 65535, which one
     # row of 16-page blocks passes at 1M pages: page_size 1 past a 1M-position cache).
@@ -196,27 +202,35 @@ def _page_scores_kernel(
     q_pos = tl.sum(tl.maximum(q, 0.0), 0)
     q_neg = tl.sum(tl.minimum(q, 0.0), 0)
     score = tl.sum(high * q_pos[None, :] + low * q_neg[None, :], 1)
-    tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p,
-             tl.where(pickable, score, float("-inf")), mask=p_ok)
+    if AS_KEYS:  # top-k keys: the fp32 bits made to order as unsigned ints, 0: not a candidate
+        bits = score.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits ^ _SIGN_BIT, ~bits)
+        tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p, tl.where(pickable, key, 0), mask=p_ok)
+    else:
+        tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p,
+                 tl.where(pickable, score, float("-inf")), mask=p_ok)
 
 
-def page_scores(q, st: dict, operand, bounds, active, plan, length: int) -> torch.Tensor:
+def page_scores(q, st: dict, operand, bounds, active, plan, length: int,
+                as_keys: bool = False) -> torch.Tensor:
     """Stage one: fp32 ``[B, Hkv, pages]`` bounds of the pages of a cache of ``length``
     positions, for the ``active`` slots (int32 ``[B * Hkv]``; rows of the others are
-    undefined), -inf where no position is retrievable."""
+    undefined), -inf where no position is retrievable. ``as_keys``: int32 keys of the radix
+    top-k instead (ordered as the bounds, 0 where no position is retrievable)."""
     B, Hq, Tq, D = q.shape
     low, high = st[PAGE_MIN][:B], st[PAGE_MAX][:B]
     Hkv, pages = low.shape[1], triton.cdiv(length, plan.page_size)
     mask_t, kind, ms, mask_min = operand
     if mask_t is None:
         mask_t = bounds
-    out = torch.empty((B, Hkv, pages), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, Hkv, pages), dtype=torch.int32 if as_keys else torch.float32, device=q.device)
     block_p = max(2, min(64, 2048 // plan.page_size))  # pages per program (their positions' mask in registers)
     _launch(_page_scores_kernel, (triton.cdiv(pages, block_p), B * Hkv),
         q, mask_t, bounds, low, high, active, out, Hkv, Hq // Hkv, Tq, pages,
         *q.stride(), *ms, mask_min, *low.stride(),
         D=D, P=plan.page_size, BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        M_P2=triton.next_power_of_2((Hq // Hkv) * Tq), MASK_KIND=kind, TQ_P2=triton.next_power_of_2(Tq), num_warps=4,
+        M_P2=triton.next_power_of_2((Hq // Hkv) * Tq), MASK_KIND=kind, TQ_P2=triton.next_power_of_2(Tq),
+        AS_KEYS=as_keys, num_warps=4,
     )
     return out
 
@@ -393,12 +407,12 @@ def two_stage_keys(q, k, operand, bounds, scale, st: dict, active, plan) -> Keys
     bounds, the best ``candidate_pages(plan)`` pages of each slot (in page order: the top-k
     then ranks a compact row whose positions ascend), stage two's keys. A dilation radius
     wider than a page would reach across a gap between chosen pages, which the compact
-    row cannot see (``topk_picks``): its keys are then spread over the cache."""
-    score = page_scores(q, st, operand, bounds, active, plan, k.shape[2])
-    n = score.shape[-1]
-    top = ranked_topk(score, min(candidate_pages(plan), n))
-    chosen = torch.where(top.values > float("-inf"), top.indices, n).sort(-1).values
-    chosen = torch.where(chosen < n, chosen, -1)
+    row cannot see (``topk_picks``): its keys are then spread over the cache. The pages are
+    chosen by the radix top-k over their keys (retrieving slots only, ties to the lower
+    page, as ``ranked_topk`` in the reference), not by a torch top-k over every slot."""
+    page_keys = page_scores(q, st, operand, bounds, active, plan, k.shape[2], as_keys=True)
+    count = min(candidate_pages(plan), page_keys.shape[-1])
+    chosen, _ = topk_picks(page_keys, bounds, count, active=active, whole_row=True)
     found = candidate_keys(q, k, operand, bounds, scale, chosen, active, plan.page_size)
     if plan.dilation_r <= plan.page_size:
         return found
@@ -427,12 +441,20 @@ def two_stage_bytes(batch: int, kv_heads: int, n_valid: int, head_dim: int, item
     return summary_bytes + row_bytes + score_bytes + key_bytes
 
 
-def quest_picks(page_score: torch.Tensor, middle: int, page: int, length: int) -> torch.Tensor:
-    """Quest's selection: the positions of the best ``middle // page`` pages (ties to the lower
-    page, as ``QuestRule``), ascending int32 ``[B, Hkv, n * page]``, -1 for pages not chosen
-    (the compose kernel drops positions outside the retrieval region)."""
-    top = ranked_topk(page_score, min(middle // page, page_score.shape[-1]))
-    pages = torch.where(top.values > float("-inf"), top.indices, -1).sort(-1).values
+def page_positions(pages: torch.Tensor, page: int, length: int) -> torch.Tensor:
+    """The positions of ``pages`` (int ``[B, Hkv, n]``, -1: none) as int32 ``[B, Hkv, n * page]``,
+    -1 for pages not chosen and past the cache (the compose kernel drops positions outside
+    the retrieval region)."""
     pos = pages[..., None] * page + torch.arange(page, device=pages.device)
     pos = torch.where((pages[..., None] >= 0) & (pos < length), pos, -1)
     return pos.flatten(-2).to(torch.int32)
+
+
+def quest_pages(q, st: dict, operand, bounds, plan, length: int) -> torch.Tensor:
+    """Quest on the GPU: every slot's best ``middle // page_size`` pages by their bounds
+    (the radix top-k over the page keys: no torch top-k, no sort), ascending, -1 padded."""
+    every = torch.ones(q.shape[0] * st[PAGE_MIN].shape[1], dtype=torch.int32, device=q.device)
+    keys = page_scores(q, st, operand, bounds, every, plan, length, as_keys=True)
+    pages, _ = topk_picks(keys, bounds, min(plan.middle // plan.page_size, keys.shape[-1]),
+                          whole_row=True)
+    return pages

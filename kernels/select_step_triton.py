@@ -51,7 +51,7 @@ from .plan import SelectPlan
 from .rule_prhs import needs_key_norms, prhs_gate, prhs_store
 from .rules import get_rule
 from .pages import PAGE_MIN, capacity, uses_pages
-from .pages_triton import maintain_summaries_triton, page_scores, quest_picks, two_stage_keys
+from .pages_triton import maintain_summaries_triton, page_positions, quest_pages, two_stage_keys
 from .select_hshare_triton import channel_abs_sums
 from .select_reference import TOPK_GUESS, continuing_rows, selection_listeners, step_bookkeeping
 from .selection import advance_age, scatter_keep
@@ -431,7 +431,7 @@ def _gated_step(step: Step):
     return step.compose(kept)
 
 
-_quest_picks = _fused(quest_picks)
+_page_positions = _fused(page_positions)
 
 
 @_fused
@@ -508,10 +508,9 @@ def _pages_step(step: Step):
     pages' positions. Reads the summaries, not K."""
     step = step.with_row_facts()
     step.keep_summaries()
-    batch, _, _, kv_heads, length = step.shape
-    every = torch.ones(batch * kv_heads, dtype=torch.int32, device=step.q.device)
-    scores = page_scores(step.q, step.st, step.operand, step.bounds, every, step.plan, length)
-    picks = _quest_picks(scores, step.plan.middle, step.plan.page_size, length)
+    length = step.shape[4]
+    chosen = quest_pages(step.q, step.st, step.operand, step.bounds, step.plan, length)
+    picks = _page_positions(chosen, step.plan.page_size, length)
     return step.finish(step.compose(picks), step.every_slot_retrieves())
 
 

@@ -422,6 +422,7 @@ def _topk_kernel(
     HAS_ACTIVE: tl.constexpr, HAS_CAPS: tl.constexpr, DILATE: tl.constexpr, HAS_GUESS: tl.constexpr,
     MULTI: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BH: tl.constexpr, C_P2: tl.constexpr,
     CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, MAP: tl.constexpr,
+    WHOLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_bh = tl.arange(0, BLOCK_BH)
@@ -442,7 +443,7 @@ def _topk_kernel(
         b = (slot // Hkv).to(tl.int64)
         h = slot % Hkv
         mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
-        if MAP:  # a row of L candidate columns, whatever positions they hold
+        if WHOLE:  # a row of L candidate columns, whatever positions they hold
             scan_lo = mid_lo * 0
             scan_hi = scan_lo + L
         else:
@@ -497,7 +498,8 @@ def _resident_programs(device: torch.device) -> int:
 
 
 def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilation_m: int = 0,
-               dilation_r: int = 0, width: int | None = None, guess=None, positions=None):
+               dilation_r: int = 0, width: int | None = None, guess=None, positions=None,
+               whole_row: bool = False):
     """Picks of every active slot from ``keys`` (int32 ``[B, Hkv, L]``, modified in place
     when dilating): the top ``k`` of the middle (at most ``caps[h]`` for KV head h, when
     given), the +-``dilation_r`` neighbours of the best ``dilation_m`` first. Writes
@@ -512,7 +514,10 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     the key of position ``positions[..., j]``: ascending along the row, in runs of
     consecutive positions with gaps of at least ``dilation_r`` positions between them (whole
     pages, when ``dilation_r <= page_size``), -1 past the last. The whole row is ranked (keys outside the middle are 0) and the picks are
-    written as positions."""
+    written as positions.
+
+    ``whole_row``: rank every column of the rows, not only the middle ``bounds`` give, and
+    write the columns themselves (stage one's choice of pages from their keys)."""
     B, Hkv, L = keys.shape
     if positions is not None and positions.shape != keys.shape:
         raise ValueError(f"positions {tuple(positions.shape)} must match the keys {tuple(keys.shape)}")
@@ -554,6 +559,6 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         BLOCK=CONFIG["block"], BLOCK_BH=triton.next_power_of_2(BH),
         C_P2=_C_MAX, CAND_P2=triton.next_power_of_2(cand_width), M_P2=m_p2,
         R_P2=triton.next_power_of_2(2 * max(dilation_r, 0) + 1), MAP=positions is not None,
-        num_warps=CONFIG["num_warps"],
+        WHOLE=whole_row or positions is not None, num_warps=CONFIG["num_warps"],
     )
     return out, picked_mass

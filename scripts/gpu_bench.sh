@@ -13,7 +13,8 @@
 #   scripts/gpu_bench.sh latency     # prhs-bench latency, full grid -> $OUT/latency.json
 #   scripts/gpu_bench.sh throughput  # prhs-bench throughput -> $OUT/throughput.json
 #   scripts/gpu_bench.sh pages       # two-stage retrieval: its kernel tests, then the PrHS step
-#                                    # with exact and two-stage retrieval -> $OUT/latency_pages.json
+#                                    # with exact and two-stage retrieval, and Quest's step
+#                                    # -> $OUT/latency_pages.json
 #
 # Output lands in $OUT (or ./gpu_out). Runs from outside the checkout after a regular
 # install, so the source folders at its root never shadow the installed package.
@@ -75,7 +76,7 @@ for stage in "$@"; do
       ;;
     pages)
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_pages_triton.py" 2>&1 | tee "$OUT/pytest_pages.txt" | tail -8 || exit 1
-      prhs-bench latency --no-progress --no-flex --retrievals exact,pages --step-rates 0,0.1,1 \
+      prhs-bench latency --no-progress --no-flex --retrievals exact,pages,quest --step-rates 0,0.1,1 \
         --budgets 2048 ${LATENCY_ARGS:-} --out "$OUT/latency_pages.json" 2>&1 | tail -30
       python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 1 --retrieval pages 2>&1 | grep -v Warn | tee "$OUT/profile_pages_b16_128k_r1.txt" | grep -E "kernels|graph|_kernel"
       ;;

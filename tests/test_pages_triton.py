@@ -130,6 +130,32 @@ def test_page_bounds_kernel_matches_the_reference(dtype, tol):
     assert rel_err(got[on][finite], want[on][finite]) < tol
 
 
+def test_stage_one_chooses_the_pages_the_reference_ranks_best():
+    """Stage one on the GPU: the page bounds as top-k keys (fp32 order kept, 0 where no
+    position is retrievable) and the radix top-k over whole rows give the pages of
+    ``ranked_topk`` over the bounds (ties to the lower page), ascending."""
+    from prhs_compile.kernels.pages_triton import page_scores
+    from prhs_compile.kernels.selection import ranked_topk
+    from prhs_compile.kernels.topk_triton import topk_picks
+
+    q, k, mask = _inputs(Hq=8, Hkv=2, D=32, seed=3)
+    B, Hkv, L, D = k.shape
+    st = _state(PLAN, B, q.shape[1], Hkv, D, torch.float32)
+    view = StepView(q, k, mask, D ** -0.5)
+    pages.build_summaries(st, k, view.valid, PLAN)
+    operand, bounds = _operand_bounds(PLAN, q, k, mask)
+    active = torch.ones(B * Hkv, dtype=torch.int32, device=DEVICE)
+    score = page_scores(q, st, operand, bounds, active, PLAN, L)
+    keys = page_scores(q, st, operand, bounds, active, PLAN, L, as_keys=True)
+    assert torch.equal(keys == 0, score.isinf())
+    for count in (1, 5, score.shape[-1]):
+        chosen, _ = topk_picks(keys, bounds, count, active=active, whole_row=True)
+        top = ranked_topk(score, count)
+        want = torch.where(top.values > float("-inf"), top.indices, 10 ** 6).sort(-1).values
+        want = torch.where(want < 10 ** 6, want, -1).to(torch.int32)
+        assert torch.equal(chosen, want), count
+
+
 def _spread(found, L):
     """A compact row of candidate keys (``Keys.positions``: ascending positions, -1 after
     the last) as one key per position of the cache, 0 elsewhere."""

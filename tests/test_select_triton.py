@@ -317,6 +317,24 @@ def test_bounds_static_cache():
 # --- the benchmark smoke test --------------------------------------------------------------
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU smoke test; a GPU runs the real benchmark")
+def test_latency_quick_times_two_stage_and_quest_steps(tmp_path):
+    import argparse
+
+    from prhs_compile.bench import latency
+
+    out = tmp_path / "latency.json"
+    parser = argparse.ArgumentParser()
+    latency.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--out", str(out), "--no-progress", "--budgets", "64",
+                              "--retrievals", "exact,pages,quest", "--step-rates", "0,1"])
+    assert latency.run(args) == 0
+    methods = json.loads(out.read_text())["results"][0]["methods"]
+    for name in ("prhs@0", "prhs@1", "prhs-pages@0", "prhs-pages@1", "quest"):
+        assert methods[name]["ms"] > 0 and methods[name]["bytes"] > 0, name
+    assert methods["prhs-pages@1"]["retrieval_rate"] == 1.0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU smoke test; a GPU runs the real benchmark")
 def test_latency_quick(tmp_path):
     from prhs_compile.bench import latency
 

@@ -28,6 +28,9 @@ bf16, one query position), for every context length x batch size x budget:
 ``prhs-pages@r``   the same with two-stage retrieval (``retrieval="pages"``: page summaries,
                    then the candidates' rows; ``--retrievals exact,pages``); its page
                    summaries are not restored (replaying the step rewrites them unchanged)
+``quest``          Quest's decode step through the same ops (``--retrievals ...,quest``):
+                   page bounds from the summaries, the best pages by the radix top-k,
+                   attend; no rate (every step chooses)
 =================  ===========================================================================
 
 Timing: ``triton.testing.do_bench_cudagraph`` (median of 10 replays of a CUDA graph holding
@@ -247,9 +250,10 @@ def run(args) -> int:
     if any(not 0.0 <= r <= 1.0 for r in step_rates):
         raise SystemExit(f"--step-rates {args.step_rates!r}: every rate must be in [0, 1]")
     retrievals = [r.strip() for r in args.retrievals.split(",") if r.strip()]
-    if not retrievals or any(r not in ("exact", "pages") for r in retrievals):
-        raise SystemExit(f"--retrievals {args.retrievals!r}: a comma-separated list of exact, pages")
-    total = sum(1 + (8 + 2 * len(retrievals) * len(step_rates)) * len(b) for _, _, b in configs)
+    if not retrievals or any(r not in ("exact", "pages", "quest") for r in retrievals):
+        raise SystemExit(f"--retrievals {args.retrievals!r}: a comma-separated list of exact, pages, quest")
+    ticks_per_budget = 8 + sum(1 if r == "quest" else 1 + len(step_rates) for r in retrievals)
+    total = sum(1 + ticks_per_budget * len(b) for _, _, b in configs)
 
     progress = Progress(total, "latency", enabled=not args.no_progress)
     tick = progress.tick
@@ -404,6 +408,17 @@ def run(args) -> int:
 
             for retrieval in retrievals:
                 plan = _step_plan(S, sink, local, retrieval, args, L)
+                if retrieval == "quest":  # stage one alone, at every step: no rate to set
+                    steps = [_PrHSStep(torch, q, k, v, mask, scale, plan) for k, v in caches]
+                    step_ms = timer(rotating([st.call for st in steps]))
+                    pages_read = -(-L // args.page_size)
+                    methods["quest"] = {
+                        "ms": step_ms, "restore_ms": timer(rotating([st.restore for st in steps])),
+                        "bytes": 2 * B * Hkv * pages_read * D * itemsize + attend_bytes
+                        + 2 * steps[0].state_bytes}
+                    tick(f"B={B} L={L} S={S} quest")
+                    del steps
+                    continue
                 steps = [_PrHSStep(torch, q, k, v, mask, scale, plan) for k, v in caches]
                 tag = "prhs" if retrieval == "exact" else "prhs-pages"
                 restore_ms = timer(rotating([st.restore for st in steps]))
@@ -445,9 +460,14 @@ def run(args) -> int:
 
 
 def _step_plan(budget: int, sink: int, local: int, retrieval: str, args, context: int):
-    """The plan of the measured PrHS step (its page summaries cover the context)."""
+    """The plan of the measured PrHS step (its page summaries cover the context), or of
+    Quest's (``retrieval="quest"``: the policy, at a layer past its dense ones)."""
     from prhs_compile.kernels.plan import SelectPlan
 
+    if retrieval == "quest":
+        return SelectPlan(policy="quest", layer=2, num_layers=4, budget=budget, sink=sink,
+                          local=local, page_size=args.page_size,
+                          max_cache_len=max(context, args.page_size))
     return SelectPlan(policy="prhs", layer=0, budget=budget, sink=sink, local=local,
                       retrieval=retrieval, page_size=args.page_size, candidates=args.candidates,
                       max_cache_len=max(context, args.page_size) if retrieval == "pages" else 32768)
@@ -477,7 +497,8 @@ class _PrHSStep:
         st = dict(zip(self.names, self.state))
         st["pos"].fill_(L - 2)
         st["fingerprint"].copy_(k[:, 0, L - 2].float())
-        st["age"].fill_(0)
+        if "age" in st:  # PrHS: every slot holds a set (quest keeps none)
+            st["age"].fill_(0)
         self.snapshot = [t.clone() if keep else None for t, keep in zip(self.state, self.restored)]
         self.state_bytes = sum(t.numel() * t.element_size()
                                for t, keep in zip(self.state, self.restored) if keep)
@@ -545,13 +566,13 @@ def _markdown(report) -> str:
                      "select_score", "topk", "select_attend"):
             cells.append(f"{ms(m[name])} ({frac(m[name])})" if "ms" in m[name] else "skip")
         lines.append("| " + " | ".join(cells) + " |")
-    rates = [n for n in report["results"][0]["methods"] if n.startswith(("prhs@", "prhs-pages@"))] \
-        if report["results"] else []
+    rates = [n for n in report["results"][0]["methods"]
+             if n.startswith(("prhs@", "prhs-pages@")) or n == "quest"] if report["results"] else []
     if rates:
         lines += [
             "",
             "Whole PrHS step (select + attend through the ops, state restore included) at "
-            "retrieval rate r, ms and speed-up over dense SDPA:",
+            "retrieval rate r (and Quest's step), ms and speed-up over dense SDPA:",
             "",
             "| B | context | budget | dense SDPA | " + " | ".join(rates) + " |",
             "|---|---|---|---|" + "---|" * len(rates),
