@@ -35,6 +35,11 @@ interpreter (CPU tests) each slot gets one program and no barrier.
   threshold among the candidates (as the dilation does). Otherwise the radix select runs as
   without a guess, and its threshold (of the top 5/4 x the needed count) becomes the next
   guess. Either way the set is the same.
+* compact rows (``positions=``): a two-stage retrieval hands over only its candidates' keys,
+  a row per slot in ascending position order with each column's position beside it; the
+  passes run over that row (4 bytes per candidate, not per cached position), the picks are
+  written as positions, and the dilation finds a neighbour's column by its position.
+  ``whole_row=True`` ranks every column and writes columns (stage one's choice of pages).
 """
 
 from __future__ import annotations
