@@ -52,6 +52,10 @@ dropped_mass_listeners: list[Callable[[dict], None]] = []
 # Called with (layer, indices [B, Hkv, S], newest queries [B, Hq, D]) after every selection;
 # calibration records oracle selections through it. Empty (free) otherwise.
 selection_listeners: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
+# The same, with the step's group attention mass over the whole cache ([B, Hkv, L], summed
+# over the group's query rows) as a fourth argument: calibration measures what an older set
+# would have kept of it. Computed only while a listener is registered.
+selection_mass_listeners: list[Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]] = []
 
 
 def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int,
@@ -226,6 +230,10 @@ def select_reference(q, k, v, mask, scale: float, plan: SelectPlan, state: list[
 
     for listener in selection_listeners:
         listener(plan.layer, indices, q[:, :, -1])
+    if selection_mass_listeners:
+        mass = view.group_mass()
+        for listener in selection_mass_listeners:
+            listener(plan.layer, indices, q[:, :, -1], mass)
     if plan.verify and dropped_mass_listeners:
         record = _verify_record(plan, view, keep, retrieved, v)
         for listener in dropped_mass_listeners:

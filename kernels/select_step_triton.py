@@ -53,7 +53,13 @@ from .rules import get_rule
 from .pages import PAGE_MIN, capacity, uses_pages
 from .pages_triton import maintain_summaries_triton, page_positions, quest_pages, two_stage_keys
 from .select_hshare_triton import channel_abs_sums
-from .select_reference import TOPK_GUESS, continuing_rows, selection_listeners, step_bookkeeping
+from .select_reference import (
+    TOPK_GUESS,
+    continuing_rows,
+    selection_listeners,
+    selection_mass_listeners,
+    step_bookkeeping,
+)
 from .selection import advance_age, scatter_keep
 from .compose_triton import compose as _compose
 from .retrieve_triton import retrieve_keys
@@ -95,7 +101,7 @@ def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor, state
             return "delta_target needs the mass outside the candidates of a two-stage retrieval"
     if plan.verify:
         return "verify=True measures the exact dropped mass with the torch reference"
-    if selection_listeners:
+    if selection_listeners or selection_mass_listeners:
         return "a selection listener (e.g. calibrate) records selections through the reference"
     if plan.head_budgets and not rule.cuda_head_budgets:
         return f"per-head budgets are applied by the reference only for policy {plan.policy!r}"

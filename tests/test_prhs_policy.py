@@ -178,6 +178,45 @@ def test_bounds_hold_on_random_inputs(seed, length, keep, shift):
     assert torch.isclose(0.5 * (p_sparse - p).abs().sum(), d_now)
 
 
+def _calibration_step(indices, query, heavy, length=20):
+    """One recorded step: its composed set, both query heads' query, a mass on ``heavy``."""
+    mass = torch.zeros(1, 1, length)
+    mass[0, 0, heavy] = 2.0 / len(heavy)  # two query rows' worth, as the group mass sums
+    q = torch.tensor(query, dtype=torch.float32)
+    return torch.tensor([[indices]]), torch.stack([q, q])[None], mass
+
+
+def test_calibration_suggests_the_lowest_cosine_at_which_reuse_keeps_the_mass():
+    """Steps 0-1 attend to the same positions with the same query; step 2 turns to other
+    positions with an orthogonal query; step 3 keeps step 2's positions at cosine 0.8 to it
+    (0.6 to the older steps). The reuses that keep the mass are those at cosine 1 and 0.8,
+    so 0.8 is the suggested tau; a set older than the query loses what moved."""
+    from prhs_compile.calibrate import _suggest_tau, reuse_samples
+
+    steps = [_calibration_step([0, 1, 2, 10], [1.0, 0.0], [1, 2]),
+             _calibration_step([0, 1, 2, 11], [1.0, 0.0], [1, 2, 11]),
+             _calibration_step([0, 5, 6, 12], [0.0, 1.0], [5, 6]),
+             _calibration_step([0, 5, 6, 13], [0.6, 0.8], [5, 6, 13])]
+    cosine, loss = reuse_samples(steps, kv_heads=1)
+    assert cosine.numel() == 6  # pairs (1,0), (2,1), (2,0), (3,2), (3,1), (3,0)
+    assert torch.allclose(loss[cosine > 0.99], torch.zeros(1))  # the positions added since are kept
+    tau, evidence = _suggest_tau(steps, kv_heads=1, slack=0.02, precision=0.9)
+    assert tau == pytest.approx(0.8, abs=1e-4)
+    assert evidence["samples"] == 6 and evidence["within_slack"] == pytest.approx(2 / 6, abs=1e-4)
+    # No reuse keeps the mass: no reuse (tau 1.0).
+    moving = [steps[1], steps[2]]
+    assert _suggest_tau(moving, kv_heads=1)[0] == 1.0
+
+
+def test_calibrate_refuses_bad_slack_and_precision():
+    from prhs_compile.calibrate import calibrate
+
+    with pytest.raises(ValueError, match=r"slack=1.5 is invalid: expected in \[0, 1\]"):
+        calibrate(None, None, slack=1.5)
+    with pytest.raises(ValueError, match=r"precision=0 is invalid"):
+        calibrate(None, None, precision=0)
+
+
 def test_calibrate_writes_a_map_that_loads_and_checks_the_model(tmp_path):
     import json
     import subprocess

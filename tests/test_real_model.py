@@ -5,9 +5,9 @@ minute on two cores). Without the extra these tests fail, naming what to install
 ``PRHS_NO_REAL_MODEL=1`` to skip them where the model is known to be unavailable.
 """
 
+import argparse
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,8 +103,11 @@ def test_text_tasks_are_exactly_the_context_long_and_hold_their_answer(gemma, co
 def test_calibrate_cli_takes_the_named_model(gemma, tmp_path):
     from prhs_compile.bench import calibrate_cli
 
-    args = SimpleNamespace(model="gemma3-270m", prompt_len=600, steps=2, budget=128, sink=4, local=16, threshold=0.8,
-                           device="cpu", seed=0, task="natural_text", out=str(tmp_path / "cal.json"))
+    parser = argparse.ArgumentParser()
+    calibrate_cli.add_arguments(parser)
+    args = parser.parse_args(["--model", "gemma3-270m", "--prompt-len", "600", "--steps", "2", "--budget", "128",
+                              "--sink", "4", "--local", "16", "--device", "cpu", "--task", "natural_text",
+                              "--out", str(tmp_path / "cal.json")])
     assert calibrate_cli.run(args) == 0
     result = json.loads((tmp_path / "cal.json").read_text())
     assert set(result["suggested_tau"]) == {str(layer) for layer in GLOBAL_LAYERS}

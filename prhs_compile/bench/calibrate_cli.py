@@ -17,6 +17,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--local", type=int, default=64)
     parser.add_argument("--threshold", type=float, default=0.8, help="overlap needed to share")
+    parser.add_argument("--slack", type=float, default=0.02,
+                        help="attention mass a reuse may lose against the exact set and still count as good")
+    parser.add_argument("--precision", type=float, default=0.9,
+                        help="share of the reuses above the suggested tau that must be good")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", default=None,
@@ -32,7 +36,7 @@ def run(args) -> int:
     model, codec = load(args.model, args.device, torch.float32)
     ids = prompt_ids(model, codec, args.task, args.prompt_len, args.seed, args.device)
     result = calibrate(model, ids, steps=args.steps, budget=args.budget, sink=args.sink, local=args.local,
-                       threshold=args.threshold, out=args.out)
+                       threshold=args.threshold, slack=args.slack, precision=args.precision, out=args.out)
     print(json.dumps({"share": result["share"], "suggested_tau": result["suggested_tau"]}, indent=1))
     return 0
 
