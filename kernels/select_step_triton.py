@@ -63,6 +63,7 @@ from .select_reference import (
 from .selection import advance_age, scatter_keep
 from .compose_triton import compose as _compose
 from .retrieve_triton import retrieve_keys
+from .select_triton import BoundsColumn as Col
 from .select_triton import _bounds, _check_inputs, _group_mass, _mask_operand
 from .topk_triton import topk_picks
 
@@ -246,8 +247,8 @@ GLUE_INDUCTOR_OPTIONS: dict = {"combo_kernels": True}
 def _row_facts(bounds, pos, fingerprint, k, q_len: int):
     """Per row: the newest valid position, whether the row continues the sequence the state
     was built on (``select_reference.continuing_rows``), and whether it fits the budget."""
-    count, fits = bounds[:, 2].long(), bounds[:, 5] != 0
-    newest = torch.where(count > 0, bounds[:, 1].long() - 1, -1)
+    count, fits = bounds[:, Col.COUNT].long(), bounds[:, Col.FITS] != 0
+    newest = torch.where(count > 0, bounds[:, Col.HI].long() - 1, -1)
     return newest, continuing_rows(pos, fingerprint, k, newest, q_len), fits
 
 
@@ -452,7 +453,8 @@ def _h2o_update(mass, score, continuing, bounds, middle: int, rows: int):
     fresh = ~continuing[:, None] | (score.sum(-1) == 0)
     score.copy_(torch.where(fresh[..., None], m0, score))
     pos = torch.arange(length, device=mass.device)
-    in_window = (pos < bounds[:, 3:4].long()) | (pos >= bounds[:, 4:5].long())  # [B, L]
+    in_window = ((pos < bounds[:, Col.SINK_END, None].long())
+                 | (pos >= bounds[:, Col.LOCAL_START, None].long()))  # [B, L]
     windows = valid & in_window[:, None, :]
     picks, _ = _pick(score.masked_fill(~valid | windows, float("-inf")),
                      torch.zeros_like(score[..., 0]), middle, 0.0, 0, 0, rows)
@@ -528,9 +530,10 @@ def _heavy_hitters_step(step: Step):
     step = step.with_row_facts()
     batch, _, _, _, length = step.shape
     whole = step.bounds.clone()
-    whole[:, 3] = 0  # sink_end
-    whole[:, 4] = length  # local_start
-    whole[:, 5:] = 0  # fits; middle start
+    whole[:, Col.SINK_END] = 0
+    whole[:, Col.LOCAL_START] = length
+    whole[:, Col.FITS] = 0
+    whole[:, Col.MIDDLE_START] = 0
     found = _group_mass(step.q, step.k, step.mask, step.scale, 0, 0, -1, 0, bounds=whole)
     picks = _h2o_update(found.mass, step.st["score"][:batch, :, :length], step.continuing,
                         step.bounds, step.plan.middle, step.rows)

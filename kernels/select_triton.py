@@ -608,6 +608,13 @@ def _check_inputs(q, k):
         raise TypeError(f"q/k must share one of fp16/bf16/fp32, got {q.dtype}/{k.dtype}")
 
 
+class BoundsColumn:
+    """Columns of the int32 ``[B, 8]`` bounds ``_bounds`` writes, for torch code that reads
+    them (kernels read them through ``_row_bounds`` and ``_middle_range``)."""
+
+    LO, HI, COUNT, SINK_END, LOCAL_START, FITS, MIDDLE_START = range(7)
+
+
 def _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context, device,
             psaw_frac=-1.0):
     """int32 [B, 8]: lo, hi, count, sink_end, local_start, fits, middle start (the position
