@@ -12,7 +12,6 @@ if __name__ == "prhs_compile.kernels":
         COUNTERS_INDEX,
         dropped_mass_listeners,
         selection_listeners,
-        selection_mass_listeners,
         state_spec,
     )
 
@@ -25,7 +24,6 @@ if __name__ == "prhs_compile.kernels":
         "dropped_mass_listeners",
         "get_rule",
         "selection_listeners",
-        "selection_mass_listeners",
         "state_spec",
     ]
 else:

@@ -55,8 +55,8 @@ from .select_triton import (
 )
 from .topk_triton import topk_picks
 
-__all__ = ["PagesKernelUnavailable", "candidate_keys", "maintain_summaries_triton", "page_positions",
-           "page_scores", "quest_pages", "two_stage_bytes", "two_stage_keys"]
+__all__ = ["PagesKernelUnavailable", "candidate_keys", "maintain_summaries_triton", "page_keys",
+           "page_positions", "quest_pages", "two_stage_bytes", "two_stage_keys"]
 
 _SUB = 16  # keys loaded per iteration of the summaries kernel
 _SIGN_BIT = tl.constexpr(-(2 ** 31))
@@ -166,7 +166,7 @@ def _page_scores_kernel(
     stride_mb, stride_mt, stride_ml, mask_min,
     stride_sb, stride_sh, stride_sp, stride_sd,
     D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    M_P2: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, AS_KEYS: tl.constexpr,
+    M_P2: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
 ):
     # Page blocks run along the grid's x axis (2^31 - 1 programs; y stops at 65535, which one
     # row of 16-page blocks passes at 1M pages: page_size 1 past a 1M-position cache).
@@ -202,35 +202,32 @@ def _page_scores_kernel(
     q_pos = tl.sum(tl.maximum(q, 0.0), 0)
     q_neg = tl.sum(tl.minimum(q, 0.0), 0)
     score = tl.sum(high * q_pos[None, :] + low * q_neg[None, :], 1)
-    if AS_KEYS:  # top-k keys: the fp32 bits made to order as unsigned ints, 0: not a candidate
-        bits = score.to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits ^ _SIGN_BIT, ~bits)
-        tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p, tl.where(pickable, key, 0), mask=p_ok)
-    else:
-        tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p,
-                 tl.where(pickable, score, float("-inf")), mask=p_ok)
+    # A top-k key: the fp32 bits made to order as unsigned ints (never 0 for a finite bound),
+    # 0 where no position may be picked.
+    bits = score.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits ^ _SIGN_BIT, ~bits)
+    tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p, tl.where(pickable, key, 0), mask=p_ok)
 
 
-def page_scores(q, st: dict, operand, bounds, active, plan, length: int,
-                as_keys: bool = False) -> torch.Tensor:
-    """Stage one: fp32 ``[B, Hkv, pages]`` bounds of the pages of a cache of ``length``
-    positions, for the ``active`` slots (int32 ``[B * Hkv]``; rows of the others are
-    undefined), -inf where no position is retrievable. ``as_keys``: int32 keys of the radix
-    top-k instead (ordered as the bounds, 0 where no position is retrievable)."""
+def page_keys(q, st: dict, operand, bounds, active, plan, length: int) -> torch.Tensor:
+    """Stage one: int32 ``[B, Hkv, pages]`` radix top-k keys of the pages of a cache of
+    ``length`` positions, ordered as their bounds (``pages.page_bounds``), for the ``active``
+    slots (int32 ``[B * Hkv]``; rows of the others are undefined), 0 where no position is
+    retrievable."""
     B, Hq, Tq, D = q.shape
     low, high = st[PAGE_MIN][:B], st[PAGE_MAX][:B]
     Hkv, pages = low.shape[1], triton.cdiv(length, plan.page_size)
     mask_t, kind, ms, mask_min = operand
     if mask_t is None:
         mask_t = bounds
-    out = torch.empty((B, Hkv, pages), dtype=torch.int32 if as_keys else torch.float32, device=q.device)
+    out = torch.empty((B, Hkv, pages), dtype=torch.int32, device=q.device)
     block_p = max(2, min(64, 2048 // plan.page_size))  # pages per program (their positions' mask in registers)
     _launch(_page_scores_kernel, (triton.cdiv(pages, block_p), B * Hkv),
         q, mask_t, bounds, low, high, active, out, Hkv, Hq // Hkv, Tq, pages,
         *q.stride(), *ms, mask_min, *low.stride(),
         D=D, P=plan.page_size, BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(D)),
         M_P2=triton.next_power_of_2((Hq // Hkv) * Tq), MASK_KIND=kind, TQ_P2=triton.next_power_of_2(Tq),
-        AS_KEYS=as_keys, num_warps=4,
+        num_warps=4,
     )
     return out
 
@@ -410,9 +407,9 @@ def two_stage_keys(q, k, operand, bounds, scale, st: dict, active, plan) -> Keys
     row cannot see (``topk_picks``): its keys are then spread over the cache. The pages are
     chosen by the radix top-k over their keys (retrieving slots only, ties to the lower
     page, as ``ranked_topk`` in the reference), not by a torch top-k over every slot."""
-    page_keys = page_scores(q, st, operand, bounds, active, plan, k.shape[2], as_keys=True)
-    count = min(candidate_pages(plan), page_keys.shape[-1])
-    chosen, _ = topk_picks(page_keys, bounds, count, active=active, whole_row=True)
+    keys = page_keys(q, st, operand, bounds, active, plan, k.shape[2])
+    count = min(candidate_pages(plan), keys.shape[-1])
+    chosen, _ = topk_picks(keys, bounds, count, active=active, whole_row=True)
     found = candidate_keys(q, k, operand, bounds, scale, chosen, active, plan.page_size)
     if plan.dilation_r <= plan.page_size:
         return found
@@ -426,7 +423,8 @@ def two_stage_keys(q, k, operand, bounds, scale, st: dict, active, plan) -> Keys
 def two_stage_bytes(batch: int, kv_heads: int, n_valid: int, head_dim: int, itemsize: int,
                     plan, q_rows: int = 4, key_passes: int = 3) -> int:
     """Bytes a two-stage retrieval of every slot moves: the page summaries (min and max,
-    ``2 / page_size`` of K over the valid region), the candidate rows of K plus the sink and
+    ``2 / page_size`` of K over the valid region) and the int32 page keys stage one writes
+    and its top-k reads ``key_passes`` times, the candidate rows of K plus the sink and
     local windows, the fp32 candidate scores of the group's ``q_rows`` query rows written and
     read back, and the compact row of int32 keys and positions (one per candidate): written,
     then the keys read ``key_passes`` times by the top-k (a guessed threshold: a count and a
@@ -435,10 +433,11 @@ def two_stage_bytes(batch: int, kv_heads: int, n_valid: int, head_dim: int, item
     pages = -(-n_valid // plan.page_size)
     candidates = min(candidate_pages(plan), pages) * plan.page_size
     summary_bytes = slots * 2 * pages * head_dim * itemsize
+    page_key_bytes = (1 + key_passes) * slots * pages * 4
     row_bytes = slots * (candidates + plan.sink + plan.local) * head_dim * itemsize
     score_bytes = 2 * slots * q_rows * candidates * 4
     key_bytes = (2 + key_passes) * slots * candidates * 4
-    return summary_bytes + row_bytes + score_bytes + key_bytes
+    return summary_bytes + page_key_bytes + row_bytes + score_bytes + key_bytes
 
 
 def page_positions(pages: torch.Tensor, page: int, length: int) -> torch.Tensor:
@@ -454,7 +453,7 @@ def quest_pages(q, st: dict, operand, bounds, plan, length: int) -> torch.Tensor
     """Quest on the GPU: every slot's best ``middle // page_size`` pages by their bounds
     (the radix top-k over the page keys: no torch top-k, no sort), ascending, -1 padded."""
     every = torch.ones(q.shape[0] * st[PAGE_MIN].shape[1], dtype=torch.int32, device=q.device)
-    keys = page_scores(q, st, operand, bounds, every, plan, length, as_keys=True)
+    keys = page_keys(q, st, operand, bounds, every, plan, length)
     pages, _ = topk_picks(keys, bounds, min(plan.middle // plan.page_size, keys.shape[-1]),
                           whole_row=True)
     return pages

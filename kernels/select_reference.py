@@ -49,13 +49,11 @@ TOPK_GUESS_STEPS = ("gated", "exact")  # engine steps that keep a top-k guess pe
 # Called with a verify record (a dict, see ``_verify_record``) when a plan has verify=True.
 # The public package installs its stats recorder here; kernels never import it.
 dropped_mass_listeners: list[Callable[[dict], None]] = []
-# Called with (layer, indices [B, Hkv, S], newest queries [B, Hq, D]) after every selection;
-# calibration records oracle selections through it. Empty (free) otherwise.
-selection_listeners: list[Callable[[int, torch.Tensor, torch.Tensor], None]] = []
-# The same, with the step's group attention mass over the whole cache ([B, Hkv, L], summed
-# over the group's query rows) as a fourth argument: calibration measures what an older set
-# would have kept of it. Computed only while a listener is registered.
-selection_mass_listeners: list[Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]] = []
+# Called with (layer, indices [B, Hkv, S], newest queries [B, Hq, D], group attention mass
+# [B, Hkv, L] of the step over the whole cache) after every selection; calibration records
+# oracle selections and measures what an older set would have kept through it. Empty (free)
+# otherwise: the mass is the step's exact attention, computed only while a listener listens.
+selection_listeners: list[Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]] = []
 
 
 def state_spec(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, head_dim: int,
@@ -228,11 +226,9 @@ def select_reference(q, k, v, mask, scale: float, plan: SelectPlan, state: list[
 
     step_bookkeeping(st["counters"], pos, fingerprint, k, view.newest, view.continuing, retrieved)
 
-    for listener in selection_listeners:
-        listener(plan.layer, indices, q[:, :, -1])
-    if selection_mass_listeners:
+    if selection_listeners:
         mass = view.group_mass()
-        for listener in selection_mass_listeners:
+        for listener in selection_listeners:
             listener(plan.layer, indices, q[:, :, -1], mass)
     if plan.verify and dropped_mass_listeners:
         record = _verify_record(plan, view, keep, retrieved, v)

@@ -57,7 +57,6 @@ from .select_reference import (
     TOPK_GUESS,
     continuing_rows,
     selection_listeners,
-    selection_mass_listeners,
     step_bookkeeping,
 )
 from .selection import advance_age, scatter_keep
@@ -102,7 +101,7 @@ def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor, state
             return "delta_target needs the mass outside the candidates of a two-stage retrieval"
     if plan.verify:
         return "verify=True measures the exact dropped mass with the torch reference"
-    if selection_listeners or selection_mass_listeners:
+    if selection_listeners:
         return "a selection listener (e.g. calibrate) records selections through the reference"
     if plan.head_budgets and not rule.cuda_head_budgets:
         return f"per-head budgets are applied by the reference only for policy {plan.policy!r}"

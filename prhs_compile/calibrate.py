@@ -19,7 +19,8 @@ from collections import defaultdict
 
 import torch
 
-from prhs_compile.kernels import selection_mass_listeners
+from prhs_compile.kernels import selection_listeners
+from prhs_compile.kernels.selection import indices_to_keep
 
 FORMAT = "prhs-share-map/1"
 MAX_GAP = 4  # steps a reused set may be older than the query it serves (anchor to query)
@@ -27,11 +28,8 @@ MAX_GAP = 4  # steps a reused set may be older than the query it serves (anchor 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over (row, KV head) of |A & B| / |A| for index sets padded with -1."""
-    length = int(max(a.max(), b.max())) + 2
-    def as_mask(idx):
-        m = torch.zeros(*idx.shape[:-1], length, dtype=torch.bool)
-        return m.scatter_(-1, torch.where(idx >= 0, idx, length - 1).long(), True)[..., :-1]
-    ma, mb = as_mask(a), as_mask(b)
+    length = int(max(a.max(), b.max())) + 1
+    ma, mb = indices_to_keep(a, length), indices_to_keep(b, length)
     return ((ma & mb).sum(-1) / ma.sum(-1).clamp_min(1)).mean().item()
 
 
@@ -58,7 +56,7 @@ def calibrate(model, input_ids, *, steps: int = 8, budget: int = 256, sink: int 
     options = {"policy": "oracle", "budget": budget, "sink": sink, "local": local, "inductor": False}
     original_forward = model.forward
     model.forward = torch.compile(model.forward, backend="prhs", options=options)
-    selection_mass_listeners.append(record)
+    selection_listeners.append(record)
     try:
         with torch.no_grad():
             model.generate(
@@ -66,7 +64,7 @@ def calibrate(model, input_ids, *, steps: int = 8, budget: int = 256, sink: int 
                 max_cache_len=input_ids.shape[1] + steps + 1, pad_token_id=0,
             )
     finally:
-        selection_mass_listeners.remove(record)
+        selection_listeners.remove(record)
         model.forward = original_forward
     if not records:
         raise ValueError(
@@ -122,16 +120,6 @@ def _step_overlap(steps: list) -> float:
     return round(sum(values) / len(values), 4) if values else 1.0
 
 
-def _kept(mass: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``[B, Hkv]`` mass of the positions ``keep`` (bool ``[B, Hkv, L]``)."""
-    return (mass * keep).sum(-1)
-
-
-def _as_keep(indices: torch.Tensor, length: int) -> torch.Tensor:
-    keep = torch.zeros(*indices.shape[:-1], length + 1, dtype=torch.bool)
-    return keep.scatter_(-1, torch.where(indices >= 0, indices, length).long().clamp_max(length), True)[..., :length]
-
-
 def reuse_samples(steps: list, kv_heads: int, max_gap: int = MAX_GAP):
     """``(cosine, loss)`` of every (row, KV head) slot and pair of steps ``gap <= max_gap``
     apart: the smallest cosine between the group's queries at the two steps, and the share of
@@ -141,7 +129,7 @@ def reuse_samples(steps: list, kv_heads: int, max_gap: int = MAX_GAP):
     for t in range(1, len(steps)):
         idx_b, q_b, mass_b = steps[t]
         length = mass_b.shape[-1]
-        fresh = _as_keep(idx_b, length)
+        fresh = indices_to_keep(idx_b, length)
         newest_b = idx_b.amax(-1, keepdim=True)  # [B, Hkv, 1]: the composed set ends at the newest
         total = mass_b.sum(-1).clamp_min(1e-30)
         positions = torch.arange(length)
@@ -149,8 +137,8 @@ def reuse_samples(steps: list, kv_heads: int, max_gap: int = MAX_GAP):
             idx_a, q_a, _ = steps[t - gap]
             newest_a = idx_a.amax(-1, keepdim=True)
             added = (positions > newest_a) & (positions <= newest_b)  # the local window covers these
-            stale = _as_keep(idx_a, length) | added
-            losses.append(((_kept(mass_b, fresh) - _kept(mass_b, stale)) / total).flatten())
+            stale = indices_to_keep(idx_a, length) | added
+            losses.append((((mass_b * fresh).sum(-1) - (mass_b * stale).sum(-1)) / total).flatten())
             cos = torch.nn.functional.cosine_similarity(q_a, q_b, dim=-1)  # [B, Hq]
             cosines.append(cos.reshape(cos.shape[0], kv_heads, -1).amin(-1).flatten())
     if not cosines:

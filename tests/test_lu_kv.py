@@ -66,7 +66,7 @@ def test_profile_table_drives_per_head_budgets_end_to_end(tmp_path):
     assert sum(sum(b) for b in allocation.values()) <= 16 * 4
 
     seen = {}
-    record = lambda layer, idx, q: seen.setdefault(layer, (idx >= 0).sum(-1)[0].tolist())  # noqa: E731
+    record = lambda layer, idx, q, mass: seen.setdefault(layer, (idx >= 0).sum(-1)[0].tolist())  # noqa: E731
     for policy in ("lu_kv", "prhs"):
         seen.clear()
         torch._dynamo.reset()

@@ -107,9 +107,16 @@ def _valid_window(lengths, window, L):
     return torch.stack([(pos >= n - window) & (pos < n) for n in lengths])
 
 
+def _bounds_of_keys(keys):
+    """The fp32 bounds a page-key row encodes (``pages_triton.page_keys``: a positive
+    bound's bits with the sign bit set, a negative bound's bits inverted), -inf for 0."""
+    bits = torch.where(keys < 0, keys ^ -(2 ** 31), ~keys).to(torch.int32)
+    return torch.where(keys == 0, float("-inf"), bits.view(torch.float32))
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_page_bounds_kernel_matches_the_reference(dtype, tol):
-    from prhs_compile.kernels.pages_triton import page_scores
+    from prhs_compile.kernels.pages_triton import page_keys
 
     q, k, mask = _inputs(Hq=8, Hkv=2, D=32, seed=1, dtype=dtype)
     B, Hkv, L, D = k.shape
@@ -118,7 +125,7 @@ def test_page_bounds_kernel_matches_the_reference(dtype, tol):
     pages.build_summaries(st, k, view.valid, PLAN)
     operand, bounds = _operand_bounds(PLAN, q, k, mask)
     active = torch.tensor([1, 0, 1, 1], dtype=torch.int32, device=DEVICE)
-    got = page_scores(q, st, operand, bounds, active, PLAN, L)
+    got = _bounds_of_keys(page_keys(q, st, operand, bounds, active, PLAN, L))
     region = retrieval_region(PLAN, view)
     n = L // PLAN.page_size
     pickable = region.unflatten(1, (n, PLAN.page_size)).any(-1)
@@ -134,7 +141,7 @@ def test_stage_one_chooses_the_pages_the_reference_ranks_best():
     """Stage one on the GPU: the page bounds as top-k keys (fp32 order kept, 0 where no
     position is retrievable) and the radix top-k over whole rows give the pages of
     ``ranked_topk`` over the bounds (ties to the lower page), ascending."""
-    from prhs_compile.kernels.pages_triton import page_scores
+    from prhs_compile.kernels.pages_triton import page_keys
     from prhs_compile.kernels.selection import ranked_topk
     from prhs_compile.kernels.topk_triton import topk_picks
 
@@ -145,8 +152,8 @@ def test_stage_one_chooses_the_pages_the_reference_ranks_best():
     pages.build_summaries(st, k, view.valid, PLAN)
     operand, bounds = _operand_bounds(PLAN, q, k, mask)
     active = torch.ones(B * Hkv, dtype=torch.int32, device=DEVICE)
-    score = page_scores(q, st, operand, bounds, active, PLAN, L)
-    keys = page_scores(q, st, operand, bounds, active, PLAN, L, as_keys=True)
+    keys = page_keys(q, st, operand, bounds, active, PLAN, L)
+    score = _bounds_of_keys(keys)  # the order of the keys is that of these bounds
     assert torch.equal(keys == 0, score.isinf())
     for count in (1, 5, score.shape[-1]):
         chosen, _ = topk_picks(keys, bounds, count, active=active, whole_row=True)

@@ -474,8 +474,9 @@ def _step_plan(budget: int, sink: int, local: int, retrieval: str, args, context
 
 
 class _PrHSStep:
-    """One attention layer's PrHS decode step through the registered ops, on a state set up
-    so that a chosen share of the (row, KV head) slots retrieves and the rest reuses."""
+    """One attention layer's decode step through the registered ops, on a state set up so
+    that a chosen share of the (row, KV head) slots retrieves and the rest reuses (PrHS;
+    ``set_rate``), or Quest's, which chooses at every step and has no rate to set."""
 
     def __init__(self, torch, q, k, v, mask, scale, plan):
         from prhs_compile.kernels.pages import PAGE_MAX, PAGE_MIN
