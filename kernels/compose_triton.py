@@ -12,11 +12,13 @@ import triton
 import triton.language as tl
 
 from .plan import SelectPlan
-from .select_triton import _BLOCK_W, _row_bounds, _valid_positions, _write_valid_run
+from .select_triton import _BLOCK_W, _row_bounds, _row_contiguous, _valid_in_row, _write_valid_run
 
 __all__ = ["compose"]
 
-_SLOT_BLOCK = 1024  # stored picks handled per iteration of the compose kernel
+# Stored picks handled per iteration of the compose kernel: a budget of 2048 in one (each
+# iteration waits on its loads: the kernel is latency-bound, one program per slot).
+_SLOT_BLOCK = 2048
 
 
 @triton.jit
@@ -31,6 +33,7 @@ def _compose_kernel(
     pid_bh = tl.program_id(0)
     b = (pid_bh // Hkv).to(tl.int64)
     lo, hi, count, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
+    contiguous = _row_contiguous(BOUNDS, b)  # then no mask is read
     out_row = OUT + pid_bh.to(tl.int64) * slots
     kept_row = KEPT + pid_bh.to(tl.int64) * middle
     sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
@@ -43,8 +46,8 @@ def _compose_kernel(
         offs = s0 + tl.arange(0, SLOT_BLOCK)
         p = tl.load(kept_row + offs, mask=offs < middle, other=-1)
         inside = (p >= 0) & (p >= sink_end) & (p < local_start) & (p < hi)
-        inside = inside & _valid_positions(MASK, b, p, inside, Tq, stride_mb, stride_mt,
-                                           stride_ml, mask_min, MASK_KIND, TQ_P2)
+        inside = inside & _valid_in_row(MASK, b, p, inside, lo, hi, contiguous, Tq, stride_mb,
+                                        stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2)
         inside = (inside & (fits == 0)) != 0  # as int1 (the interpreter needs it)
         slot = sink + n_kept + tl.cumsum(inside.to(tl.int32), 0) - 1
         tl.store(out_row + slot, p, mask=inside & (slot < slots))
@@ -58,11 +61,11 @@ def _compose_kernel(
                  mask=(slot < slots) & (slot >= total))
     a_end = tl.where(fits, hi, tl.maximum(tl.minimum(sink_end, hi), lo))
     _write_valid_run(out_row, MASK, b, lo, a_end, 0, slots, Tq, stride_mb, stride_mt,
-                     stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
+                     stride_ml, mask_min, contiguous, MASK_KIND, TQ_P2, BLOCK_W)
     b_start = tl.maximum(tl.minimum(local_start, hi), lo)
     b_end = tl.where(fits, b_start, hi)
     _write_valid_run(out_row, MASK, b, b_start, b_end, sink + n_kept, slots, Tq, stride_mb,
-                     stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W)
+                     stride_mt, stride_ml, mask_min, contiguous, MASK_KIND, TQ_P2, BLOCK_W)
 
 
 def compose(operand, bounds, kept, plan: SelectPlan, batch: int, kv_heads: int, q_len: int,

@@ -87,6 +87,20 @@ def _valid_positions(MASK, b, pos, in_range, Tq, stride_mb, stride_mt, stride_ml
 
 
 @triton.jit
+def _valid_in_row(MASK, b, pos, in_range, lo, hi, contiguous, Tq, stride_mb, stride_mt,
+                  stride_ml, mask_min, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr):
+    """``_valid_positions`` for a row whose bounds (``lo``, ``hi``, ``contiguous``: column 7
+    of ``_bounds``) are known: a contiguous row's valid positions are [lo, hi), so its mask
+    is not read (the loads are predicated off)."""
+    contiguous = contiguous.to(tl.int32)
+    known = (in_range & (pos >= lo) & (pos < hi) & (contiguous != 0)) != 0  # int1 (interpreter)
+    read = (in_range & (contiguous == 0)) != 0
+    return known | _valid_positions(MASK, b, pos, read, Tq, stride_mb,
+                                                          stride_mt, stride_ml, mask_min,
+                                                          MASK_KIND, TQ_P2)
+
+
+@triton.jit
 def _masked_scores(s, mask_rows, pos, row_ok, col_ok, stride_ml, mask_min,
                    MASK_KIND: tl.constexpr):
     """Log2-domain scores with the mask applied; -inf where a row may not attend."""
@@ -183,6 +197,7 @@ def _bounds_kernel(
             mid_start = sink + _psaw_excluded(count, sink, local, psaw_frac)
         else:
             mid_start = tl.full([], 0, tl.int32)
+        contiguous = count >= 0
     else:
         offs_c = tl.arange(0, C_P2)
         c_ok = offs_c < C
@@ -194,25 +209,36 @@ def _bounds_kernel(
         lo = tl.where(count > 0, tl.min(first, 0), 0)
         hi = tl.where(count > 0, tl.max(last, 0) + 1, 0)
         cum = tl.cumsum(cnt, 0)
+        # Every position of [lo, hi) valid (causal, left padding, sliding window: all of
+        # Hugging Face's decode masks): the valid position of rank r is lo + r, and the
+        # kernels after this one need not read the mask to know which positions are valid.
+        contiguous = count == hi - lo
         # sink_end: valid positions below it are exactly those of rank < sink.
         r_sink = tl.minimum(tl.maximum(sink - 1, 0), tl.maximum(count - 1, 0))
-        p_sink = _position_of_rank(MASK, b, r_sink, cnt, cum, offs_c, c_ok, L, Tq,
-                                   stride_mb, stride_mt, stride_ml, mask_min,
-                                   MASK_KIND, TQ_P2, CHUNK, SUB)
-        sink_end = tl.where(sink == 0, 0, tl.where(sink > count, L, p_sink + 1))
         # local_start: valid positions at or above it are exactly those of rank >= count - local.
         r_local = tl.minimum(tl.maximum(count - local, 0), tl.maximum(count - 1, 0))
-        p_local = _position_of_rank(MASK, b, r_local, cnt, cum, offs_c, c_ok, L, Tq,
-                                    stride_mb, stride_mt, stride_ml, mask_min,
-                                    MASK_KIND, TQ_P2, CHUNK, SUB)
+        r_mid = sink + _psaw_excluded(count, sink, local, psaw_frac)
+        r_mid_c = tl.minimum(r_mid, tl.maximum(count - 1, 0))
+        if contiguous:
+            p_sink = lo + r_sink
+            p_local = lo + r_local
+            p_mid = lo + r_mid_c
+        else:
+            p_sink = _position_of_rank(MASK, b, r_sink, cnt, cum, offs_c, c_ok, L, Tq,
+                                       stride_mb, stride_mt, stride_ml, mask_min,
+                                       MASK_KIND, TQ_P2, CHUNK, SUB)
+            p_local = _position_of_rank(MASK, b, r_local, cnt, cum, offs_c, c_ok, L, Tq,
+                                        stride_mb, stride_mt, stride_ml, mask_min,
+                                        MASK_KIND, TQ_P2, CHUNK, SUB)
+            p_mid = lo * 0
+            if HAS_PSAW:
+                p_mid = _position_of_rank(MASK, b, r_mid_c, cnt, cum, offs_c, c_ok, L, Tq,
+                                          stride_mb, stride_mt, stride_ml, mask_min,
+                                          MASK_KIND, TQ_P2, CHUNK, SUB)
+        sink_end = tl.where(sink == 0, 0, tl.where(sink > count, L, p_sink + 1))
         local_start = tl.where(local == 0, L, tl.where(count - local <= 0, 0, p_local))
         if HAS_PSAW:
             # The middle starts at the valid position of rank sink + P_l(count).
-            r_mid = sink + _psaw_excluded(count, sink, local, psaw_frac)
-            p_mid = _position_of_rank(MASK, b, tl.minimum(r_mid, tl.maximum(count - 1, 0)),
-                                      cnt, cum, offs_c, c_ok, L, Tq,
-                                      stride_mb, stride_mt, stride_ml, mask_min,
-                                      MASK_KIND, TQ_P2, CHUNK, SUB)
             mid_start = tl.where(r_mid >= count, L, p_mid)
         else:
             mid_start = tl.full([], 0, tl.int32)
@@ -225,7 +251,7 @@ def _bounds_kernel(
     tl.store(out + 4, local_start)
     tl.store(out + 5, fits.to(tl.int32))
     tl.store(out + 6, mid_start.to(tl.int32))
-    tl.store(out + 7, tl.full([], 0, tl.int32))
+    tl.store(out + 7, contiguous.to(tl.int32))
 
 
 # ----------------------------------------------------------------------------------------
@@ -514,14 +540,15 @@ def _mass_kernel(
 
 @triton.jit
 def _write_valid_run(OUT_ROW, MASK, b, lo, hi, base, slots, Tq,
-                     stride_mb, stride_mt, stride_ml, mask_min,
+                     stride_mb, stride_mt, stride_ml, mask_min, contiguous,
                      MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Write the valid positions of [lo, hi), in order, to slots base, base + 1, ..."""
+    """Write the valid positions of [lo, hi), in order, to slots base, base + 1, ...
+    (``contiguous``: [lo, hi) lies in a contiguous row, so all of it is valid)."""
     running = tl.full([], 0, tl.int32)
     for s0 in range(lo, hi, BLOCK_W):
         pos = s0 + tl.arange(0, BLOCK_W)
-        v = _valid_positions(MASK, b, pos, pos < hi, Tq, stride_mb, stride_mt, stride_ml,
-                             mask_min, MASK_KIND, TQ_P2)
+        v = _valid_in_row(MASK, b, pos, pos < hi, lo, hi, contiguous, Tq, stride_mb,
+                          stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2)
         vi = v.to(tl.int32)
         slot = base + running + tl.cumsum(vi, 0) - 1
         tl.store(OUT_ROW + slot, pos, mask=v & (slot < slots))
@@ -534,6 +561,12 @@ def _row_bounds(BOUNDS, b):
     bnd = BOUNDS + b * 8
     return (tl.load(bnd + 0), tl.load(bnd + 1), tl.load(bnd + 2), tl.load(bnd + 3),
             tl.load(bnd + 4), tl.load(bnd + 5) != 0)
+
+
+@triton.jit
+def _row_contiguous(BOUNDS, b):
+    """Whether every position of batch row ``b``'s [lo, hi) is valid (see ``_bounds``)."""
+    return tl.load(BOUNDS + b * 8 + 7) != 0
 
 
 @triton.jit
@@ -612,13 +645,14 @@ class BoundsColumn:
     """Columns of the int32 ``[B, 8]`` bounds ``_bounds`` writes, for torch code that reads
     them (kernels read them through ``_row_bounds`` and ``_middle_range``)."""
 
-    LO, HI, COUNT, SINK_END, LOCAL_START, FITS, MIDDLE_START = range(7)
+    LO, HI, COUNT, SINK_END, LOCAL_START, FITS, MIDDLE_START, CONTIGUOUS = range(8)
 
 
 def _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context, device,
             psaw_frac=-1.0):
     """int32 [B, 8]: lo, hi, count, sink_end, local_start, fits, middle start (the position
-    of rank ``sink + P_l(count)`` when ``psaw_frac >= 0``, else 0), unused."""
+    of rank ``sink + P_l(count)`` when ``psaw_frac >= 0``, else 0), contiguous (1 when every
+    position of [lo, hi) is valid, so later kernels need not read the mask there)."""
     bounds = torch.empty((B, 8), dtype=torch.int32, device=device)
     tq_p2 = triton.next_power_of_2(max(Tq, 1))
     sub = min(_CHUNK, max(16, 8192 // tq_p2))

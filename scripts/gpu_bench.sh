@@ -12,6 +12,9 @@
 #   scripts/gpu_bench.sh prefill     # block-sparse PSAW prefill: CUDA tests + prhs-bench prefill
 #   scripts/gpu_bench.sh latency     # prhs-bench latency, full grid -> $OUT/latency.json
 #   scripts/gpu_bench.sh throughput  # prhs-bench throughput -> $OUT/throughput.json
+#   BASE=dir scripts/gpu_bench.sh ab # the PrHS step of another revision's source tree (dir,
+#                                    # e.g. from `git archive`) and of this one, side by side
+#                                    # on this machine -> $OUT/profile_{base,new}.json
 #   scripts/gpu_bench.sh pages       # two-stage retrieval: its kernel tests, then the PrHS step
 #                                    # with exact and two-stage retrieval, and Quest's step
 #                                    # -> $OUT/latency_pages.json
@@ -74,6 +77,16 @@ for stage in "$@"; do
       # shellcheck disable=SC2086  # THROUGHPUT_ARGS: extra options, e.g. --configs inductor_gqa,prhs
       prhs-bench throughput ${THROUGHPUT_ARGS:-} --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
+    ab)
+      # shellcheck disable=SC2086  # PROFILE_CONFIGS: batch:context:rate triples
+      CONFIGS=${PROFILE_CONFIGS:-1:32768:0,16:32768:0,16:131072:0,1:32768:0.1,1:131072:1,16:131072:1}
+      python -m pip install -q --no-deps --no-build-isolation --target /tmp/prhs_base "$ROOT/$BASE" 2>&1 | grep -v "as the 'root' user" | tail -3
+      PYTHONPATH=/tmp/prhs_base python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --quiet \
+        --out "$OUT/profile_base.json" 2>&1 | grep "step in"
+      python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --out "$OUT/profile_new.json" \
+        2>&1 | grep -v -i "warn" > "$OUT/profile_new.txt"
+      grep "step in" "$OUT/profile_new.txt"
+      ;;
     pages)
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_pages_triton.py" 2>&1 | tee "$OUT/pytest_pages.txt" | tail -8 || exit 1
       prhs-bench latency --no-progress --no-flex --retrievals exact,pages,quest --step-rates 0,0.1,1 \
@@ -81,6 +94,6 @@ for stage in "$@"; do
       python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 1 --retrieval pages 2>&1 | grep -v Warn | tee "$OUT/profile_pages_b16_128k_r1.txt" | grep -E "kernels|graph|_kernel"
       ;;
     *)
-      echo "unknown stage $stage (tests, topk, engine, attend_sweep, profile, sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
+      echo "unknown stage $stage (tests, topk, engine, attend_sweep, profile, ab, sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
   esac
 done

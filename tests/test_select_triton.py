@@ -301,6 +301,8 @@ def _check_bounds(bounds, mask, L, budget, sink, local, min_context):
         local_start = L if local == 0 else (0 if n - local <= 0 else int(p[n - local]))
         fits = int(n <= budget or n < min_context)
         assert bounds[b, :6].tolist() == [lo, hi, n, sink_end, local_start, fits], b
+        # contiguous: every position of [lo, hi) valid (later kernels skip the mask then)
+        assert bounds[b, 7].item() == int(n == hi - lo), b
 
 
 def test_bounds_static_cache():
