@@ -12,6 +12,10 @@
                                 it as an int32 *key* for the radix top-k (``picks_triton``);
                                 split 0 also sums the mass of the sinks and local window
 
+With ``defer=True`` only the first kernel runs here: the radix top-k (``topk_triton``) forms
+the keys from the scores itself, each of its programs over its own share of the row, before
+its passes (one launch fewer, which matters most on steps where few slots retrieve).
+
 A key is the fp32 mass's bit pattern plus one (masses are >= 0, so their bits order like
 the masses), 0 for a position that cannot be picked (outside the middle, masked). Only the
 middle ``[mid_lo, mid_hi)`` of an active slot is written: the top-k reads nothing else.
@@ -33,7 +37,7 @@ import triton.language as tl
 
 from .select_triton import _SPLIT_CHUNK, _assignment, _lse_pass, _middle_range, _row_bounds, _row_lse
 
-__all__ = ["Keys", "retrieve_keys", "retrieval_bytes"]
+__all__ = ["Keys", "PendingKeys", "retrieve_keys", "retrieval_bytes"]
 
 
 @triton.jit
@@ -47,6 +51,36 @@ def _run_mass_from_scores(score_rows, start, end, lse, m_ok, BLOCK_N: tl.constex
                     other=float("-inf"))
         acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
     return tl.sum(acc, 0)
+
+
+@triton.jit
+def _write_keys(score_rows, key_row, start, end, lse, m_ok, BLOCK_N: tl.constexpr):
+    """The keys of positions [start, end) from the stored scores of the group's rows
+    (``score_rows``: [M_P2] row pointers) and the rows' log-sum-exp."""
+    for s0 in range(start, end, BLOCK_N):
+        pos = s0 + tl.arange(0, BLOCK_N)
+        col_ok = pos < end
+        s = tl.load(score_rows + pos[None, :], mask=m_ok[:, None] & col_ok[None, :],
+                    other=float("-inf"))
+        mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
+        # A position no query row may attend to has only -inf scores: not a candidate.
+        allowed = tl.max(s, 0) > float("-inf")
+        key = mass.to(tl.int32, bitcast=True) + 1
+        tl.store(key_row + pos, tl.where(allowed, key, 0), mask=col_ok)
+
+
+@triton.jit
+def _window_mass(score_rows, BOUNDS, b, lse, m_ok, on, BLOCK_N: tl.constexpr,
+                 M_P2: tl.constexpr, L):
+    """The group mass of the sinks and the local window of batch row ``b`` (0 unless ``on``,
+    and for a row that fits the budget), from the stored scores."""
+    lo, hi, _, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
+    w_on = on & (fits == 0)
+    sink_hi = tl.where(w_on, tl.minimum(sink_end, hi), lo)
+    loc_lo = tl.maximum(local_start, lo)
+    loc_hi = tl.where(w_on, hi, loc_lo)
+    w_sum = _run_mass_from_scores(score_rows, lo, sink_hi, lse, m_ok, BLOCK_N, M_P2, L)
+    return w_sum + _run_mass_from_scores(score_rows, loc_lo, loc_hi, lse, m_ok, BLOCK_N, M_P2, L)
 
 
 @triton.jit
@@ -76,27 +110,24 @@ def _keys_kernel(
     end = tl.minimum(start + per * BLOCK_N, mid_hi)
 
     score_rows = SCORES + (pid_bh.to(tl.int64) * M + offs_m)[:, None] * L
-    key_row = KEYS + pid_bh.to(tl.int64) * L
-    for s0 in range(start, end, BLOCK_N):
-        pos = s0 + tl.arange(0, BLOCK_N)
-        col_ok = pos < end
-        s = tl.load(score_rows + pos[None, :], mask=m_ok[:, None] & col_ok[None, :],
-                    other=float("-inf"))
-        mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
-        # A position no query row may attend to has only -inf scores: not a candidate.
-        allowed = tl.max(s, 0) > float("-inf")
-        key = mass.to(tl.int32, bitcast=True) + 1
-        tl.store(key_row + pos, tl.where(allowed, key, 0), mask=col_ok)
-
+    _write_keys(score_rows, KEYS + pid_bh.to(tl.int64) * L, start, end, lse, m_ok, BLOCK_N)
     if WANT_WINDOW_MASS:
-        lo, hi, _, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
-        w_on = (split == 0) & (fits == 0) & ok
-        sink_hi = tl.where(w_on, tl.minimum(sink_end, hi), lo)
-        loc_lo = tl.maximum(local_start, lo)
-        loc_hi = tl.where(w_on, hi, loc_lo)
-        w_sum = _run_mass_from_scores(score_rows, lo, sink_hi, lse, m_ok, BLOCK_N, M_P2, L)
-        w_sum += _run_mass_from_scores(score_rows, loc_lo, loc_hi, lse, m_ok, BLOCK_N, M_P2, L)
+        w_sum = _window_mass(score_rows, BOUNDS, b, lse, m_ok, (split == 0) & ok, BLOCK_N,
+                             M_P2, L)
         tl.store(WMASS + pid_bh, w_sum, mask=((split == 0) & ok) != 0)
+
+
+class PendingKeys(NamedTuple):
+    """The pass over K's scores and log-sum-exp partials, for a top-k that forms the keys
+    itself (``topk_picks(pending=...)``) rather than a launch of ``_keys_kernel``."""
+
+    scores: torch.Tensor  # fp32 [B*Hkv, M, L]: masked log2-domain scores of active slots
+    lse_part: torch.Tensor  # fp32 per-split log-sum-exp partials (``select_triton.LsePass``)
+    lse_width: int
+    num_splits: int  # the pass's splits per slot before sharing among active slots
+    m_pad: int  # rows of a slot in lse_part
+    rows: int  # M, query rows of a group
+    window_mass: Optional[torch.Tensor]  # fp32 [B, Hkv] to fill, or None
 
 
 class Keys(NamedTuple):
@@ -108,14 +139,20 @@ class Keys(NamedTuple):
     # int32 [B, Hkv, C]: the position of each key column when the keys are a compact row of
     # candidates (two-stage retrieval, ``pages_triton.candidate_keys``); None: column = position
     positions: Optional[torch.Tensor] = None
+    # With ``retrieve_keys(defer=True)``: ``keys`` (and ``window_mass``) are still to be
+    # written, by the top-k that is handed this.
+    pending: Optional[PendingKeys] = None
 
 
 def retrieve_keys(q, k, operand, bounds, scale, active=None, *, want_norm=False,
-                  want_window_mass=False, num_splits=None, block_n=None) -> Keys:
+                  want_window_mass=False, num_splits=None, block_n=None,
+                  defer=False) -> Keys:
     """Group-mass keys of the middle of every ``active`` (row, KV head) slot (all slots when
     ``active`` is None), from one read of K. ``operand`` is ``select_triton._mask_operand``'s
     and ``bounds`` ``select_triton._bounds``'s for the same step. Rows of inactive slots are
-    left undefined (callers select them away)."""
+    left undefined (callers select them away). ``defer``: launch only the pass over K; the
+    keys and window masses are formed by ``topk_picks(pending=found.pending)`` (one launch
+    fewer: the top-k's programs turn their own share of the scores into keys first)."""
     B, Hq, Tq, _ = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     M = (Hq // Hkv) * Tq
@@ -125,6 +162,11 @@ def retrieve_keys(q, k, operand, bounds, scale, active=None, *, want_norm=False,
     keys = torch.empty((B, Hkv, L), dtype=torch.int32, device=q.device)
     window_mass = (torch.empty((B, Hkv), dtype=torch.float32, device=q.device)
                    if want_window_mass else first.lse_part)
+    if defer:
+        pending = PendingKeys(scores, first.lse_part, first.lse_width, first.num_splits,
+                              first.m_blocks * first.block_m, M,
+                              window_mass if want_window_mass else None)
+        return Keys(keys, first.key_norm(B, Hkv), pending.window_mass, pending=pending)
     m_p2 = triton.next_power_of_2(M)
     _keys_kernel[(B * Hkv, first.num_splits)](
         scores, bounds, first.lse_part, keys, first.active_t, window_mass,

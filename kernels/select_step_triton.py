@@ -23,8 +23,9 @@ Why it is cheaper than the reference, per step of a ``[B, Hkv, L]`` cache:
 * the valid region and the windows come from the per-row bounds kernels (``[B, 8]``), not
   from ``[B, Tq, L]`` biases and cumulative sums;
 * the gate runs first (``[B, Hq, D]``); only the (row, KV head) slots that retrieve read K,
-  once (``retrieve_triton``: scores and log-sum-exp in one pass, group-mass keys from the
-  scores), sharing the whole grid among them, with no host synchronisation;
+  once (``retrieve_triton``: scores and log-sum-exp in one pass), sharing the whole grid
+  among them, with no host synchronisation; the top-k's programs form the group-mass keys
+  from those scores;
 * the picks come from a radix top-k over the keys of the retrieving slots
   (``topk_triton``: histograms of the key bytes, a threshold, a compaction in position
   order, dilation included), written straight into the stored set; a slot that reuses its
@@ -326,8 +327,9 @@ class Step(NamedTuple):
                                     device=self.q.device)
             return two_stage_keys(self.q, self.k, self.operand, self.bounds, self.scale,
                                   self.st, active, self.plan)
+        # The keys themselves are formed by the top-k (``topk_picks(pending=...)``).
         return retrieve_keys(self.q, self.k, self.operand, self.bounds, self.scale, active,
-                             want_norm=want_norm, want_window_mass=True)
+                             want_norm=want_norm, want_window_mass=True, defer=True)
 
     def every_slot_retrieves(self):
         return ~self.fits[:, None].expand(-1, self.k.shape[1])
@@ -429,7 +431,7 @@ def _gated_step(step: Step):
                                 caps=plan.head_middles(q.device),
                                 dilation_m=min(cores, length), dilation_r=radius,
                                 width=plan.middle, guess=st[TOPK_GUESS][:batch],
-                                positions=found.positions)
+                                positions=found.positions, pending=found.pending)
     _store_picked(q, k, found.window_mass, picked_mass,
                   found.key_norm if want_norm else key_norm, retrieve, reuse, age,
                   kept, anchor, anchor_dropped, key_norm, rows, st["counters"], pos,
@@ -483,9 +485,10 @@ def _one_shot_step(step: Step):
     plan, st = step.plan, step.st
     kept, ready = st["kept"][:batch], st["ready"][:batch]
     retrieve = _one_shot_gate(step.continuing, step.fits, ready)
-    found = retrieve_keys(step.q, step.k, step.operand, step.bounds, step.scale, retrieve)
+    found = retrieve_keys(step.q, step.k, step.operand, step.bounds, step.scale, retrieve,
+                          defer=True)
     topk_picks(found.keys, step.bounds, min(plan.middle, length), out=kept, active=retrieve,
-               width=plan.middle)
+               width=plan.middle, pending=found.pending)
     _one_shot_ready(retrieve, ready)
     return step.finish(step.compose(kept), retrieve)
 
@@ -498,7 +501,8 @@ def _exact_step(step: Step):
     found = step.retrieval_keys(None)
     picks, _ = topk_picks(found.keys, bounds, min(plan.middle, step.shape[4]),
                           caps=plan.head_middles(step.q.device), width=plan.middle,
-                          guess=step.st[TOPK_GUESS][:step.shape[0]], positions=found.positions)
+                          guess=step.st[TOPK_GUESS][:step.shape[0]], positions=found.positions,
+                          pending=found.pending)
     return step.finish(step.compose(picks), step.every_slot_retrieves())
 
 
@@ -629,6 +633,8 @@ def oracle_select_triton(q, k, mask, scale, budget, sink=0, local=0, min_context
     operand = _mask_operand(mask, B, Tq, L)
     if bounds is None:
         bounds = _bounds(*operand, B, Tq, L, sink, local, budget, min_context, q.device)
-    found = retrieve_keys(q, k, operand, bounds, scale, num_splits=num_splits, block_n=block_n)
-    picks, _ = topk_picks(found.keys, bounds, min(plan.middle, L), width=plan.middle)
+    found = retrieve_keys(q, k, operand, bounds, scale, num_splits=num_splits, block_n=block_n,
+                          defer=True)
+    picks, _ = topk_picks(found.keys, bounds, min(plan.middle, L), width=plan.middle,
+                          pending=found.pending)
     return _compose(operand, bounds, picks, plan, B, Hkv, Tq)

@@ -1,7 +1,8 @@
 """Radix top-k over group-mass keys, with PrHS's dilation, for retrieving slots only.
 
-``topk_picks`` turns the keys of ``retrieve_triton.retrieve_keys`` into each active (row,
-KV head) slot's picks: ascending int32 positions, -1 padded, the same set as
+``topk_picks`` turns the keys of ``retrieve_triton.retrieve_keys`` (or, with ``pending=``,
+the scores of its pass over K, which each program turns into the keys of its own share of a
+row first) into each active (row, KV head) slot's picks: ascending int32 positions, -1 padded, the same set as
 ``selection.dilate_and_pick`` (the torch reference) on the same masses, ties included (both
 give a tie to the lower position). A key is a non-negative fp32 mass's bits + 1 (so keys
 order like masses), 0 for a position that cannot be picked.
@@ -49,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .select_triton import _middle_range, _num_sms
+from .retrieve_triton import _window_mass, _write_keys
+from .select_triton import _SPLIT_CHUNK, _middle_range, _num_sms, _row_lse
 
 __all__ = ["topk_picks"]
 
@@ -423,11 +425,14 @@ def _guessed_threshold(key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr,
 @triton.jit
 def _topk_kernel(
     KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, SCRATCH, PICKED_MASS, GUESS, POSITIONS,
+    SCORES, LSE_PART, WMASS,
     BH, Hkv, L, k, m, radius, width, cand_width, stride_ob, stride_oh, num_programs,
+    rows, lse_width, lse_splits,
     HAS_ACTIVE: tl.constexpr, HAS_CAPS: tl.constexpr, DILATE: tl.constexpr, HAS_GUESS: tl.constexpr,
     MULTI: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BH: tl.constexpr, C_P2: tl.constexpr,
     CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, MAP: tl.constexpr,
-    WHOLE: tl.constexpr,
+    WHOLE: tl.constexpr, PENDING: tl.constexpr, WANT_WMASS: tl.constexpr,
+    ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_bh = tl.arange(0, BLOCK_BH)
@@ -460,6 +465,25 @@ def _topk_kernel(
         key_row = KEYS + slot.to(tl.int64) * L
         map_row = POSITIONS + slot.to(tl.int64) * L
         scr = SCRATCH + slot.to(tl.int64) * _SCRATCH
+        if PENDING:
+            # The keys of this party's share of the row, from the pass over K's scores (as
+            # retrieve_triton's _keys_kernel forms them); the passes below read only this
+            # share until a barrier, so no other party need wait for it. Party 0 also sums
+            # the mass of the sinks and the local window.
+            offs_r = tl.arange(0, ROWS_P2)
+            r_ok = offs_r < rows
+            splits_of = tl.full([], 0, tl.int32) + lse_splits
+            if HAS_ACTIVE:  # the pass over K shared its programs among the active slots
+                splits_of = tl.maximum((BH * lse_splits) // tl.maximum(n_active, 1), 1)
+            lse = _row_lse(LSE_PART, slot.to(tl.int64) * M_PAD + offs_r, lse_width, splits_of,
+                           r_ok, ROWS_P2, _SPLIT_CHUNK)
+            score_rows = SCORES + (slot.to(tl.int64) * rows + offs_r)[:, None] * L
+            _write_keys(score_rows, key_row, start, end, lse, r_ok, KEY_BLOCK)
+            if WANT_WMASS:
+                if c == 0:
+                    tl.store(WMASS + slot, _window_mass(score_rows, BOUNDS, b, lse, r_ok, c == 0,
+                                                       KEY_BLOCK, ROWS_P2, L))
+            tl.debug_barrier()
         cap = tl.full([], 0, tl.int32) + k
         if HAS_CAPS:
             cap = tl.minimum(tl.load(CAPS + h).to(tl.int32), cap)
@@ -504,7 +528,7 @@ def _resident_programs(device: torch.device) -> int:
 
 def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilation_m: int = 0,
                dilation_r: int = 0, width: int | None = None, guess=None, positions=None,
-               whole_row: bool = False):
+               whole_row: bool = False, pending=None):
     """Picks of every active slot from ``keys`` (int32 ``[B, Hkv, L]``, modified in place
     when dilating): the top ``k`` of the middle (at most ``caps[h]`` for KV head h, when
     given), the +-``dilation_r`` neighbours of the best ``dilation_m`` first. Writes
@@ -522,7 +546,12 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     written as positions.
 
     ``whole_row``: rank every column of the rows, not only the middle ``bounds`` give, and
-    write the columns themselves (stage one's choice of pages from their keys)."""
+    write the columns themselves (stage one's choice of pages from their keys).
+
+    ``pending`` (``retrieve_triton.PendingKeys``, from ``retrieve_keys(defer=True)`` with the
+    same ``active``): ``keys`` is still to be written; the kernel forms each active slot's
+    keys from the pass over K's scores first (and its window mass, when the pending keys
+    carry a tensor for it)."""
     B, Hkv, L = keys.shape
     if positions is not None and positions.shape != keys.shape:
         raise ValueError(f"positions {tuple(positions.shape)} must match the keys {tuple(keys.shape)}")
@@ -554,16 +583,26 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     cores = torch.empty((BH, m_p2), dtype=torch.int32, device=device) if dilate else scratch
     active_t = keys if active is None else active.reshape(BH).to(torch.int32)
     caps_t = keys if caps is None else caps.to(torch.int32)
+    if pending is not None and (positions is not None or whole_row):
+        raise ValueError("pending keys are one per cached position: no positions or whole_row")
+    rows_p2 = triton.next_power_of_2(pending.rows) if pending is not None else 1
+    want_wmass = pending is not None and pending.window_mass is not None
     _topk_kernel[(num_programs,)](
         keys, bounds, active_t, caps_t, out, cand, cores, scratch, picked_mass,
         keys if guess is None else guess, keys if positions is None else positions.to(torch.int32),
+        keys if pending is None else pending.scores, keys if pending is None else pending.lse_part,
+        pending.window_mass if want_wmass else keys,
         BH, Hkv, L, k, m, dilation_r if dilate else 0, width, cand_width,
         out.stride(0), out.stride(1), num_programs,
+        pending.rows if pending is not None else 1, pending.lse_width if pending is not None else 1,
+        pending.num_splits if pending is not None else 1,
         HAS_ACTIVE=active is not None, HAS_CAPS=caps is not None, DILATE=dilate,
         HAS_GUESS=guess is not None, MULTI=multi,
         BLOCK=CONFIG["block"], BLOCK_BH=triton.next_power_of_2(BH),
         C_P2=_C_MAX, CAND_P2=triton.next_power_of_2(cand_width), M_P2=m_p2,
         R_P2=triton.next_power_of_2(2 * max(dilation_r, 0) + 1), MAP=positions is not None,
-        WHOLE=whole_row or positions is not None, num_warps=CONFIG["num_warps"],
+        WHOLE=whole_row or positions is not None, PENDING=pending is not None,
+        WANT_WMASS=want_wmass, ROWS_P2=rows_p2, M_PAD=pending.m_pad if pending is not None else 1,
+        KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)), num_warps=CONFIG["num_warps"],
     )
     return out, picked_mass
