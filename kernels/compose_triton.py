@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .plan import SelectPlan
-from .select_triton import _BLOCK_W, _row_bounds, _row_contiguous, _valid_in_row, _write_valid_run
+from .bounds_triton import BLOCK_W, row_bounds, row_contiguous, valid_in_row, write_valid_run
 
 __all__ = ["compose"]
 
@@ -32,8 +32,8 @@ def _compose_kernel(
     window, ascending, -1 padded; a row that fits the budget keeps all its valid positions."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // Hkv).to(tl.int64)
-    lo, hi, count, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
-    contiguous = _row_contiguous(BOUNDS, b)  # then no mask is read
+    lo, hi, count, sink_end, local_start, fits = row_bounds(BOUNDS, b)
+    contiguous = row_contiguous(BOUNDS, b)  # then no mask is read
     out_row = OUT + pid_bh.to(tl.int64) * slots
     kept_row = KEPT + pid_bh.to(tl.int64) * middle
     sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
@@ -46,7 +46,7 @@ def _compose_kernel(
         offs = s0 + tl.arange(0, SLOT_BLOCK)
         p = tl.load(kept_row + offs, mask=offs < middle, other=-1)
         inside = (p >= 0) & (p >= sink_end) & (p < local_start) & (p < hi)
-        inside = inside & _valid_in_row(MASK, b, p, inside, lo, hi, contiguous, Tq, stride_mb,
+        inside = inside & valid_in_row(MASK, b, p, inside, lo, hi, contiguous, Tq, stride_mb,
                                         stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2)
         inside = (inside & (fits == 0)) != 0  # as int1 (the interpreter needs it)
         slot = sink + n_kept + tl.cumsum(inside.to(tl.int32), 0) - 1
@@ -60,11 +60,11 @@ def _compose_kernel(
         tl.store(out_row + slot, tl.full([SLOT_BLOCK], -1, tl.int32),
                  mask=(slot < slots) & (slot >= total))
     a_end = tl.where(fits, hi, tl.maximum(tl.minimum(sink_end, hi), lo))
-    _write_valid_run(out_row, MASK, b, lo, a_end, 0, slots, Tq, stride_mb, stride_mt,
+    write_valid_run(out_row, MASK, b, lo, a_end, 0, slots, Tq, stride_mb, stride_mt,
                      stride_ml, mask_min, contiguous, MASK_KIND, TQ_P2, BLOCK_W)
     b_start = tl.maximum(tl.minimum(local_start, hi), lo)
     b_end = tl.where(fits, b_start, hi)
-    _write_valid_run(out_row, MASK, b, b_start, b_end, sink + n_kept, slots, Tq, stride_mb,
+    write_valid_run(out_row, MASK, b, b_start, b_end, sink + n_kept, slots, Tq, stride_mb,
                      stride_mt, stride_ml, mask_min, contiguous, MASK_KIND, TQ_P2, BLOCK_W)
 
 
@@ -82,6 +82,6 @@ def compose(operand, bounds, kept, plan: SelectPlan, batch: int, kv_heads: int, 
         mask_t, bounds, kept, out, kv_heads, q_len, middle, plan.slots, plan.sink,
         plan.local if local is None else local, *ms, mask_min, MASK_KIND=kind,
         TQ_P2=triton.next_power_of_2(q_len),
-        BLOCK_W=_BLOCK_W, SLOT_BLOCK=_SLOT_BLOCK, num_warps=4,
+        BLOCK_W=BLOCK_W, SLOT_BLOCK=_SLOT_BLOCK, num_warps=4,
     )
     return out

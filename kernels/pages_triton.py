@@ -38,20 +38,17 @@ from triton.compiler.errors import CompilationError
 
 from .pages import PAGE_MAX, PAGE_MIN, candidate_pages
 from .retrieve_triton import Keys
-from .select_triton import (
-    _LOG2E,
-    _SPLIT_CHUNK,
-    _dot_f32,
-    _load_q,
-    _lse_final,
-    _lse_update,
-    _masked_scores,
-    _middle_range,
-    _row_bounds,
-    _row_lse,
-    _run_mass,
-    _scores,
-    _valid_positions,
+from .bounds_triton import masked_scores, middle_range, row_bounds, valid_positions
+from .kpass_triton import (
+    LOG2E,
+    SPLIT_CHUNK,
+    dot_f32,
+    load_q,
+    lse_final,
+    lse_update,
+    row_lse,
+    run_mass,
+    scores,
 )
 from .topk_triton import topk_picks
 
@@ -103,7 +100,7 @@ def _summaries_kernel(
     split = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
-    lo, hi, _, _, _, _ = _row_bounds(BOUNDS, b)
+    lo, hi, _, _, _, _ = row_bounds(BOUNDS, b)
     rebuild = tl.load(REBUILD + b) != 0
     # A continuing row recomputes the page of its oldest valid key (entry 0: a sliding window
     # drops keys there) and the pages its new keys land in (entries 1...: from the page of the
@@ -124,7 +121,7 @@ def _summaries_kernel(
         for r0 in range(0, P, SUB):
             pos = page * P + r0 + tl.arange(0, SUB)
             in_range = (pos >= lo) & (pos < hi) & (r0 + tl.arange(0, SUB) < P)
-            valid = _valid_positions(MASK, b, pos, in_range, Tq, stride_mb, stride_mt,
+            valid = valid_positions(MASK, b, pos, in_range, Tq, stride_mb, stride_mt,
                                      stride_ml, mask_min, MASK_KIND, TQ_P2)
             k = tl.load(k_base + pos[:, None].to(tl.int64) * stride_kl
                         + offs_d[None, :] * stride_kd, mask=valid[:, None] & d_ok[None, :],
@@ -175,7 +172,7 @@ def _page_scores_kernel(
         return
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
-    mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
+    mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
     first = tl.program_id(0) * BLOCK_P
     offs_p = first + tl.arange(0, BLOCK_P)
     p_ok = offs_p < pages
@@ -183,7 +180,7 @@ def _page_scores_kernel(
     # the block's positions are contiguous, so the mask is read in one coalesced load.
     pos = first * P + tl.arange(0, BLOCK_P * P)
     inside = (pos < pages * P) & (pos >= mid_lo) & (pos < mid_hi)
-    valid = _valid_positions(MASK, b, pos, inside, Tq, stride_mb, stride_mt, stride_ml,
+    valid = valid_positions(MASK, b, pos, inside, Tq, stride_mb, stride_mt, stride_ml,
                              mask_min, MASK_KIND, TQ_P2)
     pickable = tl.max(tl.reshape(valid.to(tl.int32), [BLOCK_P, P]), 1) != 0
     offs_d = tl.arange(0, BLOCK_D)
@@ -194,7 +191,7 @@ def _page_scores_kernel(
     low = tl.load(LOW + at, mask=ld, other=0.0).to(tl.float32)
     high = tl.load(HIGH + at, mask=ld, other=0.0).to(tl.float32)
     offs_m = tl.arange(0, M_P2)
-    q, _, _ = _load_q(Q, b, hkv, offs_m, G * Tq, G, Tq, stride_qb, stride_qh, stride_qt,
+    q, _, _ = load_q(Q, b, hkv, offs_m, G * Tq, G, Tq, stride_qb, stride_qh, stride_qt,
                       stride_qd, offs_d, d_ok)
     q = q.to(tl.float32)
     # sum_rows sum_d max(q*min, q*max) = max . sum_rows(q+) + min . sum_rows(q-), as
@@ -250,8 +247,8 @@ def _candidate_positions(PAGES, slot, group, n_pages, mid_lo, mid_hi,
 def _tile(q, k_base, mask_rows, pos, ok, m_ok, offs_d, d_ok, stride_kl, stride_kd, stride_ml,
           qk_scale_log2, mask_min, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr):
     """Masked log2-domain scores of the group's query rows against the keys at ``pos``."""
-    s = _scores(q, k_base, pos, ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2, DOT_F32)
-    return _masked_scores(s, mask_rows, pos, m_ok, ok, stride_ml, mask_min, MASK_KIND)
+    s = scores(q, k_base, pos, ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2, DOT_F32)
+    return masked_scores(s, mask_rows, pos, m_ok, ok, stride_ml, mask_min, MASK_KIND)
 
 
 @triton.jit
@@ -272,12 +269,12 @@ def _candidate_lse_kernel(
     hkv = (slot % Hkv).to(tl.int64)
     M = G * Tq
     width = n_pages * P
-    lo, hi, _, sink_end, local_start, _ = _row_bounds(BOUNDS, b)
-    mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
+    lo, hi, _, sink_end, local_start, _ = row_bounds(BOUNDS, b)
+    mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q, m_ok, tpos = _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
+    q, m_ok, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
                             stride_qd, offs_d, d_ok)
     k_base = K + b * stride_kb + hkv * stride_kh
     mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
@@ -290,7 +287,7 @@ def _candidate_lse_kernel(
                   stride_ml, qk_scale_log2, mask_min, MASK_KIND, DOT_F32)
         tl.store(SCORES + (slot.to(tl.int64) * M + offs_m)[:, None] * width + col[None, :], s,
                  mask=m_ok[:, None] & (col < width)[None, :])
-        m_i, l_i = _lse_update(m_i, l_i, s)
+        m_i, l_i = lse_update(m_i, l_i, s)
     if split == 0:  # the sink and local windows are read too: the softmax is over both
         sink_hi = tl.minimum(sink_end, hi)
         loc_lo = tl.maximum(local_start, lo)
@@ -303,8 +300,8 @@ def _candidate_lse_kernel(
             ok = pos < tl.where(in_sink, sink_hi, hi)
             s = _tile(q, k_base, mask_rows, pos, ok, m_ok, offs_d, d_ok, stride_kl, stride_kd,
                       stride_ml, qk_scale_log2, mask_min, MASK_KIND, DOT_F32)
-            m_i, l_i = _lse_update(m_i, l_i, s)
-    lse = _lse_final(m_i, l_i)
+            m_i, l_i = lse_update(m_i, l_i, s)
+    lse = lse_final(m_i, l_i)
     tl.store(LSE_PART + (slot.to(tl.int64) * BLOCK_M + offs_m) * num_splits + split, lse)
 
 
@@ -329,9 +326,9 @@ def _candidate_keys_kernel(
     width = n_pages * P
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    lse = _row_lse(LSE_PART, slot.to(tl.int64) * BLOCK_M + offs_m, num_splits, num_splits,
+    lse = row_lse(LSE_PART, slot.to(tl.int64) * BLOCK_M + offs_m, num_splits, num_splits,
                    m_ok, BLOCK_M, SPLIT_CHUNK)
-    mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
+    mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
     score_rows = SCORES + (slot.to(tl.int64) * M + offs_m)[:, None] * width
     for group in range(split, tl.cdiv(width, BLOCK_N), num_splits):
         pos, col, ok = _candidate_positions(PAGES, slot, group, n_pages, mid_lo, mid_hi, P,
@@ -345,17 +342,17 @@ def _candidate_keys_kernel(
         tl.store(KEYS + at, key, mask=col < width)
         tl.store(POSITIONS + at, tl.where(pos >= 0, pos, -1), mask=col < width)
     if split == 0:
-        lo, hi, _, sink_end, local_start, _ = _row_bounds(BOUNDS, b)
+        lo, hi, _, sink_end, local_start, _ = row_bounds(BOUNDS, b)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        q, _, tpos = _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
+        q, _, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
                              stride_qd, offs_d, d_ok)
         k_base = K + b * stride_kb + hkv * stride_kh
         mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
-        w = _run_mass(q, k_base, lo, tl.minimum(sink_end, hi), lse, mask_rows, m_ok, offs_d, d_ok,
+        w = run_mass(q, k_base, lo, tl.minimum(sink_end, hi), lse, mask_rows, m_ok, offs_d, d_ok,
                       stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
                       MASK_KIND, DOT_F32)
-        w += _run_mass(q, k_base, tl.maximum(local_start, lo), hi, lse, mask_rows, m_ok, offs_d,
+        w += run_mass(q, k_base, tl.maximum(local_start, lo), hi, lse, mask_rows, m_ok, offs_d,
                        d_ok, stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
                        MASK_KIND, DOT_F32)
         tl.store(WMASS + slot, w)
@@ -386,16 +383,16 @@ def candidate_keys(q, k, operand, bounds, scale, pages_list, active, page_size: 
     positions = torch.empty((B, Hkv, width), dtype=torch.int32, device=q.device)
     window_mass = torch.zeros((B, Hkv), dtype=torch.float32, device=q.device)
     common = dict(D=D, P=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_D=max(16, triton.next_power_of_2(D)), MASK_KIND=kind, DOT_F32=_dot_f32(q),
+                  BLOCK_D=max(16, triton.next_power_of_2(D)), MASK_KIND=kind, DOT_F32=dot_f32(q),
                   num_warps=4)
-    qk = float(scale) * _LOG2E
+    qk = float(scale) * LOG2E
     _launch(_candidate_lse_kernel, (B * Hkv, num_splits),
         q, k, mask_t, bounds, pages_list, active, lse_part, scores, qk, mask_min, Hkv,
         Hq // Hkv, Tq, n_pages, num_splits, *q.stride(), *k.stride(), *ms, **common)
     _launch(_candidate_keys_kernel, (B * Hkv, num_splits),
         q, k, mask_t, bounds, pages_list, active, lse_part, scores, keys, positions,
         window_mass, qk, mask_min, Hkv, Hq // Hkv, Tq, n_pages, num_splits, *q.stride(),
-        *k.stride(), *ms, SPLIT_CHUNK=_SPLIT_CHUNK, **common)
+        *k.stride(), *ms, SPLIT_CHUNK=SPLIT_CHUNK, **common)
     return Keys(keys, None, window_mass, positions)
 
 

@@ -20,7 +20,7 @@ A key is the fp32 mass's bit pattern plus one (masses are >= 0, so their bits or
 the masses), 0 for a position that cannot be picked (outside the middle, masked). Only the
 middle ``[mid_lo, mid_hi)`` of an active slot is written: the top-k reads nothing else.
 
-Both kernels share the whole grid among the active slots (``select_triton._assignment``):
+Both kernels share the whole grid among the active slots (``kpass_triton.assignment``):
 a step where few slots retrieve still fills the GPU, and slots that reuse their set read
 nothing. Bytes per retrieving (slot, position), Llama-3-8B shape (D=128 bf16, M=4): K once
 (256) + scores written and read (32) + the key (4) + the top-k's passes over the keys
@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .select_triton import _SPLIT_CHUNK, _assignment, _lse_pass, _middle_range, _row_bounds, _row_lse
+from .bounds_triton import middle_range, row_bounds
+from .kpass_triton import SPLIT_CHUNK, assignment, lse_pass, row_lse
 
 __all__ = ["Keys", "PendingKeys", "retrieve_keys", "retrieval_bytes"]
 
@@ -74,7 +75,7 @@ def _window_mass(score_rows, BOUNDS, b, lse, m_ok, on, BLOCK_N: tl.constexpr,
                  M_P2: tl.constexpr, L):
     """The group mass of the sinks and the local window of batch row ``b`` (0 unless ``on``,
     and for a row that fits the budget), from the stored scores."""
-    lo, hi, _, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
+    lo, hi, _, sink_end, local_start, fits = row_bounds(BOUNDS, b)
     w_on = on & (fits == 0)
     sink_hi = tl.where(w_on, tl.minimum(sink_end, hi), lo)
     loc_lo = tl.maximum(local_start, lo)
@@ -93,16 +94,16 @@ def _keys_kernel(
 ):
     # The same assignment of programs to active slots as the score pass, so each program
     # finds its slot's partials (the per-slot split count is what the score pass used).
-    pid_bh, b, hkv, split, num_splits, ok = _assignment(
+    pid_bh, b, hkv, split, num_splits, ok = assignment(
         ACTIVE, tl.program_id(0), tl.program_id(1), BH, Hkv, num_splits, HAS_ACTIVE, BLOCK_BH)
     if ok == 0:  # a program left over: no slot of its own (a step where no slot retrieves)
         return
     offs_m = tl.arange(0, M_P2)
     m_ok = ((offs_m < M) & ok) != 0  # as int1 (the interpreter needs it)
-    lse = _row_lse(LSE_PART, pid_bh.to(tl.int64) * M_PAD + offs_m, lse_width, num_splits,
+    lse = row_lse(LSE_PART, pid_bh.to(tl.int64) * M_PAD + offs_m, lse_width, num_splits,
                    m_ok, M_P2, SPLIT_CHUNK)
 
-    mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
+    mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
     mid_hi = tl.where(ok, mid_hi, mid_lo)
     n_blocks = tl.cdiv(tl.maximum(mid_hi - mid_lo, 0), BLOCK_N)
     per = tl.cdiv(n_blocks, num_splits)
@@ -122,7 +123,7 @@ class PendingKeys(NamedTuple):
     itself (``topk_picks(pending=...)``) rather than a launch of ``_keys_kernel``."""
 
     scores: torch.Tensor  # fp32 [B*Hkv, M, L]: masked log2-domain scores of active slots
-    lse_part: torch.Tensor  # fp32 per-split log-sum-exp partials (``select_triton.LsePass``)
+    lse_part: torch.Tensor  # fp32 per-split log-sum-exp partials (``kpass_triton.LsePass``)
     lse_width: int
     num_splits: int  # the pass's splits per slot before sharing among active slots
     m_pad: int  # rows of a slot in lse_part
@@ -148,8 +149,8 @@ def retrieve_keys(q, k, operand, bounds, scale, active=None, *, want_norm=False,
                   want_window_mass=False, num_splits=None, block_n=None,
                   defer=False) -> Keys:
     """Group-mass keys of the middle of every ``active`` (row, KV head) slot (all slots when
-    ``active`` is None), from one read of K. ``operand`` is ``select_triton._mask_operand``'s
-    and ``bounds`` ``select_triton._bounds``'s for the same step. Rows of inactive slots are
+    ``active`` is None), from one read of K. ``operand`` is ``bounds_triton.mask_operand``'s
+    and ``bounds`` ``bounds_triton.compute_bounds``'s for the same step. Rows of inactive slots are
     left undefined (callers select them away). ``defer``: launch only the pass over K; the
     keys and window masses are formed by ``topk_picks(pending=found.pending)`` (one launch
     fewer: the top-k's programs turn their own share of the scores into keys first)."""
@@ -157,7 +158,7 @@ def retrieve_keys(q, k, operand, bounds, scale, active=None, *, want_norm=False,
     Hkv, L = k.shape[1], k.shape[2]
     M = (Hq // Hkv) * Tq
     scores = torch.empty((B * Hkv, M, L), dtype=torch.float32, device=q.device)
-    first = _lse_pass(q, k, operand, bounds, scale, active, want_norm=want_norm,
+    first = lse_pass(q, k, operand, bounds, scale, active, want_norm=want_norm,
                       num_splits=num_splits, block_n=block_n, scores=scores)
     keys = torch.empty((B, Hkv, L), dtype=torch.int32, device=q.device)
     window_mass = (torch.empty((B, Hkv), dtype=torch.float32, device=q.device)
@@ -171,7 +172,7 @@ def retrieve_keys(q, k, operand, bounds, scale, active=None, *, want_norm=False,
     _keys_kernel[(B * Hkv, first.num_splits)](
         scores, bounds, first.lse_part, keys, first.active_t, window_mass,
         Hkv, M, L, first.num_splits, B * Hkv, first.lse_width,
-        M_PAD=first.m_blocks * first.block_m, M_P2=m_p2, SPLIT_CHUNK=_SPLIT_CHUNK,
+        M_PAD=first.m_blocks * first.block_m, M_P2=m_p2, SPLIT_CHUNK=SPLIT_CHUNK,
         BLOCK_N=max(16, min(256, 4096 // m_p2)), HAS_ACTIVE=active is not None,
         WANT_WINDOW_MASS=want_window_mass, BLOCK_BH=triton.next_power_of_2(B * Hkv),
         num_warps=4,

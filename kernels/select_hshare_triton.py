@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .select_triton import _num_sms, _row_bounds, _split_range, _valid_positions
+from .bounds_triton import row_bounds, valid_positions
+from .kpass_triton import num_sms, split_range
 
 __all__ = ["channel_abs_sums"]
 
@@ -29,15 +30,15 @@ def _channel_abs_sum_kernel(
     split = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
-    lo, hi, _, _, _, _ = _row_bounds(BOUNDS, b)
+    lo, hi, _, _, _, _ = row_bounds(BOUNDS, b)
     hi = tl.where(tl.load(ACTIVE + pid_bh) != 0, hi, lo)
-    start, end = _split_range(lo, hi, split, num_splits, BLOCK_N)
+    start, end = split_range(lo, hi, split, num_splits, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for s0 in range(start, end, BLOCK_N):
         pos = s0 + tl.arange(0, BLOCK_N)
-        ok = _valid_positions(MASK, b, pos, pos < end, Tq, stride_mb, stride_mt, stride_ml,
+        ok = valid_positions(MASK, b, pos, pos < end, Tq, stride_mb, stride_mt, stride_ml,
                               mask_min, MASK_KIND, TQ_P2)
         k = tl.load(K + b * stride_kb + hkv * stride_kh + pos[:, None].to(tl.int64) * stride_kl
                     + offs_d[None, :] * stride_kd, mask=ok[:, None] & d_ok[None, :], other=0.0)
@@ -55,7 +56,7 @@ def channel_abs_sums(k, operand, bounds, active, q_len: int, block_n: int = 64) 
     if mask_t is None:
         mask_t = bounds  # unused placeholder pointer
     block_d = max(16, triton.next_power_of_2(D))
-    num_splits = max(1, min(triton.cdiv(4 * _num_sms(k.device), B * Hkv), triton.cdiv(L, block_n)))
+    num_splits = max(1, min(triton.cdiv(4 * num_sms(k.device), B * Hkv), triton.cdiv(L, block_n)))
     part = torch.empty((B * Hkv, num_splits, block_d), dtype=torch.float32, device=k.device)
     _channel_abs_sum_kernel[(B * Hkv, num_splits)](
         k, mask_t, bounds, active.reshape(-1).to(torch.int32), part, Hkv, q_len, num_splits,

@@ -35,7 +35,7 @@ Why it is cheaper than the reference, per step of a ``[B, Hkv, L]`` cache:
 
 What still costs ``O(L)`` on a step where no slot retrieves: the bounds kernels, which read
 the mask (1 byte per position and row). h2o, hshare and ``delta_target`` still rank in torch
-over the fp32 mass of the two-pass ``select_triton._group_mass``.
+over the fp32 mass of the two-pass ``kpass_triton.group_mass``.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ from .select_reference import (
 from .selection import advance_age, scatter_keep
 from .compose_triton import compose as _compose
 from .retrieve_triton import retrieve_keys
-from .select_triton import BoundsColumn as Col
-from .select_triton import _bounds, _check_inputs, _group_mass, _mask_operand
+from .bounds_triton import BoundsColumn as Col
+from .bounds_triton import compute_bounds, mask_operand
+from .kpass_triton import check_inputs, group_mass
 from .topk_triton import topk_picks
 
 __all__ = ["oracle_select_triton", "select_step_triton", "supports", "unsupported_reason"]
@@ -347,8 +348,8 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
     psaw_frac = plan.psaw_fraction if rule.recency_window else -1.0
     local = rule.local_window(plan)
 
-    operand = _mask_operand(mask, batch, q_len, length)
-    bounds = _bounds(*operand, batch, q_len, length, plan.sink, local, plan.budget,
+    operand = mask_operand(mask, batch, q_len, length)
+    bounds = compute_bounds(*operand, batch, q_len, length, plan.sink, local, plan.budget,
                      plan.min_context, q.device, psaw_frac)
     step = Step(q, k, mask, scale, plan, st, operand, bounds)
     if shared is not None:  # cross-layer sharing: an earlier layer's selection, as is
@@ -413,7 +414,7 @@ def _gated_step(step: Step):
     step = step._replace(newest=newest, continuing=continuing, fits=fits)
     if plan.delta_target > 0:
         # The smallest sufficient prefix needs the picks in mass order: ranked in torch.
-        found = _group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget,
+        found = group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget,
                             plan.min_context, bounds=bounds, active=flags, want_norm=True,
                             want_window_mass=True)
         _store(q, found.mass, found.window_mass, found.key_norm, retrieve, reuse, age, kept,
@@ -529,7 +530,7 @@ def _heavy_hitters_step(step: Step):
     """H2O: every step needs each kept position's share of the full softmax, the group mass
     of every valid position (both K passes over the whole valid region). The bounds of that
     region: this step's lo, hi and count, with no sinks, no local window, no PSAW cut, never
-    fitting (what _bounds gives for sink=0, local=0, budget=-1, min_context=0)."""
+    fitting (what compute_bounds gives for sink=0, local=0, budget=-1, min_context=0)."""
     step = step.with_row_facts()
     batch, _, _, _, length = step.shape
     whole = step.bounds.clone()
@@ -537,7 +538,7 @@ def _heavy_hitters_step(step: Step):
     whole[:, Col.LOCAL_START] = length
     whole[:, Col.FITS] = 0
     whole[:, Col.MIDDLE_START] = 0
-    found = _group_mass(step.q, step.k, step.mask, step.scale, 0, 0, -1, 0, bounds=whole)
+    found = group_mass(step.q, step.k, step.mask, step.scale, 0, 0, -1, 0, bounds=whole)
     picks = _h2o_update(found.mass, step.st["score"][:batch, :, :length], step.continuing,
                         step.bounds, step.plan.middle, step.rows)
     return step.finish(step.compose(picks), step.every_slot_retrieves())
@@ -587,7 +588,7 @@ def _labels_step(step: Step):
     unseeded, reuse, retrieve = _hshare_gate(continuing, fits, labels, anchor, age)
     sums = channel_abs_sums(k, operand, bounds, unseeded, q_len)
     q_lab, k_lab = _hshare_labelled(q, k, labels, sums, unseeded)
-    found = _group_mass(q_lab, k_lab, mask, scale, plan.sink, plan.local, plan.budget,
+    found = group_mass(q_lab, k_lab, mask, scale, plan.sink, plan.local, plan.budget,
                         plan.min_context, bounds=bounds, active=retrieve)
     retrieved = _hshare_store(found.mass, retrieve, anchor, kept, age, reuse, plan.middle,
                               step.rows)
@@ -621,7 +622,7 @@ def oracle_select_triton(q, k, mask, scale, budget, sink=0, local=0, min_context
     if sink + local >= budget:
         raise ValueError(f"sink + local = {sink + local} leaves no room for retrieved "
                          f"positions in budget={budget}")
-    _check_inputs(q, k)
+    check_inputs(q, k)
     plan = SelectPlan(policy="oracle", layer=0, budget=budget, sink=sink, local=local,
                       min_context=min_context)
     B, Tq = q.shape[0], q.shape[2]
@@ -630,9 +631,9 @@ def oracle_select_triton(q, k, mask, scale, budget, sink=0, local=0, min_context
         return torch.full((B, Hkv, plan.slots), -1, dtype=torch.int32, device=q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    operand = _mask_operand(mask, B, Tq, L)
+    operand = mask_operand(mask, B, Tq, L)
     if bounds is None:
-        bounds = _bounds(*operand, B, Tq, L, sink, local, budget, min_context, q.device)
+        bounds = compute_bounds(*operand, B, Tq, L, sink, local, budget, min_context, q.device)
     found = retrieve_keys(q, k, operand, bounds, scale, num_splits=num_splits, block_n=block_n,
                           defer=True)
     picks, _ = topk_picks(found.keys, bounds, min(plan.middle, L), width=plan.middle,

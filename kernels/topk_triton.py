@@ -51,7 +51,8 @@ import triton
 import triton.language as tl
 
 from .retrieve_triton import _window_mass, _write_keys
-from .select_triton import _SPLIT_CHUNK, _middle_range, _num_sms, _row_lse
+from .bounds_triton import middle_range
+from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse
 
 __all__ = ["topk_picks"]
 
@@ -452,7 +453,7 @@ def _topk_kernel(
         slot = tl.sum(tl.where(flags & (rank == j), offs_bh, 0), 0)
         b = (slot // Hkv).to(tl.int64)
         h = slot % Hkv
-        mid_lo, mid_hi = _middle_range(BOUNDS + b * 8)
+        mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
         if WHOLE:  # a row of L candidate columns, whatever positions they hold
             scan_lo = mid_lo * 0
             scan_hi = scan_lo + L
@@ -475,8 +476,8 @@ def _topk_kernel(
             splits_of = tl.full([], 0, tl.int32) + lse_splits
             if HAS_ACTIVE:  # the pass over K shared its programs among the active slots
                 splits_of = tl.maximum((BH * lse_splits) // tl.maximum(n_active, 1), 1)
-            lse = _row_lse(LSE_PART, slot.to(tl.int64) * M_PAD + offs_r, lse_width, splits_of,
-                           r_ok, ROWS_P2, _SPLIT_CHUNK)
+            lse = row_lse(LSE_PART, slot.to(tl.int64) * M_PAD + offs_r, lse_width, splits_of,
+                           r_ok, ROWS_P2, SPLIT_CHUNK)
             score_rows = SCORES + (slot.to(tl.int64) * rows + offs_r)[:, None] * L
             _write_keys(score_rows, key_row, start, end, lse, r_ok, KEY_BLOCK)
             if WANT_WMASS:
@@ -523,7 +524,7 @@ def _resident_programs(device: torch.device) -> int:
     if per_sm < 1 or per_sm * warps > 8:
         raise ValueError(f"top-k programs_per_sm={per_sm} with num_warps={warps}: need "
                          "1 <= programs_per_sm * num_warps <= 8 for every party to be resident")
-    return per_sm * _num_sms(device)
+    return per_sm * num_sms(device)
 
 
 def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilation_m: int = 0,

@@ -35,7 +35,8 @@ def main() -> int:
 
     from prhs_compile.bench.latency import _read_bandwidth
     from prhs_compile.bench.timing import Timer
-    from prhs_compile.kernels import select_triton as st
+    from prhs_compile.kernels import kpass_triton as kp
+    from prhs_compile.kernels.bounds_triton import compute_bounds, mask_operand
     from prhs_compile.kernels import topk_triton as tk
     from prhs_compile.kernels.retrieve_triton import retrieve_keys
 
@@ -46,7 +47,7 @@ def main() -> int:
     scale = 1 / math.sqrt(D)
     middle = S - sink - local
     radius, cores = 1, middle // 3
-    lse_default, topk_default = dict(st.CONFIG), dict(tk.CONFIG)
+    lse_default, topk_default = dict(kp.CONFIG), dict(tk.CONFIG)
     lse_grid = [dict(block_n=n, num_warps=w, num_stages=s, programs_per_sm=4)
                 for n, w, s in itertools.product((64, 128), (4, 8), (3, 4))]
     lse_grid += [dict(lse_default, programs_per_sm=p) for p in (2, 8)]
@@ -63,8 +64,8 @@ def main() -> int:
         q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.bfloat16, generator=gen)
         k = torch.randn(B, Hkv, L, D, device=device, dtype=torch.bfloat16, generator=gen)
         mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=device)
-        operand = st._mask_operand(mask, B, 1, L)
-        bounds = st._bounds(*operand, B, 1, L, sink, local, S, 0, device)
+        operand = mask_operand(mask, B, 1, L)
+        bounds = compute_bounds(*operand, B, 1, L, sink, local, S, 0, device)
         for rate in (1.0, 0.1):
             n_active = max(1, round(rate * B * Hkv))
             flags = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
@@ -72,14 +73,14 @@ def main() -> int:
             active = None if rate == 1.0 else flags
             k_bytes = n_active * L * D * 2
             for cfg in lse_grid:
-                st.CONFIG.update(cfg)
+                kp.CONFIG.update(cfg)
                 ms = timer(lambda: retrieve_keys(q, k, operand, bounds, scale, active,
                                                  want_window_mass=True))
                 rows.append(dict(kernel="k_pass", batch=B, context=L, rate=rate, **cfg, ms=ms,
                                  read_floor_fraction=k_bytes / (read_gbps * 1e6) / ms))
                 bar.write(json.dumps(rows[-1]))
                 bar.update()
-            st.CONFIG.update(lse_default)
+            kp.CONFIG.update(lse_default)
             pristine = retrieve_keys(q, k, operand, bounds, scale, active).keys
             keys = pristine.clone()
             restore_ms = timer(lambda: keys.copy_(pristine))

@@ -26,7 +26,7 @@ from prhs_compile.kernels import pages  # noqa: E402
 from prhs_compile.kernels.pages_triton import maintain_summaries_triton, two_stage_keys  # noqa: E402
 from prhs_compile.kernels.plan import SelectPlan  # noqa: E402
 from prhs_compile.kernels.select_reference import StepView, state_spec  # noqa: E402
-from prhs_compile.kernels.select_triton import _bounds, _mask_operand  # noqa: E402
+from prhs_compile.kernels.bounds_triton import compute_bounds, mask_operand  # noqa: E402
 from prhs_compile.kernels.selection import retrieval_region  # noqa: E402
 from test_select_step_triton import DEVICE, _mask_for, _run  # noqa: E402
 
@@ -56,8 +56,8 @@ def _state(plan, B, Hq, Hkv, D, dtype):
 def _operand_bounds(plan, q, k, mask, psaw_frac=-1.0):
     B, _, Tq, _ = q.shape
     L = k.shape[2]
-    operand = _mask_operand(mask, B, Tq, L)
-    bounds = _bounds(*operand, B, Tq, L, plan.sink, plan.local, plan.budget, plan.min_context,
+    operand = mask_operand(mask, B, Tq, L)
+    bounds = compute_bounds(*operand, B, Tq, L, plan.sink, plan.local, plan.budget, plan.min_context,
                      q.device, psaw_frac)
     return operand, bounds
 

@@ -396,7 +396,7 @@ def test_cuda_graph_capture_of_the_prhs_step_at_llama_shape():
 def test_channel_abs_sums_kernel_against_torch(dtype, tol):
     """HShare's label-channel kernel: sum of |k| over the valid positions, active slots only."""
     from prhs_compile.kernels.select_hshare_triton import channel_abs_sums
-    from prhs_compile.kernels.select_triton import _mask_operand, select_bounds
+    from prhs_compile.kernels.bounds_triton import mask_operand, select_bounds
 
     B, Hkv, L, D = 2, 3, 200, 32
     gen = torch.Generator().manual_seed(11)
@@ -404,7 +404,7 @@ def test_channel_abs_sums_kernel_against_torch(dtype, tol):
     mask = _mask_for([150, 90], [0, 7], L, 1, "bool")
     active = torch.tensor([[True, False, True], [True, True, False]], device=DEVICE)
     q = torch.zeros(B, Hkv, 1, D, device=DEVICE, dtype=dtype)
-    got = channel_abs_sums(k, _mask_operand(mask, B, 1, L), select_bounds(q, k, mask), active, 1)
+    got = channel_abs_sums(k, mask_operand(mask, B, 1, L), select_bounds(q, k, mask), active, 1)
     valid = mask[:, 0, 0, :, None, None].permute(0, 2, 1, 3)  # [B, 1, L, 1]
     want = (k.float().abs() * valid).sum(2) * active[..., None]
     assert not got.isnan().any()

@@ -22,11 +22,13 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 
-from prhs_compile.kernels import select_triton as st  # noqa: E402
+from prhs_compile.kernels import bounds_triton as bt  # noqa: E402
+from prhs_compile.kernels import kpass_triton as kp  # noqa: E402
 from prhs_compile.kernels.plan import SelectPlan  # noqa: E402
 from prhs_compile.kernels.select_reference import StepView, select_reference, state_spec  # noqa: E402
 from prhs_compile.kernels.select_step_triton import oracle_select_triton  # noqa: E402
-from prhs_compile.kernels.select_triton import oracle_group_mass_triton, select_bounds  # noqa: E402
+from prhs_compile.kernels.bounds_triton import select_bounds  # noqa: E402
+from prhs_compile.kernels.kpass_triton import oracle_group_mass_triton  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -151,7 +153,7 @@ def test_float_mask():
 def test_mask_with_holes_across_chunks(monkeypatch):
     # Random holes, different per query row (valid = allowed for at least one row), over
     # several chunks of the bounds kernels (a small chunk so the interpreter stays fast).
-    monkeypatch.setattr(st, "_CHUNK", 16)
+    monkeypatch.setattr(bt, "_CHUNK", 16)
     gen = torch.Generator().manual_seed(4)
     B, Hkv, G, Tq, L, D = 2, 1, 4, 2, 90, 16
     q = rand((B, Hkv * G, Tq, D), gen)
@@ -272,7 +274,7 @@ def test_gated_k_passes_with_key_norms_and_window_mass(dtype, tol):
     k = rand((B, Hkv, L, D), gen, dtype)
     mask = static_cache_mask(B, Tq, L, lengths=[80, 90], starts=[0, 6])
     active = torch.tensor([[True, False, True], [False, True, True]], device=DEVICE)
-    found = st._group_mass(q, k, mask, 0.3, sink, local, budget, 0, num_splits=3, block_n=16,
+    found = kp.group_mass(q, k, mask, 0.3, sink, local, budget, 0, num_splits=3, block_n=16,
                            active=active, want_norm=True, want_window_mass=True)
     ref, valid = (t.to(DEVICE) for t in group_mass(q, k, mask, 0.3))
     pos = torch.arange(L, device=DEVICE)

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 from prhs_compile.kernels.plan import SelectPlan  # noqa: E402
 from prhs_compile.kernels.retrieve_triton import retrieve_keys  # noqa: E402
 from prhs_compile.kernels.select_reference import StepView  # noqa: E402
-from prhs_compile.kernels.select_triton import _mask_operand, select_bounds  # noqa: E402
+from prhs_compile.kernels.bounds_triton import mask_operand, select_bounds  # noqa: E402
 from prhs_compile.kernels.selection import dilate_and_pick, keep_to_indices  # noqa: E402
 from prhs_compile.kernels.topk_triton import topk_picks  # noqa: E402
 
@@ -27,7 +27,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _middle_bounds(mid_lo, mid_hi, L):
-    """Bounds [B, 8] whose middle is [mid_lo[b], mid_hi[b]) (see select_triton._bounds)."""
+    """Bounds [B, 8] whose middle is [mid_lo[b], mid_hi[b]) (see bounds_triton.compute_bounds)."""
     rows = [[0, L, L, lo, hi, 0, 0, 0] for lo, hi in zip(mid_lo, mid_hi)]
     return torch.tensor(rows, dtype=torch.int32, device=DEVICE)
 
@@ -226,7 +226,7 @@ def test_one_pass_keys_are_the_group_mass(dtype, tol, G, Tq):
     mask = mask.to(DEVICE)
     active = torch.tensor([[True, False, True], [False, True, True]], device=DEVICE)
     bounds = select_bounds(q, k, mask, budget=budget, sink=sink, local=local)
-    found = retrieve_keys(q, k, _mask_operand(mask, B, Tq, L), bounds, 0.3, active,
+    found = retrieve_keys(q, k, mask_operand(mask, B, Tq, L), bounds, 0.3, active,
                           want_norm=True, want_window_mass=True, num_splits=3)
     view = StepView(q.double(), k.double(), mask, 0.3)
     ref = view.group_mass().float()

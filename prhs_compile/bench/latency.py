@@ -192,7 +192,7 @@ def run(args) -> int:
     from prhs_compile.kernels.pages_triton import two_stage_bytes
     from prhs_compile.kernels.retrieve_triton import retrieval_bytes, retrieve_keys
     from prhs_compile.kernels.select_step_triton import oracle_select_triton
-    from prhs_compile.kernels.select_triton import _bounds, _mask_operand
+    from prhs_compile.kernels.bounds_triton import compute_bounds, mask_operand
     from prhs_compile.kernels.topk_triton import topk_picks
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -363,8 +363,8 @@ def run(args) -> int:
                 B, Hkv, L, D, itemsize, q_rows=rows, key_passes=5)}
             tick(f"B={B} L={L} S={S} select")
 
-            operand = _mask_operand(mask, B, 1, L)
-            bounds = _bounds(*operand, B, 1, L, sink, local, S, 0, device)
+            operand = mask_operand(mask, B, 1, L)
+            bounds = compute_bounds(*operand, B, 1, L, sink, local, S, 0, device)
             score_ms = timer(rotating([
                 lambda k=k: retrieve_keys(q, k, operand, bounds, scale)
                 for k, _ in caches]))

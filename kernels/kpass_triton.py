@@ -1,22 +1,17 @@
-"""Shared Triton primitives of the select step: masks, per-row bounds and the K passes.
+"""The passes over K of a retrieval (what CUDA runs): scores, log-sum-exp, group mass.
 
-* mask helpers (``_valid_positions``, ``_masked_scores``, ``_mask_operand``);
-* per-row bounds, computed on the device from the mask (no host sync, CUDA-graph
-  capturable)::
-
-    _mask_stats_kernel  (B, L/CHUNK)   valid count / first / last per chunk of the mask
-    _bounds_kernel      (B,)           lo, hi, count, sink_end, local_start, fits, middle
-                                       start (PSAW) per row: ``_row_bounds``, ``_middle_range``
-
-  With a static cache K is ``[B, Hkv, Lmax, D]`` and the mask says which positions hold
-  tokens; the K passes split ``[lo, hi)`` evenly over their programs, so K is never read
-  beyond the last valid position and rows that fit the budget read no K at all;
-* the log-sum-exp pass over K (``_lse_kernel``), with the programs of the grid shared among
-  the (row, KV head) slots that retrieve (``_assignment``). The select engine's retrieval
-  (``retrieve_triton``) runs it once, writing the scores beside it;
-* ``_group_mass``: that pass and a second one over K (``_mass_kernel``) giving the fp32 group
+* the log-sum-exp pass over K (``_lse_kernel``, launched by ``lse_pass``), with the
+  programs of the grid shared among the (row, KV head) slots that retrieve
+  (``assignment``). The select engine's retrieval (``retrieve_triton``) runs it once,
+  writing the scores beside it;
+* ``group_mass``: that pass and a second one over K (``_mass_kernel``) giving the fp32 group
   mass of every position, for the rules that rank in torch rather than with the radix top-k
-  (h2o's accumulated scores, hshare's label channels, ``delta_target``'s cumulative mass).
+  (h2o's accumulated scores, hshare's label channels, ``delta_target``'s cumulative mass);
+  ``oracle_group_mass_triton`` is its public form.
+
+The passes split each row's valid region ``[lo, hi)`` (``bounds_triton``) evenly over their
+programs, so K is never read beyond the last valid position of a static cache and rows that
+fit the budget read no K at all.
 
 GQA: a program owns one KV head of one batch row and a contiguous range of positions; the
 ``G * Tq`` query rows of the group are the M side of a small matmul (as in
@@ -33,19 +28,25 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["oracle_group_mass_triton", "select_bounds"]
+from .bounds_triton import (
+    BLOCK_W,
+    compute_bounds,
+    mask_operand,
+    masked_scores,
+    middle_range,
+    row_bounds,
+    valid_positions,
+)
 
-_LOG2E = 1.4426950408889634
+__all__ = ["LOG2E", "SPLIT_CHUNK", "CONFIG", "LsePass", "Retrieval", "assignment",
+           "check_inputs", "dot_f32", "group_mass", "load_q", "lse_final", "lse_pass",
+           "lse_update", "num_sms", "oracle_group_mass_triton", "row_lse", "run_mass",
+           "scores", "split_range"]
 
-_MASK_NONE = 0
-_MASK_BOOL = 1
-_MASK_ADD = 2
+LOG2E = 1.4426950408889634
 
 # H100 SXM; only used when no CUDA device is visible (interpreter runs).
 _DEFAULT_NUM_SMS = 132
-
-# Columns of the per-row bounds tensor [B, 8] (int32).
-_LO, _HI, _COUNT, _SINK_END, _LOCAL_START, _FITS = range(6)
 
 # Kernel configuration of the two K passes. Module-level so a benchmark can sweep it. H100
 # (torch 2.11, triton 3.6, bf16, Hq=32 Hkv=8 D=128, CUDA-graph timings of bounds + both
@@ -56,210 +57,15 @@ _LO, _HI, _COUNT, _SINK_END, _LOCAL_START, _FITS = range(6)
 # (``scripts/engine_sweep.py`` times the choices).
 CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4}
 
-_CHUNK = 2048  # mask positions per program of the stats kernel
-_BLOCK_W = 1024  # positions per iteration of the -inf fill and of the write kernel scans
-_SPLIT_CHUNK = 16  # split partials combined per iteration in pass 2
+SPLIT_CHUNK = 16  # split partials combined per iteration in pass 2
 
 
 # ----------------------------------------------------------------------------------------
-# mask helpers
+# the passes over K
 
 
 @triton.jit
-def _valid_positions(MASK, b, pos, in_range, Tq, stride_mb, stride_mt, stride_ml, mask_min,
-                     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr):
-    """[BLOCK] int1: positions that at least one query row may attend to."""
-    if MASK_KIND == 0:
-        valid = in_range
-    else:
-        offs_t = tl.arange(0, TQ_P2)
-        ptrs = (MASK + b * stride_mb + offs_t[:, None].to(tl.int64) * stride_mt
-                + pos[None, :].to(tl.int64) * stride_ml)
-        ld = (offs_t[:, None] < Tq) & in_range[None, :]
-        if MASK_KIND == 1:
-            mv = tl.load(ptrs, mask=ld, other=0)
-            allowed = ld & (mv != 0)
-        else:
-            mv = tl.load(ptrs, mask=ld, other=0.0).to(tl.float32)
-            allowed = ld & (mv > mask_min)
-        valid = tl.max(allowed.to(tl.int32), 0) > 0
-    return valid
-
-
-@triton.jit
-def _valid_in_row(MASK, b, pos, in_range, lo, hi, contiguous, Tq, stride_mb, stride_mt,
-                  stride_ml, mask_min, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr):
-    """``_valid_positions`` for a row whose bounds (``lo``, ``hi``, ``contiguous``: column 7
-    of ``_bounds``) are known: a contiguous row's valid positions are [lo, hi), so its mask
-    is not read (the loads are predicated off)."""
-    contiguous = contiguous.to(tl.int32)
-    known = (in_range & (pos >= lo) & (pos < hi) & (contiguous != 0)) != 0  # int1 (interpreter)
-    read = (in_range & (contiguous == 0)) != 0
-    return known | _valid_positions(MASK, b, pos, read, Tq, stride_mb,
-                                                          stride_mt, stride_ml, mask_min,
-                                                          MASK_KIND, TQ_P2)
-
-
-@triton.jit
-def _masked_scores(s, mask_rows, pos, row_ok, col_ok, stride_ml, mask_min,
-                   MASK_KIND: tl.constexpr):
-    """Log2-domain scores with the mask applied; -inf where a row may not attend."""
-    ok = row_ok[:, None] & col_ok[None, :]
-    if MASK_KIND == 1:
-        mv = tl.load(mask_rows + pos[None, :].to(tl.int64) * stride_ml, mask=ok, other=0)
-        s = tl.where(ok & (mv != 0), s, float("-inf"))
-    elif MASK_KIND == 2:
-        bias = tl.load(mask_rows + pos[None, :].to(tl.int64) * stride_ml, mask=ok,
-                       other=0.0).to(tl.float32)
-        allowed = ok & (bias > mask_min)
-        bias = tl.where(allowed, bias, 0.0)  # finfo.min * log2(e) would overflow
-        s = tl.where(allowed, s + bias * 1.4426950408889634, float("-inf"))
-    else:
-        s = tl.where(ok, s, float("-inf"))
-    return s
-
-
-# ----------------------------------------------------------------------------------------
-# per-row bounds
-
-
-@triton.jit
-def _mask_stats_kernel(
-    MASK, STATS, Tq, L, C,
-    stride_mb, stride_mt, stride_ml, mask_min,
-    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    cnt = tl.full([], 0, tl.int32)
-    first = tl.full([], 0, tl.int32) + L
-    last = tl.full([], -1, tl.int32)
-    for sub in tl.static_range(0, CHUNK, SUB):
-        pos = c * CHUNK + sub + tl.arange(0, SUB)
-        v = _valid_positions(MASK, b, pos, pos < L, Tq, stride_mb, stride_mt, stride_ml,
-                             mask_min, MASK_KIND, TQ_P2)
-        cnt += tl.sum(v.to(tl.int32), 0)
-        first = tl.minimum(first, tl.min(tl.where(v, pos, L), 0))
-        last = tl.maximum(last, tl.max(tl.where(v, pos, -1), 0))
-    base = STATS + (b * C + c) * 3
-    tl.store(base + 0, cnt)
-    tl.store(base + 1, first)
-    tl.store(base + 2, last)
-
-
-@triton.jit
-def _position_of_rank(MASK, b, r, cnt, cum, offs_c, c_ok, L, Tq,
-                      stride_mb, stride_mt, stride_ml, mask_min,
-                      MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
-                      CHUNK: tl.constexpr, SUB: tl.constexpr):
-    """Position of the valid position of rank ``r`` (0-based; -1 if there is none)."""
-    cstar = tl.sum(((cum <= r) & c_ok).to(tl.int32), 0)
-    base = tl.sum(tl.where(offs_c < cstar, cnt, 0), 0)
-    found = tl.full([], -1, tl.int32)
-    running = base
-    for sub in tl.static_range(0, CHUNK, SUB):
-        pos = cstar * CHUNK + sub + tl.arange(0, SUB)
-        v = _valid_positions(MASK, b, pos, pos < L, Tq, stride_mb, stride_mt, stride_ml,
-                             mask_min, MASK_KIND, TQ_P2)
-        vi = v.to(tl.int32)
-        rank = running + tl.cumsum(vi, 0) - 1
-        found = tl.maximum(found, tl.max(tl.where(v & (rank == r), pos, -1), 0))
-        running += tl.sum(vi, 0)
-    return found
-
-
-@triton.jit
-def _psaw_excluded(count, sink, local, psaw_frac):
-    """P_l(count): the oldest non-sink positions outside the layer's recency window, never
-    eating into the local window (as ``SelectPlan.psaw_cut``: fp32 product, floored)."""
-    excluded = tl.floor(psaw_frac * count.to(tl.float32)).to(tl.int32)
-    return tl.minimum(excluded, tl.maximum(count - sink - local, 0))
-
-
-@triton.jit
-def _bounds_kernel(
-    MASK, STATS, BOUNDS, Tq, L, C, sink, local, budget, min_context, psaw_frac,
-    stride_mb, stride_mt, stride_ml, mask_min,
-    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-    C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    # Runtime ints equal to 1 arrive as constexprs: make them tensors for tl.where.
-    sink = tl.full([], 0, tl.int32) + sink
-    local = tl.full([], 0, tl.int32) + local
-    if MASK_KIND == 0:
-        count = tl.full([], 0, tl.int32) + L
-        lo = tl.full([], 0, tl.int32)
-        hi = count
-        sink_end = tl.minimum(count, sink)
-        local_start = tl.where(local == 0, L, tl.maximum(count - local, 0))
-        if HAS_PSAW:
-            mid_start = sink + _psaw_excluded(count, sink, local, psaw_frac)
-        else:
-            mid_start = tl.full([], 0, tl.int32)
-        contiguous = count >= 0
-    else:
-        offs_c = tl.arange(0, C_P2)
-        c_ok = offs_c < C
-        base = STATS + b * C * 3 + offs_c * 3
-        cnt = tl.load(base + 0, mask=c_ok, other=0)
-        first = tl.load(base + 1, mask=c_ok, other=L)
-        last = tl.load(base + 2, mask=c_ok, other=-1)
-        count = tl.sum(cnt, 0)
-        lo = tl.where(count > 0, tl.min(first, 0), 0)
-        hi = tl.where(count > 0, tl.max(last, 0) + 1, 0)
-        cum = tl.cumsum(cnt, 0)
-        # Every position of [lo, hi) valid (causal, left padding, sliding window: all of
-        # Hugging Face's decode masks): the valid position of rank r is lo + r, and the
-        # kernels after this one need not read the mask to know which positions are valid.
-        contiguous = count == hi - lo
-        # sink_end: valid positions below it are exactly those of rank < sink.
-        r_sink = tl.minimum(tl.maximum(sink - 1, 0), tl.maximum(count - 1, 0))
-        # local_start: valid positions at or above it are exactly those of rank >= count - local.
-        r_local = tl.minimum(tl.maximum(count - local, 0), tl.maximum(count - 1, 0))
-        r_mid = sink + _psaw_excluded(count, sink, local, psaw_frac)
-        r_mid_c = tl.minimum(r_mid, tl.maximum(count - 1, 0))
-        if contiguous:
-            p_sink = lo + r_sink
-            p_local = lo + r_local
-            p_mid = lo + r_mid_c
-        else:
-            p_sink = _position_of_rank(MASK, b, r_sink, cnt, cum, offs_c, c_ok, L, Tq,
-                                       stride_mb, stride_mt, stride_ml, mask_min,
-                                       MASK_KIND, TQ_P2, CHUNK, SUB)
-            p_local = _position_of_rank(MASK, b, r_local, cnt, cum, offs_c, c_ok, L, Tq,
-                                        stride_mb, stride_mt, stride_ml, mask_min,
-                                        MASK_KIND, TQ_P2, CHUNK, SUB)
-            p_mid = lo * 0
-            if HAS_PSAW:
-                p_mid = _position_of_rank(MASK, b, r_mid_c, cnt, cum, offs_c, c_ok, L, Tq,
-                                          stride_mb, stride_mt, stride_ml, mask_min,
-                                          MASK_KIND, TQ_P2, CHUNK, SUB)
-        sink_end = tl.where(sink == 0, 0, tl.where(sink > count, L, p_sink + 1))
-        local_start = tl.where(local == 0, L, tl.where(count - local <= 0, 0, p_local))
-        if HAS_PSAW:
-            # The middle starts at the valid position of rank sink + P_l(count).
-            mid_start = tl.where(r_mid >= count, L, p_mid)
-        else:
-            mid_start = tl.full([], 0, tl.int32)
-    fits = (count <= budget) | (count < min_context)
-    out = BOUNDS + b * 8
-    tl.store(out + 0, lo)
-    tl.store(out + 1, hi)
-    tl.store(out + 2, count)
-    tl.store(out + 3, sink_end)
-    tl.store(out + 4, local_start)
-    tl.store(out + 5, fits.to(tl.int32))
-    tl.store(out + 6, mid_start.to(tl.int32))
-    tl.store(out + 7, contiguous.to(tl.int32))
-
-
-# ----------------------------------------------------------------------------------------
-# the two passes over K
-
-
-@triton.jit
-def _split_range(lo, hi, split, num_splits, BLOCK_N: tl.constexpr):
+def split_range(lo, hi, split, num_splits, BLOCK_N: tl.constexpr):
     """This split's share of [lo, hi): whole blocks of BLOCK_N, the last one may be shorter."""
     n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
     per = tl.cdiv(n_blocks, num_splits)
@@ -269,7 +75,7 @@ def _split_range(lo, hi, split, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt, stride_qd,
+def load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt, stride_qd,
             offs_d, d_ok):
     m_ok = offs_m < M
     head = hkv * G + (offs_m // Tq).to(tl.int64)
@@ -280,7 +86,7 @@ def _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt, stride
 
 
 @triton.jit
-def _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
+def scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
             DOT_F32: tl.constexpr):
     return _scores_and_keys(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
                             qk_scale_log2, DOT_F32)[0]
@@ -301,7 +107,7 @@ def _scores_and_keys(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
 
 
 @triton.jit
-def _assignment(ACTIVE, pid_bh, split, BH, Hkv, num_splits, HAS_ACTIVE: tl.constexpr,
+def assignment(ACTIVE, pid_bh, split, BH, Hkv, num_splits, HAS_ACTIVE: tl.constexpr,
                 BLOCK_BH: tl.constexpr):
     """(slot, b, hkv, split, splits, ok): which (row, KV head) slot (flat, and as batch row
     and KV head) and which of its splits this program scores. Without activity flags, slot
@@ -326,7 +132,7 @@ def _assignment(ACTIVE, pid_bh, split, BH, Hkv, num_splits, HAS_ACTIVE: tl.const
 
 
 @triton.jit
-def _lse_update(m_i, l_i, s):
+def lse_update(m_i, l_i, s):
     """Online log-sum-exp (log2 domain): the running max ``m_i`` and sum ``l_i`` of each row
     after a tile of scores ``s`` [rows, cols]; rows with nothing allowed so far stay (-inf, 0)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -335,7 +141,7 @@ def _lse_update(m_i, l_i, s):
 
 
 @triton.jit
-def _lse_final(m_i, l_i):
+def lse_final(m_i, l_i):
     """The log-sum-exp (log2 domain) of an online pass; -inf for rows with nothing allowed."""
     return tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
 
@@ -354,24 +160,24 @@ def _lse_kernel(
     BLOCK_BH: tl.constexpr, WRITE_SCORES: tl.constexpr,
 ):
     # (row, KV head) slots that reuse a selection read no K at all; the active ones share
-    # every program (see _assignment). With WRITE_SCORES the masked log2-domain scores of
+    # every program (see assignment). With WRITE_SCORES the masked log2-domain scores of
     # every row go to SCORES [BH, M, L] (fp32), so the group mass needs no second read of K
     # (``retrieve_triton``).
-    pid_bh, b, hkv, split, num_splits, ok = _assignment(
+    pid_bh, b, hkv, split, num_splits, ok = assignment(
         ACTIVE, tl.program_id(0), tl.program_id(1), BH, Hkv, num_splits, HAS_ACTIVE, BLOCK_BH)
     if ok == 0:  # a program left over (nothing reads its partials): done at once
         return
     pid_m = tl.program_id(2)
     M = G * Tq
 
-    lo, hi, _, _, _, fits = _row_bounds(BOUNDS, b)
+    lo, hi, _, _, _, fits = row_bounds(BOUNDS, b)
     hi = tl.where(fits | (ok == 0), lo, hi)  # rows that fit the budget are not scored
-    start, end = _split_range(lo, hi, split, num_splits, BLOCK_N)
+    start, end = split_range(lo, hi, split, num_splits, BLOCK_N)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q, m_ok, tpos = _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
+    q, m_ok, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
                             stride_qd, offs_d, d_ok)
     k_base = K + b * stride_kb + hkv * stride_kh
     mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
@@ -384,12 +190,12 @@ def _lse_kernel(
         col_ok = pos < end
         s, kt = _scores_and_keys(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
                                  qk_scale_log2, DOT_F32)
-        s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
+        s = masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
         if WRITE_SCORES:
             srow = (pid_bh.to(tl.int64) * M + offs_m) * L
             tl.store(SCORES + srow[:, None] + pos[None, :], s,
                      mask=((m_ok[:, None] & col_ok[None, :]) & ok) != 0)
-        m_i, l_i = _lse_update(m_i, l_i, s)
+        m_i, l_i = lse_update(m_i, l_i, s)
         if WANT_NORM:  # norms of the tile just loaded for the scores
             kf = kt.to(tl.float32)
             if TQ_P2 <= BLOCK_M:
@@ -398,10 +204,10 @@ def _lse_kernel(
                 # position of the first head.
                 valid = tl.max(s, 0) > float("-inf")
             else:
-                valid = _valid_positions(MASK, b, pos, col_ok, Tq, stride_mb, stride_mt,
+                valid = valid_positions(MASK, b, pos, col_ok, Tq, stride_mb, stride_mt,
                                          stride_ml, mask_min, MASK_KIND, TQ_P2)
             norm_sq = tl.maximum(norm_sq, tl.where(valid, tl.sum(kf * kf, 1), 0.0))
-    lse = _lse_final(m_i, l_i)
+    lse = lse_final(m_i, l_i)
     row = pid_bh.to(tl.int64) * M_PAD + offs_m
     tl.store(LSE_PART + row * lse_width + split, lse, mask=((offs_m >= 0) & ok) != 0)
     if WANT_NORM:
@@ -410,7 +216,7 @@ def _lse_kernel(
 
 
 @triton.jit
-def _run_mass(q, k_base, start, end, lse, mask_rows, m_ok, offs_d, d_ok, stride_kl, stride_kd,
+def run_mass(q, k_base, start, end, lse, mask_rows, m_ok, offs_d, d_ok, stride_kl, stride_kd,
               stride_ml, qk_scale_log2, mask_min, BLOCK_N: tl.constexpr,
               MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr):
     """Group mass of the positions [start, end) summed (a short run: a window)."""
@@ -418,15 +224,15 @@ def _run_mass(q, k_base, start, end, lse, mask_rows, m_ok, offs_d, d_ok, stride_
     for s0 in range(start, end, BLOCK_N):
         pos = s0 + tl.arange(0, BLOCK_N)
         col_ok = pos < end
-        s = _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
+        s = scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
                     DOT_F32)
-        s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
+        s = masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
         acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
     return tl.sum(acc, 0)
 
 
 @triton.jit
-def _row_lse(LSE_PART, row, lse_width, num_splits, row_ok, BLOCK_M: tl.constexpr,
+def row_lse(LSE_PART, row, lse_width, num_splits, row_ok, BLOCK_M: tl.constexpr,
              SPLIT_CHUNK: tl.constexpr):
     """[BLOCK_M] log-sum-exp (log2 domain) of each query row over the whole valid region,
     from pass 1's per-split partials; 0 for a row with nothing allowed (its scores are all
@@ -467,7 +273,7 @@ def _mass_kernel(
 ):
     # Inactive slots neither read K nor write: their mass is never looked at. The same
     # assignment as pass 1, so each program finds its slot's partials.
-    pid_bh, b, hkv, split, num_splits, ok = _assignment(
+    pid_bh, b, hkv, split, num_splits, ok = assignment(
         ACTIVE, tl.program_id(0), tl.program_id(1), BH, Hkv, num_splits, HAS_ACTIVE, BLOCK_BH)
     if ok == 0:  # a program left over (nothing reads its partials): done at once
         return
@@ -475,20 +281,20 @@ def _mass_kernel(
     M = G * Tq
 
     bnd = BOUNDS + b * 8
-    mid_lo, mid_hi = _middle_range(bnd)
+    mid_lo, mid_hi = middle_range(bnd)
     mid_hi = tl.where(ok, mid_hi, mid_lo)
     fill_end = tl.where(ok, L, 0)
-    start, end = _split_range(mid_lo, mid_hi, split, num_splits, BLOCK_N)
+    start, end = split_range(mid_lo, mid_hi, split, num_splits, BLOCK_N)
 
     # Each row's log-sum-exp over the whole valid region, from pass 1's per-split partials.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row = pid_bh.to(tl.int64) * M_PAD + offs_m
-    lse = _row_lse(LSE_PART, row, lse_width, num_splits, (offs_m >= 0) & ok, BLOCK_M,
+    lse = row_lse(LSE_PART, row, lse_width, num_splits, (offs_m >= 0) & ok, BLOCK_M,
                    SPLIT_CHUNK)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q, m_ok, tpos = _load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
+    q, m_ok, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
                             stride_qd, offs_d, d_ok)
     k_base = K + b * stride_kb + hkv * stride_kh
     mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
@@ -497,27 +303,27 @@ def _mass_kernel(
     for s0 in range(start, end, BLOCK_N):
         pos = s0 + tl.arange(0, BLOCK_N)
         col_ok = pos < end
-        s = _scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
+        s = scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
                     qk_scale_log2, DOT_F32)
-        s = _masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
+        s = masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
         mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
         # Validity from all Tq mask rows (this tile may hold only some of the group's rows).
-        valid = _valid_positions(MASK, b, pos, col_ok, Tq, stride_mb, stride_mt, stride_ml,
+        valid = valid_positions(MASK, b, pos, col_ok, Tq, stride_mb, stride_mt, stride_ml,
                                  mask_min, MASK_KIND, TQ_P2)
         tl.store(mass_row + pos, tl.where(valid, mass, float("-inf")), mask=col_ok)
 
     if WANT_WINDOW_MASS:
         # The mass the sinks and the local window hold (what a selection retains besides its
         # picks): split 0 scores those few positions, [lo, sink_end) and [local_start, hi).
-        lo, hi, _, sink_end, local_start, fits = _row_bounds(BOUNDS, b)
+        lo, hi, _, sink_end, local_start, fits = row_bounds(BOUNDS, b)
         w_on = (split == 0) & (fits == 0) & ok
         sink_hi = tl.where(w_on, tl.minimum(sink_end, hi), lo)
         loc_lo = tl.maximum(local_start, lo)
         loc_hi = tl.where(w_on, hi, loc_lo)
-        w_sum = _run_mass(q, k_base, lo, sink_hi, lse, mask_rows, m_ok, offs_d, d_ok,
+        w_sum = run_mass(q, k_base, lo, sink_hi, lse, mask_rows, m_ok, offs_d, d_ok,
                           stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
                           MASK_KIND, DOT_F32)
-        w_sum += _run_mass(q, k_base, loc_lo, loc_hi, lse, mask_rows, m_ok, offs_d, d_ok,
+        w_sum += run_mass(q, k_base, loc_lo, loc_hi, lse, mask_rows, m_ok, offs_d, d_ok,
                            stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
                            MASK_KIND, DOT_F32)
         tl.store(WMASS + pid_m * B * Hkv + pid_bh, w_sum,
@@ -525,7 +331,7 @@ def _mass_kernel(
 
     # -inf everywhere outside the scored middle (sinks, local window, unfilled cache, whole
     # rows that fit): pure stores, this split's share of [0, L).
-    w_start, w_end = _split_range(tl.full([], 0, tl.int32), tl.full([], 0, tl.int32) + fill_end,
+    w_start, w_end = split_range(tl.full([], 0, tl.int32), tl.full([], 0, tl.int32) + fill_end,
                                   split, num_splits, BLOCK_W)
     for s0 in range(w_start, w_end, BLOCK_W):
         pos = s0 + tl.arange(0, BLOCK_W)
@@ -535,60 +341,11 @@ def _mass_kernel(
 
 
 # ----------------------------------------------------------------------------------------
-# output
-
-
-@triton.jit
-def _write_valid_run(OUT_ROW, MASK, b, lo, hi, base, slots, Tq,
-                     stride_mb, stride_mt, stride_ml, mask_min, contiguous,
-                     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Write the valid positions of [lo, hi), in order, to slots base, base + 1, ...
-    (``contiguous``: [lo, hi) lies in a contiguous row, so all of it is valid)."""
-    running = tl.full([], 0, tl.int32)
-    for s0 in range(lo, hi, BLOCK_W):
-        pos = s0 + tl.arange(0, BLOCK_W)
-        v = _valid_in_row(MASK, b, pos, pos < hi, lo, hi, contiguous, Tq, stride_mb,
-                          stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2)
-        vi = v.to(tl.int32)
-        slot = base + running + tl.cumsum(vi, 0) - 1
-        tl.store(OUT_ROW + slot, pos, mask=v & (slot < slots))
-        running += tl.sum(vi, 0)
-
-
-@triton.jit
-def _row_bounds(BOUNDS, b):
-    """(lo, hi, count, sink_end, local_start, fits) of batch row ``b`` (see ``_bounds``)."""
-    bnd = BOUNDS + b * 8
-    return (tl.load(bnd + 0), tl.load(bnd + 1), tl.load(bnd + 2), tl.load(bnd + 3),
-            tl.load(bnd + 4), tl.load(bnd + 5) != 0)
-
-
-@triton.jit
-def _row_contiguous(BOUNDS, b):
-    """Whether every position of batch row ``b``'s [lo, hi) is valid (see ``_bounds``)."""
-    return tl.load(BOUNDS + b * 8 + 7) != 0
-
-
-@triton.jit
-def _middle_range(bnd):
-    """[mid_lo, mid_hi): the positions a retrieval scores (empty for rows that fit): after
-    the sinks and the part the recency window (PSAW) leaves out, before the local window."""
-    lo = tl.load(bnd + 0)
-    hi = tl.load(bnd + 1)
-    sink_end = tl.load(bnd + 3)
-    local_start = tl.load(bnd + 4)
-    fits = tl.load(bnd + 5)
-    mid_lo = tl.maximum(tl.maximum(lo, sink_end), tl.load(bnd + 6))
-    mid_hi = tl.where(fits != 0, mid_lo, tl.maximum(tl.minimum(hi, local_start), mid_lo))
-    return mid_lo, mid_hi
-
-
-# ----------------------------------------------------------------------------------------
 # host side
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return _DEFAULT_NUM_SMS
@@ -602,34 +359,7 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> int:
     return max(1, min(triton.cdiv(per_sm * num_sms, max(1, n_base_programs)), n_blocks))
 
 
-def _mask_operand(mask, B: int, Tq: int, L: int):
-    """(tensor, kind, [stride_b, stride_t, stride_l], mask_min) for a mask broadcastable to
-    [B, 1, Tq, L] (its last dim may be longer: a static-cache mask over a shorter K view)."""
-    if mask is None:
-        return None, _MASK_NONE, [0, 0, 0], 0.0
-    m4 = mask
-    while m4.dim() < 4:
-        m4 = m4.unsqueeze(0)
-    if m4.dim() != 4:
-        raise ValueError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
-    if m4.shape[0] not in (1, B) or m4.shape[1] != 1 or m4.shape[2] not in (1, Tq):
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
-                         f"[{B}, 1, {Tq}, {L}]")
-    if m4.shape[3] != 1 and m4.shape[3] < L:
-        raise ValueError(f"mask last dim {m4.shape[3]} is shorter than the cache length {L}")
-    if m4.dtype == torch.bool:
-        kind, mask_min = _MASK_BOOL, 0.0
-        m4 = m4.view(torch.uint8)  # same itemsize: a free reinterpretation
-    elif m4.is_floating_point():
-        # HF's older additive masks use finfo.min, not -inf, for "masked" (as the reference).
-        kind, mask_min = _MASK_ADD, float(torch.finfo(m4.dtype).min) / 2
-    else:
-        raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
-    strides = [0 if m4.shape[i] == 1 else m4.stride(i) for i in (0, 2, 3)]
-    return m4, kind, strides, mask_min
-
-
-def _check_inputs(q, k):
+def check_inputs(q, k):
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError("expected q [B, Hq, Tq, D] and k [B, Hkv, L, D]")
     B, Hq, Tq, D = q.shape
@@ -641,40 +371,8 @@ def _check_inputs(q, k):
         raise TypeError(f"q/k must share one of fp16/bf16/fp32, got {q.dtype}/{k.dtype}")
 
 
-class BoundsColumn:
-    """Columns of the int32 ``[B, 8]`` bounds ``_bounds`` writes, for torch code that reads
-    them (kernels read them through ``_row_bounds`` and ``_middle_range``)."""
-
-    LO, HI, COUNT, SINK_END, LOCAL_START, FITS, MIDDLE_START, CONTIGUOUS = range(8)
-
-
-def _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context, device,
-            psaw_frac=-1.0):
-    """int32 [B, 8]: lo, hi, count, sink_end, local_start, fits, middle start (the position
-    of rank ``sink + P_l(count)`` when ``psaw_frac >= 0``, else 0), contiguous (1 when every
-    position of [lo, hi) is valid, so later kernels need not read the mask there)."""
-    bounds = torch.empty((B, 8), dtype=torch.int32, device=device)
-    tq_p2 = triton.next_power_of_2(max(Tq, 1))
-    sub = min(_CHUNK, max(16, 8192 // tq_p2))
-    C = triton.cdiv(max(L, 1), _CHUNK)
-    if kind == _MASK_NONE:
-        stats, mask_t = bounds, bounds  # unused placeholders
-    else:
-        stats = torch.empty((B, C, 3), dtype=torch.int32, device=device)
-        _mask_stats_kernel[(B, C)](
-            mask_t, stats, Tq, L, C, *ms, mask_min,
-            MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub, num_warps=4,
-        )
-    _bounds_kernel[(B,)](
-        mask_t, stats, bounds, Tq, L, C, sink, local, budget, min_context, float(psaw_frac),
-        *ms, mask_min, MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub,
-        C_P2=triton.next_power_of_2(C), HAS_PSAW=psaw_frac >= 0, num_warps=4,
-    )
-    return bounds
-
-
 class Retrieval(NamedTuple):
-    """What the two K passes produce (see ``_group_mass``)."""
+    """What the two K passes produce (see ``group_mass``)."""
 
     mass: torch.Tensor  # fp32 [B, Hkv, L]: group mass in the middle, -inf elsewhere
     bounds: torch.Tensor  # int32 [B, 8]
@@ -684,7 +382,7 @@ class Retrieval(NamedTuple):
 
 
 class LsePass(NamedTuple):
-    """The log-sum-exp pass over K of one step, as launched (``_lse_pass``): what the pass
+    """The log-sum-exp pass over K of one step, as launched (``lse_pass``): what the pass
     after it needs to read its partials with the same assignment of programs."""
 
     lse_part: torch.Tensor  # fp32 [B*Hkv*M_PAD, lse_width]: per-split log-sum-exp partials
@@ -705,13 +403,13 @@ class LsePass(NamedTuple):
         return self.norm_part.amax(-1).sqrt().view(batch, kv_heads)
 
 
-def _lse_pass(q, k, operand, bounds, scale, active=None, *, want_norm=False, num_splits=None,
+def lse_pass(q, k, operand, bounds, scale, active=None, *, want_norm=False, num_splits=None,
               block_n=None, scores=None) -> LsePass:
     """Launch the log-sum-exp pass over K for the ``active`` slots (all when None), taking
     the key norms (``want_norm``) and writing the scores to ``scores`` ([B*Hkv, M, L] fp32)
     when given. With activity flags the active slots share all programs: up to every split
     of every slot may serve one slot, so the partials are as wide as the grid."""
-    _check_inputs(q, k)
+    check_inputs(q, k)
     B, Hq, Tq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     M = (Hq // Hkv) * Tq
@@ -727,7 +425,7 @@ def _lse_pass(q, k, operand, bounds, scale, active=None, *, want_norm=False, num
     m_blocks = triton.cdiv(M, block_m)
     n_blocks = max(1, triton.cdiv(L, block_n))
     if num_splits is None:
-        num_splits = _pick_splits(n_blocks, B * Hkv * m_blocks, _num_sms(device))
+        num_splits = _pick_splits(n_blocks, B * Hkv * m_blocks, num_sms(device))
     num_splits = max(1, min(int(num_splits), n_blocks))
     lse_width = B * Hkv * num_splits if active is not None else num_splits
     lse_part = torch.empty((B * Hkv * m_blocks * block_m, lse_width), dtype=torch.float32,
@@ -735,14 +433,14 @@ def _lse_pass(q, k, operand, bounds, scale, active=None, *, want_norm=False, num
     # Zero-filled: a slot's unused columns must not win the max.
     norm_part = (torch.zeros((B * Hkv, lse_width), dtype=torch.float32, device=device)
                  if want_norm else None)
-    qk_scale_log2 = float(scale) * _LOG2E
+    qk_scale_log2 = float(scale) * LOG2E
     _lse_kernel[(B * Hkv, num_splits, m_blocks)](
         q, k, mask_t, bounds, lse_part, active_t,
         lse_part if norm_part is None else norm_part, lse_part if scores is None else scores,
         qk_scale_log2, mask_min, Hkv, Hq // Hkv, Tq, L, num_splits, B * Hkv, lse_width,
         *q.stride(), *k.stride(), *ms,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        M_PAD=m_blocks * block_m, MASK_KIND=kind, DOT_F32=_dot_f32(q),
+        M_PAD=m_blocks * block_m, MASK_KIND=kind, DOT_F32=dot_f32(q),
         HAS_ACTIVE=active is not None, WANT_NORM=want_norm,
         TQ_P2=triton.next_power_of_2(Tq), BLOCK_BH=triton.next_power_of_2(B * Hkv),
         WRITE_SCORES=scores is not None,
@@ -752,12 +450,12 @@ def _lse_pass(q, k, operand, bounds, scale, active=None, *, want_norm=False, num
                    mask_t, active_t, qk_scale_log2)
 
 
-def _dot_f32(q) -> bool:
+def dot_f32(q) -> bool:
     """The interpreter multiplies bf16 tiles as raw bit patterns; upcasting is exact."""
     return q.device.type != "cuda" and q.dtype != torch.float32
 
 
-def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_splits=None,
+def group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_splits=None,
                 block_n=None, bounds=None, active=None, want_norm=False,
                 want_window_mass=False) -> Retrieval:
     """The two K passes of the rules that rank in torch (h2o, hshare, ``delta_target``).
@@ -768,14 +466,14 @@ def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_spli
     largest key norm over the valid positions and the mass of the sink + local windows.
     ``bounds`` may be passed in when the caller computed them already (same arguments).
     """
-    _check_inputs(q, k)
+    check_inputs(q, k)
     B, Hq, Tq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     device = q.device
-    operand = _mask_operand(mask, B, Tq, L)
+    operand = mask_operand(mask, B, Tq, L)
     if bounds is None:
-        bounds = _bounds(*operand, B, Tq, L, sink, local, budget, min_context, device)
-    first = _lse_pass(q, k, operand, bounds, scale, active, want_norm=want_norm,
+        bounds = compute_bounds(*operand, B, Tq, L, sink, local, budget, min_context, device)
+    first = lse_pass(q, k, operand, bounds, scale, active, want_norm=want_norm,
                       num_splits=num_splits, block_n=block_n)
     _, kind, ms, mask_min = operand
     mass = torch.empty((first.m_blocks, B, Hkv, L), dtype=torch.float32, device=device)
@@ -787,8 +485,8 @@ def _group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_spli
         first.lse_width, *q.stride(), *k.stride(), *ms,
         D=D, BLOCK_M=first.block_m, BLOCK_N=first.block_n,
         BLOCK_D=max(16, triton.next_power_of_2(D)), M_PAD=first.m_blocks * first.block_m,
-        MASK_KIND=kind, DOT_F32=_dot_f32(q), TQ_P2=triton.next_power_of_2(Tq),
-        SPLIT_CHUNK=_SPLIT_CHUNK, BLOCK_W=_BLOCK_W, HAS_ACTIVE=active is not None,
+        MASK_KIND=kind, DOT_F32=dot_f32(q), TQ_P2=triton.next_power_of_2(Tq),
+        SPLIT_CHUNK=SPLIT_CHUNK, BLOCK_W=BLOCK_W, HAS_ACTIVE=active is not None,
         WANT_WINDOW_MASS=want_window_mass, BLOCK_BH=triton.next_power_of_2(B * Hkv),
         num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
     )
@@ -804,15 +502,7 @@ def oracle_group_mass_triton(q, k, mask=None, scale=None, *, num_splits=None, bl
     """The score part alone: fp32 ``[B, Hkv, L]`` group mass at the valid positions (softmax
     of ``q . k * scale + bias`` over each query row's allowed positions, summed over the
     group's query heads and rows), ``-inf`` at positions no query row may attend to."""
-    return _group_mass(q, k, mask, scale, 0, 0, -1, 0, num_splits=num_splits,
+    return group_mass(q, k, mask, scale, 0, 0, -1, 0, num_splits=num_splits,
                        block_n=block_n).mass
 
 
-def select_bounds(q, k, mask, budget=-1, sink=0, local=0, min_context=0) -> torch.Tensor:
-    """int32 ``[B, 8]`` per-row bounds (lo, hi, count, sink_end, local_start, fits, -, -)."""
-    _check_inputs(q, k)
-    B, _, Tq, _ = q.shape
-    L = k.shape[2]
-    mask_t, kind, ms, mask_min = _mask_operand(mask, B, Tq, L)
-    return _bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context,
-                   q.device)
