@@ -56,7 +56,7 @@ def _attend_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
-    SPLITS_P2: tl.constexpr,
+    SPLITS_P2: tl.constexpr, SHARED_ROWS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -85,7 +85,10 @@ def _attend_split_kernel(
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
     idx_base = IDX + b * stride_ib + hkv * stride_ih
-    mask_rows = MASK + b * stride_mb + head[:, None] * stride_mh + tpos[:, None] * stride_mt
+    if SHARED_ROWS:  # every query row of the tile reads one mask row: each column once
+        mask_rows = MASK + b * stride_mb + tl.zeros([1, 1], tl.int64)
+    else:
+        mask_rows = MASK + b * stride_mb + head[:, None] * stride_mh + tpos[:, None] * stride_mt
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -113,13 +116,15 @@ def _attend_split_kernel(
         else:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         s = s * qk_scale_log2
+        if SHARED_ROWS:
+            mask_ld = valid[None, :]
+        else:
+            mask_ld = m_ok[:, None] & valid[None, :]
         if MASK_KIND == 1:
-            mv = tl.load(mask_rows + pos64[None, :] * stride_ml,
-                         mask=m_ok[:, None] & valid[None, :], other=0)
+            mv = tl.load(mask_rows + pos64[None, :] * stride_ml, mask=mask_ld, other=0)
             s = tl.where(valid[None, :] & (mv != 0), s, float("-inf"))
         elif MASK_KIND == 2:
-            bias = tl.load(mask_rows + pos64[None, :] * stride_ml,
-                           mask=m_ok[:, None] & valid[None, :], other=0.0)
+            bias = tl.load(mask_rows + pos64[None, :] * stride_ml, mask=mask_ld, other=0.0)
             s = tl.where(valid[None, :], s + bias.to(tl.float32) * 1.4426950408889634,
                          float("-inf"))
         else:
@@ -360,6 +365,9 @@ def attend_triton(
         # their raw uint16 bit patterns; upcasting first is exact and sidesteps that.
         DOT_F32=q.device.type != "cuda" and q.dtype == torch.bfloat16,
         SPLITS_P2=triton.next_power_of_2(num_splits),
+        # One mask row for all query rows of a group: one query position (decode) or a mask
+        # broadcast over positions, and over heads.
+        SHARED_ROWS=ms[1] == 0 and (Tq == 1 or ms[2] == 0),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["BLOCK_W", "MASK_ADD", "MASK_BOOL", "MASK_NONE", "BoundsColumn", "compute_bounds",
-           "mask_operand", "masked_scores", "middle_range", "row_bounds", "row_contiguous",
+           "mask_operand", "mask_row_ptrs", "masked_scores", "rows_share_mask", "middle_range", "row_bounds", "row_contiguous",
            "select_bounds", "valid_in_row", "valid_positions", "write_valid_run"]
 
 MASK_NONE = 0
@@ -66,21 +66,35 @@ def valid_in_row(MASK, b, pos, in_range, lo, hi, contiguous, Tq, stride_mb, stri
     contiguous = contiguous.to(tl.int32)
     known = (in_range & (pos >= lo) & (pos < hi) & (contiguous != 0)) != 0  # int1 (interpreter)
     read = (in_range & (contiguous == 0)) != 0
-    return known | valid_positions(MASK, b, pos, read, Tq, stride_mb,
-                                                          stride_mt, stride_ml, mask_min,
-                                                          MASK_KIND, TQ_P2)
+    return known | valid_positions(MASK, b, pos, read, Tq, stride_mb, stride_mt, stride_ml,
+                                   mask_min, MASK_KIND, TQ_P2)
+
+
+@triton.jit
+def mask_row_ptrs(MASK, b, tpos, stride_mb, stride_mt, SHARED: tl.constexpr):
+    """Pointers to the mask rows of a tile's query rows (``[rows, 1]``), or, when every row
+    of the tile reads the same mask row (``SHARED``: one query position, or a mask that
+    broadcasts over them), one pointer (``[1, 1]``) so that ``masked_scores`` loads each
+    column once rather than once per row."""
+    if SHARED:
+        return MASK + b * stride_mb + tl.zeros([1, 1], tl.int64)
+    return MASK + b * stride_mb + tpos[:, None] * stride_mt
 
 
 @triton.jit
 def masked_scores(s, mask_rows, pos, row_ok, col_ok, stride_ml, mask_min,
                    MASK_KIND: tl.constexpr):
-    """Log2-domain scores with the mask applied; -inf where a row may not attend."""
+    """Log2-domain scores with the mask applied; -inf where a row may not attend.
+    ``mask_rows``: ``mask_row_ptrs``'s (one row pointer per score row, or one for all)."""
     ok = row_ok[:, None] & col_ok[None, :]
+    load_ok = ok
+    if mask_rows.shape[0] == 1:  # one mask row for every score row: each column once
+        load_ok = col_ok[None, :]
     if MASK_KIND == 1:
-        mv = tl.load(mask_rows + pos[None, :].to(tl.int64) * stride_ml, mask=ok, other=0)
+        mv = tl.load(mask_rows + pos[None, :].to(tl.int64) * stride_ml, mask=load_ok, other=0)
         s = tl.where(ok & (mv != 0), s, float("-inf"))
     elif MASK_KIND == 2:
-        bias = tl.load(mask_rows + pos[None, :].to(tl.int64) * stride_ml, mask=ok,
+        bias = tl.load(mask_rows + pos[None, :].to(tl.int64) * stride_ml, mask=load_ok,
                        other=0.0).to(tl.float32)
         allowed = ok & (bias > mask_min)
         bias = tl.where(allowed, bias, 0.0)  # finfo.min * log2(e) would overflow
@@ -291,6 +305,12 @@ def mask_operand(mask, B: int, Tq: int, L: int):
         raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
     strides = [0 if m4.shape[i] == 1 else m4.stride(i) for i in (0, 2, 3)]
     return m4, kind, strides, mask_min
+
+
+def rows_share_mask(operand, q_len: int) -> bool:
+    """Whether every query row of a step reads the same mask row (``mask_row_ptrs``'s
+    ``SHARED``): one query position, or a mask broadcast over the query positions."""
+    return q_len == 1 or operand[2][1] == 0
 
 
 class BoundsColumn:

@@ -32,9 +32,11 @@ from .bounds_triton import (
     BLOCK_W,
     compute_bounds,
     mask_operand,
+    mask_row_ptrs,
     masked_scores,
     middle_range,
     row_bounds,
+    rows_share_mask,
     valid_positions,
 )
 
@@ -157,7 +159,7 @@ def _lse_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     M_PAD: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
     HAS_ACTIVE: tl.constexpr, WANT_NORM: tl.constexpr, TQ_P2: tl.constexpr,
-    BLOCK_BH: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    BLOCK_BH: tl.constexpr, WRITE_SCORES: tl.constexpr, SHARED_ROWS: tl.constexpr,
 ):
     # (row, KV head) slots that reuse a selection read no K at all; the active ones share
     # every program (see assignment). With WRITE_SCORES the masked log2-domain scores of
@@ -180,7 +182,7 @@ def _lse_kernel(
     q, m_ok, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
                             stride_qd, offs_d, d_ok)
     k_base = K + b * stride_kb + hkv * stride_kh
-    mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
+    mask_rows = mask_row_ptrs(MASK, b, tpos, stride_mb, stride_mt, SHARED_ROWS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -270,6 +272,7 @@ def _mass_kernel(
     M_PAD: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
     TQ_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, BLOCK_W: tl.constexpr,
     HAS_ACTIVE: tl.constexpr, WANT_WINDOW_MASS: tl.constexpr, BLOCK_BH: tl.constexpr,
+    SHARED_ROWS: tl.constexpr,
 ):
     # Inactive slots neither read K nor write: their mass is never looked at. The same
     # assignment as pass 1, so each program finds its slot's partials.
@@ -297,7 +300,7 @@ def _mass_kernel(
     q, m_ok, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
                             stride_qd, offs_d, d_ok)
     k_base = K + b * stride_kb + hkv * stride_kh
-    mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
+    mask_rows = mask_row_ptrs(MASK, b, tpos, stride_mb, stride_mt, SHARED_ROWS)
     mass_row = MASS + ((pid_m * B + b) * Hkv + hkv) * L
 
     for s0 in range(start, end, BLOCK_N):
@@ -443,7 +446,7 @@ def lse_pass(q, k, operand, bounds, scale, active=None, *, want_norm=False, num_
         M_PAD=m_blocks * block_m, MASK_KIND=kind, DOT_F32=dot_f32(q),
         HAS_ACTIVE=active is not None, WANT_NORM=want_norm,
         TQ_P2=triton.next_power_of_2(Tq), BLOCK_BH=triton.next_power_of_2(B * Hkv),
-        WRITE_SCORES=scores is not None,
+        WRITE_SCORES=scores is not None, SHARED_ROWS=rows_share_mask(operand, Tq),
         num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
     )
     return LsePass(lse_part, norm_part, lse_width, num_splits, m_blocks, block_m, block_n,
@@ -488,6 +491,7 @@ def group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_split
         MASK_KIND=kind, DOT_F32=dot_f32(q), TQ_P2=triton.next_power_of_2(Tq),
         SPLIT_CHUNK=SPLIT_CHUNK, BLOCK_W=BLOCK_W, HAS_ACTIVE=active is not None,
         WANT_WINDOW_MASS=want_window_mass, BLOCK_BH=triton.next_power_of_2(B * Hkv),
+        SHARED_ROWS=rows_share_mask(operand, Tq),
         num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
     )
     # M > 64 query rows per group (e.g. G=8 with Tq=16): partial masses per row tile.

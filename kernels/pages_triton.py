@@ -38,7 +38,14 @@ from triton.compiler.errors import CompilationError
 
 from .pages import PAGE_MAX, PAGE_MIN, candidate_pages
 from .retrieve_triton import Keys
-from .bounds_triton import masked_scores, middle_range, row_bounds, valid_positions
+from .bounds_triton import (
+    mask_row_ptrs,
+    masked_scores,
+    middle_range,
+    row_bounds,
+    rows_share_mask,
+    valid_positions,
+)
 from .kpass_triton import (
     LOG2E,
     SPLIT_CHUNK,
@@ -260,6 +267,7 @@ def _candidate_lse_kernel(
     stride_mb, stride_mt, stride_ml,
     D: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
+    SHARED_ROWS: tl.constexpr,
 ):
     slot = tl.program_id(0)
     split = tl.program_id(1)
@@ -277,7 +285,7 @@ def _candidate_lse_kernel(
     q, m_ok, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
                             stride_qd, offs_d, d_ok)
     k_base = K + b * stride_kb + hkv * stride_kh
-    mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
+    mask_rows = mask_row_ptrs(MASK, b, tpos, stride_mb, stride_mt, SHARED_ROWS)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for group in range(split, tl.cdiv(width, BLOCK_N), num_splits):
@@ -314,7 +322,7 @@ def _candidate_keys_kernel(
     stride_mb, stride_mt, stride_ml,
     D: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, SHARED_ROWS: tl.constexpr,
 ):
     slot = tl.program_id(0)
     split = tl.program_id(1)
@@ -348,7 +356,7 @@ def _candidate_keys_kernel(
         q, _, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
                              stride_qd, offs_d, d_ok)
         k_base = K + b * stride_kb + hkv * stride_kh
-        mask_rows = MASK + b * stride_mb + tpos[:, None] * stride_mt
+        mask_rows = mask_row_ptrs(MASK, b, tpos, stride_mb, stride_mt, SHARED_ROWS)
         w = run_mass(q, k_base, lo, tl.minimum(sink_end, hi), lse, mask_rows, m_ok, offs_d, d_ok,
                       stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
                       MASK_KIND, DOT_F32)
@@ -384,7 +392,7 @@ def candidate_keys(q, k, operand, bounds, scale, pages_list, active, page_size: 
     window_mass = torch.zeros((B, Hkv), dtype=torch.float32, device=q.device)
     common = dict(D=D, P=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), MASK_KIND=kind, DOT_F32=dot_f32(q),
-                  num_warps=4)
+                  SHARED_ROWS=rows_share_mask(operand, Tq), num_warps=4)
     qk = float(scale) * LOG2E
     _launch(_candidate_lse_kernel, (B * Hkv, num_splits),
         q, k, mask_t, bounds, pages_list, active, lse_part, scores, qk, mask_min, Hkv,
