@@ -5,15 +5,15 @@ Semantics (see ``attend_triton``): for every query row, softmax over the selecte
 of the matching V rows. Nothing gathered is ever written to memory: each program reads the
 selected K/V rows straight from the (possibly strided, static) cache.
 
-One kernel (flash-decoding, split-K), ``_attend_split_kernel``, grid
-``(B * Hkv, num_splits, m_blocks)``. One program owns one KV head of one batch row and a
-contiguous range of slots. Decode is memory bound and the G query heads of a group share
-their K/V rows, so the program treats the ``G * Tq`` query rows of the group as the M side
-of a small matmul and reads every selected K/V row once for all of them. With one split it
-writes the output directly; with several it writes an fp32 partial (normalised output,
-log-sum-exp), and the last split of the group to finish (an atomic ticket per group and row
-block) merges them (``_merge_splits``): no second launch, which costs microseconds even
-inside a CUDA graph.
+Two kernels (flash-decoding):
+
+1. ``_attend_split_kernel``, grid ``(B * Hkv, num_splits, m_blocks)``. One program owns one
+   KV head of one batch row and a contiguous range of slots. Decode is memory bound and the
+   G query heads of a group share their K/V rows, so the program treats the ``G * Tq`` query
+   rows of the group as the M side of a small matmul and reads every selected K/V row once
+   for all of them. It writes an fp32 partial (normalised output, log-sum-exp) per split, or
+   the final output directly when there is a single split (saves a launch and the scratch).
+2. ``_attend_combine_kernel``, grid ``(B * Hq * Tq,)``: merges the splits of one query row.
 
 Everything is decided from shapes on the host; no tensor values are read there, so the call
 can be captured in a CUDA graph.
@@ -44,7 +44,7 @@ _DEFAULT_NUM_SMS = 132
 
 @triton.jit
 def _attend_split_kernel(
-    Q, K, V, IDX, MASK, O_PART, LSE_PART, OUT, COUNTER,
+    Q, K, V, IDX, MASK, O_PART, LSE_PART, OUT,
     qk_scale_log2,
     Hkv, G, Tq, S, L, num_splits, blocks_per_split,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -56,7 +56,7 @@ def _attend_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
-    SPLITS_P2: tl.constexpr, SHARED_ROWS: tl.constexpr,
+    SHARED_ROWS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -164,44 +164,32 @@ def _attend_split_kernel(
                  mask=m_ok[:, None] & dv_ok[None, :])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(LSE_PART + part, lse, mask=m_ok)
-        # The last split of this (slot, row block) to finish merges all of them: no second
-        # launch. Its ticket comes after every other split's partials (a CTA barrier, then a
-        # release/acquire counter); it reads them from L2 and resets the counter.
-        tl.debug_barrier()
-        counter = COUNTER + pid_bh * tl.num_programs(2) + pid_m
-        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if ticket == num_splits - 1:
-            _merge_splits(O_PART, LSE_PART, OUT, row, m_ok, offs_dv, dv_ok, num_splits, DV,
-                          SPLITS_P2)
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _merge_splits(O_PART, LSE_PART, OUT, row, row_ok, offs_dv, dv_ok, num_splits,
-                  DV: tl.constexpr, SPLITS_P2: tl.constexpr):
-    """The output of query rows ``row`` from every split's partial (normalised output and
-    log-sum-exp), each weighted by its share of the rows' softmax; a row with nothing
-    allowed anywhere gets zeros. Partials are read from L2 (``.cg``): other programs wrote
-    them during this launch."""
+def _attend_combine_kernel(
+    O_PART, LSE_PART, OUT, num_splits,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLITS_P2: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, SPLITS_P2)
-    lse = tl.load(LSE_PART + row[:, None] * num_splits + offs_s[None, :],
-                  mask=row_ok[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
-                  cache_modifier=".cg")
-    lse_max = tl.max(lse, 1)
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits,
+                  other=float("-inf"))
+    lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    denom = tl.sum(tl.exp2(lse - lse_max[:, None]), 1)
-    acc = tl.zeros([row.shape[0], offs_dv.shape[0]], tl.float32)
-    # Loop over splits rather than loading a [rows, splits, DV] tile: with many splits and
-    # DV=256 it would not fit in registers.
+    denom = tl.sum(tl.exp2(lse - lse_max), 0)
+
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < DV
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    # Loop over splits rather than loading a [splits, DV] tile: with many splits and DV=256
+    # the tile would not fit in registers.
     for sp in range(0, num_splits):
-        w = tl.exp2(tl.load(LSE_PART + row * num_splits + sp, mask=row_ok, other=float("-inf"),
-                            cache_modifier=".cg") - lse_max)
-        o = tl.load(O_PART + (row * num_splits + sp)[:, None] * DV + offs_dv[None, :],
-                    mask=row_ok[:, None] & dv_ok[None, :], other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * o
-    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(OUT + row[:, None] * DV + offs_dv[None, :], out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & dv_ok[None, :])
+        w = tl.exp2(tl.load(LSE_PART + row * num_splits + sp) - lse_max)
+        o = tl.load(O_PART + (row * num_splits + sp) * DV + offs_dv, mask=dv_ok, other=0.0)
+        acc += w * o
+    out = acc / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(OUT + row * DV + offs_dv, out.to(OUT.dtype.element_ty), mask=dv_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,9 +205,9 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
     Decode attention is bandwidth bound, and one SM cannot pull its share of HBM bandwidth
     with a single resident program whose loads are dependent gathers (idx, then K/V). So aim
     for about 4 programs per SM in total (one wave, several resident per SM to hide load
-    latency). Splitting beyond that only adds partial-result traffic and a longer merge.
+    latency). Splitting beyond that only adds partial-result traffic and a bigger combine.
     ``n_base_programs`` (B * Hkv * m_blocks) already fills the machine for large batches,
-    in which case one split is kept and nothing is merged. The split
+    in which case one split is kept and the combine kernel is skipped entirely. The split
     count is then recomputed from the blocks per split so that no split is empty (only the
     last may be shorter). On an H100 (B=16, Hkv=8, S=2048) 5 and 10 splits timed within 3%.
     """
@@ -346,16 +334,15 @@ def attend_triton(
 
     direct = num_splits == 1
     if direct:
-        o_part = lse_part = counter = out  # unused placeholders
+        o_part = lse_part = out  # unused placeholders
     else:
         o_part = torch.empty((B * Hq * Tq, num_splits, Dv), dtype=torch.float32,
                              device=q.device)
         lse_part = torch.empty((B * Hq * Tq, num_splits), dtype=torch.float32,
                                device=q.device)
-        counter = _split_counters(q.device, B * Hkv * m_blocks)
 
     _attend_split_kernel[(B * Hkv, num_splits, m_blocks)](
-        q, k, v, idx, mask_t, o_part, lse_part, out, counter,
+        q, k, v, idx, mask_t, o_part, lse_part, out,
         float(scale) * _LOG2E,
         Hkv, G, Tq, S, L, num_splits, blocks_per_split,
         *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *ms,
@@ -364,30 +351,15 @@ def attend_triton(
         # The Triton interpreter (the only way CPU tensors get here) multiplies bf16 tiles as
         # their raw uint16 bit patterns; upcasting first is exact and sidesteps that.
         DOT_F32=q.device.type != "cuda" and q.dtype == torch.bfloat16,
-        SPLITS_P2=triton.next_power_of_2(num_splits),
-        # One mask row for all query rows of a group: one query position (decode) or a mask
-        # broadcast over positions, and over heads.
+        # One mask row for all query rows of a group (a mask broadcast over heads, and one
+        # query position or a mask broadcast over positions): each column is loaded once.
         SHARED_ROWS=ms[1] == 0 and (Tq == 1 or ms[2] == 0),
         num_warps=num_warps, num_stages=num_stages,
     )
+    if not direct:
+        _attend_combine_kernel[(B * Hq * Tq,)](
+            o_part, lse_part, out, num_splits,
+            DV=Dv, BLOCK_DV=BLOCK_DV, SPLITS_P2=triton.next_power_of_2(num_splits),
+            num_warps=4 if BLOCK_DV >= 128 else 2,
+        )
     return out
-
-
-# Split counters (int32, zero between launches: the program that merges a row block resets
-# its own), one array per (device, stream) so that launches on concurrent streams never share
-# one. Grown outside CUDA-graph capture only; a capture that needs more gets a fresh zeroed
-# array of its own (the zero-fill is then part of the graph).
-_COUNTERS: dict = {}
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    if device.type != "cuda":
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    have = _COUNTERS.get(key)
-    if have is not None and have.numel() >= n:
-        return have
-    if torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return _COUNTERS[key]

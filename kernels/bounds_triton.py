@@ -76,9 +76,12 @@ def mask_row_ptrs(MASK, b, tpos, stride_mb, stride_mt, SHARED: tl.constexpr):
     of the tile reads the same mask row (``SHARED``: one query position, or a mask that
     broadcasts over them), one pointer (``[1, 1]``) so that ``masked_scores`` loads each
     column once rather than once per row."""
+    # One return: Triton compiles every return of a function, even past a constexpr branch.
     if SHARED:
-        return MASK + b * stride_mb + tl.zeros([1, 1], tl.int64)
-    return MASK + b * stride_mb + tpos[:, None] * stride_mt
+        ptrs = MASK + b * stride_mb + tl.zeros([1, 1], tl.int64)
+    else:
+        ptrs = MASK + b * stride_mb + tpos[:, None] * stride_mt
+    return ptrs
 
 
 @triton.jit

@@ -54,6 +54,8 @@ from .retrieve_triton import _window_mass, _write_keys
 from .bounds_triton import middle_range
 from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse
 
+_SPLIT_CHUNK = tl.constexpr(SPLIT_CHUNK)  # a jit function reads module globals only as constexprs
+
 __all__ = ["topk_picks"]
 
 # block: keys per iteration of a pass. programs_per_sm: programs per SM of the grid; every
@@ -477,7 +479,7 @@ def _topk_kernel(
             if HAS_ACTIVE:  # the pass over K shared its programs among the active slots
                 splits_of = tl.maximum((BH * lse_splits) // tl.maximum(n_active, 1), 1)
             lse = row_lse(LSE_PART, slot.to(tl.int64) * M_PAD + offs_r, lse_width, splits_of,
-                           r_ok, ROWS_P2, SPLIT_CHUNK)
+                           r_ok, ROWS_P2, _SPLIT_CHUNK)
             score_rows = SCORES + (slot.to(tl.int64) * rows + offs_r)[:, None] * L
             _write_keys(score_rows, key_row, start, end, lse, r_ok, KEY_BLOCK)
             if WANT_WMASS:

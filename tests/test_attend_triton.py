@@ -228,7 +228,7 @@ def test_pick_splits():
     # B=16, Hkv=8: 128 programs already; a few splits reach ~4 per SM.
     n, per = _pick_splits(32, 128, 132)
     assert 2 <= n <= 5 and (n - 1) * per < 32 <= n * per
-    # Very large batch: a single split (nothing to merge).
+    # Very large batch: a single split (combine kernel skipped).
     assert _pick_splits(32, 1024, 132) == (1, 32)
     for n_blocks in range(1, 40):
         for base in (1, 3, 16, 100, 600):
