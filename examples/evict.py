@@ -20,7 +20,7 @@ import torch
 import transformers
 
 import prhs_compile
-from prhs_compile.bench.tasks import niah_single, score
+from prhs_compile.bench.substrate.tasks import niah_single, score
 
 SUBSTRATE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "models", "substrate"))
 

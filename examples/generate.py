@@ -62,12 +62,12 @@ def main() -> None:
     else:
         model = random_model().to(dtype).to(args.device).eval()
     if path == SUBSTRATE:  # the project's model speaks the task format: ask it for a needle
-        from prhs_compile.bench.tasks import niah_single
+        from prhs_compile.bench.substrate.tasks import niah_single
 
         example = niah_single(args.prompt_len, seed=0)
         args.new_tokens = len(example.answer_ids)
     elif tokenizer is not None:  # a pretrained model: the pass key test through its tokenizer
-        from prhs_compile.bench.text_tasks import passkey
+        from prhs_compile.bench.substrate.text_tasks import passkey
 
         example = passkey(tokenizer, args.prompt_len, seed=0)
         args.new_tokens = len(example.answer_ids) + 2
@@ -100,12 +100,12 @@ def main() -> None:
     print(f"model: {path or 'random-init Llama'}")
     print(f"generated ids: {new}")
     if example is not None and example.meta.get("tokenized"):
-        from prhs_compile.bench.text_tasks import score
+        from prhs_compile.bench.substrate.text_tasks import score
 
         text = tokenizer.decode(new)
         print(f"pass key {example.meta['answer']}: generated {text!r} -> {'correct' if score(text, example) else 'wrong'}")
     elif example is not None:
-        from prhs_compile.bench.tasks import score
+        from prhs_compile.bench.substrate.tasks import score
 
         print(f"needle answer: {example.answer_ids} -> {'correct' if score('niah_single', new, example) else 'wrong'}")
     print(f"compile + warm-up: {compile_s:.1f} s; generate: {elapsed / len(new) * 1e3:.1f} ms per token "

@@ -27,7 +27,7 @@ def main() -> int:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from prhs_compile.bench.timing import Timer, copies_past_l2, l2_bytes, rotating
+    from prhs_compile.bench.speed.timing import Timer, copies_past_l2, l2_bytes, rotating
     from prhs_compile.kernels import attend_triton as at
 
     device = torch.device("cuda")

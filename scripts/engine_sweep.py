@@ -33,8 +33,8 @@ def main() -> int:
 
     import torch
 
-    from prhs_compile.bench.latency import _read_bandwidth
-    from prhs_compile.bench.timing import Timer
+    from prhs_compile.bench.speed.latency import _read_bandwidth
+    from prhs_compile.bench.speed.timing import Timer
     from prhs_compile.kernels import kpass_triton as kp
     from prhs_compile.kernels.bounds_triton import compute_bounds, mask_operand
     from prhs_compile.kernels import topk_triton as tk

@@ -63,8 +63,8 @@ def _profile(torch, args, B: int, L: int, rate: float) -> dict:
     """Profile one step; returns its kernels and CUDA-graph time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from prhs_compile.bench.latency import _PrHSStep, _step_plan
-    from prhs_compile.bench.timing import Timer
+    from prhs_compile.bench.speed.latency import _PrHSStep, _step_plan
+    from prhs_compile.bench.speed.timing import Timer
 
     Hq, Hkv, D = 32, 8, 128
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from prhs_compile.bench import text_tasks
+from prhs_compile.bench.substrate import text_tasks
 from prhs_compile.bench.models import load_model
 from prhs_compile.bench.report import environment, write_json
 from prhs_compile.kernels.pages import page_bounds, summaries_of

@@ -4,7 +4,7 @@ nothing, the GPU figures come from scripts/gpu_bench.sh)."""
 import argparse
 import json
 
-from prhs_compile.bench import throughput
+from prhs_compile.bench.speed import throughput
 
 
 def test_throughput_quick_reports_every_configuration(tmp_path):

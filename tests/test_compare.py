@@ -8,8 +8,8 @@ from tiny_models import save_byte_level_checkpoint
 
 import prhs_compile
 from prhs_compile.bench import cli
-from prhs_compile.bench.compare import annotate
-from prhs_compile.bench.compare_lukv import lu_kv_grid
+from prhs_compile.bench.evals.compare import annotate
+from prhs_compile.bench.evals.compare_lukv import lu_kv_grid
 
 
 def test_compare_quick_reports_every_policy(tmp_path):
@@ -88,8 +88,8 @@ def test_lu_kv_grid_spans_the_budgets_above_the_windows():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_policy_latency_times_every_policy_through_the_ops(device):
-    from prhs_compile.bench import policy_latency as lat
-    from prhs_compile.bench.accuracy import backend_options
+    from prhs_compile.bench.speed import policy_latency as lat
+    from prhs_compile.bench.evals.accuracy import backend_options
 
     shape = lat.AttentionShape("small", q_heads=8, kv_heads=2, head_dim=64)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -119,7 +119,7 @@ def test_policy_latency_times_every_policy_through_the_ops(device):
 
 
 def test_decode_stream_advances_at_a_device_cursor_and_rotates_cache_copies():
-    from prhs_compile.bench import policy_latency as lat
+    from prhs_compile.bench.speed import policy_latency as lat
 
     shape = lat.AttentionShape("small", q_heads=4, kv_heads=2, head_dim=16)
     stream = lat.DecodeStream(shape, context=64, dtype=torch.float32, device="cpu", copies=3)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from prhs_compile.bench import accuracy, frontier
+from prhs_compile.bench.evals import accuracy, frontier
 
 
 def _rows(policy, budget, tau):

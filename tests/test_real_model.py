@@ -14,7 +14,9 @@ import torch
 import transformers
 
 import prhs_compile
-from prhs_compile.bench import accuracy, models, text_tasks
+from prhs_compile.bench.evals import accuracy
+from prhs_compile.bench import models
+from prhs_compile.bench.substrate import text_tasks
 
 pytestmark = pytest.mark.real_model
 EAGER = {"inductor": False}
@@ -101,7 +103,7 @@ def test_text_tasks_are_exactly_the_context_long_and_hold_their_answer(gemma, co
 
 
 def test_calibrate_cli_takes_the_named_model(gemma, tmp_path):
-    from prhs_compile.bench import calibrate_cli
+    from prhs_compile.bench.evals import calibrate_cli
 
     parser = argparse.ArgumentParser()
     calibrate_cli.add_arguments(parser)

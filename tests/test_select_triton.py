@@ -324,7 +324,7 @@ def test_bounds_static_cache():
 def test_latency_quick_times_two_stage_and_quest_steps(tmp_path):
     import argparse
 
-    from prhs_compile.bench import latency
+    from prhs_compile.bench.speed import latency
 
     out = tmp_path / "latency.json"
     parser = argparse.ArgumentParser()
@@ -340,7 +340,7 @@ def test_latency_quick_times_two_stage_and_quest_steps(tmp_path):
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU smoke test; a GPU runs the real benchmark")
 def test_latency_quick(tmp_path):
-    from prhs_compile.bench import latency
+    from prhs_compile.bench.speed import latency
 
     out = tmp_path / "latency.json"
     import argparse

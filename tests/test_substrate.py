@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prhs_compile.bench import tasks
-from prhs_compile.bench.tasks import RETRIEVAL_TASKS, TASKS, score, teacher_forced, training_sequence
-from prhs_compile.bench.tokenizer import (
+from prhs_compile.bench.substrate import tasks
+from prhs_compile.bench.substrate.tasks import RETRIEVAL_TASKS, TASKS, score, teacher_forced, training_sequence
+from prhs_compile.bench.substrate.tokenizer import (
     BOS_ID, END_ID, KEY_ID, QUERY_ID, VALUE_ID, VOCAB_SIZE, build_tokenizer, decode_ids, encode_bytes,
 )
 
@@ -205,7 +205,7 @@ def test_tokenizer_is_bytes_plus_specials_and_loads_with_autotokenizer(tmp_path)
 
 
 def test_default_model_is_small_gqa_long_rope():
-    from prhs_compile.bench.train_substrate import Recipe, build_model
+    from prhs_compile.bench.substrate.train_substrate import Recipe, build_model
 
     model = build_model(Recipe())
     n = sum(p.numel() for p in model.parameters())

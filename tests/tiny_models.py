@@ -65,7 +65,7 @@ def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
 def save_byte_level_checkpoint(path, max_position_embeddings: int):
     """A tiny random Llama with the project's byte-level tokenizer, saved as a checkpoint
     (what the ``prhs-bench`` commands load by path)."""
-    from prhs_compile.bench.tokenizer import VOCAB_SIZE, save_tokenizer
+    from prhs_compile.bench.substrate.tokenizer import VOCAB_SIZE, save_tokenizer
 
     config = transformers.LlamaConfig(
         vocab_size=VOCAB_SIZE + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -13,16 +13,16 @@ import sys
 
 # subcommand name -> (module under prhs_compile.bench, one-line help)
 SUBCOMMANDS = {
-    "train-substrate": ("train_substrate", "train the small long-context evaluation model"),
-    "calibrate": ("calibrate_cli", "write a cross-layer sharing map (PrHS layer axis) for a model"),
-    "accuracy": ("accuracy", "task accuracy of policies and budgets through backend='prhs'"),
-    "sparsity": ("sparsity", "attention mass kept by the exact top-k, per layer"),
-    "profile": ("profile_cli", "LU-KV per-(layer, KV head) budget table for a model"),
-    "latency": ("latency", "decode-attention kernel latency against dense baselines (GPU)"),
-    "compare": ("compare", "every policy: LU-KV table, accuracy, dropped mass, decode latency, one report"),
-    "frontier": ("frontier", "PrHS tau/budget frontier on a real model: accuracy, KL, top-1, retrieval rate"),
-    "prefill": ("prefill", "windowed (PSAW) prefill attention, block-sparse vs dense (GPU)"),
-    "throughput": ("throughput", "end-to-end decode throughput of a compiled model (GPU)"),
+    "train-substrate": ("substrate.train_substrate", "train the small long-context evaluation model"),
+    "calibrate": ("evals.calibrate_cli", "write a cross-layer sharing map (PrHS layer axis) for a model"),
+    "accuracy": ("evals.accuracy", "task accuracy of policies and budgets through backend='prhs'"),
+    "sparsity": ("evals.sparsity", "attention mass kept by the exact top-k, per layer"),
+    "profile": ("evals.profile_cli", "LU-KV per-(layer, KV head) budget table for a model"),
+    "latency": ("speed.latency", "decode-attention kernel latency against dense baselines (GPU)"),
+    "compare": ("evals.compare", "every policy: LU-KV table, accuracy, dropped mass, decode latency, one report"),
+    "frontier": ("evals.frontier", "PrHS tau/budget frontier on a real model: accuracy, KL, top-1, retrieval rate"),
+    "prefill": ("speed.prefill", "windowed (PSAW) prefill attention, block-sparse vs dense (GPU)"),
+    "throughput": ("speed.throughput", "end-to-end decode throughput of a compiled model (GPU)"),
 }
 
 

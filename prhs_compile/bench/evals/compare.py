@@ -34,14 +34,14 @@ import time
 
 import torch
 
-from prhs_compile.bench import accuracy
-from prhs_compile.bench import compare_accuracy as accuracy_lib
-from prhs_compile.bench import compare_lukv as lu_kv_lib
-from prhs_compile.bench import compare_report as report_lib
+from prhs_compile.bench.evals import accuracy
+from prhs_compile.bench.evals import compare_accuracy as accuracy_lib
+from prhs_compile.bench.evals import compare_lukv as lu_kv_lib
+from prhs_compile.bench.evals import compare_report as report_lib
 from prhs_compile.bench import models
-from prhs_compile.bench import policy_latency as latency_lib
-from prhs_compile.bench import tasks as task_lib
-from prhs_compile.bench import text_tasks
+from prhs_compile.bench.speed import policy_latency as latency_lib
+from prhs_compile.bench.substrate import tasks as task_lib
+from prhs_compile.bench.substrate import text_tasks
 from prhs_compile.bench.report import write_json
 
 log = logging.getLogger("prhs.bench.compare")

@@ -51,7 +51,7 @@ import math
 import sys
 import time
 
-from .report import Progress, environment, finish, parse_sizes, write_json
+from ..report import Progress, environment, finish, parse_sizes, write_json
 from .timing import Timer
 
 log = logging.getLogger("prhs.bench.prefill")

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
-from prhs_compile.bench import accuracy
+from prhs_compile.bench.evals import accuracy
 
 log = logging.getLogger("prhs.bench.compare")
 

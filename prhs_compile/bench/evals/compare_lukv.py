@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from prhs_compile.bench import accuracy
+from prhs_compile.bench.evals import accuracy
 
 PROMPT_LEN = 4096  # calibration prompts: at most this long (shorter contexts: their length)
 

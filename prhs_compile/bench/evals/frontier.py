@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from prhs_compile.bench import accuracy
+from prhs_compile.bench.evals import accuracy
 from prhs_compile.bench.models import model_help
 from prhs_compile.bench.report import environment, write_json
 
@@ -380,8 +380,8 @@ def run(args) -> int:
 def _lu_kv_table(model, codec, args, settings: dict, stem: str, previous: dict | None) -> dict:
     """LU-KV's per-(layer, KV head) budgets for every budget of the frontier: the table a
     resumed run already profiled, else a profile on held-out prompts (``compare_lukv``)."""
-    from prhs_compile.bench import compare_lukv
-    from prhs_compile.bench.compare import FULL  # compare's LU-KV profile settings
+    from prhs_compile.bench.evals import compare_lukv
+    from prhs_compile.bench.evals.compare import FULL  # compare's LU-KV profile settings
 
     path = stem + ".lukv.json"
     if previous and previous.get("lu_kv") and os.path.exists(path):

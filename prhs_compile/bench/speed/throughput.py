@@ -60,8 +60,8 @@ import sys
 import tempfile
 import time
 
-from ..hf_compat import cache_keyword
-from .report import environment, write_json
+from ...hf_compat import cache_keyword
+from ..report import environment, write_json
 
 log = logging.getLogger("prhs.bench.throughput")
 

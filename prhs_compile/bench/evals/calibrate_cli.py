@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from prhs_compile.bench.accuracy import load
+    from prhs_compile.bench.evals.accuracy import load
     from prhs_compile.calibrate import calibrate
 
     model, codec = load(args.model, args.device, torch.float32)

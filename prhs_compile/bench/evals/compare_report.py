@@ -3,7 +3,7 @@ as a markdown table that can be pasted into the README."""
 
 from __future__ import annotations
 
-from prhs_compile.bench.accuracy import mean
+from prhs_compile.bench.evals.accuracy import mean
 
 
 def summarize(report: dict) -> list[dict]:

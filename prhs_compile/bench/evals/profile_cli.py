@@ -24,8 +24,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from prhs_compile.bench.accuracy import load
-    from prhs_compile.bench.calibrate_cli import prompt_ids
+    from prhs_compile.bench.evals.accuracy import load
+    from prhs_compile.bench.evals.calibrate_cli import prompt_ids
     from prhs_compile.lu_kv import profile
 
     model, codec = load(args.model, args.device, torch.float32)

@@ -63,7 +63,7 @@ import os
 import sys
 import time
 
-from .report import Progress, environment, finish, parse_sizes, write_json
+from ..report import Progress, environment, finish, parse_sizes, write_json
 from .timing import Timer, copies_past_l2, l2_bytes, rotating
 
 log = logging.getLogger("prhs.bench.latency")

@@ -26,10 +26,10 @@ import time
 import torch
 
 from prhs_compile.bench import models as model_lib
-from prhs_compile.bench import tasks as task_lib
-from prhs_compile.bench import text_tasks
+from prhs_compile.bench.substrate import tasks as task_lib
+from prhs_compile.bench.substrate import text_tasks
 from prhs_compile.hf_compat import cache_keyword
-from prhs_compile.bench.tokenizer import VOCAB_SIZE, decode_ids
+from prhs_compile.bench.substrate.tokenizer import VOCAB_SIZE, decode_ids
 
 
 def add_arguments(parser) -> None:

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-from prhs_compile.bench import tasks as task_lib
+from prhs_compile.bench.substrate import tasks as task_lib
 from prhs_compile.hf_compat import cache_keyword
 
 

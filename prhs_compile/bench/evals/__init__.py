@@ -1,0 +1,1 @@
+"""Accuracy harnesses: task accuracy, the tau/budget frontier, the policy comparison report, exact-top-k sparsity, calibration and LU-KV profiles (``prhs-bench accuracy``, ``frontier``, ``compare``, ``sparsity``, ``calibrate``, ``profile``)."""
