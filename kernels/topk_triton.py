@@ -3,9 +3,9 @@
 ``topk_picks`` turns the keys of ``retrieve_triton.retrieve_keys`` (or, with ``pending=``,
 the scores of its pass over K, which each program turns into the keys of its own share of a
 row first) into each active (row, KV head) slot's picks: ascending int32 positions, -1
-padded, the same set as ``selection.dilate_and_pick`` (the torch reference) on the same masses, ties included (both
-give a tie to the lower position). A key is a non-negative fp32 mass's bits + 1 (so keys
-order like masses), 0 for a position that cannot be picked.
+padded, the same set as ``selection.dilate_and_pick`` (the torch reference) on the same
+masses, ties included (both give a tie to the lower position). A key is a non-negative fp32
+mass's bits + 1 (so keys order like masses), 0 for a position that cannot be picked.
 
 One launch, no sort over the cache. The programs are shared among the active slots (as the
 K pass shares its grid): with few retrieving slots, each gets many programs ("parties"),
