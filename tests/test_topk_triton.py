@@ -248,3 +248,33 @@ def test_one_pass_keys_are_the_group_mass(dtype, tol, G, Tq):
     assert (found.window_mass[active].double() - want_window).norm() / want_window.norm() <= tol
     norms = k.float().norm(dim=-1).masked_fill(~view.valid[:, None, :], 0.0).amax(-1)[active]
     assert (found.key_norm[active] - norms).norm() / norms.norm() <= tol
+
+
+@pytest.mark.parametrize("dilate", [False, True])
+def test_pending_keys_pick_what_the_keys_pick(dilate):
+    """``topk_picks(pending=...)`` forms the keys from the K pass's scores itself (no keys
+    launch): the same picks, picked mass and window mass as ranking the keys of
+    ``retrieve_keys`` (the two-kernel path), for active slots of rows with left padding."""
+    gen = torch.Generator().manual_seed(11 + dilate)
+    B, Hkv, G, L, D = 2, 3, 4, 120, 32
+    sink, local, budget = 2, 6, 40
+    q = torch.randn(B, Hkv * G, 1, D, generator=gen).to(DEVICE)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to(DEVICE)
+    mask = torch.zeros(B, 1, 1, L, dtype=torch.bool)
+    mask[0, ..., :100] = True
+    mask[1, ..., 9:] = True
+    mask = mask.to(DEVICE)
+    active = torch.tensor([[True, True, False], [False, True, True]], device=DEVICE)
+    bounds = select_bounds(q, k, mask, budget=budget, sink=sink, local=local)
+    operand = mask_operand(mask, B, 1, L)
+    middle = budget - sink - local
+    options = dict(active=active, width=middle, dilation_m=8 if dilate else 0,
+                   dilation_r=1 if dilate else 0)
+    plain = retrieve_keys(q, k, operand, bounds, 0.3, active, want_window_mass=True, num_splits=3)
+    want, want_mass = topk_picks(plain.keys, bounds, middle, **options)
+    deferred = retrieve_keys(q, k, operand, bounds, 0.3, active, want_window_mass=True,
+                             num_splits=3, defer=True)
+    got, got_mass = topk_picks(deferred.keys, bounds, middle, pending=deferred.pending, **options)
+    assert torch.equal(got[active], want[active])
+    assert torch.allclose(got_mass[active], want_mass[active], rtol=1e-5)
+    assert torch.allclose(deferred.window_mass[active], plain.window_mass[active], rtol=1e-5)
