@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .bounds_triton import mask_load_ok, mask_row_ptrs
+
 __all__ = ["attend_triton"]
 
 # Scores are kept in the log2 domain so the kernels can use exp2 (a single MUFU op on GPU).
@@ -85,10 +87,8 @@ def _attend_split_kernel(
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
     idx_base = IDX + b * stride_ib + hkv * stride_ih
-    if SHARED_ROWS:  # every query row of the tile reads one mask row: each column once
-        mask_rows = MASK + b * stride_mb + tl.zeros([1, 1], tl.int64)
-    else:
-        mask_rows = MASK + b * stride_mb + head[:, None] * stride_mh + tpos[:, None] * stride_mt
+    mask_rows = mask_row_ptrs(MASK + b * stride_mb, head * stride_mh + tpos * stride_mt,
+                              SHARED_ROWS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -116,10 +116,7 @@ def _attend_split_kernel(
         else:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         s = s * qk_scale_log2
-        if SHARED_ROWS:
-            mask_ld = valid[None, :]
-        else:
-            mask_ld = m_ok[:, None] & valid[None, :]
+        mask_ld = mask_load_ok(mask_rows, m_ok, valid)
         if MASK_KIND == 1:
             mv = tl.load(mask_rows + pos64[None, :] * stride_ml, mask=mask_ld, other=0)
             s = tl.where(valid[None, :] & (mv != 0), s, float("-inf"))

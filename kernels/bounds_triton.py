@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["BLOCK_W", "MASK_ADD", "MASK_BOOL", "MASK_NONE", "BoundsColumn", "compute_bounds",
-           "mask_operand", "mask_row_ptrs", "masked_scores", "rows_share_mask", "middle_range", "row_bounds", "row_contiguous",
+           "mask_load_ok", "mask_operand", "mask_row_ptrs", "masked_scores", "rows_share_mask", "middle_range", "row_bounds", "row_contiguous",
            "select_bounds", "valid_in_row", "valid_positions", "write_valid_run"]
 
 MASK_NONE = 0
@@ -38,7 +38,7 @@ BLOCK_W = 1024  # positions per iteration of write_valid_run's scans
 
 @triton.jit
 def valid_positions(MASK, b, pos, in_range, Tq, stride_mb, stride_mt, stride_ml, mask_min,
-                     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr):
+                    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr):
     """[BLOCK] int1: positions that at least one query row may attend to."""
     if MASK_KIND == 0:
         valid = in_range
@@ -59,10 +59,10 @@ def valid_positions(MASK, b, pos, in_range, Tq, stride_mb, stride_mt, stride_ml,
 
 @triton.jit
 def valid_in_row(MASK, b, pos, in_range, lo, hi, contiguous, Tq, stride_mb, stride_mt,
-                  stride_ml, mask_min, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr):
+                 stride_ml, mask_min, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr):
     """``valid_positions`` for a row whose bounds (``lo``, ``hi``, ``contiguous``: column 7
-    of ``compute_bounds``) are known: a contiguous row's valid positions are [lo, hi), so its mask
-    is not read (the loads are predicated off)."""
+    of ``compute_bounds``) are known: a contiguous row's valid positions are [lo, hi), so
+    its mask is not read (the loads are predicated off)."""
     contiguous = contiguous.to(tl.int32)
     known = (in_range & (pos >= lo) & (pos < hi) & (contiguous != 0)) != 0  # int1 (interpreter)
     read = (in_range & (contiguous == 0)) != 0
@@ -71,28 +71,37 @@ def valid_in_row(MASK, b, pos, in_range, lo, hi, contiguous, Tq, stride_mb, stri
 
 
 @triton.jit
-def mask_row_ptrs(MASK, b, tpos, stride_mb, stride_mt, SHARED: tl.constexpr):
-    """Pointers to the mask rows of a tile's query rows (``[rows, 1]``), or, when every row
-    of the tile reads the same mask row (``SHARED``: one query position, or a mask that
-    broadcasts over them), one pointer (``[1, 1]``) so that ``masked_scores`` loads each
-    column once rather than once per row."""
+def mask_row_ptrs(row0, row_offsets, SHARED: tl.constexpr):
+    """Pointers to the mask rows of a tile's score rows (``[rows, 1]``: ``row0`` plus each
+    row's offset), or, when every row of the tile reads the same mask row (``SHARED``: one
+    query position, or a mask that broadcasts over them), one pointer (``[1, 1]``) so that
+    each mask column is loaded once rather than once per row (``mask_load_ok``)."""
     # One return: Triton compiles every return of a function, even past a constexpr branch.
     if SHARED:
-        ptrs = MASK + b * stride_mb + tl.zeros([1, 1], tl.int64)
+        ptrs = row0 + tl.zeros([1, 1], tl.int64)
     else:
-        ptrs = MASK + b * stride_mb + tpos[:, None] * stride_mt
+        ptrs = row0 + row_offsets[:, None]
     return ptrs
 
 
 @triton.jit
+def mask_load_ok(mask_rows, row_ok, col_ok):
+    """The load mask of a ``[rows, cols]`` mask tile read through ``mask_row_ptrs``'s
+    pointers: one load per column when the rows share a pointer."""
+    if mask_rows.shape[0] == 1:
+        ok = col_ok[None, :]
+    else:
+        ok = row_ok[:, None] & col_ok[None, :]
+    return ok
+
+
+@triton.jit
 def masked_scores(s, mask_rows, pos, row_ok, col_ok, stride_ml, mask_min,
-                   MASK_KIND: tl.constexpr):
+                  MASK_KIND: tl.constexpr):
     """Log2-domain scores with the mask applied; -inf where a row may not attend.
     ``mask_rows``: ``mask_row_ptrs``'s (one row pointer per score row, or one for all)."""
     ok = row_ok[:, None] & col_ok[None, :]
-    load_ok = ok
-    if mask_rows.shape[0] == 1:  # one mask row for every score row: each column once
-        load_ok = col_ok[None, :]
+    load_ok = mask_load_ok(mask_rows, row_ok, col_ok)
     if MASK_KIND == 1:
         mv = tl.load(mask_rows + pos[None, :].to(tl.int64) * stride_ml, mask=load_ok, other=0)
         s = tl.where(ok & (mv != 0), s, float("-inf"))
@@ -121,7 +130,7 @@ def _mask_stats_kernel(
     for sub in tl.static_range(0, CHUNK, SUB):
         pos = c * CHUNK + sub + tl.arange(0, SUB)
         v = valid_positions(MASK, b, pos, pos < L, Tq, stride_mb, stride_mt, stride_ml,
-                             mask_min, MASK_KIND, TQ_P2)
+                            mask_min, MASK_KIND, TQ_P2)
         cnt += tl.sum(v.to(tl.int32), 0)
         first = tl.minimum(first, tl.min(tl.where(v, pos, L), 0))
         last = tl.maximum(last, tl.max(tl.where(v, pos, -1), 0))
@@ -133,22 +142,26 @@ def _mask_stats_kernel(
 
 @triton.jit
 def _position_of_rank(MASK, b, r, cnt, cum, offs_c, c_ok, L, Tq,
-                      stride_mb, stride_mt, stride_ml, mask_min,
+                      stride_mb, stride_mt, stride_ml, mask_min, lo, hi, contiguous,
                       MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
                       CHUNK: tl.constexpr, SUB: tl.constexpr):
-    """Position of the valid position of rank ``r`` (0-based; -1 if there is none)."""
-    cstar = tl.sum(((cum <= r) & c_ok).to(tl.int32), 0)
-    base = tl.sum(tl.where(offs_c < cstar, cnt, 0), 0)
-    found = tl.full([], -1, tl.int32)
-    running = base
-    for sub in tl.static_range(0, CHUNK, SUB):
-        pos = cstar * CHUNK + sub + tl.arange(0, SUB)
-        v = valid_positions(MASK, b, pos, pos < L, Tq, stride_mb, stride_mt, stride_ml,
-                             mask_min, MASK_KIND, TQ_P2)
-        vi = v.to(tl.int32)
-        rank = running + tl.cumsum(vi, 0) - 1
-        found = tl.maximum(found, tl.max(tl.where(v & (rank == r), pos, -1), 0))
-        running += tl.sum(vi, 0)
+    """Position of the valid position of rank ``r`` (0-based; -1 if there is none). In a
+    contiguous row (every position of [lo, hi) valid) it is lo + r: no mask is read."""
+    if contiguous:
+        found = tl.where(lo + r < hi, lo + r, -1)
+    else:
+        cstar = tl.sum(((cum <= r) & c_ok).to(tl.int32), 0)
+        base = tl.sum(tl.where(offs_c < cstar, cnt, 0), 0)
+        found = tl.full([], -1, tl.int32)
+        running = base
+        for sub in tl.static_range(0, CHUNK, SUB):
+            pos = cstar * CHUNK + sub + tl.arange(0, SUB)
+            v = valid_positions(MASK, b, pos, pos < L, Tq, stride_mb, stride_mt, stride_ml,
+                                mask_min, MASK_KIND, TQ_P2)
+            vi = v.to(tl.int32)
+            rank = running + tl.cumsum(vi, 0) - 1
+            found = tl.maximum(found, tl.max(tl.where(v & (rank == r), pos, -1), 0))
+            running += tl.sum(vi, 0)
     return found
 
 
@@ -181,7 +194,7 @@ def _bounds_kernel(
             mid_start = sink + _psaw_excluded(count, sink, local, psaw_frac)
         else:
             mid_start = tl.full([], 0, tl.int32)
-        contiguous = count >= 0
+        contiguous = tl.full([], 1, tl.int32) != 0  # no mask: every position is valid
     else:
         offs_c = tl.arange(0, C_P2)
         c_ok = offs_c < C
@@ -199,30 +212,23 @@ def _bounds_kernel(
         contiguous = count == hi - lo
         # sink_end: valid positions below it are exactly those of rank < sink.
         r_sink = tl.minimum(tl.maximum(sink - 1, 0), tl.maximum(count - 1, 0))
+        p_sink = _position_of_rank(MASK, b, r_sink, cnt, cum, offs_c, c_ok, L, Tq,
+                                   stride_mb, stride_mt, stride_ml, mask_min, lo, hi,
+                                   contiguous, MASK_KIND, TQ_P2, CHUNK, SUB)
+        sink_end = tl.where(sink == 0, 0, tl.where(sink > count, L, p_sink + 1))
         # local_start: valid positions at or above it are exactly those of rank >= count - local.
         r_local = tl.minimum(tl.maximum(count - local, 0), tl.maximum(count - 1, 0))
-        r_mid = sink + _psaw_excluded(count, sink, local, psaw_frac)
-        r_mid_c = tl.minimum(r_mid, tl.maximum(count - 1, 0))
-        if contiguous:
-            p_sink = lo + r_sink
-            p_local = lo + r_local
-            p_mid = lo + r_mid_c
-        else:
-            p_sink = _position_of_rank(MASK, b, r_sink, cnt, cum, offs_c, c_ok, L, Tq,
-                                       stride_mb, stride_mt, stride_ml, mask_min,
-                                       MASK_KIND, TQ_P2, CHUNK, SUB)
-            p_local = _position_of_rank(MASK, b, r_local, cnt, cum, offs_c, c_ok, L, Tq,
-                                        stride_mb, stride_mt, stride_ml, mask_min,
-                                        MASK_KIND, TQ_P2, CHUNK, SUB)
-            p_mid = lo * 0
-            if HAS_PSAW:
-                p_mid = _position_of_rank(MASK, b, r_mid_c, cnt, cum, offs_c, c_ok, L, Tq,
-                                          stride_mb, stride_mt, stride_ml, mask_min,
-                                          MASK_KIND, TQ_P2, CHUNK, SUB)
-        sink_end = tl.where(sink == 0, 0, tl.where(sink > count, L, p_sink + 1))
+        p_local = _position_of_rank(MASK, b, r_local, cnt, cum, offs_c, c_ok, L, Tq,
+                                    stride_mb, stride_mt, stride_ml, mask_min, lo, hi,
+                                    contiguous, MASK_KIND, TQ_P2, CHUNK, SUB)
         local_start = tl.where(local == 0, L, tl.where(count - local <= 0, 0, p_local))
         if HAS_PSAW:
             # The middle starts at the valid position of rank sink + P_l(count).
+            r_mid = sink + _psaw_excluded(count, sink, local, psaw_frac)
+            p_mid = _position_of_rank(MASK, b, tl.minimum(r_mid, tl.maximum(count - 1, 0)),
+                                      cnt, cum, offs_c, c_ok, L, Tq,
+                                      stride_mb, stride_mt, stride_ml, mask_min, lo, hi,
+                                      contiguous, MASK_KIND, TQ_P2, CHUNK, SUB)
             mid_start = tl.where(r_mid >= count, L, p_mid)
         else:
             mid_start = tl.full([], 0, tl.int32)
@@ -240,15 +246,15 @@ def _bounds_kernel(
 
 @triton.jit
 def write_valid_run(OUT_ROW, MASK, b, lo, hi, base, slots, Tq,
-                     stride_mb, stride_mt, stride_ml, mask_min, contiguous,
-                     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr):
+                    stride_mb, stride_mt, stride_ml, mask_min, contiguous,
+                    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr):
     """Write the valid positions of [lo, hi), in order, to slots base, base + 1, ...
     (``contiguous``: [lo, hi) lies in a contiguous row, so all of it is valid)."""
     running = tl.full([], 0, tl.int32)
     for s0 in range(lo, hi, BLOCK_W):
         pos = s0 + tl.arange(0, BLOCK_W)
         v = valid_in_row(MASK, b, pos, pos < hi, lo, hi, contiguous, Tq, stride_mb,
-                          stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2)
+                         stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2)
         vi = v.to(tl.int32)
         slot = base + running + tl.cumsum(vi, 0) - 1
         tl.store(OUT_ROW + slot, pos, mask=v & (slot < slots))
@@ -324,7 +330,7 @@ class BoundsColumn:
 
 
 def compute_bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context, device,
-            psaw_frac=-1.0):
+                   psaw_frac=-1.0):
     """int32 [B, 8]: lo, hi, count, sink_end, local_start, fits, middle start (the position
     of rank ``sink + P_l(count)`` when ``psaw_frac >= 0``, else 0), contiguous (1 when every
     position of [lo, hi) is valid, so later kernels need not read the mask there)."""

@@ -47,7 +47,7 @@ def _compose_kernel(
         p = tl.load(kept_row + offs, mask=offs < middle, other=-1)
         inside = (p >= 0) & (p >= sink_end) & (p < local_start) & (p < hi)
         inside = inside & valid_in_row(MASK, b, p, inside, lo, hi, contiguous, Tq, stride_mb,
-                                        stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2)
+                                       stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2)
         inside = (inside & (fits == 0)) != 0  # as int1 (the interpreter needs it)
         slot = sink + n_kept + tl.cumsum(inside.to(tl.int32), 0) - 1
         tl.store(out_row + slot, p, mask=inside & (slot < slots))
@@ -61,15 +61,15 @@ def _compose_kernel(
                  mask=(slot < slots) & (slot >= total))
     a_end = tl.where(fits, hi, tl.maximum(tl.minimum(sink_end, hi), lo))
     write_valid_run(out_row, MASK, b, lo, a_end, 0, slots, Tq, stride_mb, stride_mt,
-                     stride_ml, mask_min, contiguous, MASK_KIND, TQ_P2, BLOCK_W)
+                    stride_ml, mask_min, contiguous, MASK_KIND, TQ_P2, BLOCK_W)
     b_start = tl.maximum(tl.minimum(local_start, hi), lo)
     b_end = tl.where(fits, b_start, hi)
     write_valid_run(out_row, MASK, b, b_start, b_end, sink + n_kept, slots, Tq, stride_mb,
-                     stride_mt, stride_ml, mask_min, contiguous, MASK_KIND, TQ_P2, BLOCK_W)
+                    stride_mt, stride_ml, mask_min, contiguous, MASK_KIND, TQ_P2, BLOCK_W)
 
 
 def compose(operand, bounds, kept, plan: SelectPlan, batch: int, kv_heads: int, q_len: int,
-             local: int | None = None):
+            local: int | None = None):
     """Indices from the stored picks ``kept`` (``None``: none, only sinks and window) and the
     windows; ``local`` overrides the plan's window (streaming keeps ``budget - sink``)."""
     mask_t, kind, ms, mask_min = operand

@@ -43,7 +43,7 @@ from .bounds_triton import (
 __all__ = ["LOG2E", "SPLIT_CHUNK", "CONFIG", "LsePass", "Retrieval", "assignment",
            "check_inputs", "dot_f32", "group_mass", "load_q", "lse_final", "lse_pass",
            "lse_update", "num_sms", "oracle_group_mass_triton", "row_lse", "run_mass",
-           "scores", "split_range"]
+           "scores", "split_range", "splits_per_active"]
 
 LOG2E = 1.4426950408889634
 
@@ -78,7 +78,7 @@ def split_range(lo, hi, split, num_splits, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt, stride_qd,
-            offs_d, d_ok):
+           offs_d, d_ok):
     m_ok = offs_m < M
     head = hkv * G + (offs_m // Tq).to(tl.int64)
     tpos = (offs_m % Tq).to(tl.int64)
@@ -89,7 +89,7 @@ def load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt, stride_
 
 @triton.jit
 def scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
-            DOT_F32: tl.constexpr):
+           DOT_F32: tl.constexpr):
     return _scores_and_keys(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
                             qk_scale_log2, DOT_F32)[0]
 
@@ -109,8 +109,15 @@ def _scores_and_keys(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
 
 
 @triton.jit
+def splits_per_active(BH, num_splits, n_active):
+    """How many of a launch's ``BH * num_splits`` programs each of ``n_active`` active slots
+    gets (``assignment``; the top-k finds a slot's partials with it)."""
+    return tl.maximum((BH * num_splits) // tl.maximum(n_active, 1), 1)
+
+
+@triton.jit
 def assignment(ACTIVE, pid_bh, split, BH, Hkv, num_splits, HAS_ACTIVE: tl.constexpr,
-                BLOCK_BH: tl.constexpr):
+               BLOCK_BH: tl.constexpr):
     """(slot, b, hkv, split, splits, ok): which (row, KV head) slot (flat, and as batch row
     and KV head) and which of its splits this program scores. Without activity flags, slot
     ``pid_bh`` and split ``split`` of ``num_splits``. With them, the ``BH * num_splits`` programs are shared evenly among the
@@ -121,7 +128,7 @@ def assignment(ACTIVE, pid_bh, split, BH, Hkv, num_splits, HAS_ACTIVE: tl.conste
         flags = tl.load(ACTIVE + offs, mask=offs < BH, other=0) != 0
         fi = flags.to(tl.int32)
         n_active = tl.sum(fi, 0)
-        splits = tl.maximum((BH * num_splits) // tl.maximum(n_active, 1), 1)
+        splits = splits_per_active(BH, num_splits, n_active)
         pid = pid_bh * num_splits + split
         nth = pid // splits
         rank = tl.cumsum(fi, 0) - 1
@@ -180,9 +187,9 @@ def _lse_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q, m_ok, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
-                            stride_qd, offs_d, d_ok)
+                           stride_qd, offs_d, d_ok)
     k_base = K + b * stride_kb + hkv * stride_kh
-    mask_rows = mask_row_ptrs(MASK, b, tpos, stride_mb, stride_mt, SHARED_ROWS)
+    mask_rows = mask_row_ptrs(MASK + b * stride_mb, tpos * stride_mt, SHARED_ROWS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -207,7 +214,7 @@ def _lse_kernel(
                 valid = tl.max(s, 0) > float("-inf")
             else:
                 valid = valid_positions(MASK, b, pos, col_ok, Tq, stride_mb, stride_mt,
-                                         stride_ml, mask_min, MASK_KIND, TQ_P2)
+                                        stride_ml, mask_min, MASK_KIND, TQ_P2)
             norm_sq = tl.maximum(norm_sq, tl.where(valid, tl.sum(kf * kf, 1), 0.0))
     lse = lse_final(m_i, l_i)
     row = pid_bh.to(tl.int64) * M_PAD + offs_m
@@ -219,15 +226,15 @@ def _lse_kernel(
 
 @triton.jit
 def run_mass(q, k_base, start, end, lse, mask_rows, m_ok, offs_d, d_ok, stride_kl, stride_kd,
-              stride_ml, qk_scale_log2, mask_min, BLOCK_N: tl.constexpr,
-              MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr):
+             stride_ml, qk_scale_log2, mask_min, BLOCK_N: tl.constexpr,
+             MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr):
     """Group mass of the positions [start, end) summed (a short run: a window)."""
     acc = tl.zeros([BLOCK_N], tl.float32)
     for s0 in range(start, end, BLOCK_N):
         pos = s0 + tl.arange(0, BLOCK_N)
         col_ok = pos < end
         s = scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd, qk_scale_log2,
-                    DOT_F32)
+                   DOT_F32)
         s = masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
         acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
     return tl.sum(acc, 0)
@@ -235,7 +242,7 @@ def run_mass(q, k_base, start, end, lse, mask_rows, m_ok, offs_d, d_ok, stride_k
 
 @triton.jit
 def row_lse(LSE_PART, row, lse_width, num_splits, row_ok, BLOCK_M: tl.constexpr,
-             SPLIT_CHUNK: tl.constexpr):
+            SPLIT_CHUNK: tl.constexpr):
     """[BLOCK_M] log-sum-exp (log2 domain) of each query row over the whole valid region,
     from pass 1's per-split partials; 0 for a row with nothing allowed (its scores are all
     -inf, so subtracting 0 makes every exp2 exactly 0: it adds no mass, and no NaN)."""
@@ -293,26 +300,26 @@ def _mass_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row = pid_bh.to(tl.int64) * M_PAD + offs_m
     lse = row_lse(LSE_PART, row, lse_width, num_splits, (offs_m >= 0) & ok, BLOCK_M,
-                   SPLIT_CHUNK)
+                  SPLIT_CHUNK)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q, m_ok, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
-                            stride_qd, offs_d, d_ok)
+                           stride_qd, offs_d, d_ok)
     k_base = K + b * stride_kb + hkv * stride_kh
-    mask_rows = mask_row_ptrs(MASK, b, tpos, stride_mb, stride_mt, SHARED_ROWS)
+    mask_rows = mask_row_ptrs(MASK + b * stride_mb, tpos * stride_mt, SHARED_ROWS)
     mass_row = MASS + ((pid_m * B + b) * Hkv + hkv) * L
 
     for s0 in range(start, end, BLOCK_N):
         pos = s0 + tl.arange(0, BLOCK_N)
         col_ok = pos < end
         s = scores(q, k_base, pos, col_ok, offs_d, d_ok, stride_kl, stride_kd,
-                    qk_scale_log2, DOT_F32)
+                   qk_scale_log2, DOT_F32)
         s = masked_scores(s, mask_rows, pos, m_ok, col_ok, stride_ml, mask_min, MASK_KIND)
         mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
         # Validity from all Tq mask rows (this tile may hold only some of the group's rows).
         valid = valid_positions(MASK, b, pos, col_ok, Tq, stride_mb, stride_mt, stride_ml,
-                                 mask_min, MASK_KIND, TQ_P2)
+                                mask_min, MASK_KIND, TQ_P2)
         tl.store(mass_row + pos, tl.where(valid, mass, float("-inf")), mask=col_ok)
 
     if WANT_WINDOW_MASS:
@@ -324,18 +331,18 @@ def _mass_kernel(
         loc_lo = tl.maximum(local_start, lo)
         loc_hi = tl.where(w_on, hi, loc_lo)
         w_sum = run_mass(q, k_base, lo, sink_hi, lse, mask_rows, m_ok, offs_d, d_ok,
+                         stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
+                         MASK_KIND, DOT_F32)
+        w_sum += run_mass(q, k_base, loc_lo, loc_hi, lse, mask_rows, m_ok, offs_d, d_ok,
                           stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
                           MASK_KIND, DOT_F32)
-        w_sum += run_mass(q, k_base, loc_lo, loc_hi, lse, mask_rows, m_ok, offs_d, d_ok,
-                           stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
-                           MASK_KIND, DOT_F32)
         tl.store(WMASS + pid_m * B * Hkv + pid_bh, w_sum,
                  mask=((split == 0) & ok) != 0)
 
     # -inf everywhere outside the scored middle (sinks, local window, unfilled cache, whole
     # rows that fit): pure stores, this split's share of [0, L).
     w_start, w_end = split_range(tl.full([], 0, tl.int32), tl.full([], 0, tl.int32) + fill_end,
-                                  split, num_splits, BLOCK_W)
+                                 split, num_splits, BLOCK_W)
     for s0 in range(w_start, w_end, BLOCK_W):
         pos = s0 + tl.arange(0, BLOCK_W)
         outside = (pos < mid_lo) | (pos >= mid_hi)
@@ -407,7 +414,7 @@ class LsePass(NamedTuple):
 
 
 def lse_pass(q, k, operand, bounds, scale, active=None, *, want_norm=False, num_splits=None,
-              block_n=None, scores=None) -> LsePass:
+             block_n=None, scores=None) -> LsePass:
     """Launch the log-sum-exp pass over K for the ``active`` slots (all when None), taking
     the key norms (``want_norm``) and writing the scores to ``scores`` ([B*Hkv, M, L] fp32)
     when given. With activity flags the active slots share all programs: up to every split
@@ -459,8 +466,8 @@ def dot_f32(q) -> bool:
 
 
 def group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_splits=None,
-                block_n=None, bounds=None, active=None, want_norm=False,
-                want_window_mass=False) -> Retrieval:
+               block_n=None, bounds=None, active=None, want_norm=False,
+               want_window_mass=False) -> Retrieval:
     """The two K passes of the rules that rank in torch (h2o, hshare, ``delta_target``).
 
     ``active`` (bool/int ``[B, Hkv]``, optional): only these (row, KV head) slots are scored;
@@ -477,7 +484,7 @@ def group_mass(q, k, mask, scale, sink, local, budget, min_context, *, num_split
     if bounds is None:
         bounds = compute_bounds(*operand, B, Tq, L, sink, local, budget, min_context, device)
     first = lse_pass(q, k, operand, bounds, scale, active, want_norm=want_norm,
-                      num_splits=num_splits, block_n=block_n)
+                     num_splits=num_splits, block_n=block_n)
     _, kind, ms, mask_min = operand
     mass = torch.empty((first.m_blocks, B, Hkv, L), dtype=torch.float32, device=device)
     window_mass = (torch.empty((first.m_blocks, B, Hkv), dtype=torch.float32, device=device)
@@ -507,6 +514,6 @@ def oracle_group_mass_triton(q, k, mask=None, scale=None, *, num_splits=None, bl
     of ``q . k * scale + bias`` over each query row's allowed positions, summed over the
     group's query heads and rows), ``-inf`` at positions no query row may attend to."""
     return group_mass(q, k, mask, scale, 0, 0, -1, 0, num_splits=num_splits,
-                       block_n=block_n).mass
+                      block_n=block_n).mass
 
 

@@ -129,7 +129,7 @@ def _summaries_kernel(
             pos = page * P + r0 + tl.arange(0, SUB)
             in_range = (pos >= lo) & (pos < hi) & (r0 + tl.arange(0, SUB) < P)
             valid = valid_positions(MASK, b, pos, in_range, Tq, stride_mb, stride_mt,
-                                     stride_ml, mask_min, MASK_KIND, TQ_P2)
+                                    stride_ml, mask_min, MASK_KIND, TQ_P2)
             k = tl.load(k_base + pos[:, None].to(tl.int64) * stride_kl
                         + offs_d[None, :] * stride_kd, mask=valid[:, None] & d_ok[None, :],
                         other=0.0).to(tl.float32)
@@ -155,11 +155,11 @@ def maintain_summaries_triton(st: dict, k, operand, bounds, old_newest, continui
     Tq = q_len
     num_splits = max(1, min(64, triton.cdiv(pages, 16)))
     _launch(_summaries_kernel, (B * Hkv, num_splits),
-        k, mask_t, bounds, old_newest, rebuild, low, high, Hkv, Tq, L, pages, num_splits,
-        *k.stride(), *ms, mask_min, *low.stride(),
-        D=D, P=plan.page_size, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        SUB=min(_SUB, triton.next_power_of_2(plan.page_size)), MASK_KIND=kind,
-        TQ_P2=triton.next_power_of_2(Tq), num_warps=4,
+            k, mask_t, bounds, old_newest, rebuild, low, high, Hkv, Tq, L, pages, num_splits,
+            *k.stride(), *ms, mask_min, *low.stride(),
+            D=D, P=plan.page_size, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            SUB=min(_SUB, triton.next_power_of_2(plan.page_size)), MASK_KIND=kind,
+            TQ_P2=triton.next_power_of_2(Tq), num_warps=4,
     )
 
 
@@ -188,7 +188,7 @@ def _page_scores_kernel(
     pos = first * P + tl.arange(0, BLOCK_P * P)
     inside = (pos < pages * P) & (pos >= mid_lo) & (pos < mid_hi)
     valid = valid_positions(MASK, b, pos, inside, Tq, stride_mb, stride_mt, stride_ml,
-                             mask_min, MASK_KIND, TQ_P2)
+                            mask_min, MASK_KIND, TQ_P2)
     pickable = tl.max(tl.reshape(valid.to(tl.int32), [BLOCK_P, P]), 1) != 0
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -199,7 +199,7 @@ def _page_scores_kernel(
     high = tl.load(HIGH + at, mask=ld, other=0.0).to(tl.float32)
     offs_m = tl.arange(0, M_P2)
     q, _, _ = load_q(Q, b, hkv, offs_m, G * Tq, G, Tq, stride_qb, stride_qh, stride_qt,
-                      stride_qd, offs_d, d_ok)
+                     stride_qd, offs_d, d_ok)
     q = q.to(tl.float32)
     # sum_rows sum_d max(q*min, q*max) = max . sum_rows(q+) + min . sum_rows(q-), as
     # ``pages.page_bounds``: two multiply-adds per summary element.
@@ -227,11 +227,11 @@ def page_keys(q, st: dict, operand, bounds, active, plan, length: int) -> torch.
     out = torch.empty((B, Hkv, pages), dtype=torch.int32, device=q.device)
     block_p = max(2, min(64, 2048 // plan.page_size))  # pages per program (their positions' mask in registers)
     _launch(_page_scores_kernel, (triton.cdiv(pages, block_p), B * Hkv),
-        q, mask_t, bounds, low, high, active, out, Hkv, Hq // Hkv, Tq, pages,
-        *q.stride(), *ms, mask_min, *low.stride(),
-        D=D, P=plan.page_size, BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        M_P2=triton.next_power_of_2((Hq // Hkv) * Tq), MASK_KIND=kind, TQ_P2=triton.next_power_of_2(Tq),
-        num_warps=4,
+            q, mask_t, bounds, low, high, active, out, Hkv, Hq // Hkv, Tq, pages,
+            *q.stride(), *ms, mask_min, *low.stride(),
+            D=D, P=plan.page_size, BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            M_P2=triton.next_power_of_2((Hq // Hkv) * Tq), MASK_KIND=kind, TQ_P2=triton.next_power_of_2(Tq),
+            num_warps=4,
     )
     return out
 
@@ -283,9 +283,9 @@ def _candidate_lse_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q, m_ok, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
-                            stride_qd, offs_d, d_ok)
+                           stride_qd, offs_d, d_ok)
     k_base = K + b * stride_kb + hkv * stride_kh
-    mask_rows = mask_row_ptrs(MASK, b, tpos, stride_mb, stride_mt, SHARED_ROWS)
+    mask_rows = mask_row_ptrs(MASK + b * stride_mb, tpos * stride_mt, SHARED_ROWS)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for group in range(split, tl.cdiv(width, BLOCK_N), num_splits):
@@ -335,7 +335,7 @@ def _candidate_keys_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     lse = row_lse(LSE_PART, slot.to(tl.int64) * BLOCK_M + offs_m, num_splits, num_splits,
-                   m_ok, BLOCK_M, SPLIT_CHUNK)
+                  m_ok, BLOCK_M, SPLIT_CHUNK)
     mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
     score_rows = SCORES + (slot.to(tl.int64) * M + offs_m)[:, None] * width
     for group in range(split, tl.cdiv(width, BLOCK_N), num_splits):
@@ -354,15 +354,15 @@ def _candidate_keys_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         q, _, tpos = load_q(Q, b, hkv, offs_m, M, G, Tq, stride_qb, stride_qh, stride_qt,
-                             stride_qd, offs_d, d_ok)
+                            stride_qd, offs_d, d_ok)
         k_base = K + b * stride_kb + hkv * stride_kh
-        mask_rows = mask_row_ptrs(MASK, b, tpos, stride_mb, stride_mt, SHARED_ROWS)
+        mask_rows = mask_row_ptrs(MASK + b * stride_mb, tpos * stride_mt, SHARED_ROWS)
         w = run_mass(q, k_base, lo, tl.minimum(sink_end, hi), lse, mask_rows, m_ok, offs_d, d_ok,
-                      stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
-                      MASK_KIND, DOT_F32)
+                     stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
+                     MASK_KIND, DOT_F32)
         w += run_mass(q, k_base, tl.maximum(local_start, lo), hi, lse, mask_rows, m_ok, offs_d,
-                       d_ok, stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
-                       MASK_KIND, DOT_F32)
+                      d_ok, stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
+                      MASK_KIND, DOT_F32)
         tl.store(WMASS + slot, w)
 
 
@@ -395,12 +395,12 @@ def candidate_keys(q, k, operand, bounds, scale, pages_list, active, page_size: 
                   SHARED_ROWS=rows_share_mask(operand, Tq), num_warps=4)
     qk = float(scale) * LOG2E
     _launch(_candidate_lse_kernel, (B * Hkv, num_splits),
-        q, k, mask_t, bounds, pages_list, active, lse_part, scores, qk, mask_min, Hkv,
-        Hq // Hkv, Tq, n_pages, num_splits, *q.stride(), *k.stride(), *ms, **common)
+            q, k, mask_t, bounds, pages_list, active, lse_part, scores, qk, mask_min, Hkv,
+            Hq // Hkv, Tq, n_pages, num_splits, *q.stride(), *k.stride(), *ms, **common)
     _launch(_candidate_keys_kernel, (B * Hkv, num_splits),
-        q, k, mask_t, bounds, pages_list, active, lse_part, scores, keys, positions,
-        window_mass, qk, mask_min, Hkv, Hq // Hkv, Tq, n_pages, num_splits, *q.stride(),
-        *k.stride(), *ms, SPLIT_CHUNK=SPLIT_CHUNK, **common)
+            q, k, mask_t, bounds, pages_list, active, lse_part, scores, keys, positions,
+            window_mass, qk, mask_min, Hkv, Hq // Hkv, Tq, n_pages, num_splits, *q.stride(),
+            *k.stride(), *ms, SPLIT_CHUNK=SPLIT_CHUNK, **common)
     return Keys(keys, None, window_mass, positions)
 
 

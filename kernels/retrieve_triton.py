@@ -101,7 +101,7 @@ def _keys_kernel(
     offs_m = tl.arange(0, M_P2)
     m_ok = ((offs_m < M) & ok) != 0  # as int1 (the interpreter needs it)
     lse = row_lse(LSE_PART, pid_bh.to(tl.int64) * M_PAD + offs_m, lse_width, num_splits,
-                   m_ok, M_P2, SPLIT_CHUNK)
+                  m_ok, M_P2, SPLIT_CHUNK)
 
     mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
     mid_hi = tl.where(ok, mid_hi, mid_lo)
@@ -159,7 +159,7 @@ def retrieve_keys(q, k, operand, bounds, scale, active=None, *, want_norm=False,
     M = (Hq // Hkv) * Tq
     scores = torch.empty((B * Hkv, M, L), dtype=torch.float32, device=q.device)
     first = lse_pass(q, k, operand, bounds, scale, active, want_norm=want_norm,
-                      num_splits=num_splits, block_n=block_n, scores=scores)
+                     num_splits=num_splits, block_n=block_n, scores=scores)
     keys = torch.empty((B, Hkv, L), dtype=torch.int32, device=q.device)
     window_mass = (torch.empty((B, Hkv), dtype=torch.float32, device=q.device)
                    if want_window_mass else first.lse_part)

@@ -39,7 +39,7 @@ def _channel_abs_sum_kernel(
     for s0 in range(start, end, BLOCK_N):
         pos = s0 + tl.arange(0, BLOCK_N)
         ok = valid_positions(MASK, b, pos, pos < end, Tq, stride_mb, stride_mt, stride_ml,
-                              mask_min, MASK_KIND, TQ_P2)
+                             mask_min, MASK_KIND, TQ_P2)
         k = tl.load(K + b * stride_kb + hkv * stride_kh + pos[:, None].to(tl.int64) * stride_kl
                     + offs_d[None, :] * stride_kd, mask=ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.abs(k.to(tl.float32))

@@ -350,7 +350,7 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
 
     operand = mask_operand(mask, batch, q_len, length)
     bounds = compute_bounds(*operand, batch, q_len, length, plan.sink, local, plan.budget,
-                     plan.min_context, q.device, psaw_frac)
+                            plan.min_context, q.device, psaw_frac)
     step = Step(q, k, mask, scale, plan, st, operand, bounds)
     if shared is not None:  # cross-layer sharing: an earlier layer's selection, as is
         step = step.with_row_facts()
@@ -415,8 +415,8 @@ def _gated_step(step: Step):
     if plan.delta_target > 0:
         # The smallest sufficient prefix needs the picks in mass order: ranked in torch.
         found = group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget,
-                            plan.min_context, bounds=bounds, active=flags, want_norm=True,
-                            want_window_mass=True)
+                           plan.min_context, bounds=bounds, active=flags, want_norm=True,
+                           want_window_mass=True)
         _store(q, found.mass, found.window_mass, found.key_norm, retrieve, reuse, age, kept,
                anchor, anchor_dropped, key_norm, plan.middle, plan.delta_target,
                plan.dilation_m, plan.dilation_r, rows, plan.head_middles(q.device))
@@ -589,7 +589,7 @@ def _labels_step(step: Step):
     sums = channel_abs_sums(k, operand, bounds, unseeded, q_len)
     q_lab, k_lab = _hshare_labelled(q, k, labels, sums, unseeded)
     found = group_mass(q_lab, k_lab, mask, scale, plan.sink, plan.local, plan.budget,
-                        plan.min_context, bounds=bounds, active=retrieve)
+                       plan.min_context, bounds=bounds, active=retrieve)
     retrieved = _hshare_store(found.mass, retrieve, anchor, kept, age, reuse, plan.middle,
                               step.rows)
     return step.finish(step.compose(kept), retrieved)

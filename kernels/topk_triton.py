@@ -52,7 +52,7 @@ import triton.language as tl
 
 from .retrieve_triton import _window_mass, _write_keys
 from .bounds_triton import middle_range
-from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse
+from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse, splits_per_active
 
 _SPLIT_CHUNK = tl.constexpr(SPLIT_CHUNK)  # a jit function reads module globals only as constexprs
 
@@ -477,15 +477,16 @@ def _topk_kernel(
             r_ok = offs_r < rows
             splits_of = tl.full([], 0, tl.int32) + lse_splits
             if HAS_ACTIVE:  # the pass over K shared its programs among the active slots
-                splits_of = tl.maximum((BH * lse_splits) // tl.maximum(n_active, 1), 1)
+                splits_of = splits_per_active(BH, lse_splits, n_active)
             lse = row_lse(LSE_PART, slot.to(tl.int64) * M_PAD + offs_r, lse_width, splits_of,
-                           r_ok, ROWS_P2, _SPLIT_CHUNK)
+                          r_ok, ROWS_P2, _SPLIT_CHUNK)
             score_rows = SCORES + (slot.to(tl.int64) * rows + offs_r)[:, None] * L
             _write_keys(score_rows, key_row, start, end, lse, r_ok, KEY_BLOCK)
             if WANT_WMASS:
                 if c == 0:
-                    tl.store(WMASS + slot, _window_mass(score_rows, BOUNDS, b, lse, r_ok, c == 0,
-                                                       KEY_BLOCK, ROWS_P2, L))
+                    w_sum = _window_mass(score_rows, BOUNDS, b, lse, r_ok, c == 0, KEY_BLOCK,
+                                         ROWS_P2, L)
+                    tl.store(WMASS + slot, w_sum)
             tl.debug_barrier()
         cap = tl.full([], 0, tl.int32) + k
         if HAS_CAPS:
@@ -556,6 +557,8 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     keys from the pass over K's scores first (and its window mass, when the pending keys
     carry a tensor for it)."""
     B, Hkv, L = keys.shape
+    if pending is not None and (positions is not None or whole_row):
+        raise ValueError("pending keys are one per cached position: no positions or whole_row")
     if positions is not None and positions.shape != keys.shape:
         raise ValueError(f"positions {tuple(positions.shape)} must match the keys {tuple(keys.shape)}")
     BH = B * Hkv
@@ -586,8 +589,6 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     cores = torch.empty((BH, m_p2), dtype=torch.int32, device=device) if dilate else scratch
     active_t = keys if active is None else active.reshape(BH).to(torch.int32)
     caps_t = keys if caps is None else caps.to(torch.int32)
-    if pending is not None and (positions is not None or whole_row):
-        raise ValueError("pending keys are one per cached position: no positions or whole_row")
     rows_p2 = triton.next_power_of_2(pending.rows) if pending is not None else 1
     want_wmass = pending is not None and pending.window_mass is not None
     _topk_kernel[(num_programs,)](

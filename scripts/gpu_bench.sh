@@ -78,7 +78,8 @@ for stage in "$@"; do
       prhs-bench throughput ${THROUGHPUT_ARGS:-} --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     ab)
-      # shellcheck disable=SC2086  # PROFILE_CONFIGS: batch:context:rate triples
+      : "${BASE:?set BASE to the source tree of the revision to compare against}"
+      # PROFILE_CONFIGS: batch:context:rate triples
       CONFIGS=${PROFILE_CONFIGS:-1:32768:0,16:32768:0,16:131072:0,1:32768:0.1,1:131072:1,16:131072:1}
       python -m pip install -q --no-deps --no-build-isolation --target /tmp/prhs_base "$ROOT/$BASE" 2>&1 | grep -v "as the 'root' user" | tail -3
       PYTHONPATH=/tmp/prhs_base python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --quiet \

@@ -58,7 +58,7 @@ def _operand_bounds(plan, q, k, mask, psaw_frac=-1.0):
     L = k.shape[2]
     operand = mask_operand(mask, B, Tq, L)
     bounds = compute_bounds(*operand, B, Tq, L, plan.sink, plan.local, plan.budget, plan.min_context,
-                     q.device, psaw_frac)
+                            q.device, psaw_frac)
     return operand, bounds
 
 

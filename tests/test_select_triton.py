@@ -275,7 +275,7 @@ def test_gated_k_passes_with_key_norms_and_window_mass(dtype, tol):
     mask = static_cache_mask(B, Tq, L, lengths=[80, 90], starts=[0, 6])
     active = torch.tensor([[True, False, True], [False, True, True]], device=DEVICE)
     found = kp.group_mass(q, k, mask, 0.3, sink, local, budget, 0, num_splits=3, block_n=16,
-                           active=active, want_norm=True, want_window_mass=True)
+                          active=active, want_norm=True, want_window_mass=True)
     ref, valid = (t.to(DEVICE) for t in group_mass(q, k, mask, 0.3))
     pos = torch.arange(L, device=DEVICE)
     sink_end, local_start = found.bounds[:, 3:4].long(), found.bounds[:, 4:5].long()

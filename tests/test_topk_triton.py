@@ -278,3 +278,17 @@ def test_pending_keys_pick_what_the_keys_pick(dilate):
     assert torch.equal(got[active], want[active])
     assert torch.allclose(got_mass[active], want_mass[active], rtol=1e-5)
     assert torch.allclose(deferred.window_mass[active], plain.window_mass[active], rtol=1e-5)
+
+
+def test_pending_keys_refuse_compact_rows():
+    """Pending keys are one per cached position: no compact candidate rows, no whole rows."""
+    q = torch.randn(1, 2, 1, 16).to(DEVICE)
+    k = torch.randn(1, 1, 32, 16).to(DEVICE)
+    mask = torch.ones(1, 1, 1, 32, dtype=torch.bool, device=DEVICE)
+    bounds = select_bounds(q, k, mask, budget=8, sink=1, local=2)
+    found = retrieve_keys(q, k, mask_operand(mask, 1, 1, 32), bounds, 0.3, defer=True)
+    with pytest.raises(ValueError, match="pending"):
+        topk_picks(found.keys, bounds, 4, pending=found.pending, whole_row=True)
+    with pytest.raises(ValueError, match="pending"):
+        topk_picks(found.keys, bounds, 4, pending=found.pending,
+                   positions=torch.zeros_like(found.keys))
