@@ -55,19 +55,25 @@ def _run_mass_from_scores(score_rows, start, end, lse, m_ok, BLOCK_N: tl.constex
 
 
 @triton.jit
+def block_keys(score_rows, pos, col_ok, lse, m_ok):
+    """The keys (int32) of one block of positions from the stored scores of the group's
+    rows (``score_rows``: [M_P2] row pointers) and the rows' log-sum-exp: the group mass's
+    fp32 bits + 1, 0 where no query row may attend."""
+    s = tl.load(score_rows + pos[None, :], mask=m_ok[:, None] & col_ok[None, :],
+                other=float("-inf"))
+    mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
+    # A position no query row may attend to has only -inf scores: not a candidate.
+    allowed = tl.max(s, 0) > float("-inf")
+    return tl.where(allowed, mass.to(tl.int32, bitcast=True) + 1, 0)
+
+
+@triton.jit
 def _write_keys(score_rows, key_row, start, end, lse, m_ok, BLOCK_N: tl.constexpr):
-    """The keys of positions [start, end) from the stored scores of the group's rows
-    (``score_rows``: [M_P2] row pointers) and the rows' log-sum-exp."""
+    """The keys of positions [start, end) (``block_keys``), stored."""
     for s0 in range(start, end, BLOCK_N):
         pos = s0 + tl.arange(0, BLOCK_N)
         col_ok = pos < end
-        s = tl.load(score_rows + pos[None, :], mask=m_ok[:, None] & col_ok[None, :],
-                    other=float("-inf"))
-        mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
-        # A position no query row may attend to has only -inf scores: not a candidate.
-        allowed = tl.max(s, 0) > float("-inf")
-        key = mass.to(tl.int32, bitcast=True) + 1
-        tl.store(key_row + pos, tl.where(allowed, key, 0), mask=col_ok)
+        tl.store(key_row + pos, block_keys(score_rows, pos, col_ok, lse, m_ok), mask=col_ok)
 
 
 @triton.jit

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .retrieve_triton import _window_mass, _write_keys
+from .retrieve_triton import _window_mass, block_keys
 from .bounds_triton import middle_range
 from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse, splits_per_active
 
@@ -89,6 +89,7 @@ _SCRATCH_WIDTH = _HIST_WIDTH + 4 + 5 * _C_MAX
 _HIST = tl.constexpr(0)
 _BAR = tl.constexpr(_HIST_WIDTH)
 _THR = tl.constexpr(_HIST_WIDTH + 1)
+_TOTAL = tl.constexpr(_HIST_WIDTH + 3)  # the slot's pick count (final compaction)
 _CNT1 = tl.constexpr(_HIST_WIDTH + 4)
 _CNT2 = tl.constexpr(_HIST_WIDTH + 4 + 2 * _C_MAX)
 _MASSP = tl.constexpr(_HIST_WIDTH + 4 + 4 * _C_MAX)
@@ -169,13 +170,51 @@ def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
 
 
 @triton.jit
+def _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen, total, c,
+                 parties, BLOCK: tl.constexpr, map_row, MAP: tl.constexpr):
+    """Write this party's picks of ``[start, end)`` (keys above ``thr``, and keys equal to
+    it while their rank among the row's equal keys, counted from ``eq_seen`` on, is below
+    ``need``) in column order from slot ``n_out`` on, and -1 in the slots from ``total`` to
+    ``width`` (shared among the parties). A column is written as itself, or as
+    ``map_row[column]`` (its position) with ``MAP``. Returns the summed mass of the picks."""
+    mass_sum = tl.full([], 0.0, tl.float32)
+    for s0 in range(start, end, BLOCK):
+        pos = s0 + tl.arange(0, BLOCK)
+        key = tl.load(key_row + pos, mask=pos < end, other=0,
+                      cache_modifier=".cg").to(tl.uint32, bitcast=True)
+        cand = (pos < end) & (key != 0)
+        is_eq = cand & (key == thr)
+        eq_rank = eq_seen + tl.cumsum(is_eq.to(tl.int32), 0) - 1
+        pick = cand & ((key > thr) | (is_eq & (eq_rank < need)))
+        slot = n_out + tl.cumsum(pick.to(tl.int32), 0) - 1
+        if MAP:
+            written = tl.load(map_row + pos, mask=pick, other=-1)
+        else:
+            written = pos
+        tl.store(out_row + slot, written, mask=pick & (slot < width))
+        mass_sum += tl.sum(tl.where(pick, _mass_of(key), 0.0), 0)
+        n_out += tl.sum(pick.to(tl.int32), 0)
+        eq_seen += tl.sum(is_eq.to(tl.int32), 0)
+    for s0 in range(total + c * BLOCK, width, parties * BLOCK):
+        slot = s0 + tl.arange(0, BLOCK)
+        tl.store(out_row + slot, tl.full([BLOCK], -1, tl.int32), mask=slot < width)
+    return mass_sum
+
+
+@triton.jit
+def _mass_of(key):
+    """The fp32 mass a key (dilation flag or not) stands for."""
+    return ((key & 0x7FFFFFFF) - 1).to(tl.int32, bitcast=True).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _compact(key_row, start, end, thr, need, out_row, width, SCR, CNT: tl.constexpr, c,
              parties, phase, MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr,
              map_row, MAP: tl.constexpr):
     """Write the slot's picks (keys above ``thr``, then the first ``need`` equal to it) in
     column order to ``out_row[0:width)`` and -1 after them; this party writes those of
-    ``[start, end)``. A column is written as itself, or as ``map_row[column]`` (its
-    position) with ``MAP``. Returns (count, summed mass of the picks, phase)."""
+    ``[start, end)``, after counting the keys of every party before it. Returns (count,
+    summed mass of the picks, phase)."""
     n_gt = tl.full([], 0, tl.int32)
     n_eq = tl.full([], 0, tl.int32)
     for s0 in range(start, end, BLOCK):
@@ -200,31 +239,10 @@ def _compact(key_row, start, end, thr, need, out_row, width, SCR, CNT: tl.conste
         eq_before = tl.sum(tl.where(offs_c < c, eqs, 0), 0)
         total_gt = tl.sum(gts, 0)
         total_eq = tl.sum(eqs, 0)
-    n_out = gt_before + tl.minimum(eq_before, need)
-    eq_seen = eq_before
-    mass_sum = tl.full([], 0.0, tl.float32)
-    for s0 in range(start, end, BLOCK):
-        pos = s0 + tl.arange(0, BLOCK)
-        key = tl.load(key_row + pos, mask=pos < end, other=0,
-                      cache_modifier=".cg").to(tl.uint32, bitcast=True)
-        cand = (pos < end) & (key != 0)
-        is_eq = cand & (key == thr)
-        eq_rank = eq_seen + tl.cumsum(is_eq.to(tl.int32), 0) - 1
-        pick = cand & ((key > thr) | (is_eq & (eq_rank < need)))
-        slot = n_out + tl.cumsum(pick.to(tl.int32), 0) - 1
-        if MAP:
-            written = tl.load(map_row + pos, mask=pick, other=-1)
-        else:
-            written = pos
-        tl.store(out_row + slot, written, mask=pick & (slot < width))
-        mass = ((key & 0x7FFFFFFF) - 1).to(tl.int32, bitcast=True).to(tl.float32, bitcast=True)
-        mass_sum += tl.sum(tl.where(pick, mass, 0.0), 0)
-        n_out += tl.sum(pick.to(tl.int32), 0)
-        eq_seen += tl.sum(is_eq.to(tl.int32), 0)
     total = total_gt + tl.minimum(total_eq, need)
-    for s0 in range(total + c * BLOCK, width, parties * BLOCK):
-        slot = s0 + tl.arange(0, BLOCK)
-        tl.store(out_row + slot, tl.full([BLOCK], -1, tl.int32), mask=slot < width)
+    mass_sum = _write_picks(key_row, start, end, thr, need, out_row, width,
+                            gt_before + tl.minimum(eq_before, need), eq_before, total, c,
+                            parties, BLOCK, map_row, MAP)
     if MULTI:
         tl.store(SCR + _MASSP + c, mass_sum.to(tl.int32, bitcast=True))
         phase = _barrier(SCR + _BAR, parties, phase)
@@ -235,48 +253,84 @@ def _compact(key_row, start, end, thr, need, out_row, width, SCR, CNT: tl.conste
 
 
 @triton.jit
-def _count_at_least(key_row, start, end, g, SCR, CNT: tl.constexpr, c, parties, phase,
-                    MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr):
-    """(keys >= ``g`` before this party's chunk, in the whole middle, phase)."""
-    n = tl.full([], 0, tl.int32)
-    for s0 in range(start, end, BLOCK):
-        offs = s0 + tl.arange(0, BLOCK)
-        key = tl.load(key_row + offs, mask=offs < end, other=0,
-                      cache_modifier=".cg").to(tl.uint32, bitcast=True)
-        n += tl.sum(((offs < end) & (key >= g)).to(tl.int32), 0)
-    before = tl.full([], 0, tl.int32)
-    total = n
-    if MULTI:
-        tl.store(SCR + CNT + 2 * c, n)
-        phase = _barrier(SCR + _BAR, parties, phase)
-        offs_c = tl.arange(0, C_P2)
-        counts = tl.load(SCR + CNT + 2 * offs_c, mask=offs_c < parties, other=0, volatile=True)
-        before = tl.sum(tl.where(offs_c < c, counts, 0), 0)
-        total = tl.sum(counts, 0)
-    return before, total, phase
+def _collect(key, pos, ok, g, tmp_row, n, tmp_width):
+    """Append the columns of one block's keys ``>= g`` to ``tmp_row`` (in order, the first
+    ``tmp_width`` of them kept); returns the new count."""
+    take = ok & (key >= g)
+    slot = n + tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(tmp_row + slot, pos, mask=take & (slot < tmp_width))
+    return n + tl.sum(take.to(tl.int32), 0)
 
 
 @triton.jit
-def _write_at_least(key_row, start, end, g, out_row, n_out, BLOCK: tl.constexpr):
-    """Write the positions of this party's keys >= ``g`` from slot ``n_out`` on, in order."""
+def _form_keys(score_rows, key_row, start, end, lse, r_ok, g, tmp_row, tmp_width,
+               COLLECT: tl.constexpr, BLOCK: tl.constexpr):
+    """This party's share ``[start, end)`` of the slot's keys, formed from the pass over K's
+    scores and stored; with ``COLLECT``, the columns of those ``>= g`` listed on the way
+    (``_collect``). Returns how many keys are ``>= g``."""
+    n = tl.full([], 0, tl.int32)
     for s0 in range(start, end, BLOCK):
         pos = s0 + tl.arange(0, BLOCK)
-        key = tl.load(key_row + pos, mask=pos < end, other=0,
+        ok = pos < end
+        key = block_keys(score_rows, pos, ok, lse, r_ok)
+        tl.store(key_row + pos, key, mask=ok)
+        if COLLECT:
+            n = _collect(key.to(tl.uint32, bitcast=True), pos, ok, g, tmp_row, n, tmp_width)
+    return n
+
+
+@triton.jit
+def _collect_pass(key_row, start, end, g, tmp_row, tmp_width, BLOCK: tl.constexpr):
+    """``_collect`` over this party's share of keys already written; returns the count."""
+    n = tl.full([], 0, tl.int32)
+    for s0 in range(start, end, BLOCK):
+        pos = s0 + tl.arange(0, BLOCK)
+        ok = pos < end
+        key = tl.load(key_row + pos, mask=ok, other=0,
                       cache_modifier=".cg").to(tl.uint32, bitcast=True)
-        take = (pos < end) & (key >= g)
-        slot = n_out + tl.cumsum(take.to(tl.int32), 0) - 1
-        tl.store(out_row + slot, pos, mask=take)
-        n_out += tl.sum(take.to(tl.int32), 0)
+        n = _collect(key, pos, ok, g, tmp_row, n, tmp_width)
+    return n
+
+
+@triton.jit
+def _guessed_candidates(n_mine, g, top, tmp_row, cand_row, cand_width, scr, c, parties,
+                        phase, MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr):
+    """(hit, n_cand, phase). Each party's first pass listed its keys ``>= g`` (``n_mine`` of
+    them, in ``tmp_row``). When they hold the ``top`` needed and fit the candidate buffer,
+    they are the candidates: each party copies its list after those of the parties before
+    it, so the candidates are in column order."""
+    before = tl.full([], 0, tl.int32)
+    total = n_mine
+    if MULTI:
+        tl.store(scr + _CNT1 + 2 * c, n_mine)
+        phase = _barrier(scr + _BAR, parties, phase)
+        offs_c = tl.arange(0, C_P2)
+        counts = tl.load(scr + _CNT1 + 2 * offs_c, mask=offs_c < parties, other=0,
+                         volatile=True)
+        before = tl.sum(tl.where(offs_c < c, counts, 0), 0)
+        total = tl.sum(counts, 0)
+    hit = (g != 0) & (total >= top) & (total <= cand_width)
+    if hit:
+        tl.debug_barrier()  # this program's list, written by other threads of it
+        for s0 in range(0, n_mine, BLOCK):
+            i = s0 + tl.arange(0, BLOCK)
+            col = tl.load(tmp_row + i, mask=i < n_mine, other=0, volatile=True)
+            tl.store(cand_row + before + i, col, mask=i < n_mine)
+        if MULTI:
+            phase = _barrier(scr + _BAR, parties, phase)
+        else:
+            tl.debug_barrier()
+    return hit.to(tl.int32), total, phase
 
 
 @triton.jit
 def _candidate_keys(key_row, cand_row, n_cand, CAND_P2: tl.constexpr):
-    """The keys of the candidates (without a dilation flag), 0 past ``n_cand``."""
+    """(columns, keys) of the candidates, keys without a dilation flag, 0 past ``n_cand``."""
     offs = tl.arange(0, CAND_P2)
     in_list = offs < n_cand
     cpos = tl.load(cand_row + offs, mask=in_list, other=0, volatile=True)
     ckey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
-    return tl.where(in_list, ckey & 0x7FFFFFFF, 0)
+    return cpos, tl.where(in_list, ckey & 0x7FFFFFFF, 0)
 
 
 @triton.jit
@@ -349,18 +403,81 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
     n_near = tl.sum(tl.sum(near.to(tl.int32), 1), 0)
     tl.debug_barrier()
 
+    # Every candidate's key after the flagging: the unflagged ones are "the rest".
+    rkey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
+    rest = tl.where(in_list & ((rkey & 0x80000000) == 0), rkey, 0)
+    flagged = tl.reshape(tl.where(near, nkey | _NEAR_BIT, 0).to(tl.uint32, bitcast=True),
+                         [M_P2 * R_P2])
+    near_col = tl.reshape(tl.where(near, col, 0), [M_P2 * R_P2])
     if n_near >= k:  # the neighbours alone fill the budget: their best k
-        flagged = tl.where(near, nkey | _NEAR_BIT, 0).to(tl.uint32, bitcast=True)
-        thr, need = _select_registers(tl.reshape(flagged, [M_P2 * R_P2]), k)
+        thr, need = _select_registers(flagged, k)
     else:  # every neighbour, then the best of the other candidates
-        rkey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
-        rest = tl.where((rkey & 0x80000000) == 0, rkey, 0)
         thr, need = _select_registers(rest, k - n_near)
         none_left = tl.sum((rest != 0).to(tl.int32), 0) == 0
         # No other key to take: a threshold above every unflagged key, below every flagged.
         thr = tl.where(none_left | (k - n_near <= 0), tl.full([], 0x7FFFFFFF, tl.uint32), thr)
         need = tl.where(none_left | (k - n_near <= 0), 0, need)
-    return thr, need
+    return thr, need, cpos, rest, near_col, flagged
+
+
+@triton.jit
+def _tally(col, key, thr, need, scan_lo, per, C_P2: tl.constexpr):
+    """Over one list of keys in column order (0: none), the picks' (keys above ``thr``,
+    equal ones while their rank is below ``need``) count per party above ``thr`` and equal
+    to it (party ``(column - scan_lo) // per``), and their summed mass."""
+    ok = key != 0
+    is_gt = ok & (key > thr)
+    is_eq = ok & (key == thr)
+    eq_rank = tl.cumsum(is_eq.to(tl.int32), 0) - 1
+    pick = is_gt | (is_eq & (eq_rank < need))
+    party = tl.minimum(tl.maximum((col - scan_lo) // per, 0), C_P2 - 1)
+    gts = tl.histogram(party, C_P2, mask=is_gt)
+    eqs = tl.histogram(party, C_P2, mask=is_eq)
+    return gts, eqs, tl.sum(tl.where(pick, _mass_of(key), 0.0), 0)
+
+
+@triton.jit
+def _final_threshold(key_row, cand_row, n_cand, cap, m, radius, mid_lo, mid_hi, core_row,
+                     scr, mass_ptr, scan_lo, per, c, parties, phase, DILATE: tl.constexpr,
+                     MULTI: tl.constexpr, C_P2: tl.constexpr, CAND_P2: tl.constexpr,
+                     M_P2: tl.constexpr, R_P2: tl.constexpr, map_row, n_cols,
+                     MAP: tl.constexpr):
+    """Party 0 finds the threshold of the slot's picks among the candidates (the top keys
+    of the row, in column order; flagging their dilation neighbours first with ``DILATE``),
+    and, from the same registers, how many picks each party's share of the row holds and
+    their summed mass (stored at ``mass_ptr``): the final compaction needs no counting pass.
+    Every party gets (thr, need, its first output slot, the equal keys before its share,
+    the slot's pick count, phase)."""
+    thr = tl.full([], 0, tl.uint32)
+    need = tl.full([], 0, tl.int32)
+    if c == 0:
+        if DILATE:
+            thr, need, cpos, rkey, near_col, near_key = _dilate(
+                key_row, cand_row, n_cand, core_row, m, radius, cap, mid_lo, mid_hi, CAND_P2,
+                M_P2, R_P2, map_row, n_cols, MAP)
+        else:
+            cpos, rkey = _candidate_keys(key_row, cand_row, n_cand, CAND_P2)
+            thr, need = _select_registers(rkey, cap)
+        thr = tl.where(cap <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
+        need = tl.where(cap <= 0, 0, need)
+        # A key equal to thr is either flagged or not, so the ties lie in one list alone.
+        gts, eqs, mass = _tally(cpos, rkey, thr, need, scan_lo, per, C_P2)
+        if DILATE:
+            near_gts, near_eqs, near_mass = _tally(near_col, near_key, thr, need, scan_lo, per,
+                                                   C_P2)
+            gts += near_gts
+            eqs += near_eqs
+            mass += near_mass
+        parties_c = tl.arange(0, C_P2)
+        tl.store(scr + _CNT2 + 2 * parties_c, tl.cumsum(gts, 0) - gts)
+        tl.store(scr + _CNT2 + 2 * parties_c + 1, tl.cumsum(eqs, 0) - eqs)
+        tl.store(scr + _TOTAL, tl.sum(gts, 0) + tl.minimum(tl.sum(eqs, 0), need))
+        tl.store(mass_ptr, mass)
+    thr, need, phase = _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI)
+    gt_before = tl.load(scr + _CNT2 + 2 * c, volatile=True)
+    eq_before = tl.load(scr + _CNT2 + 2 * c + 1, volatile=True)
+    total = tl.load(scr + _TOTAL, volatile=True)
+    return thr, need, gt_before + tl.minimum(eq_before, need), eq_before, total, phase
 
 
 @triton.jit
@@ -380,55 +497,9 @@ def _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI: tl.constexpr)
 
 
 @triton.jit
-def _guessed_threshold(key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr, c, parties,
-                       phase, cand_row, cand_width, core_row, guess_ptr, DILATE: tl.constexpr,
-                       MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr,
-                       CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr,
-                       map_row, n_cols, MAP: tl.constexpr):
-    """(thr, need, phase) of the slot's picks, with a guessed threshold. The candidates are
-    the keys >= the guess when they hold the ``top`` needed and fit the buffer (the guess
-    stays), else the top ``ahead`` by the radix select (whose threshold becomes the next
-    guess); one program finds the threshold among them, with the dilation or plainly."""
-    top = cap
-    if DILATE:
-        top = tl.maximum(cap, tl.full([], 0, tl.int32) + m)
-    ahead = tl.minimum((top * _GUESS_AHEAD_NUM) // _GUESS_AHEAD_DEN, cand_width)
-    g = tl.load(guess_ptr).to(tl.uint32, bitcast=True)
-    hit = tl.full([], 0, tl.int32)
-    n_cand = tl.full([], 0, tl.int32)
-    thr = tl.full([], 0, tl.uint32)
-    need = tl.full([], 0, tl.int32)
-    if g != 0:
-        before, n_ge, phase = _count_at_least(key_row, start, end, g, scr, _CNT1, c, parties,
-                                              phase, MULTI, BLOCK, C_P2)
-        if (n_ge >= top) & (n_ge <= cand_width):
-            _write_at_least(key_row, start, end, g, cand_row, before, BLOCK)
-            if MULTI:
-                phase = _barrier(scr + _BAR, parties, phase)
-            hit = tl.full([], 1, tl.int32)
-            n_cand = n_ge
-    if hit == 0:
-        thr, need, phase = _select(key_row, start, end, ahead, scr, parties, phase, MULTI, BLOCK)
-        n_cand, _, phase = _compact(key_row, start, end, thr, need, cand_row, cand_width,
-                                    scr, _CNT1, c, parties, phase, MULTI, BLOCK, C_P2,
-                                    map_row, False)
-        if c == 0:  # the next guess: every key >= it makes ``ahead`` (0: too few keys)
-            tl.store(guess_ptr, thr.to(tl.int32, bitcast=True))
-    if c == 0:
-        if DILATE:
-            thr, need = _dilate(key_row, cand_row, n_cand, core_row, m, radius, cap, mid_lo,
-                                mid_hi, CAND_P2, M_P2, R_P2, map_row, n_cols, MAP)
-        else:
-            thr, need = _select_registers(_candidate_keys(key_row, cand_row, n_cand, CAND_P2), cap)
-        thr = tl.where(cap <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
-        need = tl.where(cap <= 0, 0, need)
-    return _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI)
-
-
-@triton.jit
 def _topk_kernel(
     KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, SCRATCH, PICKED_MASS, GUESS, POSITIONS,
-    SCORES, LSE_PART, WMASS,
+    SCORES, LSE_PART, WMASS, TMP,
     BH, Hkv, L, k, m, radius, width, cand_width, stride_ob, stride_oh, num_programs,
     rows, lse_width, lse_splits,
     HAS_ACTIVE: tl.constexpr, HAS_CAPS: tl.constexpr, DILATE: tl.constexpr, HAS_GUESS: tl.constexpr,
@@ -468,11 +539,18 @@ def _topk_kernel(
         key_row = KEYS + slot.to(tl.int64) * L
         map_row = POSITIONS + slot.to(tl.int64) * L
         scr = SCRATCH + slot.to(tl.int64) * _SCRATCH
+        # The first pass over this party's share of the row: with PENDING it forms the keys
+        # from the pass over K's scores (as retrieve_triton's _keys_kernel does; the passes
+        # below read only this share until a barrier, so no other party need wait for it);
+        # with a guess it lists the keys at or above it on the way (a guess of 0, none,
+        # lists nothing: no key reaches 0xFFFFFFFF).
+        tmp_row = TMP + pid.to(tl.int64) * cand_width
+        g = tl.full([], 0, tl.uint32)
+        if HAS_GUESS:
+            g = tl.load(GUESS + slot).to(tl.uint32, bitcast=True)
+        g_first = tl.where(g != 0, g, tl.full([], 0xFFFFFFFF, tl.uint32))
+        n_mine = tl.full([], 0, tl.int32)
         if PENDING:
-            # The keys of this party's share of the row, from the pass over K's scores (as
-            # retrieve_triton's _keys_kernel forms them); the passes below read only this
-            # share until a barrier, so no other party need wait for it. Party 0 also sums
-            # the mass of the sinks and the local window.
             offs_r = tl.arange(0, ROWS_P2)
             r_ok = offs_r < rows
             splits_of = tl.full([], 0, tl.int32) + lse_splits
@@ -481,41 +559,60 @@ def _topk_kernel(
             lse = row_lse(LSE_PART, slot.to(tl.int64) * M_PAD + offs_r, lse_width, splits_of,
                           r_ok, ROWS_P2, _SPLIT_CHUNK)
             score_rows = SCORES + (slot.to(tl.int64) * rows + offs_r)[:, None] * L
-            _write_keys(score_rows, key_row, start, end, lse, r_ok, KEY_BLOCK)
-            if WANT_WMASS:
+            n_mine = _form_keys(score_rows, key_row, start, end, lse, r_ok, g_first, tmp_row,
+                                cand_width, HAS_GUESS, KEY_BLOCK)
+            if WANT_WMASS:  # party 0 sums the mass of the sinks and the local window
                 if c == 0:
                     w_sum = _window_mass(score_rows, BOUNDS, b, lse, r_ok, c == 0, KEY_BLOCK,
                                          ROWS_P2, L)
                     tl.store(WMASS + slot, w_sum)
             tl.debug_barrier()
+        elif HAS_GUESS:
+            n_mine = _collect_pass(key_row, start, end, g_first, tmp_row, cand_width, BLOCK)
         cap = tl.full([], 0, tl.int32) + k
         if HAS_CAPS:
             cap = tl.minimum(tl.load(CAPS + h).to(tl.int32), cap)
         phase = tl.full([], 0, tl.int32)
-        if HAS_GUESS:
-            thr, need, phase = _guessed_threshold(
-                key_row, start, end, cap, m, radius, mid_lo, mid_hi, scr, c, parties, phase,
-                CAND + slot.to(tl.int64) * cand_width, cand_width, CORES + slot.to(tl.int64) * M_P2,
-                GUESS + slot, DILATE, MULTI, BLOCK, C_P2, CAND_P2, M_P2, R_P2, map_row, L, MAP)
-        elif DILATE:
-            top = tl.maximum(cap, tl.full([], 0, tl.int32) + m)
-            thr, need, phase = _select(key_row, start, end, top, scr, parties, phase, MULTI, BLOCK)
+        out_row = OUT + b * stride_ob + h.to(tl.int64) * stride_oh
+        if HAS_GUESS or DILATE:
+            # Candidates (the top keys, in column order) for one program to threshold: the
+            # keys at or above the guess when it holds, else the radix select's top ``ahead``
+            # (with a guess: 5/4 x the needed, whose threshold is the next guess).
+            top = cap
+            if DILATE:
+                top = tl.maximum(cap, tl.full([], 0, tl.int32) + m)
             cand_row = CAND + slot.to(tl.int64) * cand_width
-            n_cand, _, phase = _compact(key_row, start, end, thr, need, cand_row, cand_width,
-                                        scr, _CNT1, c, parties, phase, MULTI, BLOCK, C_P2,
-                                        map_row, False)
-            if c == 0:
-                thr, need = _dilate(key_row, cand_row, n_cand, CORES + slot.to(tl.int64) * M_P2,
-                                    m, radius, cap, mid_lo, mid_hi, CAND_P2, M_P2, R_P2,
-                                    map_row, L, MAP)
-            thr, need, phase = _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI)
+            hit = tl.full([], 0, tl.int32)
+            n_cand = tl.full([], 0, tl.int32)
+            ahead = top
+            if HAS_GUESS:
+                hit, n_cand, phase = _guessed_candidates(n_mine, g, top, tmp_row, cand_row,
+                                                         cand_width, scr, c, parties, phase,
+                                                         MULTI, BLOCK, C_P2)
+                ahead = tl.minimum((top * _GUESS_AHEAD_NUM) // _GUESS_AHEAD_DEN, cand_width)
+            if hit == 0:
+                thr_a, need_a, phase = _select(key_row, start, end, ahead, scr, parties, phase,
+                                               MULTI, BLOCK)
+                n_cand, _, phase = _compact(key_row, start, end, thr_a, need_a, cand_row,
+                                            cand_width, scr, _CNT1, c, parties, phase, MULTI,
+                                            BLOCK, C_P2, map_row, False)
+                if HAS_GUESS:
+                    if c == 0:  # the next guess: every key >= it makes ``ahead`` (0: too few)
+                        tl.store(GUESS + slot, thr_a.to(tl.int32, bitcast=True))
+            thr, need, n_out, eq_seen, total, phase = _final_threshold(
+                key_row, cand_row, n_cand, cap, m, radius, mid_lo, mid_hi,
+                CORES + slot.to(tl.int64) * M_P2, scr, PICKED_MASS + slot, scan_lo,
+                tl.maximum(per, 1), c, parties, phase, DILATE, MULTI, C_P2, CAND_P2, M_P2,
+                R_P2, map_row, L, MAP)
+            _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen, total,
+                         c, parties, BLOCK, map_row, MAP)
         else:
             thr, need, phase = _select(key_row, start, end, cap, scr, parties, phase, MULTI, BLOCK)
-        out_row = OUT + b * stride_ob + h.to(tl.int64) * stride_oh
-        _, mass_sum, phase = _compact(key_row, start, end, thr, need, out_row, width, scr,
-                                      _CNT2, c, parties, phase, MULTI, BLOCK, C_P2, map_row, MAP)
-        if c == 0:
-            tl.store(PICKED_MASS + slot, mass_sum)
+            _, mass_sum, phase = _compact(key_row, start, end, thr, need, out_row, width, scr,
+                                          _CNT2, c, parties, phase, MULTI, BLOCK, C_P2, map_row,
+                                          MAP)
+            if c == 0:
+                tl.store(PICKED_MASS + slot, mass_sum)
 
 
 def _resident_programs(device: torch.device) -> int:
@@ -585,6 +682,9 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     cand_width = max(k, m, 1) * (_GUESS_SLACK if guess is not None else 1)
     cand = (torch.empty((BH, cand_width), dtype=torch.int32, device=device)
             if dilate or guess is not None else scratch)
+    # Each program's list of the keys at or above the guess, from its first pass.
+    tmp = (torch.empty((num_programs, cand_width), dtype=torch.int32, device=device)
+           if guess is not None else scratch)
     m_p2 = triton.next_power_of_2(max(m, 1))
     cores = torch.empty((BH, m_p2), dtype=torch.int32, device=device) if dilate else scratch
     active_t = keys if active is None else active.reshape(BH).to(torch.int32)
@@ -595,7 +695,7 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         keys, bounds, active_t, caps_t, out, cand, cores, scratch, picked_mass,
         keys if guess is None else guess, keys if positions is None else positions.to(torch.int32),
         keys if pending is None else pending.scores, keys if pending is None else pending.lse_part,
-        pending.window_mass if want_wmass else keys,
+        pending.window_mass if want_wmass else keys, tmp,
         BH, Hkv, L, k, m, dilation_r if dilate else 0, width, cand_width,
         out.stride(0), out.stride(1), num_programs,
         pending.rows if pending is not None else 1, pending.lse_width if pending is not None else 1,
