@@ -58,7 +58,7 @@ def _attend_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
-    SHARED_ROWS: tl.constexpr,
+    SHARED_ROWS: tl.constexpr, PREFETCH_IDX: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -96,9 +96,18 @@ def _attend_split_kernel(
 
     lo = split * blocks_per_split * BLOCK_N
     hi = tl.minimum(lo + blocks_per_split * BLOCK_N, S)
+    # PREFETCH_IDX: the next block's positions are loaded while this block's K/V rows are,
+    # so the gathers of consecutive blocks do not wait on an index load in between.
+    offs_next = lo + tl.arange(0, BLOCK_N)
+    pos_next = tl.load(idx_base + offs_next * stride_is, mask=offs_next < hi, other=-1)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        pos = tl.load(idx_base + offs_n * stride_is, mask=offs_n < hi, other=-1)
+        if PREFETCH_IDX:
+            pos = pos_next
+            offs_next = offs_n + BLOCK_N
+            pos_next = tl.load(idx_base + offs_next * stride_is, mask=offs_next < hi, other=-1)
+        else:
+            pos = tl.load(idx_base + offs_n * stride_is, mask=offs_n < hi, other=-1)
         # -1 slots (and, defensively, anything outside the cache) become predicated-off
         # loads: they cost no memory traffic, which is what matters for a bandwidth-bound
         # kernel. A branch skipping whole empty blocks would stop Triton from pipelining
@@ -219,7 +228,9 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
 # iteration with 4 warps and 2 stages was within ~3% of the best for D = 64..256 and
 # B = 1..64, and 8 warps was consistently worse (the tile per iteration is too small to keep
 # 8 warps busy). ``programs_per_sm``: the split-K target (see ``_pick_splits``).
-CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}
+# ``prefetch_idx``: load the next block's positions one iteration ahead (swept on the GPU).
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4,
+          "prefetch_idx": False}
 
 
 def _kernel_config(d: int, dv: int) -> tuple[int, int, int]:
@@ -351,6 +362,7 @@ def attend_triton(
         # One mask row for all query rows of a group (a mask broadcast over heads, and one
         # query position or a mask broadcast over positions): each column is loaded once.
         SHARED_ROWS=ms[1] == 0 and (Tq == 1 or ms[2] == 0),
+        PREFETCH_IDX=bool(CONFIG.get("prefetch_idx", False)),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:

@@ -3,9 +3,9 @@ of the budget's length (attend's yardstick), on a GPU.
 
     python scripts/attend_sweep.py [--out attend_sweep.json]
 
-For B in {8, 16} and context in {32K, 128K} (Llama-3-8B attention shape, bf16, budget
+For B in {1, 8, 16} and context in {32K, 128K} (Llama-3-8B attention shape, bf16, budget
 2048, random selected positions, caches rotated past L2, CUDA-graph medians) it times every
-(block_n, num_warps, num_stages, programs_per_sm) of a small grid and prints, per shape, the
+(block_n, num_warps, num_stages, programs_per_sm, prefetch_idx) of a small grid and prints, per shape, the
 best configuration and the default's time, both as a ratio to dense SDPA at the budget.
 """
 
@@ -21,6 +21,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--grid", choices=["short", "full"], default="short")
     args = parser.parse_args()
 
     import torch
@@ -35,9 +36,13 @@ def main() -> int:
     Hq, Hkv, D, S = 32, 8, 128, args.budget
     scale = 1 / math.sqrt(D)
     default = dict(at.CONFIG)
-    grid = list(itertools.product((64, 128), (4, 8), (2, 3), (4, 8)))
+    # (block_n, num_warps, num_stages, programs_per_sm, prefetch_idx); --grid full adds the
+    # wider warp/stage choices of the first sweep.
+    grid = list(itertools.product((32, 64, 128), (4,), (2,), (2, 4, 8), (False, True)))
+    if args.grid == "full":
+        grid += list(itertools.product((64, 128), (4, 8), (3,), (4, 8), (False, True)))
     rows = []
-    for B, L in itertools.product((8, 16), (32768, 131072)):
+    for B, L in itertools.product((1, 8, 16), (32768, 131072)):
         kv_bytes = 2 * B * Hkv * L * D * 2
         copies = copies_past_l2(2 * B * Hkv * S * D * 2, l2_bytes(device), cap=16)
         copies = min(copies, max(1, int(40e9 // kv_bytes)))
@@ -55,22 +60,24 @@ def main() -> int:
                 lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
                 for k, v in short]))
         results = []
-        for block_n, warps, stages, per_sm in grid:
+        for config in grid:
+            block_n, warps, stages, per_sm, prefetch = config
             at.CONFIG.update(block_n=block_n, num_warps=warps, num_stages=stages,
-                             programs_per_sm=per_sm)
+                             programs_per_sm=per_sm, prefetch_idx=prefetch)
             try:
                 ms = timer(rotating([lambda k=k, v=v: at.attend_triton(q, k, v, idx, mask, scale)
                                      for k, v in caches]))
             except Exception as exc:  # noqa: BLE001 - a configuration that does not compile
-                results.append({"config": [block_n, warps, stages, per_sm], "failed": str(exc)[:200]})
+                results.append({"config": list(config), "failed": str(exc)[:200]})
                 continue
-            results.append({"config": [block_n, warps, stages, per_sm], "ms": ms,
+            results.append({"config": list(config), "ms": ms,
                             "vs_dense_at_budget": ms / dense_ms})
         at.CONFIG.update(default)
         ok = [r for r in results if "ms" in r]
         best = min(ok, key=lambda r: r["ms"])
         base = next(r for r in ok if r["config"] == [default["block_n"], default["num_warps"],
-                                                     default["num_stages"], default["programs_per_sm"]])
+                                                     default["num_stages"], default["programs_per_sm"],
+                                                     default["prefetch_idx"]])
         rows.append({"batch": B, "context": L, "budget": S, "dense_at_budget_ms": dense_ms,
                      "best": best, "default": base, "all": results})
         print(f"B={B:2d} L={L:6d}: dense@budget {dense_ms:.4f} ms; default {base['ms']:.4f} "

@@ -4,6 +4,7 @@
 #   scripts/gpu_bench.sh tests       # the CUDA-marked tests and the Triton select-step tests
 #   scripts/gpu_bench.sh topk        # the top-k's kernel tests alone (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh engine      # the select engine's kernel tests alone (retrieval, top-k)
+#   scripts/gpu_bench.sh kernels     # the top-k's and attend's kernel tests (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh attend_sweep  # attend's kernel configurations -> $OUT/attend_sweep.json
 #   scripts/gpu_bench.sh profile     # the kernels of one PrHS decode step, with their times
 #   scripts/gpu_bench.sh sweep       # the select engine's K pass and top-k configurations -> $OUT/engine_sweep.json
@@ -42,6 +43,9 @@ for stage in "$@"; do
     topk)  # the top-k's kernel tests; a failure stops the stages after it
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" 2>&1 | tee "$OUT/pytest_topk.txt" | tail -5 || exit 1
       ;;
+    kernels)  # the top-k's and attend's kernel tests; a failure stops the stages after it
+      timeout 300 python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_attend_triton.py" 2>&1 | tee "$OUT/pytest_kernels.txt" | tail -5 || exit 1
+      ;;
     engine)
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_engine.txt" | tail -25
       ;;
@@ -71,7 +75,8 @@ for stage in "$@"; do
       ;;
     latency)
       # shellcheck disable=SC2086  # LATENCY_ARGS: extra options, e.g. --no-flex
-      prhs-bench latency --no-progress ${LATENCY_ARGS:-} --out "$OUT/latency.json" 2>&1 | tail -60
+      # LATENCY_OUT: the JSON's name under $OUT (a grid split over several runs)
+      prhs-bench latency --no-progress ${LATENCY_ARGS:-} --out "$OUT/${LATENCY_OUT:-latency.json}" 2>&1 | tail -60
       ;;
     throughput)
       # shellcheck disable=SC2086  # THROUGHPUT_ARGS: extra options, e.g. --configs inductor_gqa,prhs
@@ -95,6 +100,6 @@ for stage in "$@"; do
       python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 1 --retrieval pages 2>&1 | grep -v Warn | tee "$OUT/profile_pages_b16_128k_r1.txt" | grep -E "kernels|graph|_kernel"
       ;;
     *)
-      echo "unknown stage $stage (tests, topk, engine, attend_sweep, profile, ab, sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
+      echo "unknown stage $stage (tests, topk, kernels, engine, attend_sweep, profile, ab, sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
   esac
 done

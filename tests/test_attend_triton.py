@@ -6,6 +6,7 @@ hence the environment tweak before any kernel import. Shapes stay tiny there.
 """
 
 import os
+import sys
 
 import torch
 
@@ -124,9 +125,13 @@ def test_all_slots_empty():
         assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_splits_agree():
+@pytest.mark.parametrize("prefetch_idx", [False, True])
+def test_splits_agree(prefetch_idx, monkeypatch):
     # The same problem through the direct (one split) path and through several splits,
-    # including splits whose slots are all -1 (they must contribute nothing).
+    # including splits whose slots are all -1 (they must contribute nothing); with the
+    # positions loaded one block ahead or not.
+    module = sys.modules[attend_triton.__module__]
+    monkeypatch.setitem(module.CONFIG, "prefetch_idx", prefetch_idx)
     gen = torch.Generator().manual_seed(9)
     B, Hkv, G, Tq, L, D, S = 1, 2, 2, 2, 64, 16, 70
     q = rand((B, Hkv * G, Tq, D), torch.float32, gen)

@@ -330,12 +330,17 @@ def test_latency_quick_times_two_stage_and_quest_steps(tmp_path):
     parser = argparse.ArgumentParser()
     latency.add_arguments(parser)
     args = parser.parse_args(["--quick", "--out", str(out), "--no-progress", "--budgets", "64",
-                              "--retrievals", "exact,pages,quest", "--step-rates", "0,1"])
+                              "--retrievals", "exact,pages,quest", "--step-rates", "0,1",
+                              "--lean"])
     assert latency.run(args) == 0
     methods = json.loads(out.read_text())["results"][0]["methods"]
-    for name in ("prhs@0", "prhs@1", "prhs-pages@0", "prhs-pages@1", "quest"):
+    for name in ("prhs@0", "prhs@1", "prhs-pages@0", "prhs-pages@1", "quest", "dense_sdpa",
+                 "attend", "select_score", "topk"):
         assert methods[name]["ms"] > 0 and methods[name]["bytes"] > 0, name
     assert methods["prhs-pages@1"]["retrieval_rate"] == 1.0
+    # --lean leaves out what the steps do not need
+    for name in ("flex", "select", "gather_sdpa", "select_attend"):
+        assert "ms" not in methods[name] and methods[name]["skipped"], name
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU smoke test; a GPU runs the real benchmark")

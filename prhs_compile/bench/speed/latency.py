@@ -94,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do_bench_cudagraph (default) or do_bench")
     parser.add_argument("--rep", type=int, default=25, help="milliseconds per measurement")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--lean", action="store_true",
+                        help="time only dense SDPA, attend, the K pass, the top-k and the PrHS "
+                             "steps (no FlexAttention, oracle select, gather+SDPA or "
+                             "select+attend): the full grid in half the time")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, runs on CPU (Triton interpreter): a smoke test")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -216,8 +220,8 @@ def run(args) -> int:
 
     flex = BlockMask = None
     flex_reason = None
-    if args.no_flex:
-        flex_reason = "disabled with --no-flex"
+    if args.no_flex or args.lean:
+        flex_reason = "disabled with --no-flex" if args.no_flex else "disabled with --lean"
     elif device.type != "cuda":
         flex_reason = "FlexAttention is compiled for CUDA only here (CPU smoke test)"
     else:
@@ -355,12 +359,15 @@ def run(args) -> int:
             # select (its output feeds attend and gather+SDPA)
             idxs = [oracle_select_triton(q, k, mask, scale, S, sink, local, 0)
                     for k, _ in caches]
-            sel_ms = timer(rotating([
-                lambda k=k: oracle_select_triton(q, k, mask, scale, S, sink, local, 0)
-                for k, _ in caches]))
             rows = Hq // Hkv
-            methods["select"] = {"ms": sel_ms, "bytes": retrieval_bytes(
-                B, Hkv, L, D, itemsize, q_rows=rows, key_passes=5)}
+            if args.lean:
+                methods["select"] = {"skipped": "--lean"}
+            else:
+                sel_ms = timer(rotating([
+                    lambda k=k: oracle_select_triton(q, k, mask, scale, S, sink, local, 0)
+                    for k, _ in caches]))
+                methods["select"] = {"ms": sel_ms, "bytes": retrieval_bytes(
+                    B, Hkv, L, D, itemsize, q_rows=rows, key_passes=5)}
             tick(f"B={B} L={L} S={S} select")
 
             operand = mask_operand(mask, B, 1, L)
@@ -389,18 +396,24 @@ def run(args) -> int:
                 return F.scaled_dot_product_attention(q, k.gather(2, ix), v.gather(2, ix),
                                                       scale=scale, enable_gqa=True)
 
-            g_ms = timer(rotating([lambda k=k, v=v, i=i: gather_sdpa(k, v, i)
-                                    for (k, v), i in zip(caches, idxs)]))
-            methods["gather_sdpa"] = {"ms": g_ms, "bytes": attend_bytes}
+            if args.lean:
+                methods["gather_sdpa"] = {"skipped": "--lean"}
+            else:
+                g_ms = timer(rotating([lambda k=k, v=v, i=i: gather_sdpa(k, v, i)
+                                        for (k, v), i in zip(caches, idxs)]))
+                methods["gather_sdpa"] = {"ms": g_ms, "bytes": attend_bytes}
             tick(f"B={B} L={L} S={S} gather")
 
             def select_attend(k, v):
                 i = oracle_select_triton(q, k, mask, scale, S, sink, local, 0)
                 return attend_triton(q, k, v, i, mask, scale)
 
-            sa_ms = timer(rotating([lambda k=k, v=v: select_attend(k, v) for k, v in caches]))
-            methods["select_attend"] = {"ms": sa_ms,
-                                        "bytes": methods["select"]["bytes"] + attend_bytes}
+            if args.lean:
+                methods["select_attend"] = {"skipped": "--lean"}
+            else:
+                sa_ms = timer(rotating([lambda k=k, v=v: select_attend(k, v) for k, v in caches]))
+                methods["select_attend"] = {"ms": sa_ms,
+                                            "bytes": methods["select"]["bytes"] + attend_bytes}
             # What a PrHS retrieval moves (its top-k dilates: two selects over the keys).
             sel_bytes = retrieval_bytes(B, Hkv, L, D, itemsize, q_rows=rows, key_passes=10)
             tick(f"B={B} L={L} S={S} select+attend")
