@@ -124,11 +124,13 @@ def prhs_gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_n
 def prhs_store(q, picks, retained, fresh_key_norm, retrieve, reuse, age, kept, anchor,
                anchor_dropped, key_norm) -> None:
     """The state a step leaves for later ones: where a slot retrieved, its ``picks``
-    (``[B, Hkv, middle]`` positions), the mass they ``retained``, the newest queries as
-    anchors and the largest key norm ``fresh_key_norm``; the age of every slot."""
+    (``[B, Hkv, middle]`` positions; None: already written into ``kept``, as the Triton
+    top-k does), the mass they ``retained``, the newest queries as anchors and the largest
+    key norm ``fresh_key_norm``; the age of every slot."""
     group = q.shape[1] // kept.shape[1]
     anchor_dropped.copy_(torch.where(retrieve, (1.0 - retained).clamp_min(0.0), anchor_dropped))
-    kept.copy_(torch.where(retrieve[..., None], picks, kept))
+    if picks is not None:
+        kept.copy_(torch.where(retrieve[..., None], picks, kept))
     anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], q[:, :, -1].float(), anchor))
     key_norm.copy_(torch.where(retrieve, fresh_key_norm, key_norm))
     advance_age(age, retrieve, reuse)

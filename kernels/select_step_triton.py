@@ -392,7 +392,7 @@ def _store_picked(q, k, window_mass, picked_mass, fresh_key_norm, retrieve, reus
     """The gated step's epilogue, once the top-k kernel has written the picks of the
     retrieving slots into ``kept``: the state the step leaves (``rule_prhs.prhs_store``)
     and its bookkeeping (``select_reference.step_bookkeeping``), in one compiled graph."""
-    prhs_store(q, kept, (window_mass + picked_mass) / rows, fresh_key_norm, retrieve, reuse,
+    prhs_store(q, None, (window_mass + picked_mass) / rows, fresh_key_norm, retrieve, reuse,
                age, kept, anchor, anchor_dropped, key_norm)
     step_bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieve)
 

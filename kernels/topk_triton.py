@@ -22,20 +22,26 @@ interpreter (CPU tests) each slot gets one program and no barrier.
 * ``_compact``: the picks in position order. Each party counts its chunk's keys above and
   at the threshold, the counts of the parties before it give its output offset, and it
   writes its picks there (so ties go to the lower positions), summing their masses.
-* dilation: the top ``max(k, m)`` of the row are compacted as *candidates*; one program then
-  finds among them the top ``m`` (the cores), sets the top bit of the keys of their +-r
-  neighbours in the middle (a flagged key ranks above every other), and finds the threshold
-  of the rest: the neighbours plus the best ``k - |neighbours|`` others (or the best ``k``
-  neighbours, should they not all fit) are all among the candidates, so those few thousand
-  keys are all it looks at. A last ``_compact`` over the flagged keys writes the picks.
+* candidates: with a dilation or a guess, the top keys of the row are first gathered, in
+  column order, into a candidate list that one program (party 0) holds in its registers.
+  It finds the final threshold there and, from the same registers, how many picks each
+  party's chunk holds and their mass, so the final compaction is one writing pass with no
+  counting pass before it (``_final_threshold``, ``_write_picks``).
+* dilation: the top ``max(k, m)`` of the row are the candidates; party 0 finds among them
+  the top ``m`` (the cores), sets the top bit of the keys of their +-r neighbours in the
+  middle (a flagged key ranks above every other), and finds the threshold of the rest: the
+  neighbours plus the best ``k - |neighbours|`` others (or the best ``k`` neighbours, should
+  they not all fit) are all among the candidates and the neighbours, so those few thousand
+  keys are all it looks at.
 * guess (``guess=``, a threshold per slot kept between calls): a slot that retrieves again
   and again sees masses of much the same spread, so the last call's threshold predicts this
-  one's. With a guess ``g``, one pass counts the keys ``>= g``; when they hold the keys
-  needed and fit the candidate buffer (at most ``_GUESS_SLACK`` times as many), a second
-  pass compacts exactly those, and the radix rounds are skipped: one program finds the
-  threshold among the candidates (as the dilation does). Otherwise the radix select runs as
-  without a guess, and its threshold (of the top 5/4 x the needed count) becomes the next
-  guess. Either way the set is the same.
+  one's. With a guess ``g``, the first pass over the row (the one that forms the keys from
+  the K pass's scores, with ``pending=``) also lists, per party, the columns whose keys are
+  ``>= g``; when together they hold the keys needed and fit the candidate buffer (at most
+  ``_GUESS_SLACK`` times as many), they are the candidates and the radix rounds are skipped.
+  A guess that holds costs two passes over the row: the first, and the final writing one.
+  Otherwise the radix select runs as without a guess, and its threshold (of the top 5/4 x
+  the needed count) becomes the next guess. Either way the set is the same.
 * compact rows (``positions=``): a two-stage retrieval hands over only its candidates' keys,
   a row per slot in ascending position order with each column's position beside it; the
   passes run over that row (4 bytes per candidate, not per cached position), the picks are
@@ -360,8 +366,10 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
             CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, map_row, n_cols,
             MAP: tl.constexpr):
     """One program, over the candidates (the top max(k, m) keys, in column order): flag
-    the +-radius neighbours of the top ``m`` and return (thr, need) of the final top ``k``
-    over the flagged keys. With ``MAP`` the columns are ascending positions ``map_row``
+    the +-radius neighbours of the top ``m``; returns (thr, need) of the final top ``k``
+    over the flagged keys, the candidates' columns and their unflagged keys (0 for a
+    flagged one: "the rest"), and the neighbours' columns and flagged keys (0: none), each
+    list in column order. With ``MAP`` the columns are ascending positions ``map_row``
     (runs of consecutive positions, at least ``radius`` apart), so the neighbour at position
     ``p + o`` of a core at column ``c`` is column ``c + o`` when that column holds it."""
     offs = tl.arange(0, CAND_P2)
