@@ -7,6 +7,8 @@ local window, so concatenating the three runs is already ascending.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -14,28 +16,23 @@ import triton.language as tl
 from .plan import SelectPlan
 from .bounds_triton import BLOCK_W, row_bounds, row_contiguous, valid_in_row, write_valid_run
 
-__all__ = ["compose"]
+__all__ = ["Composition", "compose", "composition", "compose_row", "SLOT_BLOCK"]
 
 # Stored picks handled per iteration of the compose kernel: a budget of 2048 in one (each
 # iteration waits on its loads: the kernel is latency-bound, one program per slot).
-_SLOT_BLOCK = 2048
+SLOT_BLOCK = 2048
 
 
 @triton.jit
-def _compose_kernel(
-    MASK, BOUNDS, KEPT, OUT, Hkv, Tq, middle, slots, sink, local,
-    stride_mb, stride_mt, stride_ml, mask_min,
-    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr,
-    SLOT_BLOCK: tl.constexpr,
-):
-    """Indices of one (row, KV head): sinks ++ stored picks still in the middle ++ local
-    window, ascending, -1 padded; a row that fits the budget keeps all its valid positions."""
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // Hkv).to(tl.int64)
+def compose_row(MASK, BOUNDS, kept_row, out_row, b, Tq, middle, slots, sink, local,
+                stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND: tl.constexpr,
+                TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr):
+    """Indices of one (row, KV head) into ``out_row``: sinks ++ the picks of ``kept_row``
+    still in the middle ++ local window, ascending, -1 padded; a row that fits the budget
+    keeps all its valid positions. The picks are loaded ``volatile``: a top-k that composes
+    right after other programs wrote them must not read them from a stale cache."""
     lo, hi, count, sink_end, local_start, fits = row_bounds(BOUNDS, b)
     contiguous = row_contiguous(BOUNDS, b)  # then no mask is read
-    out_row = OUT + pid_bh.to(tl.int64) * slots
-    kept_row = KEPT + pid_bh.to(tl.int64) * middle
     sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
     local = tl.full([], 0, tl.int32) + local
 
@@ -44,7 +41,7 @@ def _compose_kernel(
     n_kept = tl.full([], 0, tl.int32)
     for s0 in range(0, middle, SLOT_BLOCK):
         offs = s0 + tl.arange(0, SLOT_BLOCK)
-        p = tl.load(kept_row + offs, mask=offs < middle, other=-1)
+        p = tl.load(kept_row + offs, mask=offs < middle, other=-1, volatile=True)
         inside = (p >= 0) & (p >= sink_end) & (p < local_start) & (p < hi)
         inside = inside & valid_in_row(MASK, b, p, inside, lo, hi, contiguous, Tq, stride_mb,
                                        stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2)
@@ -68,20 +65,62 @@ def _compose_kernel(
                     stride_mt, stride_ml, mask_min, contiguous, MASK_KIND, TQ_P2, BLOCK_W)
 
 
+@triton.jit
+def _compose_kernel(
+    MASK, BOUNDS, KEPT, OUT, Hkv, Tq, middle, slots, sink, local,
+    stride_mb, stride_mt, stride_ml, mask_min,
+    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr,
+    SLOT_BLOCK: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    compose_row(MASK, BOUNDS, KEPT + pid_bh.to(tl.int64) * middle,
+                OUT + pid_bh.to(tl.int64) * slots, (pid_bh // Hkv).to(tl.int64), Tq, middle,
+                slots, sink, local, stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND,
+                TQ_P2, BLOCK_W, SLOT_BLOCK)
+
+
+class Composition(NamedTuple):
+    """What composing a step's output takes besides the picks: the mask operand
+    (``bounds_triton.mask_operand``), the per-row bounds, the output (int32
+    ``[B, Hkv, slots]``, written), the sink and local window, and the query length. A kernel
+    that writes picks can compose in the same launch (``topk_picks(compose=...)``)."""
+
+    operand: tuple
+    bounds: torch.Tensor
+    out: torch.Tensor
+    sink: int
+    local: int
+    q_len: int
+
+    def launch_args(self):
+        """(mask tensor, mask kind, the mask's three strides, mask_min) for a kernel."""
+        mask_t, kind, ms, mask_min = self.operand
+        return (self.bounds if mask_t is None else mask_t), kind, ms, mask_min
+
+
+def composition(operand, bounds, plan: SelectPlan, batch: int, kv_heads: int, q_len: int,
+                local: int | None = None) -> Composition:
+    """A step's ``Composition``, its output allocated; ``local`` overrides the plan's
+    window (streaming keeps ``budget - sink``)."""
+    out = torch.empty((batch, kv_heads, plan.slots), dtype=torch.int32, device=bounds.device)
+    return Composition(operand, bounds, out, plan.sink, plan.local if local is None else local,
+                       q_len)
+
+
 def compose(operand, bounds, kept, plan: SelectPlan, batch: int, kv_heads: int, q_len: int,
             local: int | None = None):
     """Indices from the stored picks ``kept`` (``None``: none, only sinks and window) and the
     windows; ``local`` overrides the plan's window (streaming keeps ``budget - sink``)."""
-    mask_t, kind, ms, mask_min = operand
-    if mask_t is None:
-        mask_t = bounds  # unused placeholder pointer
+    target = composition(operand, bounds, plan, batch, kv_heads, q_len, local)
+    mask_t, kind, ms, mask_min = target.launch_args()
     middle = 0 if kept is None else kept.shape[-1]
+    if kept is not None and not kept.is_contiguous():
+        kept = kept.contiguous()
     kept = bounds if kept is None else kept
-    out = torch.empty((batch, kv_heads, plan.slots), dtype=torch.int32, device=bounds.device)
     _compose_kernel[(batch * kv_heads,)](
-        mask_t, bounds, kept, out, kv_heads, q_len, middle, plan.slots, plan.sink,
-        plan.local if local is None else local, *ms, mask_min, MASK_KIND=kind,
+        mask_t, bounds, kept, target.out, kv_heads, q_len, middle, plan.slots, target.sink,
+        target.local, *ms, mask_min, MASK_KIND=kind,
         TQ_P2=triton.next_power_of_2(q_len),
-        BLOCK_W=BLOCK_W, SLOT_BLOCK=_SLOT_BLOCK, num_warps=4,
+        BLOCK_W=BLOCK_W, SLOT_BLOCK=SLOT_BLOCK, num_warps=4,
     )
-    return out
+    return target.out

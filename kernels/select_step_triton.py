@@ -30,8 +30,9 @@ Why it is cheaper than the reference, per step of a ``[B, Hkv, L]`` cache:
   (``topk_triton``: histograms of the key bytes, a threshold, a compaction in position
   order, dilation included), written straight into the stored set; a slot that reuses its
   set ranks nothing and sorts nothing;
-* the output (sinks ++ stored picks ++ local window, ascending) is written by
-  ``compose_triton`` from the stored picks in ``O(slots)``.
+* the output (sinks ++ stored picks ++ local window, ascending) is written from the stored
+  picks in ``O(slots)`` (``compose_triton.compose_row``), by the top-k's own launch: at
+  once for a slot that keeps its set, after its picks for one that retrieves.
 
 What still costs ``O(L)`` on a step where no slot retrieves: the bounds kernels, which read
 the mask (1 byte per position and row). h2o, hshare and ``delta_target`` still rank in torch
@@ -62,6 +63,7 @@ from .select_reference import (
 )
 from .selection import advance_age, scatter_keep
 from .compose_triton import compose as _compose
+from .compose_triton import composition
 from .retrieve_triton import retrieve_keys
 from .bounds_triton import BoundsColumn as Col
 from .bounds_triton import compute_bounds, mask_operand
@@ -310,6 +312,12 @@ class Step(NamedTuple):
         return _compose(self.operand, self.bounds, picks, self.plan, self.q.shape[0],
                         self.k.shape[1], self.q.shape[2], local=local)
 
+    def composition(self):
+        """The step's output for the top-k to compose in its own launch
+        (``topk_picks(compose=...)``; saves the compose launch)."""
+        return composition(self.operand, self.bounds, self.plan, self.q.shape[0],
+                           self.k.shape[1], self.q.shape[2])
+
     def keep_summaries(self) -> None:
         """Fold this step's new keys into the page summaries (``retrieval="pages"``), before
         the bookkeeping moves the state's newest position."""
@@ -427,17 +435,20 @@ def _gated_step(step: Step):
     top = min(plan.middle, length)
     radius = plan.dilation_r
     cores = plan.dilation_m if plan.dilation_m >= 0 else top // (2 * radius + 1)
-    # The top-k writes the picks of retrieving slots straight into the stored set.
+    # The top-k writes the picks of retrieving slots straight into the stored set, and the
+    # step's output of every slot (the state update after it leaves the set as it is).
+    output = step.composition()
     _, picked_mass = topk_picks(found.keys, bounds, top, out=kept, active=flags,
                                 caps=plan.head_middles(q.device),
                                 dilation_m=min(cores, length), dilation_r=radius,
                                 width=plan.middle, guess=st[TOPK_GUESS][:batch],
-                                positions=found.positions, pending=found.pending)
+                                positions=found.positions, pending=found.pending,
+                                compose=output)
     _store_picked(q, k, found.window_mass, picked_mass,
                   found.key_norm if want_norm else key_norm, retrieve, reuse, age,
                   kept, anchor, anchor_dropped, key_norm, rows, st["counters"], pos,
                   fingerprint, newest, continuing)
-    return step.compose(kept)
+    return output.out
 
 
 _page_positions = _fused(page_positions)
@@ -488,10 +499,11 @@ def _one_shot_step(step: Step):
     retrieve = _one_shot_gate(step.continuing, step.fits, ready)
     found = retrieve_keys(step.q, step.k, step.operand, step.bounds, step.scale, retrieve,
                           defer=True)
+    output = step.composition()
     topk_picks(found.keys, step.bounds, min(plan.middle, length), out=kept, active=retrieve,
-               width=plan.middle, pending=found.pending)
+               width=plan.middle, pending=found.pending, compose=output)
     _one_shot_ready(retrieve, ready)
-    return step.finish(step.compose(kept), retrieve)
+    return step.finish(output.out, retrieve)
 
 
 def _exact_step(step: Step):
@@ -500,11 +512,12 @@ def _exact_step(step: Step):
     plan, bounds = step.plan, step.bounds
     step.keep_summaries()
     found = step.retrieval_keys(None)
-    picks, _ = topk_picks(found.keys, bounds, min(plan.middle, step.shape[4]),
-                          caps=plan.head_middles(step.q.device), width=plan.middle,
-                          guess=step.st[TOPK_GUESS][:step.shape[0]], positions=found.positions,
-                          pending=found.pending)
-    return step.finish(step.compose(picks), step.every_slot_retrieves())
+    output = step.composition()
+    topk_picks(found.keys, bounds, min(plan.middle, step.shape[4]),
+               caps=plan.head_middles(step.q.device), width=plan.middle,
+               guess=step.st[TOPK_GUESS][:step.shape[0]], positions=found.positions,
+               pending=found.pending, compose=output)
+    return step.finish(output.out, step.every_slot_retrieves())
 
 
 def _windows_step(step: Step):
@@ -636,6 +649,7 @@ def oracle_select_triton(q, k, mask, scale, budget, sink=0, local=0, min_context
         bounds = compute_bounds(*operand, B, Tq, L, sink, local, budget, min_context, q.device)
     found = retrieve_keys(q, k, operand, bounds, scale, num_splits=num_splits, block_n=block_n,
                           defer=True)
-    picks, _ = topk_picks(found.keys, bounds, min(plan.middle, L), width=plan.middle,
-                          pending=found.pending)
-    return _compose(operand, bounds, picks, plan, B, Hkv, Tq)
+    output = composition(operand, bounds, plan, B, Hkv, Tq)
+    topk_picks(found.keys, bounds, min(plan.middle, L), width=plan.middle,
+               pending=found.pending, compose=output)
+    return output.out

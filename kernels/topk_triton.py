@@ -57,7 +57,8 @@ import triton
 import triton.language as tl
 
 from .retrieve_triton import _window_mass, block_keys
-from .bounds_triton import middle_range
+from .bounds_triton import BLOCK_W, middle_range
+from .compose_triton import SLOT_BLOCK, Composition, compose_row
 from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse, splits_per_active
 
 _SPLIT_CHUNK = tl.constexpr(SPLIT_CHUNK)  # a jit function reads module globals only as constexprs
@@ -507,14 +508,17 @@ def _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI: tl.constexpr)
 @triton.jit
 def _topk_kernel(
     KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, SCRATCH, PICKED_MASS, GUESS, POSITIONS,
-    SCORES, LSE_PART, WMASS, TMP,
+    SCORES, LSE_PART, WMASS, TMP, COMP_MASK, COMP_OUT,
     BH, Hkv, L, k, m, radius, width, cand_width, stride_ob, stride_oh, num_programs,
     rows, lse_width, lse_splits,
+    Tq, slots, sink, local, stride_mb, stride_mt, stride_ml, mask_min,
     HAS_ACTIVE: tl.constexpr, HAS_CAPS: tl.constexpr, DILATE: tl.constexpr, HAS_GUESS: tl.constexpr,
     MULTI: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BH: tl.constexpr, C_P2: tl.constexpr,
     CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, MAP: tl.constexpr,
     WHOLE: tl.constexpr, PENDING: tl.constexpr, WANT_WMASS: tl.constexpr,
     ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr,
+    COMPOSE: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
+    BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_bh = tl.arange(0, BLOCK_BH)
@@ -530,6 +534,14 @@ def _topk_kernel(
         parties = tl.full([], 1, tl.int32)
     groups = num_programs // parties
     c = pid % parties
+    if COMPOSE:  # the step's output of the slots that keep their picks, at once
+        for s in range(pid, BH, num_programs):
+            if tl.sum(tl.where(offs_bh == s, flags.to(tl.int32), 0), 0) == 0:
+                b_s = (s // Hkv).to(tl.int64)
+                compose_row(COMP_MASK, BOUNDS, OUT + b_s * stride_ob + (s % Hkv).to(tl.int64) * stride_oh,
+                            COMP_OUT + s.to(tl.int64) * slots, b_s, Tq, width, slots, sink, local,
+                            stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W,
+                            SLOT_BLOCK)
     for j in range(pid // parties, n_active, groups):
         slot = tl.sum(tl.where(flags & (rank == j), offs_bh, 0), 0)
         b = (slot // Hkv).to(tl.int64)
@@ -621,6 +633,14 @@ def _topk_kernel(
                                           MAP)
             if c == 0:
                 tl.store(PICKED_MASS + slot, mass_sum)
+        if COMPOSE:  # the slot's output, once every party has written its picks
+            if MULTI:
+                phase = _barrier(scr + _BAR, parties, phase)
+            if c == 0:
+                tl.debug_barrier()
+                compose_row(COMP_MASK, BOUNDS, out_row, COMP_OUT + slot.to(tl.int64) * slots, b,
+                            Tq, width, slots, sink, local, stride_mb, stride_mt, stride_ml,
+                            mask_min, MASK_KIND, TQ_P2, BLOCK_W, SLOT_BLOCK)
 
 
 def _resident_programs(device: torch.device) -> int:
@@ -637,7 +657,7 @@ def _resident_programs(device: torch.device) -> int:
 
 def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilation_m: int = 0,
                dilation_r: int = 0, width: int | None = None, guess=None, positions=None,
-               whole_row: bool = False, pending=None):
+               whole_row: bool = False, pending=None, compose: Composition | None = None):
     """Picks of every active slot from ``keys`` (int32 ``[B, Hkv, L]``, modified in place
     when dilating): the top ``k`` of the middle (at most ``caps[h]`` for KV head h, when
     given), the +-``dilation_r`` neighbours of the best ``dilation_m`` first. Writes
@@ -660,7 +680,12 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     ``pending`` (``retrieve_triton.PendingKeys``, from ``retrieve_keys(defer=True)`` with the
     same ``active``): ``keys`` is still to be written; the kernel forms each active slot's
     keys from the pass over K's scores first (and its window mass, when the pending keys
-    carry a tensor for it)."""
+    carry a tensor for it).
+
+    ``compose`` (``compose_triton.Composition``): also write the step's output (sinks ++
+    picks ++ local window) of every slot into ``compose.out``, in the same launch: a slot
+    that keeps its picks at once, a retrieving one once its picks are written. ``out`` must
+    then hold every slot's picks (the stored set) or every slot must be active."""
     B, Hkv, L = keys.shape
     if pending is not None and (positions is not None or whole_row):
         raise ValueError("pending keys are one per cached position: no positions or whole_row")
@@ -669,7 +694,9 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     BH = B * Hkv
     width = k if width is None else width
     device = keys.device
-    if out is None:
+    if out is None and active is None:  # every row is written whole (picks, then -1)
+        out = torch.empty((B, Hkv, width), dtype=torch.int32, device=device)
+    elif out is None:
         out = torch.full((B, Hkv, width), -1, dtype=torch.int32, device=device)
     if out.stride(-1) != 1:
         raise ValueError("topk_picks writes rows of positions: out's last dim must be contiguous")
@@ -698,16 +725,28 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     active_t = keys if active is None else active.reshape(BH).to(torch.int32)
     caps_t = keys if caps is None else caps.to(torch.int32)
     rows_p2 = triton.next_power_of_2(pending.rows) if pending is not None else 1
+    if compose is None:
+        comp_mask, comp_kind, comp_ms, comp_mask_min = keys, 0, (0, 0, 0), 0.0
+        q_len, comp_slots, comp_sink, comp_local = 1, 1, 0, 0
+    else:
+        if compose.out.shape[:2] != (B, Hkv) or not compose.out.is_contiguous():
+            raise ValueError(f"compose.out {tuple(compose.out.shape)} must be a contiguous "
+                             f"[{B}, {Hkv}, slots] tensor")
+        comp_mask, comp_kind, comp_ms, comp_mask_min = compose.launch_args()
+        q_len, comp_slots = compose.q_len, compose.out.shape[-1]
+        comp_sink, comp_local = compose.sink, compose.local
     want_wmass = pending is not None and pending.window_mass is not None
     _topk_kernel[(num_programs,)](
         keys, bounds, active_t, caps_t, out, cand, cores, scratch, picked_mass,
         keys if guess is None else guess, keys if positions is None else positions.to(torch.int32),
         keys if pending is None else pending.scores, keys if pending is None else pending.lse_part,
-        pending.window_mass if want_wmass else keys, tmp,
+        pending.window_mass if want_wmass else keys, tmp, comp_mask,
+        keys if compose is None else compose.out,
         BH, Hkv, L, k, m, dilation_r if dilate else 0, width, cand_width,
         out.stride(0), out.stride(1), num_programs,
         pending.rows if pending is not None else 1, pending.lse_width if pending is not None else 1,
         pending.num_splits if pending is not None else 1,
+        q_len, comp_slots, comp_sink, comp_local, *comp_ms, comp_mask_min,
         HAS_ACTIVE=active is not None, HAS_CAPS=caps is not None, DILATE=dilate,
         HAS_GUESS=guess is not None, MULTI=multi,
         BLOCK=CONFIG["block"], BLOCK_BH=triton.next_power_of_2(BH),
@@ -715,6 +754,8 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         R_P2=triton.next_power_of_2(2 * max(dilation_r, 0) + 1), MAP=positions is not None,
         WHOLE=whole_row or positions is not None, PENDING=pending is not None,
         WANT_WMASS=want_wmass, ROWS_P2=rows_p2, M_PAD=pending.m_pad if pending is not None else 1,
-        KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)), num_warps=CONFIG["num_warps"],
+        KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)), COMPOSE=compose is not None,
+        MASK_KIND=comp_kind, TQ_P2=triton.next_power_of_2(q_len), BLOCK_W=BLOCK_W,
+        SLOT_BLOCK=SLOT_BLOCK, num_warps=CONFIG["num_warps"],
     )
     return out, picked_mass

@@ -4,7 +4,7 @@
 #   scripts/gpu_bench.sh tests       # the CUDA-marked tests and the Triton select-step tests
 #   scripts/gpu_bench.sh topk        # the top-k's kernel tests alone (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh engine      # the select engine's kernel tests alone (retrieval, top-k)
-#   scripts/gpu_bench.sh kernels     # the top-k's and attend's kernel tests (stops the stages after it on a failure)
+#   scripts/gpu_bench.sh kernels     # the top-k, attend and oracle-select kernel tests (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh attend_sweep  # attend's kernel configurations -> $OUT/attend_sweep.json
 #   scripts/gpu_bench.sh profile     # the kernels of one PrHS decode step, with their times
 #   scripts/gpu_bench.sh sweep       # the select engine's K pass and top-k configurations -> $OUT/engine_sweep.json
@@ -44,7 +44,7 @@ for stage in "$@"; do
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" 2>&1 | tee "$OUT/pytest_topk.txt" | tail -5 || exit 1
       ;;
     kernels)  # the top-k's and attend's kernel tests; a failure stops the stages after it
-      timeout 300 python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_attend_triton.py" 2>&1 | tee "$OUT/pytest_kernels.txt" | tail -5 || exit 1
+      timeout 300 python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_attend_triton.py" "$ROOT/tests/test_select_triton.py" 2>&1 | tee "$OUT/pytest_kernels.txt" | tail -5 || exit 1
       ;;
     engine)
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_engine.txt" | tail -25
