@@ -537,11 +537,12 @@ def _topk_kernel(
     if COMPOSE:  # the step's output of the slots that keep their picks, at once
         for s in range(pid, BH, num_programs):
             if tl.sum(tl.where(offs_bh == s, flags.to(tl.int32), 0), 0) == 0:
-                b_s = (s // Hkv).to(tl.int64)
-                compose_row(COMP_MASK, BOUNDS, OUT + b_s * stride_ob + (s % Hkv).to(tl.int64) * stride_oh,
-                            COMP_OUT + s.to(tl.int64) * slots, b_s, Tq, width, slots, sink, local,
-                            stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W,
-                            SLOT_BLOCK)
+                s64 = tl.full([], 0, tl.int64) + s  # the interpreter's loop index is an int
+                b_s = s64 // Hkv
+                compose_row(COMP_MASK, BOUNDS, OUT + b_s * stride_ob + (s64 % Hkv) * stride_oh,
+                            COMP_OUT + s64 * slots, b_s, Tq, width, slots, sink, local,
+                            stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2,
+                            BLOCK_W, SLOT_BLOCK)
     for j in range(pid // parties, n_active, groups):
         slot = tl.sum(tl.where(flags & (rank == j), offs_bh, 0), 0)
         b = (slot // Hkv).to(tl.int64)

@@ -43,7 +43,7 @@ for stage in "$@"; do
     topk)  # the top-k's kernel tests; a failure stops the stages after it
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" 2>&1 | tee "$OUT/pytest_topk.txt" | tail -5 || exit 1
       ;;
-    kernels)  # the top-k's and attend's kernel tests; a failure stops the stages after it
+    kernels)  # the top-k's, attend's and the oracle select's kernel tests; a failure stops the stages after it
       timeout 300 python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_attend_triton.py" "$ROOT/tests/test_select_triton.py" 2>&1 | tee "$OUT/pytest_kernels.txt" | tail -5 || exit 1
       ;;
     engine)
