@@ -5,11 +5,13 @@ may select, with no host synchronisation (CUDA-graph capturable).
   ``valid_positions`` / ``valid_in_row`` / ``masked_scores`` (inside kernels);
 * per-row bounds (``compute_bounds``; ``select_bounds`` for tests)::
 
-    _mask_stats_kernel  (B, L/CHUNK)   valid count / first / last per chunk of the mask
-    _bounds_kernel      (B,)           lo, hi, count, sink_end, local_start, fits, middle
-                                       start (PSAW), contiguous per row (``BoundsColumn``;
-                                       kernels read them through ``row_bounds``,
-                                       ``row_contiguous`` and ``middle_range``)
+    _mask_stats_kernel  (B, L/CHUNK)   valid count / first / last per chunk of the mask;
+                                       the last chunk of a row to finish then writes its
+                                       lo, hi, count, sink_end, local_start, fits, middle
+                                       start (PSAW), contiguous (``BoundsColumn``; kernels
+                                       read them through ``row_bounds``, ``row_contiguous``
+                                       and ``middle_range``)
+    _bounds_kernel      (B,)           the same bounds for a step without a mask
 
   With a static cache K is ``[B, Hkv, Lmax, D]`` and the mask says which positions hold
   tokens: ``[lo, hi)`` spans them, so no kernel reads the unfilled cache. Where every
@@ -118,10 +120,14 @@ def masked_scores(s, mask_rows, pos, row_ok, col_ok, stride_ml, mask_min,
 
 @triton.jit
 def _mask_stats_kernel(
-    MASK, STATS, Tq, L, C,
+    MASK, STATS, TICKETS, BOUNDS, Tq, L, C, sink, local, budget, min_context, psaw_frac,
     stride_mb, stride_mt, stride_ml, mask_min,
     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+    C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
 ):
+    """The valid count, first and last valid position of one chunk of a row's mask; the
+    row's last chunk to finish (an atomic ticket per row, left at 0 again for the next
+    call) then writes the row's bounds from every chunk's: one launch, not two."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cnt = tl.full([], 0, tl.int32)
@@ -138,6 +144,14 @@ def _mask_stats_kernel(
     tl.store(base + 0, cnt)
     tl.store(base + 1, first)
     tl.store(base + 2, last)
+    # Release: this chunk's stats are written before its ticket; acquire: the last chunk
+    # sees every other chunk's.
+    done = tl.atomic_add(TICKETS + b, 1, sem="acq_rel", scope="gpu")
+    if done == C - 1:
+        tl.store(TICKETS + b, 0)
+        _write_row_bounds(MASK, STATS, BOUNDS, b, Tq, L, C, sink, local, budget, min_context,
+                          psaw_frac, stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND,
+                          TQ_P2, CHUNK, SUB, C_P2, HAS_PSAW)
 
 
 @triton.jit
@@ -180,7 +194,18 @@ def _bounds_kernel(
     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
     C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    """The bounds of a row without a mask (a masked row's come from ``_mask_stats_kernel``)."""
+    _write_row_bounds(MASK, STATS, BOUNDS, tl.program_id(0).to(tl.int64), Tq, L, C, sink,
+                      local, budget, min_context, psaw_frac, stride_mb, stride_mt, stride_ml,
+                      mask_min, MASK_KIND, TQ_P2, CHUNK, SUB, C_P2, HAS_PSAW)
+
+
+@triton.jit
+def _write_row_bounds(MASK, STATS, BOUNDS, b, Tq, L, C, sink, local, budget, min_context,
+                      psaw_frac, stride_mb, stride_mt, stride_ml, mask_min,
+                      MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr,
+                      SUB: tl.constexpr, C_P2: tl.constexpr, HAS_PSAW: tl.constexpr):
+    """Row ``b``'s bounds (``BoundsColumn``) from its chunks' mask stats."""
     # Runtime ints equal to 1 arrive as constexprs: make them tensors for tl.where.
     sink = tl.full([], 0, tl.int32) + sink
     local = tl.full([], 0, tl.int32) + local
@@ -199,9 +224,10 @@ def _bounds_kernel(
         offs_c = tl.arange(0, C_P2)
         c_ok = offs_c < C
         base = STATS + b * C * 3 + offs_c * 3
-        cnt = tl.load(base + 0, mask=c_ok, other=0)
-        first = tl.load(base + 1, mask=c_ok, other=L)
-        last = tl.load(base + 2, mask=c_ok, other=-1)
+        # volatile: written by other programs of the launch (not from a stale cache)
+        cnt = tl.load(base + 0, mask=c_ok, other=0, volatile=True)
+        first = tl.load(base + 1, mask=c_ok, other=L, volatile=True)
+        last = tl.load(base + 2, mask=c_ok, other=-1, volatile=True)
         count = tl.sum(cnt, 0)
         lo = tl.where(count > 0, tl.min(first, 0), 0)
         hi = tl.where(count > 0, tl.max(last, 0) + 1, 0)
@@ -338,20 +364,33 @@ def compute_bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, mi
     tq_p2 = triton.next_power_of_2(max(Tq, 1))
     sub = min(_CHUNK, max(16, 8192 // tq_p2))
     C = triton.cdiv(max(L, 1), _CHUNK)
+    args = (Tq, L, C, sink, local, budget, min_context, float(psaw_frac), *ms, mask_min)
+    consts = dict(MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub,
+                  C_P2=triton.next_power_of_2(C), HAS_PSAW=psaw_frac >= 0, num_warps=4)
     if kind == MASK_NONE:
-        stats, mask_t = bounds, bounds  # unused placeholders
+        _bounds_kernel[(B,)](bounds, bounds, bounds, *args, **consts)  # no mask, no stats
     else:
         stats = torch.empty((B, C, 3), dtype=torch.int32, device=device)
-        _mask_stats_kernel[(B, C)](
-            mask_t, stats, Tq, L, C, *ms, mask_min,
-            MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub, num_warps=4,
-        )
-    _bounds_kernel[(B,)](
-        mask_t, stats, bounds, Tq, L, C, sink, local, budget, min_context, float(psaw_frac),
-        *ms, mask_min, MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub,
-        C_P2=triton.next_power_of_2(C), HAS_PSAW=psaw_frac >= 0, num_warps=4,
-    )
+        _mask_stats_kernel[(B, C)](mask_t, stats, _tickets(device, B), bounds, *args, **consts)
     return bounds
+
+
+# Per device, the rows' tickets of ``_mask_stats_kernel``: zeros, and zeros again after every
+# launch (the last chunk of a row resets its ticket), so one buffer serves every call, CUDA
+# graph replays included. Calls run one after another on a device's stream.
+_TICKET_BUFFERS: dict = {}
+
+
+def _tickets(device, rows: int) -> torch.Tensor:
+    device = torch.device(device)
+    buf = _TICKET_BUFFERS.get(device)
+    if buf is None or buf.numel() < rows:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A buffer made during a capture belongs to its graph: this call gets its own.
+            return torch.zeros(rows, dtype=torch.int32, device=device)
+        buf = torch.zeros(max(rows, 256), dtype=torch.int32, device=device)
+        _TICKET_BUFFERS[device] = buf
+    return buf
 
 
 def select_bounds(q, k, mask, budget=-1, sink=0, local=0, min_context=0) -> torch.Tensor:
