@@ -68,7 +68,7 @@ from .retrieve_triton import retrieve_keys
 from .bounds_triton import BoundsColumn as Col
 from .bounds_triton import compute_bounds, mask_operand
 from .kpass_triton import check_inputs, group_mass
-from .topk_triton import topk_picks
+from .topk_triton import SCRATCH_WIDTH, topk_picks
 
 __all__ = ["oracle_select_triton", "select_step_triton", "supports", "unsupported_reason"]
 
@@ -374,11 +374,15 @@ def _gate(bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm,
     """The gated step's prologue: the per-row facts (``_row_facts``) and PrHS's gate
     (``rule_prhs.prhs_gate``): which slots reuse their stored set this step and which
     retrieve, also as int32 flags for the kernels (not the reuse bound: only verify mode
-    reports it, on the reference). One compiled graph, so a few fused kernels."""
+    reports it, on the reference). One compiled graph, so a few fused kernels; it also
+    makes the top-k's zeroed scratch, whose fill Inductor folds into those launches."""
     newest, continuing, fits = _row_facts(bounds, pos, fingerprint, k, q_len)
     retrieve, reuse, _ = prhs_gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped,
                                    key_norm, scale, tau, delta_target, max_reuse)
-    return newest, continuing, fits, retrieve, reuse, retrieve.flatten().to(torch.int32)
+    scratch = torch.zeros((retrieve.numel(), SCRATCH_WIDTH), dtype=torch.int32,
+                          device=retrieve.device)
+    return (newest, continuing, fits, retrieve, reuse, retrieve.flatten().to(torch.int32),
+            scratch)
 
 
 @_fused
@@ -416,7 +420,7 @@ def _gated_step(step: Step):
     age, kept, anchor = st["age"][:batch], st["kept"][:batch], st["anchor"][:batch]
     anchor_dropped, key_norm = st["anchor_dropped"][:batch], st["key_norm"][:batch]
     pos, fingerprint = step.seq_state()
-    newest, continuing, fits, retrieve, reuse, flags = _gate(
+    newest, continuing, fits, retrieve, reuse, flags, scratch = _gate(
         bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm, q_len,
         float(scale), plan.tau, plan.delta_target, plan.max_reuse)
     step = step._replace(newest=newest, continuing=continuing, fits=fits)
@@ -443,7 +447,7 @@ def _gated_step(step: Step):
                                 dilation_m=min(cores, length), dilation_r=radius,
                                 width=plan.middle, guess=st[TOPK_GUESS][:batch],
                                 positions=found.positions, pending=found.pending,
-                                compose=output)
+                                compose=output, scratch=scratch)
     _store_picked(q, k, found.window_mass, picked_mass,
                   found.key_norm if want_norm else key_norm, retrieve, reuse, age,
                   kept, anchor, anchor_dropped, key_norm, rows, st["counters"], pos,

@@ -63,7 +63,7 @@ from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse, splits_per_active
 
 _SPLIT_CHUNK = tl.constexpr(SPLIT_CHUNK)  # a jit function reads module globals only as constexprs
 
-__all__ = ["topk_picks"]
+__all__ = ["SCRATCH_WIDTH", "topk_picks"]
 
 # block: keys per iteration of a pass. programs_per_sm: programs per SM of the grid; every
 # party of a slot must be resident while the others wait at its barrier, which the register
@@ -92,7 +92,7 @@ _DIGIT = tl.constexpr(_DIGIT_BITS)
 _BINS = tl.constexpr(2 ** _DIGIT_BITS)
 _ROUNDS = tl.constexpr(32 // _DIGIT_BITS)
 _HIST_WIDTH = (32 // _DIGIT_BITS) * 2 ** _DIGIT_BITS
-_SCRATCH_WIDTH = _HIST_WIDTH + 4 + 5 * _C_MAX
+SCRATCH_WIDTH = _HIST_WIDTH + 4 + 5 * _C_MAX
 _HIST = tl.constexpr(0)
 _BAR = tl.constexpr(_HIST_WIDTH)
 _THR = tl.constexpr(_HIST_WIDTH + 1)
@@ -100,7 +100,7 @@ _TOTAL = tl.constexpr(_HIST_WIDTH + 3)  # the slot's pick count (final compactio
 _CNT1 = tl.constexpr(_HIST_WIDTH + 4)
 _CNT2 = tl.constexpr(_HIST_WIDTH + 4 + 2 * _C_MAX)
 _MASSP = tl.constexpr(_HIST_WIDTH + 4 + 4 * _C_MAX)
-_SCRATCH = tl.constexpr(_SCRATCH_WIDTH)
+_SCRATCH = tl.constexpr(SCRATCH_WIDTH)
 
 
 @triton.jit
@@ -658,7 +658,8 @@ def _resident_programs(device: torch.device) -> int:
 
 def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilation_m: int = 0,
                dilation_r: int = 0, width: int | None = None, guess=None, positions=None,
-               whole_row: bool = False, pending=None, compose: Composition | None = None):
+               whole_row: bool = False, pending=None, compose: Composition | None = None,
+               scratch=None):
     """Picks of every active slot from ``keys`` (int32 ``[B, Hkv, L]``, modified in place
     when dilating): the top ``k`` of the middle (at most ``caps[h]`` for KV head h, when
     given), the +-``dilation_r`` neighbours of the best ``dilation_m`` first. Writes
@@ -686,7 +687,11 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     ``compose`` (``compose_triton.Composition``): also write the step's output (sinks ++
     picks ++ local window) of every slot into ``compose.out``, in the same launch: a slot
     that keeps its picks at once, a retrieving one once its picks are written. ``out`` must
-    then hold every slot's picks (the stored set) or every slot must be active."""
+    then hold every slot's picks (the stored set) or every slot must be active.
+
+    ``scratch``: int32 zeros ``[B * Hkv, SCRATCH_WIDTH]`` for the kernel's barriers and
+    counts, made by the caller (a compiled glue graph makes it without a launch of its
+    own); by default allocated here."""
     B, Hkv, L = keys.shape
     if pending is not None and (positions is not None or whole_row):
         raise ValueError("pending keys are one per cached position: no positions or whole_row")
@@ -707,8 +712,13 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     # On the GPU never more programs than are resident at once (parties wait for each
     # other); with more active slots than programs, each program takes several in turn.
     num_programs = _resident_programs(device) if multi else BH
-    scratch = (torch.zeros((BH, _SCRATCH_WIDTH), dtype=torch.int32, device=device) if multi
-               else torch.empty((BH, _SCRATCH_WIDTH), dtype=torch.int32, device=device))
+    if scratch is not None and (scratch.shape != (BH, SCRATCH_WIDTH)
+                                or scratch.dtype != torch.int32):
+        raise ValueError(f"scratch must be int32 zeros of shape ({BH}, {SCRATCH_WIDTH}), got "
+                         f"{scratch.dtype} {tuple(scratch.shape)}")
+    if scratch is None:
+        scratch = (torch.zeros((BH, SCRATCH_WIDTH), dtype=torch.int32, device=device) if multi
+                   else torch.empty((BH, SCRATCH_WIDTH), dtype=torch.int32, device=device))
     m = dilation_m if dilate else 0
     if guess is not None and (guess.dtype != torch.int32 or guess.numel() != BH):
         raise ValueError(f"guess must be int32 with one entry per (row, KV head) slot ({BH}), "
