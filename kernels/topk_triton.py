@@ -104,6 +104,14 @@ _SCRATCH = tl.constexpr(SCRATCH_WIDTH)
 
 
 @triton.jit
+def _keys_of_block(key_row, cols, end):
+    """The keys of a block of columns (0 from ``end`` on) as uint32, read past the L1 cache
+    (other programs of the launch write them)."""
+    return tl.load(key_row + cols, mask=cols < end, other=0,
+                   cache_modifier=".cg").to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _barrier(BAR, parties, phase):
     """Wait until every party of this slot has arrived ``phase + 1`` times; returns the new
     phase. A CTA barrier first, so that all of this program's writes precede its arrival."""
@@ -150,8 +158,7 @@ def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
             hist = tl.zeros([_BINS], tl.int32)
             for s0 in range(start, end, BLOCK):
                 offs = s0 + tl.arange(0, BLOCK)
-                key = tl.load(key_row + offs, mask=offs < end, other=0,
-                              cache_modifier=".cg").to(tl.uint32, bitcast=True)
+                key = _keys_of_block(key_row, offs, end)
                 match = (offs < end) & (key != 0) & ((key & fixed) == prefix)
                 digit = (key >> (32 - _DIGIT * (d + 1))) & (_BINS - 1)
                 hist += tl.histogram(digit.to(tl.int32), _BINS, mask=match)
@@ -187,8 +194,7 @@ def _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen,
     mass_sum = tl.full([], 0.0, tl.float32)
     for s0 in range(start, end, BLOCK):
         pos = s0 + tl.arange(0, BLOCK)
-        key = tl.load(key_row + pos, mask=pos < end, other=0,
-                      cache_modifier=".cg").to(tl.uint32, bitcast=True)
+        key = _keys_of_block(key_row, pos, end)
         cand = (pos < end) & (key != 0)
         is_eq = cand & (key == thr)
         eq_rank = eq_seen + tl.cumsum(is_eq.to(tl.int32), 0) - 1
@@ -226,8 +232,7 @@ def _compact(key_row, start, end, thr, need, out_row, width, SCR, CNT: tl.conste
     n_eq = tl.full([], 0, tl.int32)
     for s0 in range(start, end, BLOCK):
         offs = s0 + tl.arange(0, BLOCK)
-        key = tl.load(key_row + offs, mask=offs < end, other=0,
-                      cache_modifier=".cg").to(tl.uint32, bitcast=True)
+        key = _keys_of_block(key_row, offs, end)
         cand = (offs < end) & (key != 0)
         n_gt += tl.sum((cand & (key > thr)).to(tl.int32), 0)
         n_eq += tl.sum((cand & (key == thr)).to(tl.int32), 0)
@@ -292,10 +297,8 @@ def _collect_pass(key_row, start, end, g, tmp_row, tmp_width, BLOCK: tl.constexp
     n = tl.full([], 0, tl.int32)
     for s0 in range(start, end, BLOCK):
         pos = s0 + tl.arange(0, BLOCK)
-        ok = pos < end
-        key = tl.load(key_row + pos, mask=ok, other=0,
-                      cache_modifier=".cg").to(tl.uint32, bitcast=True)
-        n = _collect(key, pos, ok, g, tmp_row, n, tmp_width)
+        n = _collect(_keys_of_block(key_row, pos, end), pos, pos < end, g, tmp_row, n,
+                     tmp_width)
     return n
 
 
