@@ -38,7 +38,7 @@ def main() -> int:
     default = dict(at.CONFIG)
     # (block_n, num_warps, num_stages, programs_per_sm, prefetch_idx); --grid full adds the
     # wider warp/stage choices of the first sweep.
-    grid = list(itertools.product((32, 64, 128), (4,), (2,), (2, 4, 8), (False, True)))
+    grid = list(itertools.product((64, 128), (4,), (2,), (1, 2, 4, 8), (False, True)))
     if args.grid == "full":
         grid += list(itertools.product((64, 128), (4, 8), (3,), (4, 8), (False, True)))
     rows = []
