@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["BLOCK_W", "MASK_ADD", "MASK_BOOL", "MASK_NONE", "BoundsColumn", "compute_bounds",
-           "mask_load_ok", "mask_operand", "mask_row_ptrs", "masked_scores", "rows_share_mask", "middle_range", "row_bounds", "row_contiguous",
-           "select_bounds", "valid_in_row", "valid_positions", "write_valid_run"]
+           "mask_load_ok", "mask_operand", "mask_row_ptrs", "masked_scores", "rows_share_mask",
+           "middle_range", "reserve_tickets", "row_bounds", "row_contiguous", "select_bounds", "valid_in_row", "valid_positions", "write_valid_run"]
 
 MASK_NONE = 0
 MASK_BOOL = 1
@@ -377,19 +377,33 @@ def compute_bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, mi
 
 # Per device, the rows' tickets of ``_mask_stats_kernel``: zeros, and zeros again after every
 # launch (the last chunk of a row resets its ticket), so one buffer serves every call, CUDA
-# graph replays included. Calls run one after another on a device's stream.
+# graph replays included. Calls run one after another on a device's stream. The buffer is
+# made only by ``reserve_tickets``, which the selection state's allocation calls outside any
+# CUDA graph: one first made inside a graph tree's recording run would be an allocation of
+# its memory pool that no output tracks (torch refuses that).
 _TICKET_BUFFERS: dict = {}
 
 
-def _tickets(device, rows: int) -> torch.Tensor:
+def _device_key(device) -> torch.device:
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def reserve_tickets(device, rows: int) -> None:
+    """Keep a zeroed ticket buffer of at least ``rows`` rows for ``device``."""
+    device = _device_key(device)
     buf = _TICKET_BUFFERS.get(device)
     if buf is None or buf.numel() < rows:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # A buffer made during a capture belongs to its graph: this call gets its own.
-            return torch.zeros(rows, dtype=torch.int32, device=device)
-        buf = torch.zeros(max(rows, 256), dtype=torch.int32, device=device)
-        _TICKET_BUFFERS[device] = buf
+        _TICKET_BUFFERS[device] = torch.zeros(max(rows, 256), dtype=torch.int32, device=device)
+
+
+def _tickets(device, rows: int) -> torch.Tensor:
+    """The reserved buffer, or zeros of this call's own (a fill launch more)."""
+    buf = _TICKET_BUFFERS.get(_device_key(device))
+    if buf is None or buf.numel() < rows:
+        return torch.zeros(rows, dtype=torch.int32, device=device)
     return buf
 
 

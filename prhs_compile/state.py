@@ -38,6 +38,12 @@ def allocate_state(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, he
     (``key_dtype``: the cache's dtype, which page summaries keep; ``cache_len``: a cache length
     the summaries must cover, see ``state_spec``)."""
     spec = state_spec(plan, batch, q_heads, kv_heads, head_dim, key_dtype, cache_len)
+    if torch.device(device).type == "cuda":
+        # The bounds kernel's per-row tickets, made here, outside any CUDA graph (see
+        # bounds_triton.reserve_tickets); Triton is imported only when a GPU runs the step.
+        from prhs_compile.kernels.bounds_triton import reserve_tickets
+
+        reserve_tickets(device, batch)
     return [torch.full(shape, fill, dtype=dtype, device=device) for shape, dtype, fill in spec.values()]
 
 
