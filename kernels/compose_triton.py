@@ -16,7 +16,7 @@ import triton.language as tl
 from .plan import SelectPlan
 from .bounds_triton import BLOCK_W, row_bounds, row_contiguous, valid_in_row, write_valid_run
 
-__all__ = ["Composition", "compose", "composition", "compose_row", "SLOT_BLOCK"]
+__all__ = ["Composition", "SLOT_BLOCK", "compose", "compose_row", "compose_windows", "composition"]
 
 # Stored picks handled per iteration of the compose kernel: a budget of 2048 in one (each
 # iteration waits on its loads: the kernel is latency-bound, one program per slot).
@@ -50,6 +50,22 @@ def compose_row(MASK, BOUNDS, kept_row, out_row, b, Tq, middle, slots, sink, loc
         tl.store(out_row + slot, p, mask=inside & (slot < slots))
         n_kept += tl.sum(inside.to(tl.int32), 0)
 
+    compose_windows(MASK, BOUNDS, out_row, b, n_kept, Tq, slots, sink, local, stride_mb,
+                    stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W, SLOT_BLOCK)
+
+
+@triton.jit
+def compose_windows(MASK, BOUNDS, out_row, b, n_kept, Tq, slots, sink, local,
+                    stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND: tl.constexpr,
+                    TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr):
+    """The rest of one (row, KV head)'s indices once its ``n_kept`` picks stand at slots
+    ``sink`` on: the valid positions of the sinks before them, of the local window after
+    them, -1 after that (a row that fits the budget: all its valid positions, no picks)."""
+    lo, hi, count, sink_end, local_start, fits = row_bounds(BOUNDS, b)
+    contiguous = row_contiguous(BOUNDS, b)  # then no mask is read
+    sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
+    local = tl.full([], 0, tl.int32) + local
+    n_kept = tl.where(fits, 0, n_kept)
     n_local = tl.minimum(local, count)
     total = tl.where(fits, count, tl.minimum(sink, count) + n_kept + n_local)
     for s0 in range(0, slots, SLOT_BLOCK):

@@ -58,7 +58,7 @@ import triton.language as tl
 
 from .retrieve_triton import _window_mass, block_keys
 from .bounds_triton import BLOCK_W, middle_range
-from .compose_triton import SLOT_BLOCK, Composition, compose_row
+from .compose_triton import SLOT_BLOCK, Composition, compose_row, compose_windows
 from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse, splits_per_active
 
 _SPLIT_CHUNK = tl.constexpr(SPLIT_CHUNK)  # a jit function reads module globals only as constexprs
@@ -185,12 +185,15 @@ def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
 
 @triton.jit
 def _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen, total, c,
-                 parties, BLOCK: tl.constexpr, map_row, MAP: tl.constexpr):
+                 parties, BLOCK: tl.constexpr, map_row, MAP: tl.constexpr, comp_row,
+                 COMP: tl.constexpr):
     """Write this party's picks of ``[start, end)`` (keys above ``thr``, and keys equal to
     it while their rank among the row's equal keys, counted from ``eq_seen`` on, is below
     ``need``) in column order from slot ``n_out`` on, and -1 in the slots from ``total`` to
     ``width`` (shared among the parties). A column is written as itself, or as
-    ``map_row[column]`` (its position) with ``MAP``. Returns the summed mass of the picks."""
+    ``map_row[column]`` (its position) with ``MAP``; with ``COMP``, also to the same slots
+    of ``comp_row`` (the step's output, after its sinks). Returns the summed mass of the
+    picks."""
     mass_sum = tl.full([], 0.0, tl.float32)
     for s0 in range(start, end, BLOCK):
         pos = s0 + tl.arange(0, BLOCK)
@@ -205,6 +208,8 @@ def _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen,
         else:
             written = pos
         tl.store(out_row + slot, written, mask=pick & (slot < width))
+        if COMP:
+            tl.store(comp_row + slot, written, mask=pick & (slot < width))
         mass_sum += tl.sum(tl.where(pick, _mass_of(key), 0.0), 0)
         n_out += tl.sum(pick.to(tl.int32), 0)
         eq_seen += tl.sum(is_eq.to(tl.int32), 0)
@@ -223,7 +228,7 @@ def _mass_of(key):
 @triton.jit
 def _compact(key_row, start, end, thr, need, out_row, width, SCR, CNT: tl.constexpr, c,
              parties, phase, MULTI: tl.constexpr, BLOCK: tl.constexpr, C_P2: tl.constexpr,
-             map_row, MAP: tl.constexpr):
+             map_row, MAP: tl.constexpr, comp_row, COMP: tl.constexpr):
     """Write the slot's picks (keys above ``thr``, then the first ``need`` equal to it) in
     column order to ``out_row[0:width)`` and -1 after them; this party writes those of
     ``[start, end)``, after counting the keys of every party before it. Returns (count,
@@ -254,7 +259,7 @@ def _compact(key_row, start, end, thr, need, out_row, width, SCR, CNT: tl.conste
     total = total_gt + tl.minimum(total_eq, need)
     mass_sum = _write_picks(key_row, start, end, thr, need, out_row, width,
                             gt_before + tl.minimum(eq_before, need), eq_before, total, c,
-                            parties, BLOCK, map_row, MAP)
+                            parties, BLOCK, map_row, MAP, comp_row, COMP)
     if MULTI:
         tl.store(SCR + _MASSP + c, mass_sum.to(tl.int32, bitcast=True))
         phase = _barrier(SCR + _BAR, parties, phase)
@@ -433,31 +438,40 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
 
 
 @triton.jit
-def _tally(col, key, thr, need, scan_lo, per, C_P2: tl.constexpr):
-    """Over one list of keys in column order (0: none), the picks' (keys above ``thr``,
-    equal ones while their rank is below ``need``) count per party above ``thr`` and equal
-    to it (party ``(column - scan_lo) // per``), and their summed mass."""
+def _tag(col, key, thr, need):
+    """Over one list of keys in column order (0: none): each entry's column tagged with its
+    class (``col * 4 + class``; 1: above ``thr``, 2: equal to it, 0: neither) and the
+    summed mass of the picks (those above, and the first ``need`` equal ones)."""
     ok = key != 0
     is_gt = ok & (key > thr)
     is_eq = ok & (key == thr)
     eq_rank = tl.cumsum(is_eq.to(tl.int32), 0) - 1
     pick = is_gt | (is_eq & (eq_rank < need))
-    party = tl.minimum(tl.maximum((col - scan_lo) // per, 0), C_P2 - 1)
-    gts = tl.histogram(party, C_P2, mask=is_gt)
-    eqs = tl.histogram(party, C_P2, mask=is_eq)
-    return gts, eqs, tl.sum(tl.where(pick, _mass_of(key), 0.0), 0)
+    tagged = col * 4 + tl.where(is_gt, 1, tl.where(is_eq, 2, 0))
+    return tagged, tl.sum(tl.where(pick, _mass_of(key), 0.0), 0)
 
 
 @triton.jit
-def _final_threshold(key_row, cand_row, n_cand, cap, m, radius, mid_lo, mid_hi, core_row,
-                     scr, mass_ptr, scan_lo, per, c, parties, phase, DILATE: tl.constexpr,
-                     MULTI: tl.constexpr, C_P2: tl.constexpr, CAND_P2: tl.constexpr,
-                     M_P2: tl.constexpr, R_P2: tl.constexpr, map_row, n_cols,
-                     MAP: tl.constexpr):
+def _counts_before(tag_row, n, start, N_P2: tl.constexpr):
+    """(above, equal): how many of a tagged list's first ``n`` entries lie before column
+    ``start`` in each class."""
+    offs = tl.arange(0, N_P2)
+    tagged = tl.load(tag_row + offs, mask=offs < n, other=0, volatile=True)
+    before = (offs < n) & ((tagged >> 2) < start)
+    return (tl.sum((before & ((tagged & 3) == 1)).to(tl.int32), 0),
+            tl.sum((before & ((tagged & 3) == 2)).to(tl.int32), 0))
+
+
+@triton.jit
+def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo, mid_hi,
+                     core_row, scr, mass_ptr, start, c, parties, phase, DILATE: tl.constexpr,
+                     MULTI: tl.constexpr, CAND_P2: tl.constexpr, M_P2: tl.constexpr,
+                     R_P2: tl.constexpr, map_row, n_cols, MAP: tl.constexpr):
     """Party 0 finds the threshold of the slot's picks among the candidates (the top keys
     of the row, in column order; flagging their dilation neighbours first with ``DILATE``),
-    and, from the same registers, how many picks each party's share of the row holds and
-    their summed mass (stored at ``mass_ptr``): the final compaction needs no counting pass.
+    sums the picks' mass (stored at ``mass_ptr``) and tags the candidates (and neighbours,
+    in ``near_row``) with their class, so that every party counts the picks before its
+    share from those few thousand entries: the final compaction needs no counting pass.
     Every party gets (thr, need, its first output slot, the equal keys before its share,
     the slot's pick count, phase)."""
     thr = tl.full([], 0, tl.uint32)
@@ -473,21 +487,26 @@ def _final_threshold(key_row, cand_row, n_cand, cap, m, radius, mid_lo, mid_hi, 
         thr = tl.where(cap <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
         need = tl.where(cap <= 0, 0, need)
         # A key equal to thr is either flagged or not, so the ties lie in one list alone.
-        gts, eqs, mass = _tally(cpos, rkey, thr, need, scan_lo, per, C_P2)
+        tagged, mass = _tag(cpos, rkey, thr, need)
+        offs = tl.arange(0, CAND_P2)
+        tl.store(cand_row + offs, tagged, mask=offs < n_cand)
         if DILATE:
-            near_gts, near_eqs, near_mass = _tally(near_col, near_key, thr, need, scan_lo, per,
-                                                   C_P2)
-            gts += near_gts
-            eqs += near_eqs
+            near_tagged, near_mass = _tag(near_col, near_key, thr, need)
+            tl.store(near_row + tl.arange(0, M_P2 * R_P2), near_tagged)
             mass += near_mass
-        parties_c = tl.arange(0, C_P2)
-        tl.store(scr + _CNT2 + 2 * parties_c, tl.cumsum(gts, 0) - gts)
-        tl.store(scr + _CNT2 + 2 * parties_c + 1, tl.cumsum(eqs, 0) - eqs)
-        tl.store(scr + _TOTAL, tl.sum(gts, 0) + tl.minimum(tl.sum(eqs, 0), need))
+        n_gt = tl.sum(((tagged & 3) == 1).to(tl.int32), 0)
+        n_eq = tl.sum(((tagged & 3) == 2).to(tl.int32), 0)
+        if DILATE:
+            n_gt += tl.sum(((near_tagged & 3) == 1).to(tl.int32), 0)
+            n_eq += tl.sum(((near_tagged & 3) == 2).to(tl.int32), 0)
+        tl.store(scr + _TOTAL, n_gt + tl.minimum(n_eq, need))
         tl.store(mass_ptr, mass)
     thr, need, phase = _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI)
-    gt_before = tl.load(scr + _CNT2 + 2 * c, volatile=True)
-    eq_before = tl.load(scr + _CNT2 + 2 * c + 1, volatile=True)
+    gt_before, eq_before = _counts_before(cand_row, n_cand, start, CAND_P2)
+    if DILATE:
+        near_gt, near_eq = _counts_before(near_row, M_P2 * R_P2, start, M_P2 * R_P2)
+        gt_before += near_gt
+        eq_before += near_eq
     total = tl.load(scr + _TOTAL, volatile=True)
     return thr, need, gt_before + tl.minimum(eq_before, need), eq_before, total, phase
 
@@ -510,7 +529,7 @@ def _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI: tl.constexpr)
 
 @triton.jit
 def _topk_kernel(
-    KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, SCRATCH, PICKED_MASS, GUESS, POSITIONS,
+    KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, NEAR, SCRATCH, PICKED_MASS, GUESS, POSITIONS,
     SCORES, LSE_PART, WMASS, TMP, COMP_MASK, COMP_OUT,
     BH, Hkv, L, k, m, radius, width, cand_width, stride_ob, stride_oh, num_programs,
     rows, lse_width, lse_splits,
@@ -598,6 +617,7 @@ def _topk_kernel(
             cap = tl.minimum(tl.load(CAPS + h).to(tl.int32), cap)
         phase = tl.full([], 0, tl.int32)
         out_row = OUT + b * stride_ob + h.to(tl.int64) * stride_oh
+        comp_row = COMP_OUT + slot.to(tl.int64) * slots
         if HAS_GUESS or DILATE:
             # Candidates (the top keys, in column order) for one program to threshold: the
             # keys at or above the guess when it holds, else the radix select's top ``ahead``
@@ -619,32 +639,29 @@ def _topk_kernel(
                                                MULTI, BLOCK)
                 n_cand, _, phase = _compact(key_row, start, end, thr_a, need_a, cand_row,
                                             cand_width, scr, _CNT1, c, parties, phase, MULTI,
-                                            BLOCK, C_P2, map_row, False)
+                                            BLOCK, C_P2, map_row, False, cand_row, False)
                 if HAS_GUESS:
                     if c == 0:  # the next guess: every key >= it makes ``ahead`` (0: too few)
                         tl.store(GUESS + slot, thr_a.to(tl.int32, bitcast=True))
             thr, need, n_out, eq_seen, total, phase = _final_threshold(
-                key_row, cand_row, n_cand, cap, m, radius, mid_lo, mid_hi,
-                CORES + slot.to(tl.int64) * M_P2, scr, PICKED_MASS + slot, scan_lo,
-                tl.maximum(per, 1), c, parties, phase, DILATE, MULTI, C_P2, CAND_P2, M_P2,
+                key_row, cand_row, n_cand, NEAR + slot.to(tl.int64) * (M_P2 * R_P2), cap, m,
+                radius, mid_lo, mid_hi, CORES + slot.to(tl.int64) * M_P2, scr,
+                PICKED_MASS + slot, start, c, parties, phase, DILATE, MULTI, CAND_P2, M_P2,
                 R_P2, map_row, L, MAP)
             _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen, total,
-                         c, parties, BLOCK, map_row, MAP)
+                         c, parties, BLOCK, map_row, MAP, comp_row + sink, COMPOSE)
         else:
             thr, need, phase = _select(key_row, start, end, cap, scr, parties, phase, MULTI, BLOCK)
-            _, mass_sum, phase = _compact(key_row, start, end, thr, need, out_row, width, scr,
-                                          _CNT2, c, parties, phase, MULTI, BLOCK, C_P2, map_row,
-                                          MAP)
+            total, mass_sum, phase = _compact(key_row, start, end, thr, need, out_row, width,
+                                              scr, _CNT2, c, parties, phase, MULTI, BLOCK, C_P2,
+                                              map_row, MAP, comp_row + sink, COMPOSE)
             if c == 0:
                 tl.store(PICKED_MASS + slot, mass_sum)
-        if COMPOSE:  # the slot's output, once every party has written its picks
-            if MULTI:
-                phase = _barrier(scr + _BAR, parties, phase)
+        if COMPOSE:  # the rest of the slot's output (each party wrote its picks into it)
             if c == 0:
-                tl.debug_barrier()
-                compose_row(COMP_MASK, BOUNDS, out_row, COMP_OUT + slot.to(tl.int64) * slots, b,
-                            Tq, width, slots, sink, local, stride_mb, stride_mt, stride_ml,
-                            mask_min, MASK_KIND, TQ_P2, BLOCK_W, SLOT_BLOCK)
+                compose_windows(COMP_MASK, BOUNDS, comp_row, b, total, Tq, slots, sink, local,
+                                stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2,
+                                BLOCK_W, SLOT_BLOCK)
 
 
 def _resident_programs(device: torch.device) -> int:
@@ -736,6 +753,9 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
            if guess is not None else scratch)
     m_p2 = triton.next_power_of_2(max(m, 1))
     cores = torch.empty((BH, m_p2), dtype=torch.int32, device=device) if dilate else scratch
+    r_p2 = triton.next_power_of_2(2 * max(dilation_r, 0) + 1)
+    # The dilation's neighbours, tagged with their class (see _final_threshold).
+    near = torch.empty((BH, m_p2 * r_p2), dtype=torch.int32, device=device) if dilate else scratch
     active_t = keys if active is None else active.reshape(BH).to(torch.int32)
     caps_t = keys if caps is None else caps.to(torch.int32)
     rows_p2 = triton.next_power_of_2(pending.rows) if pending is not None else 1
@@ -751,7 +771,7 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         comp_sink, comp_local = compose.sink, compose.local
     want_wmass = pending is not None and pending.window_mass is not None
     _topk_kernel[(num_programs,)](
-        keys, bounds, active_t, caps_t, out, cand, cores, scratch, picked_mass,
+        keys, bounds, active_t, caps_t, out, cand, cores, near, scratch, picked_mass,
         keys if guess is None else guess, keys if positions is None else positions.to(torch.int32),
         keys if pending is None else pending.scores, keys if pending is None else pending.lse_part,
         pending.window_mass if want_wmass else keys, tmp, comp_mask,
@@ -765,7 +785,7 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         HAS_GUESS=guess is not None, MULTI=multi,
         BLOCK=CONFIG["block"], BLOCK_BH=triton.next_power_of_2(BH),
         C_P2=_C_MAX, CAND_P2=triton.next_power_of_2(cand_width), M_P2=m_p2,
-        R_P2=triton.next_power_of_2(2 * max(dilation_r, 0) + 1), MAP=positions is not None,
+        R_P2=r_p2, MAP=positions is not None,
         WHOLE=whole_row or positions is not None, PENDING=pending is not None,
         WANT_WMASS=want_wmass, ROWS_P2=rows_p2, M_PAD=pending.m_pad if pending is not None else 1,
         KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)), COMPOSE=compose is not None,
