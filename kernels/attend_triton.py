@@ -228,9 +228,12 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
 # iteration with 4 warps and 2 stages was within ~3% of the best for D = 64..256 and
 # B = 1..64, and 8 warps was consistently worse (the tile per iteration is too small to keep
 # 8 warps busy). ``programs_per_sm``: the split-K target (see ``_pick_splits``).
-# ``prefetch_idx``: load the next block's positions one iteration ahead (swept on the GPU).
+# ``prefetch_idx``: load the next block's positions one iteration ahead. On an H100 it is 2-8%
+# faster at B >= 8 with blocks of 64 (1.08-1.14x SDPA over a contiguous cache of the budget's
+# length at B=8, 1.14-1.26x at B=16, against 1.12-1.37x without) and equal at B=1
+# (``scripts/attend_sweep.py``, bench_results/attend_sweep_h100.json).
 CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4,
-          "prefetch_idx": False}
+          "prefetch_idx": True}
 
 
 def _kernel_config(d: int, dv: int) -> tuple[int, int, int]:
