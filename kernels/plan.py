@@ -53,9 +53,16 @@ class SelectPlan:
     def head_middles(self, device):
         """Per-KV-head retrieved counts as a tensor, or None without per-head budgets. The
         tensor is made once per device: a select step (every decode step, possibly inside a
-        CUDA graph being captured) must not copy it from the host each time."""
+        CUDA graph being captured) must not copy it from the host each time. On a GPU the
+        selection state's allocation makes it first, outside any CUDA graph
+        (``prhs_compile.state.allocate_state``)."""
         if not self.head_budgets:
             return None
+        import torch
+
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # one cache entry per GPU
+            device = torch.device("cuda", torch.cuda.current_device())
         return _head_middles(self.head_budget_list, self.sink + self.local, str(device))
 
     @property

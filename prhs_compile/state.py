@@ -39,11 +39,15 @@ def allocate_state(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, he
     the summaries must cover, see ``state_spec``)."""
     spec = state_spec(plan, batch, q_heads, kv_heads, head_dim, key_dtype, cache_len)
     if torch.device(device).type == "cuda":
-        # The bounds kernel's per-row tickets, made here, outside any CUDA graph (see
-        # bounds_triton.reserve_tickets); Triton is imported only when a GPU runs the step.
+        # Device tensors the CUDA step keeps between calls are made here, outside any CUDA
+        # graph: one first made inside a graph tree's recording run would be an allocation of
+        # its memory pool that no output tracks, which torch refuses. The bounds kernel's
+        # per-row tickets (bounds_triton.reserve_tickets; Triton is imported only when a GPU
+        # runs the step) and the per-head budgets as a tensor (SelectPlan.head_middles).
         from prhs_compile.kernels.bounds_triton import reserve_tickets
 
         reserve_tickets(device, batch)
+        plan.head_middles(torch.device(device))
     return [torch.full(shape, fill, dtype=dtype, device=device) for shape, dtype, fill in spec.values()]
 
 
