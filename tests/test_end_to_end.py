@@ -203,6 +203,35 @@ def test_cuda_inductor_and_cuda_graphs_match_eager_when_the_budget_covers(mode):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("options", [
+    {"policy": "prhs", "budget": 16, "sink": 2, "local": 4, "tau": 0.5},
+    {"policy": "lu_kv", "budget": 16, "sink": 2, "local": 4, "head_budgets": {0: [12, 20], 1: [16, 16]}},
+], ids=["prhs", "lu_kv"])
+def test_cuda_graph_trees_find_no_untracked_buffer_of_the_select_step(options):
+    """reduce-overhead (CUDA-graph trees) with a sparse select, from a process that has not
+    run a select step yet: the device buffers the CUDA step keeps between calls (the bounds
+    kernel's tickets, the per-head budgets) must exist before the first graph records, or
+    torch refuses them as allocations of the graph's memory pool that no output tracks."""
+    from prhs_compile.kernels import bounds_triton, plan
+
+    bounds_triton._TICKET_BUFFERS.clear()
+    plan._head_middles.cache_clear()
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    compiled = torch.compile(model.forward, backend="prhs",
+                             options={**options, "mode": "reduce-overhead"})
+
+    def forward(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    model.forward = forward
+    for _ in range(2):  # the second run replays the graphs
+        out = generate(model, prompt().cuda(), cache_implementation="static")
+        assert out.sequences.shape[1] == PROMPT + NEW
+        assert not torch.isnan(logits_of(out)).any()
+
+
+@pytest.mark.cuda
 def test_cuda_sparse_prhs_bf16_runs_and_selects():
     model = tiny_model("llama", dtype=torch.bfloat16).cuda()
     options = {"policy": "prhs", "budget": 16, "sink": 2, "local": 4, "tau": 0.5}
