@@ -21,7 +21,6 @@ can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -29,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .bounds_triton import mask_load_ok, mask_row_ptrs
+from .kpass_triton import num_sms
 
 __all__ = ["attend_triton"]
 
@@ -38,10 +38,6 @@ _LOG2E = 1.4426950408889634
 _MASK_NONE = 0
 _MASK_BOOL = 1
 _MASK_ADD = 2
-
-# H100 SXM; only used when no CUDA device is visible (interpreter runs), where the value
-# merely decides how many splits the tests exercise.
-_DEFAULT_NUM_SMS = 132
 
 
 @triton.jit
@@ -198,13 +194,6 @@ def _attend_combine_kernel(
     tl.store(OUT + row * DV + offs_dv, out.to(OUT.dtype.element_ty), mask=dv_ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_NUM_SMS
-
-
 def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int, int]:
     """Return ``(num_splits, blocks_per_split)`` for ``n_blocks`` slot blocks per KV head.
 
@@ -333,7 +322,7 @@ def attend_triton(
     n_blocks = max(1, triton.cdiv(S, block_n))
     if num_splits is None:
         num_splits, blocks_per_split = _pick_splits(n_blocks, B * Hkv * m_blocks,
-                                                    _num_sms(q.device))
+                                                    num_sms(q.device))
     else:
         blocks_per_split = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks)))
         num_splits = triton.cdiv(n_blocks, blocks_per_split)
