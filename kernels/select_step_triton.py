@@ -35,8 +35,9 @@ Why it is cheaper than the reference, per step of a ``[B, Hkv, L]`` cache:
   once for a slot that keeps its set, after its picks for one that retrieves.
 
 What still costs ``O(L)`` on a step where no slot retrieves: the bounds kernels, which read
-the mask (1 byte per position and row). h2o, hshare and ``delta_target`` still rank in torch
-over the fp32 mass of the two-pass ``kpass_triton.group_mass``.
+the mask (1 byte per position and row). hshare and ``delta_target`` still rank in torch
+over the fp32 mass of the two-pass ``kpass_triton.group_mass``; h2o takes that mass too (it
+needs every valid position's share of the softmax) and ranks with the radix top-k.
 """
 
 from __future__ import annotations
@@ -458,27 +459,37 @@ def _gated_step(step: Step):
 _page_positions = _fused(page_positions)
 
 
-@_fused
-def _h2o_update(mass, score, continuing, bounds, middle: int, rows: int):
-    """H2O (``H2ORule.choose``): heavy hitters by accumulated attention. ``mass`` is the
-    group mass of every valid position (-inf elsewhere); ``score`` the accumulated scores,
-    updated in place. Returns the picks outside the windows."""
-    length = mass.shape[-1]
-    valid = mass > float("-inf")
-    m0 = mass.clamp_min(0.0)
-    # A new or reordered sequence (or one whose prefill this state never saw) starts over.
-    fresh = ~continuing[:, None] | (score.sum(-1) == 0)
-    score.copy_(torch.where(fresh[..., None], m0, score))
-    pos = torch.arange(length, device=mass.device)
+def _h2o_windows(mass, bounds):
+    """Valid positions (``[B, Hkv, L]``) and those of the sinks and local window
+    (``[B, 1, L]``) of H2O's step: ``mass`` is the group mass of every valid position, -inf
+    elsewhere."""
+    pos = torch.arange(mass.shape[-1], device=mass.device)
     in_window = ((pos < bounds[:, Col.SINK_END, None].long())
                  | (pos >= bounds[:, Col.LOCAL_START, None].long()))  # [B, L]
-    windows = valid & in_window[:, None, :]
-    picks, _ = _pick(score.masked_fill(~valid | windows, float("-inf")),
-                     torch.zeros_like(score[..., 0]), middle, 0.0, 0, 0, rows)
-    keep = scatter_keep(picks, picks >= 0, length)
-    got = m0 * (keep | windows)  # the mass each kept position received
+    valid = mass > float("-inf")
+    return valid, valid & in_window[:, None, :]
+
+
+@_fused
+def _h2o_keys(mass, score, continuing, bounds):
+    """H2O (``H2ORule.choose``), before the top-k: a new or reordered sequence (or one whose
+    prefill this state never saw) starts its accumulated scores over from this step's group
+    mass; returns the top-k's keys (a score's fp32 bits + 1, 0 where it cannot be picked:
+    invalid, or in the sinks or the local window, which are kept anyway)."""
+    fresh = ~continuing[:, None] | (score.sum(-1) == 0)
+    score.copy_(torch.where(fresh[..., None], mass.clamp_min(0.0), score))
+    valid, windows = _h2o_windows(mass, bounds)
+    return torch.where(valid & ~windows, score.view(torch.int32) + 1, 0)
+
+
+@_fused
+def _h2o_accumulate(mass, score, picks, bounds, rows: int):
+    """H2O, after the top-k: each kept position's share of the attention (the picks and the
+    windows, renormalised over the kept set) is added to its score."""
+    valid, windows = _h2o_windows(mass, bounds)
+    keep = scatter_keep(picks, picks >= 0, mass.shape[-1])
+    got = mass.clamp_min(0.0) * (keep | windows)  # the mass each kept position received
     score.add_(got / got.sum(-1, keepdim=True).clamp_min(1e-30) * rows)
-    return picks
 
 
 @_fused
@@ -556,9 +567,15 @@ def _heavy_hitters_step(step: Step):
     whole[:, Col.FITS] = 0
     whole[:, Col.MIDDLE_START] = 0
     found = group_mass(step.q, step.k, step.mask, step.scale, 0, 0, -1, 0, bounds=whole)
-    picks = _h2o_update(found.mass, step.st["score"][:batch, :, :length], step.continuing,
-                        step.bounds, step.plan.middle, step.rows)
-    return step.finish(step.compose(picks), step.every_slot_retrieves())
+    score = step.st["score"][:batch, :, :length]
+    keys = _h2o_keys(found.mass, score, step.continuing, step.bounds)
+    # The best accumulated scores by the radix top-k (ties to the lower position, as the
+    # reference), composed with the windows in the same launch.
+    output = step.composition()
+    picks, _ = topk_picks(keys, step.bounds, min(step.plan.middle, length),
+                          width=step.plan.middle, compose=output)
+    _h2o_accumulate(found.mass, score, picks, step.bounds, step.rows)
+    return step.finish(output.out, step.every_slot_retrieves())
 
 
 @_fused
