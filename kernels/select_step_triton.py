@@ -35,9 +35,9 @@ Why it is cheaper than the reference, per step of a ``[B, Hkv, L]`` cache:
   once for a slot that keeps its set, after its picks for one that retrieves.
 
 What still costs ``O(L)`` on a step where no slot retrieves: the bounds kernels, which read
-the mask (1 byte per position and row). hshare and ``delta_target`` still rank in torch
-over the fp32 mass of the two-pass ``kpass_triton.group_mass``; h2o takes that mass too (it
-needs every valid position's share of the softmax) and ranks with the radix top-k.
+the mask (1 byte per position and row). ``delta_target`` still ranks in torch over the fp32
+mass of the two-pass ``kpass_triton.group_mass``; h2o (it needs every valid position's share
+of the softmax) and hshare take that mass too and rank with the radix top-k.
 """
 
 from __future__ import annotations
@@ -602,8 +602,15 @@ def _hshare_labelled(q, k, labels, sums, unseeded):
 
 
 @_fused
-def _hshare_store(mass, retrieve, anchor, kept, age, reuse, middle: int, rows: int):
-    fresh, _ = _pick(mass, torch.zeros_like(mass[..., 0]), middle, 0.0, 0, 0, rows)
+def _mass_keys(mass):
+    """The radix top-k's keys of a group mass (-inf: not pickable): fp32 bits + 1, or 0."""
+    return torch.where(mass > float("-inf"), mass.clamp_min(0.0).view(torch.int32) + 1, 0)
+
+
+@_fused
+def _hshare_store(fresh, retrieve, anchor, kept, age, reuse):
+    """HShare's state after the top-k wrote the picks of the retrieving slots into
+    ``fresh``: a head that shares another's set copies it; returns which slots read keys."""
     fresh = fresh.gather(1, anchor[..., None].expand(-1, -1, fresh.shape[-1]))  # shared heads copy
     kept.copy_(torch.where(retrieve[..., None], fresh, kept))
     advance_age(age, retrieve, reuse)
@@ -624,8 +631,9 @@ def _labels_step(step: Step):
     q_lab, k_lab = _hshare_labelled(q, k, labels, sums, unseeded)
     found = group_mass(q_lab, k_lab, mask, scale, plan.sink, plan.local, plan.budget,
                        plan.min_context, bounds=bounds, active=retrieve)
-    retrieved = _hshare_store(found.mass, retrieve, anchor, kept, age, reuse, plan.middle,
-                              step.rows)
+    fresh, _ = topk_picks(_mass_keys(found.mass), bounds, min(plan.middle, step.shape[4]),
+                          active=retrieve, width=plan.middle)
+    retrieved = _hshare_store(fresh, retrieve, anchor, kept, age, reuse)
     return step.finish(step.compose(kept), retrieved)
 
 
