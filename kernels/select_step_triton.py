@@ -35,9 +35,10 @@ Why it is cheaper than the reference, per step of a ``[B, Hkv, L]`` cache:
   once for a slot that keeps its set, after its picks for one that retrieves.
 
 What still costs ``O(L)`` on a step where no slot retrieves: the bounds kernels, which read
-the mask (1 byte per position and row). ``delta_target`` still ranks in torch over the fp32
-mass of the two-pass ``kpass_triton.group_mass``; h2o (it needs every valid position's share
-of the softmax) and hshare take that mass too and rank with the radix top-k.
+the mask (1 byte per position and row). h2o (it needs every valid position's share of the
+softmax) and hshare take the fp32 mass of the two-pass ``kpass_triton.group_mass`` and rank
+it with the radix top-k; ``delta_target`` takes the radix top-k's set and sorts only that
+set by mass.
 """
 
 from __future__ import annotations
@@ -122,73 +123,6 @@ def unsupported_reason(plan: SelectPlan, q: torch.Tensor, k: torch.Tensor, state
             return (f"the cache holds {k.shape[2]} positions, more than the {covered} the page "
                     f"summaries cover (raise max_cache_len, now {plan.max_cache_len})")
     return pages_unavailable(plan)
-
-
-def _pick(mass: torch.Tensor, window_mass: torch.Tensor, middle: int, delta_target: float,
-          dilation_m: int, dilation_r: int, rows: int, caps=None):
-    """This retrieval's picks from the middle's group mass: ascending int32 positions
-    ``[B, Hkv, middle]`` (-1 padded), and the mass they retain (windows included).
-    ``caps`` (``[Hkv]``, optional): per-KV-head limits on the picks (LU-KV budgets), applied
-    to the ranked order as ``selection.head_caps`` does.
-
-    Same choice as ``selection.dilate_and_pick`` / ``smallest_sufficient``. Dilation puts the
-    +-r neighbours of the best ``m`` positions ahead of everything else, then fills up by
-    mass; those neighbours number at most ``m * (2r + 1)``, and the best non-neighbours are
-    among the plain top-k, so ranking the union of the two short lists is the same as
-    ranking all of L.
-    """
-    length = mass.shape[-1]
-    k = min(middle, length)
-    # How many ranked picks each KV head may keep: k, or its own budget's share.
-    limit = k if caps is None else caps.clamp_max(k)[None, :, None]
-    top = mass.topk(k, dim=-1, sorted=True)  # best first; -inf outside the middle
-    if delta_target > 0:
-        share = top.values / rows
-        gained = window_mass[..., None] / rows + share.clamp_min(0).cumsum(-1)
-        need = (gained < 1.0 - delta_target).sum(-1, keepdim=True) + 1
-        rank = torch.arange(k, device=mass.device)
-        take = (rank < need) & (top.values > float("-inf")) & (rank < limit)
-        cand, cand_score = top.indices, top.values
-    else:
-        radius = dilation_r
-        m = dilation_m if dilation_m >= 0 else k // (2 * radius + 1)
-        m = min(m, length)
-        if m > 0 and radius > 0:
-            cores = top if m <= k else mass.topk(m, dim=-1, sorted=True)
-            core_idx, core_ok = cores.indices[..., :m], cores.values[..., :m] > float("-inf")
-            offsets = torch.arange(-radius, radius + 1, device=mass.device)
-            near = (core_idx[..., None] + offsets).clamp(0, length - 1).flatten(-2)
-            near_ok = core_ok.repeat_interleave(offsets.numel(), -1)
-            near_ok = near_ok & (mass.gather(-1, near) > float("-inf"))  # inside the middle
-            # One entry per position: sort, drop repeats (and the not-ok ones).
-            near_key = torch.where(near_ok, near, length + near).sort(-1).values
-            first = torch.ones_like(near_key, dtype=torch.bool)
-            first[..., 1:] = near_key[..., 1:] != near_key[..., :-1]
-            near_ok = first & (near_key < length)
-            near = near_key.clamp_max(length - 1)
-            # The neighbours first, best first...
-            lead = mass.gather(-1, near).masked_fill(~near_ok, float("-inf"))
-            lead = lead.topk(min(k, lead.shape[-1]), dim=-1, sorted=True)
-            lead_ok = lead.values > float("-inf")
-            n_lead = lead_ok.sum(-1, keepdim=True)
-            lead_ok = lead_ok & (torch.arange(lead_ok.shape[-1], device=mass.device) < limit)
-            # ...then the best of the others, in top-k order.
-            is_near = torch.searchsorted(near_key, top.indices.to(near_key.dtype))
-            is_near = near_key.gather(-1, is_near.clamp_max(near_key.shape[-1] - 1)) == top.indices
-            rest_ok = ~is_near & (top.values > float("-inf"))
-            rest_rank = n_lead + rest_ok.cumsum(-1) - 1
-            cand = torch.cat([near.gather(-1, lead.indices), top.indices], -1)
-            cand_score = torch.cat([lead.values, top.values], -1)
-            take = torch.cat([lead_ok, rest_ok & (rest_rank < k) & (rest_rank < limit)], -1)
-        else:
-            cand, cand_score = top.indices, top.values
-            take = (top.values > float("-inf")) & (torch.arange(k, device=mass.device) < limit)
-    retained = (window_mass + torch.where(take, cand_score, 0.0).sum(-1)) / rows
-    order = torch.where(take, cand, length + cand).sort(-1).values[..., :middle]
-    picks = torch.where(order < length, order, -1).to(torch.int32)
-    if picks.shape[-1] < middle:
-        picks = torch.nn.functional.pad(picks, (0, middle - picks.shape[-1]), value=-1)
-    return picks, retained
 
 
 def _fused(fn):
@@ -387,13 +321,27 @@ def _gate(bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm,
 
 
 @_fused
-def _store(q, mass, window_mass, fresh_key_norm, retrieve, reuse, age, kept, anchor,
-           anchor_dropped, key_norm, middle: int, delta_target: float, dilation_m: int,
-           dilation_r: int, rows: int, caps=None):
-    """The picks of the slots that retrieved, and the state they leave for later steps
+def _store_sufficient(q, keys, top, window_mass, fresh_key_norm, retrieve, reuse, age, kept,
+                      anchor, anchor_dropped, key_norm, delta_target: float, rows: int):
+    """``delta_target``'s picks, once the top-k kernel has found each retrieving slot's top
+    set ``top`` (ascending positions, -1 padded; per-head caps applied): the fewest of them,
+    best first, whose mass with the windows' reaches ``1 - delta_target``
+    (``selection.smallest_sufficient``), ranked by a sort of the top set (not of the cache;
+    equal masses keep the lower position first); then the state they leave
     (``rule_prhs.prhs_store``)."""
-    picks, retained = _pick(mass, window_mass, middle, delta_target, dilation_m, dilation_r, rows,
-                            caps)
+    valid = top >= 0
+    found = keys.gather(-1, top.clamp_min(0).long()) - 1  # a key is the mass's bits + 1
+    mass = torch.where(valid, found.view(torch.float32), float("-inf"))
+    ranked = mass.sort(dim=-1, descending=True, stable=True)
+    gained = (window_mass[..., None] + ranked.values.clamp_min(0.0).cumsum(-1)) / rows
+    need = (gained < 1.0 - delta_target).sum(-1, keepdim=True) + 1
+    rank = torch.arange(top.shape[-1], device=top.device)
+    taken = torch.zeros_like(valid).scatter(-1, ranked.indices,
+                                            (rank < need) & (ranked.values > float("-inf")))
+    last = torch.iinfo(torch.int32).max
+    picks = torch.where(taken, top, last).sort(dim=-1).values  # ascending, the rest at the end
+    picks = torch.where(picks == last, -1, picks)
+    retained = (window_mass + torch.where(taken, mass, 0.0).sum(-1)) / rows
     prhs_store(q, picks, retained, fresh_key_norm, retrieve, reuse, age, kept, anchor,
                anchor_dropped, key_norm)
 
@@ -426,13 +374,16 @@ def _gated_step(step: Step):
         float(scale), plan.tau, plan.delta_target, plan.max_reuse)
     step = step._replace(newest=newest, continuing=continuing, fits=fits)
     if plan.delta_target > 0:
-        # The smallest sufficient prefix needs the picks in mass order: ranked in torch.
-        found = group_mass(q, k, mask, scale, plan.sink, plan.local, plan.budget,
-                           plan.min_context, bounds=bounds, active=flags, want_norm=True,
-                           want_window_mass=True)
-        _store(q, found.mass, found.window_mass, found.key_norm, retrieve, reuse, age, kept,
-               anchor, anchor_dropped, key_norm, plan.middle, plan.delta_target,
-               plan.dilation_m, plan.dilation_r, rows, plan.head_middles(q.device))
+        # The smallest sufficient prefix of the top set, best first (no dilation): the top
+        # set from the one-pass retrieval and the radix top-k, then a sort of that set.
+        found = step.retrieval_keys(flags, want_norm=True)
+        top_set, _ = topk_picks(found.keys, bounds, min(plan.middle, length), active=flags,
+                                caps=plan.head_middles(q.device), width=plan.middle,
+                                guess=st[TOPK_GUESS][:batch], pending=found.pending,
+                                scratch=scratch)
+        _store_sufficient(q, found.keys, top_set, found.window_mass, found.key_norm, retrieve,
+                          reuse, age, kept, anchor, anchor_dropped, key_norm, plan.delta_target,
+                          rows)
         return step.finish(step.compose(kept), retrieve)
     step.keep_summaries()
     want_norm = needs_key_norms(plan)
