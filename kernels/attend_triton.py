@@ -204,7 +204,7 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
     ``n_base_programs`` (B * Hkv * m_blocks) already fills the machine for large batches,
     in which case one split is kept and the combine kernel is skipped entirely. The split
     count is then recomputed from the blocks per split so that no split is empty (only the
-    last may be shorter). On an H100 (B=16, Hkv=8, S=2048) 5 and 10 splits timed within 3%.
+    last may be shorter).
     """
     target = CONFIG["programs_per_sm"] * num_sms
     splits = max(1, min(triton.cdiv(target, max(1, n_base_programs)), n_blocks))
@@ -212,15 +212,11 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
     return triton.cdiv(n_blocks, blocks_per_split), blocks_per_split
 
 
-# Kernel configuration; module-level so that ``scripts/attend_sweep.py`` can sweep it.
-# Chosen from a sweep on an H100 (bf16, G=4, S=2048, CUDA-graph timings): 64 slots per
-# iteration with 4 warps and 2 stages was within ~3% of the best for D = 64..256 and
-# B = 1..64, and 8 warps was consistently worse (the tile per iteration is too small to keep
-# 8 warps busy). ``programs_per_sm``: the split-K target (see ``_pick_splits``).
-# ``prefetch_idx``: load the next block's positions one iteration ahead. On an H100 it is 2-8%
-# faster at B >= 8 with blocks of 64 (1.08-1.14x SDPA over a contiguous cache of the budget's
-# length at B=8, 1.14-1.26x at B=16, against 1.12-1.37x without) and equal at B=1
-# (``scripts/attend_sweep.py``, bench_results/attend_sweep_h100.json).
+# Kernel configuration; module-level so that ``scripts/attend_sweep.py`` can sweep it (its
+# findings: README, "Kernel configurations"). 8 warps leave the small tile of an iteration
+# too little work. ``programs_per_sm``: the split-K target (see ``_pick_splits``).
+# ``prefetch_idx``: load the next block's positions one iteration ahead, so consecutive
+# gathers do not wait on an index load in between.
 CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4,
           "prefetch_idx": True}
 

@@ -50,13 +50,9 @@ LOG2E = 1.4426950408889634
 # H100 SXM; only used when no CUDA device is visible (interpreter runs).
 _DEFAULT_NUM_SMS = 132
 
-# Kernel configuration of the two K passes. Module-level so a benchmark can sweep it. H100
-# (torch 2.11, triton 3.6, bf16, Hq=32 Hkv=8 D=128, CUDA-graph timings of bounds + both
-# passes): (64, 4 warps, 3 stages) was the best or within 1% of it among (32|64|128, 4|8, 2-4)
-# at B=1 L=128K (207 us, 2.6 TB/s of K read), B=16 L=32K (742 us, 2.9 TB/s) and B=8 L=4K
-# (62 us, 2.2 TB/s); 8 warps lost 20-30%. The measured copy rate is about 3.0 TB/s.
-# The passes over K; programs_per_sm: how many programs per SM the splits aim for in all
-# (``scripts/engine_sweep.py`` times the choices).
+# Kernel configuration of the passes over K, module-level so that ``scripts/engine_sweep.py``
+# can sweep it (its findings: README, "Kernel configurations"); programs_per_sm: how many
+# programs per SM the splits aim for in all.
 CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4}
 
 SPLIT_CHUNK = 16  # split partials combined per iteration in pass 2

@@ -176,9 +176,8 @@ _COMPILE_ERRORS = tuple(
 _COMPILE_GLUE = "cuda"
 # Inductor options of the glue's compiled graphs on CUDA, read when a graph is first
 # compiled (``scripts/profile_step.py --glue-options`` tries others). Combo kernels put the
-# glue's independent small kernels into shared launches: 17 kernels and 53 us for a step
-# at B=1, 32K (r=0) on the H200, against 24 kernels and 60 us without
-# (bench_results/profile_step_b1_32k_combo_h200.txt). CPU glue (tests) takes the defaults.
+# glue's independent small kernels into shared launches (fewer launches, measured in the
+# README's "Kernel configurations"). CPU glue (tests) takes the defaults.
 GLUE_INDUCTOR_OPTIONS: dict = {"combo_kernels": True}
 
 

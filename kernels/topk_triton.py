@@ -76,17 +76,15 @@ _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # _GUESS_SLACK times it (the candidate buffer); the next guess aims at _GUESS_AHEAD times it.
 _GUESS_SLACK = 2
 # Candidates a guess may leave for the one program that thresholds them (its registers hold
-# them all): past this the guess is not used. At budget 16384 (32768 candidates) the
-# guessed step ran 0.97 ms against 0.77 without (H200, B=1, 128K, r=0.1).
+# them all): past this the guess is not used (more spill, and ran slower than no guess).
 _GUESS_MAX_CANDIDATES = 8192
 _GUESS_AHEAD_NUM = tl.constexpr(5)
 _GUESS_AHEAD_DEN = tl.constexpr(4)
 # Scratch row per slot (int32): digit histograms, the barrier counter, the threshold the
 # dilation found, and per-party counts and mass partials of the two compactions.
-# Digits of 4 bits: eight rounds of 16-bin histograms. 8-bit digits (four rounds, four
-# barriers, 256 bins) measured faster at 4K but slower from 32K on at B >= 8 and at B=1,
-# 128K on the H200 (bench_results/latency_h200_rerun.json), where a pass is bound by the
-# histogram instructions rather than by the rounds.
+# Digits of 4 bits: eight rounds of 16-bin histograms. A histogram's cost grows with its
+# bins, and on long rows a pass is bound by the histogram instructions rather than by the
+# rounds, so fewer, wider digits lose there (README, "Kernel configurations").
 _DIGIT_BITS = 4
 _DIGIT = tl.constexpr(_DIGIT_BITS)
 _BINS = tl.constexpr(2 ** _DIGIT_BITS)
