@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .plan import device_key
+
 __all__ = ["BLOCK_W", "MASK_ADD", "MASK_BOOL", "MASK_NONE", "BoundsColumn", "compute_bounds",
            "mask_load_ok", "mask_operand", "mask_row_ptrs", "masked_scores", "rows_share_mask",
            "middle_range", "reserve_tickets", "row_bounds", "row_contiguous", "select_bounds", "valid_in_row", "valid_positions", "write_valid_run"]
@@ -384,16 +386,9 @@ def compute_bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, mi
 _TICKET_BUFFERS: dict = {}
 
 
-def _device_key(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def reserve_tickets(device, rows: int) -> None:
     """Keep a zeroed ticket buffer of at least ``rows`` rows for ``device``."""
-    device = _device_key(device)
+    device = device_key(device)
     buf = _TICKET_BUFFERS.get(device)
     if buf is None or buf.numel() < rows:
         _TICKET_BUFFERS[device] = torch.zeros(max(rows, 256), dtype=torch.int32, device=device)
@@ -401,7 +396,7 @@ def reserve_tickets(device, rows: int) -> None:
 
 def _tickets(device, rows: int) -> torch.Tensor:
     """The reserved buffer, or zeros of this call's own (a fill launch more)."""
-    buf = _TICKET_BUFFERS.get(_device_key(device))
+    buf = _TICKET_BUFFERS.get(device_key(device))
     if buf is None or buf.numel() < rows:
         return torch.zeros(rows, dtype=torch.int32, device=device)
     return buf

@@ -58,12 +58,8 @@ class SelectPlan:
         (``prhs_compile.state.allocate_state``)."""
         if not self.head_budgets:
             return None
-        import torch
-
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # one cache entry per GPU
-            device = torch.device("cuda", torch.cuda.current_device())
-        return _head_middles(self.head_budget_list, self.sink + self.local, str(device))
+        return _head_middles(self.head_budget_list, self.sink + self.local,
+                             str(device_key(device)))
 
     @property
     def psaw_fraction(self) -> float:
@@ -108,6 +104,17 @@ class SelectPlan:
                 continue
             parts.append(f"{f.name}={int(value) if isinstance(value, bool) else value}")
         return ";".join(parts)
+
+
+def device_key(device):
+    """``device`` as a ``torch.device`` naming its index (``cuda`` -> ``cuda:N``), so that
+    a cache keyed by device holds one entry per GPU however the device is named."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 @functools.lru_cache(maxsize=None)

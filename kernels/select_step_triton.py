@@ -436,7 +436,7 @@ def _h2o_keys(mass, score, continuing, bounds):
 def _h2o_accumulate(mass, score, picks, bounds, rows: int):
     """H2O, after the top-k: each kept position's share of the attention (the picks and the
     windows, renormalised over the kept set) is added to its score."""
-    valid, windows = _h2o_windows(mass, bounds)
+    _, windows = _h2o_windows(mass, bounds)
     keep = scatter_keep(picks, picks >= 0, mass.shape[-1])
     got = mass.clamp_min(0.0) * (keep | windows)  # the mass each kept position received
     score.add_(got / got.sum(-1, keepdim=True).clamp_min(1e-30) * rows)
