@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU results of the README, each stage a separate command so that it fits one run:
 #
-#   scripts/gpu_bench.sh tests       # the CUDA-marked tests and the Triton select-step tests
+#   scripts/gpu_bench.sh tests       # the CUDA-marked tests, and the kernel tests of the select
+#                                    # step, top-k, select and attend
 #   scripts/gpu_bench.sh topk        # the top-k's kernel tests alone (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh engine      # the select engine's kernel tests alone (retrieval, top-k)
 #   scripts/gpu_bench.sh kernels     # the top-k, attend and oracle-select kernel tests (stops the stages after it on a failure)
@@ -32,22 +33,25 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # expecttest (and a newer transformers) 
 fi
 python -m pip install -q --no-deps --no-build-isolation "$ROOT" 2>&1 | grep -v "as the 'root' user" | tail -3
 cd /tmp
+# Tests in parallel where pytest-xdist is installed: their time is mostly Triton's compiles (CPU).
+PAR=""
+if python -c "import xdist" 2>/dev/null; then PAR="-n ${PYTEST_WORKERS:-8}"; fi
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 
 for stage in "$@"; do
   case "$stage" in
     tests)
-      python -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
-      python -m pytest -q -p no:cacheprovider "$ROOT/tests/test_select_step_triton.py" "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
+      python -m pytest -q -p no:cacheprovider $PAR -m cuda "$ROOT/tests" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
+      python -m pytest -q -p no:cacheprovider $PAR "$ROOT/tests/test_select_step_triton.py" "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_triton.py" "$ROOT/tests/test_attend_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
       ;;
     topk)  # the top-k's kernel tests; a failure stops the stages after it
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" 2>&1 | tee "$OUT/pytest_topk.txt" | tail -5 || exit 1
       ;;
     kernels)  # the top-k's, attend's and the oracle select's kernel tests; a failure stops the stages after it
-      timeout 300 python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_attend_triton.py" "$ROOT/tests/test_select_triton.py" 2>&1 | tee "$OUT/pytest_kernels.txt" | tail -5 || exit 1
+      timeout 300 python -m pytest -q -x -p no:cacheprovider $PAR "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_attend_triton.py" "$ROOT/tests/test_select_triton.py" 2>&1 | tee "$OUT/pytest_kernels.txt" | tail -5 || exit 1
       ;;
     engine)
-      python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_engine.txt" | tail -25
+      python -m pytest -q -x -p no:cacheprovider $PAR "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_step_triton.py" 2>&1 | tee "$OUT/pytest_engine.txt" | tail -25
       ;;
     attend_sweep)
       python "$ROOT/scripts/attend_sweep.py" --out "$OUT/attend_sweep.json" 2>&1 | tail -20
