@@ -350,21 +350,30 @@ def _candidate_keys(key_row, cand_row, n_cand, CAND_P2: tl.constexpr):
 def _select_registers(key, k):
     """(thr, need) of the top ``k`` of a block of keys held in registers (0: no candidate),
     exact even when all of them are in (thr = the smallest, need = how many equal it), so
-    that a compaction over the whole row takes no key outside the block."""
+    that a compaction over the whole row takes no key outside the block. The digit rounds
+    stop once a bin holds exactly the keys still needed (about five of the eight on a few
+    thousand distinct masses); that bin's smallest key is then the threshold."""
     prefix = tl.full([], 0, tl.uint32)
     fixed = tl.full([], 0, tl.uint32)
     remaining = tl.full([], 0, tl.int32) + k
     cand = key != 0
+    done = tl.full([], 0, tl.int32)
     for d in tl.static_range(_ROUNDS):
-        match = cand & ((key & fixed) == prefix)
-        digit = (key >> (32 - _DIGIT * (d + 1))) & (_BINS - 1)
-        hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
-        remaining, prefix, fixed, _ = _digit_round(hist, d, remaining, prefix, fixed)
+        if done == 0:
+            match = cand & ((key & fixed) == prefix)
+            digit = (key >> (32 - _DIGIT * (d + 1))) & (_BINS - 1)
+            hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
+            remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix, fixed)
+            done = exact.to(tl.int32)
     total = tl.sum(cand.to(tl.int32), 0)
-    smallest = tl.min(tl.where(cand, key, tl.full(key.shape, 0xFFFFFFFF, tl.uint32)), 0)
-    n_smallest = tl.sum((cand & (key == smallest)).to(tl.int32), 0)
-    thr = tl.where(total <= k, smallest, prefix)
-    need = tl.where(total <= k, n_smallest, remaining)
+    # Ended early (or all in): the smallest key taken, and all the keys equal to it.
+    low = total <= k
+    low = low | (done != 0)
+    taken = cand & (((key & fixed) == prefix) | (total <= k))
+    smallest = tl.min(tl.where(taken, key, tl.full(key.shape, 0xFFFFFFFF, tl.uint32)), 0)
+    n_smallest = tl.sum((taken & (key == smallest)).to(tl.int32), 0)
+    thr = tl.where(low, smallest, prefix)
+    need = tl.where(low, n_smallest, remaining)
     return thr, need
 
 
