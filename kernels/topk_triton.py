@@ -69,7 +69,9 @@ __all__ = ["SCRATCH_WIDTH", "topk_picks"]
 # party of a slot must be resident while the others wait at its barrier, which the register
 # file guarantees while programs_per_sm * num_warps <= 8 (at most 256 threads of at most
 # 255 registers each per SM); ``scripts/engine_sweep.py`` times the choices.
-CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1}
+# max_parties: most programs one slot's row is split among (fewer: cheaper barriers, longer
+# passes; ``scripts/topk_probe.py`` times the choices).
+CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1, "max_parties": 256}
 _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated neighbour
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # A guess is taken while the keys at or above it are between the needed count and
@@ -539,7 +541,7 @@ def _topk_kernel(
     KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, NEAR, SCRATCH, PICKED_MASS, GUESS, POSITIONS,
     SCORES, LSE_PART, WMASS, TMP, COMP_MASK, COMP_OUT,
     BH, Hkv, L, k, m, radius, width, cand_width, stride_ob, stride_oh, num_programs,
-    rows, lse_width, lse_splits,
+    rows, lse_width, lse_splits, max_parties,
     Tq, slots, sink, local, stride_mb, stride_mt, stride_ml, mask_min,
     HAS_ACTIVE: tl.constexpr, HAS_CAPS: tl.constexpr, DILATE: tl.constexpr, HAS_GUESS: tl.constexpr,
     MULTI: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BH: tl.constexpr, C_P2: tl.constexpr,
@@ -558,7 +560,7 @@ def _topk_kernel(
     n_active = tl.sum(flags.to(tl.int32), 0)
     rank = tl.cumsum(flags.to(tl.int32), 0) - 1
     if MULTI:
-        parties = tl.minimum(tl.maximum(num_programs // tl.maximum(n_active, 1), 1), C_P2)
+        parties = tl.minimum(tl.maximum(num_programs // tl.maximum(n_active, 1), 1), max_parties)
     else:
         parties = tl.full([], 1, tl.int32)
     groups = num_programs // parties
@@ -739,6 +741,10 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     # On the GPU never more programs than are resident at once (parties wait for each
     # other); with more active slots than programs, each program takes several in turn.
     num_programs = _resident_programs(device) if multi else BH
+    max_parties = CONFIG["max_parties"]
+    if not 1 <= max_parties <= _C_MAX:
+        raise ValueError(f"top-k max_parties={max_parties}: must be in [1, {_C_MAX}] (the "
+                         "scratch row holds the counts of that many parties)")
     if scratch is not None and (scratch.shape != (BH, SCRATCH_WIDTH)
                                 or scratch.dtype != torch.int32):
         raise ValueError(f"scratch must be int32 zeros of shape ({BH}, {SCRATCH_WIDTH}), got "
@@ -786,7 +792,7 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         BH, Hkv, L, k, m, dilation_r if dilate else 0, width, cand_width,
         out.stride(0), out.stride(1), num_programs,
         pending.rows if pending is not None else 1, pending.lse_width if pending is not None else 1,
-        pending.num_splits if pending is not None else 1,
+        pending.num_splits if pending is not None else 1, max_parties,
         q_len, comp_slots, comp_sink, comp_local, *comp_ms, comp_mask_min,
         HAS_ACTIVE=active is not None, HAS_CAPS=caps is not None, DILATE=dilate,
         HAS_GUESS=guess is not None, MULTI=multi,

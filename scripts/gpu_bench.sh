@@ -8,6 +8,7 @@
 #   scripts/gpu_bench.sh kernels     # the top-k, attend and oracle-select kernel tests (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh attend_sweep  # attend's kernel configurations -> $OUT/attend_sweep.json
 #   scripts/gpu_bench.sh profile     # the kernels of one PrHS decode step, with their times
+#   scripts/gpu_bench.sh topk_probe  # the top-k at low retrieval rates, parts left out -> $OUT/topk_probe.json
 #   scripts/gpu_bench.sh sweep       # the select engine's K pass and top-k configurations -> $OUT/engine_sweep.json
 #   scripts/gpu_bench.sh compare     # prhs-bench compare: every policy on the evaluation model
 #   scripts/gpu_bench.sh probe       # the CUDA-graphs probe alone
@@ -64,6 +65,9 @@ for stage in "$@"; do
       python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 0.1 2>&1 | grep -v Warn | tee "$OUT/profile_b16_128k_r01.txt" | grep -E "kernels|graph|_kernel"
       python "$ROOT/scripts/profile_step.py" --batch 1 --context 131072 --budget 2048 --rate 1 2>&1 | grep -v Warn | tee "$OUT/profile_b1_128k_r1.txt" | grep -E "kernels|graph|_kernel"
       ;;
+    topk_probe)
+      python "$ROOT/scripts/topk_probe.py" --out "$OUT/topk_probe.json" 2>&1 | grep -v "top-k probe:"
+      ;;
     sweep)
       python "$ROOT/scripts/engine_sweep.py" --out "$OUT/engine_sweep.json" 2>&1 | grep -v "engine sweep:"
       ;;
@@ -104,6 +108,6 @@ for stage in "$@"; do
       python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 1 --retrieval pages 2>&1 | grep -v Warn | tee "$OUT/profile_pages_b16_128k_r1.txt" | grep -E "kernels|graph|_kernel"
       ;;
     *)
-      echo "unknown stage $stage (tests, topk, kernels, engine, attend_sweep, profile, ab, sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
+      echo "unknown stage $stage (tests, topk, kernels, engine, attend_sweep, topk_probe, profile, ab, sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
   esac
 done

@@ -86,6 +86,33 @@ def test_topk_over_a_long_row(tied):
         _assert_picked_mass(picked, mass, ref)
 
 
+@pytest.mark.parametrize("max_parties", [1, 3])
+def test_a_row_split_among_fewer_parties_is_the_same_set(monkeypatch, max_parties):
+    """``CONFIG["max_parties"]`` caps the programs one slot's row is split among (on a GPU;
+    the interpreter gives each slot one program): the set does not change."""
+    import prhs_compile.kernels.topk_triton as tk
+
+    gen = torch.Generator().manual_seed(5 + max_parties)
+    B, H, L, k = 1, 2, 9000, 300
+    mass = (torch.rand(B, H, L, generator=gen) ** 4).to(DEVICE)
+    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=100, dilation_r=1)
+    ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=True), k)
+    monkeypatch.setitem(tk.CONFIG, "max_parties", max_parties)
+    out, _ = topk_picks(_keys_of(mass, region), _middle_bounds([0], [L], L), k,
+                        dilation_m=100, dilation_r=1, width=k)
+    assert torch.equal(out, ref)
+
+
+def test_topk_refuses_a_party_cap_out_of_range(monkeypatch):
+    import prhs_compile.kernels.topk_triton as tk
+
+    keys = torch.ones(1, 1, 16, dtype=torch.int32, device=DEVICE)
+    monkeypatch.setitem(tk.CONFIG, "max_parties", 0)
+    with pytest.raises(ValueError, match=r"max_parties=0: must be in \[1, 256\]"):
+        topk_picks(keys, _middle_bounds([0], [16], 16), 4)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("m,r", [(0, 0), (13, 1)])
 def test_a_guessed_threshold_gives_the_same_set_whether_it_holds_or_not(tied, m, r):

@@ -1,0 +1,114 @@
+"""Where the top-k's time goes at low retrieval rates: ``topk_picks`` as the gated PrHS step
+launches it (keys formed from the pass over K's scores, ``pending=``), timed alone in CUDA
+graphs with one part of its work left out or changed at a time.
+
+    python scripts/topk_probe.py [--out topk_probe.json] [--smoke]
+
+Llama-3-8B attention shape (32 query heads, 8 KV heads, D=128, bf16), budget 2048 (sink 4,
+local 64), PrHS's dilation (m = middle // 3, r = 1). Shapes: one retrieving slot at B=1,
+128K; 13 of 128 at B=16, 32K; 8 of 8 at B=1, 128K. Variants (each checked to pick the
+default's set where it should):
+
+* ``guess+dilate``: the step's default (a guessed threshold that holds, dilation);
+* ``guess``: no dilation (party 0 thresholds the candidates only: the dilation's cost);
+* ``dilate``, ``plain``: no guess (the radix rounds over the row, with and without dilation);
+* ``guess+dilate, parties<=N``: the row split among at most N programs (barriers of fewer
+  parties, longer passes each).
+
+The K pass (``retrieve_keys(defer=True)``) runs once per shape; only the top-k is timed, so
+each variant's time is its launch alone. ``--smoke`` runs tiny shapes on CPU under
+``TRITON_INTERPRET=1`` (checks the script; its times mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from tqdm import tqdm
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from prhs_compile.bench.speed.timing import Timer
+    from prhs_compile.kernels import topk_triton as tk
+    from prhs_compile.kernels.bounds_triton import compute_bounds, mask_operand
+    from prhs_compile.kernels.retrieve_triton import retrieve_keys
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    timer = Timer(device, "cudagraph" if device.type == "cuda" else "plain", 10)
+    Hq, Hkv, D, S, sink, local = 32, 8, 128, args.budget, 4, 64
+    shapes = [(1, 131072, 1), (16, 32768, 13), (1, 131072, 8)]
+    parties = [8, 32, 64]
+    if args.smoke:
+        S, shapes, parties = 256, [(2, 1024, 1)], [2]
+    scale = 1 / math.sqrt(D)
+    middle = S - sink - local
+    radius, cores = 1, middle // 3
+    default = dict(tk.CONFIG)
+    variants = [("guess+dilate", True, True, None), ("guess", True, False, None),
+                ("dilate", False, True, None), ("plain", False, False, None)]
+    variants += [(f"guess+dilate, parties<={n}", True, True, n) for n in parties]
+    rows = []
+    bar = tqdm(total=len(shapes) * len(variants), desc="top-k probe")
+    for B, L, n_active in shapes:
+        gen = torch.Generator(device=device).manual_seed(B + L)
+        q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(B, Hkv, L, D, device=device, dtype=torch.bfloat16, generator=gen)
+        mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=device)
+        operand = mask_operand(mask, B, 1, L)
+        bounds = compute_bounds(*operand, B, 1, L, sink, local, S, 0, device)
+        flags = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
+        flags[torch.randperm(B * Hkv, generator=torch.Generator().manual_seed(L))[:n_active]] = 1
+        found = retrieve_keys(q, k, operand, bounds, scale, flags, want_window_mass=True,
+                              defer=True)
+        reference = None
+        for name, guessed, dilate, max_parties in variants:
+            tk.CONFIG.update(default if max_parties is None else dict(default, max_parties=max_parties))
+            guess = torch.zeros(B, Hkv, dtype=torch.int32, device=device) if guessed else None
+            out = torch.full((B, Hkv, middle), -1, dtype=torch.int32, device=device)
+
+            def run():
+                return tk.topk_picks(found.keys, bounds, middle, out=out, active=flags,
+                                     dilation_m=cores if dilate else 0,
+                                     dilation_r=radius if dilate else 0, width=middle,
+                                     guess=guess, pending=found.pending)
+
+            run()  # a guess comes from the call before
+            picks = run()[0].view(B * Hkv, -1)[flags.bool()].clone()
+            if name == "guess+dilate":
+                reference = picks
+            same = bool(torch.equal(picks, reference)) if dilate else None
+            ms = timer(run)
+            rows.append(dict(batch=B, context=L, active=n_active, variant=name, us=1e3 * ms,
+                             same_picks=same))
+            bar.write(json.dumps(rows[-1]))
+            bar.update()
+        tk.CONFIG.update(default)
+        q = k = mask = found = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    for B, L, n_active in shapes:
+        print(f"B={B} L={L} active={n_active}: " + ", ".join(
+            f"{r['variant']} {r['us']:.1f} us" for r in rows
+            if (r["batch"], r["context"], r["active"]) == (B, L, n_active)))
+    if args.out:
+        with open(args.out, "w") as f:
+            name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+            json.dump({"device": name, "torch": torch.__version__, "budget": S, "sink": sink,
+                       "local": local, "dilation": [cores, radius], "config": default,
+                       "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
