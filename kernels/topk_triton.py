@@ -66,9 +66,10 @@ _SPLIT_CHUNK = tl.constexpr(SPLIT_CHUNK)  # a jit function reads module globals 
 __all__ = ["SCRATCH_WIDTH", "topk_picks"]
 
 # block: keys per iteration of a pass. programs_per_sm: programs per SM of the grid; every
-# party of a slot must be resident while the others wait at its barrier, which the register
-# file guarantees while programs_per_sm * num_warps <= 8 (at most 256 threads of at most
-# 255 registers each per SM); ``scripts/engine_sweep.py`` times the choices.
+# party of a slot must be resident while the others wait at its barrier, which holds for one
+# program per SM, and for more while programs_per_sm * num_warps <= 8 (at most 256 threads
+# of at most 255 registers each per SM); ``scripts/engine_sweep.py`` and
+# ``scripts/topk_probe.py`` time the choices.
 # max_parties: most programs one slot's row is split among (fewer: cheaper barriers, longer
 # passes; ``scripts/topk_probe.py`` times the choices).
 CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1, "max_parties": 256}
@@ -677,11 +678,13 @@ def _resident_programs(device: torch.device) -> int:
     """How many programs of the top-k kernel may run at once with certainty (each party of
     a slot must be resident while the others wait at its barrier): ``programs_per_sm`` per
     SM, allowed only where the register file holds them all whatever the compiler
-    allocates."""
+    allocates. One program per SM is always resident once it launches (a program too large
+    for an SM fails to launch), so it may have up to 32 warps."""
     per_sm, warps = CONFIG["programs_per_sm"], CONFIG["num_warps"]
-    if per_sm < 1 or per_sm * warps > 8:
-        raise ValueError(f"top-k programs_per_sm={per_sm} with num_warps={warps}: need "
-                         "1 <= programs_per_sm * num_warps <= 8 for every party to be resident")
+    if per_sm < 1 or (per_sm > 1 and per_sm * warps > 8) or warps > 32:
+        raise ValueError(f"top-k programs_per_sm={per_sm} with num_warps={warps}: need one "
+                         "program per SM (num_warps <= 32) or programs_per_sm * num_warps "
+                         "<= 8 for every party to be resident")
     return per_sm * num_sms(device)
 
 

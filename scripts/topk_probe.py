@@ -13,7 +13,9 @@ default's set where it should):
 * ``guess``: no dilation (party 0 thresholds the candidates only: the dilation's cost);
 * ``dilate``, ``plain``: no guess (the radix rounds over the row, with and without dilation);
 * ``guess+dilate, parties<=N``: the row split among at most N programs (barriers of fewer
-  parties, longer passes each).
+  parties, longer passes each);
+* ``guess+dilate, N warps``: programs of N warps (the one program that thresholds the
+  candidates holds fewer of them per thread with more warps).
 
 The K pass (``retrieve_keys(defer=True)``) runs once per shape; only the top-k is timed, so
 each variant's time is its launch alone. ``--smoke`` runs tiny shapes on CPU under
@@ -47,16 +49,18 @@ def main() -> int:
     timer = Timer(device, "cudagraph" if device.type == "cuda" else "plain", 10)
     Hq, Hkv, D, S, sink, local = 32, 8, 128, args.budget, 4, 64
     shapes = [(1, 32768, 1), (16, 32768, 13), (1, 131072, 8)]
-    parties = [16]
+    parties, warps = [16], [4, 16]
     if args.smoke:
-        S, shapes, parties = 256, [(2, 1024, 1)], [2]
+        S, shapes, parties, warps = 256, [(2, 1024, 1)], [2], [4]
     scale = 1 / math.sqrt(D)
     middle = S - sink - local
     radius, cores = 1, middle // 3
     default = dict(tk.CONFIG)
-    variants = [("guess+dilate", True, True, None), ("guess", True, False, None),
-                ("dilate", False, True, None), ("plain", False, False, None)]
-    variants += [(f"guess+dilate, parties<={n}", True, True, n) for n in parties]
+    variants = [("guess+dilate", True, True, {}), ("guess", True, False, {}),
+                ("dilate", False, True, {}), ("plain", False, False, {})]
+    variants += [(f"guess+dilate, parties<={n}", True, True, {"max_parties": n})
+                 for n in parties]
+    variants += [(f"guess+dilate, {w} warps", True, True, {"num_warps": w}) for w in warps]
     rows = []
 
     def save():  # after every row, so that an interrupted run keeps what it measured
@@ -80,8 +84,8 @@ def main() -> int:
         found = retrieve_keys(q, k, operand, bounds, scale, flags, want_window_mass=True,
                               defer=True)
         reference = None
-        for name, guessed, dilate, max_parties in variants:
-            tk.CONFIG.update(default if max_parties is None else dict(default, max_parties=max_parties))
+        for name, guessed, dilate, config in variants:
+            tk.CONFIG.update(dict(default, **config))
             guess = torch.zeros(B, Hkv, dtype=torch.int32, device=device) if guessed else None
             out = torch.full((B, Hkv, middle), -1, dtype=torch.int32, device=device)
 
