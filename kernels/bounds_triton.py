@@ -26,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import device_key
+from .tickets import tickets
 
 __all__ = ["BLOCK_W", "MASK_ADD", "MASK_BOOL", "MASK_NONE", "BoundsColumn", "compute_bounds",
            "mask_load_ok", "mask_operand", "mask_row_ptrs", "masked_scores", "rows_share_mask",
-           "middle_range", "reserve_tickets", "row_bounds", "row_contiguous", "select_bounds", "valid_in_row", "valid_positions", "write_valid_run"]
+           "middle_range", "row_bounds", "row_contiguous", "select_bounds", "valid_in_row", "valid_positions", "write_valid_run"]
 
 MASK_NONE = 0
 MASK_BOOL = 1
@@ -373,33 +373,8 @@ def compute_bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, mi
         _bounds_kernel[(B,)](bounds, bounds, bounds, *args, **consts)  # no mask, no stats
     else:
         stats = torch.empty((B, C, 3), dtype=torch.int32, device=device)
-        _mask_stats_kernel[(B, C)](mask_t, stats, _tickets(device, B), bounds, *args, **consts)
+        _mask_stats_kernel[(B, C)](mask_t, stats, tickets(device, B), bounds, *args, **consts)
     return bounds
-
-
-# Per device, the rows' tickets of ``_mask_stats_kernel``: zeros, and zeros again after every
-# launch (the last chunk of a row resets its ticket), so one buffer serves every call, CUDA
-# graph replays included. Calls run one after another on a device's stream. The buffer is
-# made only by ``reserve_tickets``, which the selection state's allocation calls outside any
-# CUDA graph: one first made inside a graph tree's recording run would be an allocation of
-# its memory pool that no output tracks (torch refuses that).
-_TICKET_BUFFERS: dict = {}
-
-
-def reserve_tickets(device, rows: int) -> None:
-    """Keep a zeroed ticket buffer of at least ``rows`` rows for ``device``."""
-    device = device_key(device)
-    buf = _TICKET_BUFFERS.get(device)
-    if buf is None or buf.numel() < rows:
-        _TICKET_BUFFERS[device] = torch.zeros(max(rows, 256), dtype=torch.int32, device=device)
-
-
-def _tickets(device, rows: int) -> torch.Tensor:
-    """The reserved buffer, or zeros of this call's own (a fill launch more)."""
-    buf = _TICKET_BUFFERS.get(device_key(device))
-    if buf is None or buf.numel() < rows:
-        return torch.zeros(rows, dtype=torch.int32, device=device)
-    return buf
 
 
 def select_bounds(q, k, mask, budget=-1, sink=0, local=0, min_context=0) -> torch.Tensor:

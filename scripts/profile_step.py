@@ -2,14 +2,16 @@
 (through the registered ops, as ``prhs-bench latency`` runs them), per launch.
 
     python scripts/profile_step.py [--batch 16 --context 32768 --budget 2048 --rate 0]
-        [--glue-options '{"combo_kernels": false}']
+        [--glue-options '{"combo_kernels": false}'] [--attend-config '{"fused_combine": true}']
+        [--topk-config '{"max_parties": 16}']
     python scripts/profile_step.py --configs 1:32768:0,16:131072:1 [--quiet] [--out F.json]
 
 Prints the kernels of one step in launch order with their GPU time (torch.profiler, after a
 warm-up; no CUDA graph, so the gaps between kernels are launch overhead that a graph would
 shrink but not remove), the totals, and the step's median time replayed in a CUDA graph
 (net of the state restore the benchmark runs before each step). ``--glue-options``: Inductor
-options for the select engine's compiled glue (``GLUE_INDUCTOR_OPTIONS``). ``--configs``
+options for the select engine's compiled glue (``GLUE_INDUCTOR_OPTIONS``); ``--attend-config``
+and ``--topk-config``: entries of those kernels' ``CONFIG``. ``--configs``
 profiles several (batch, context, rate) steps in one process (the glue compiles once);
 ``--quiet`` prints only the step times; ``--out`` writes them, with each kernel's time, as
 JSON.
@@ -32,6 +34,10 @@ def main() -> int:
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--glue-options", default="{}", help="JSON dict of Inductor options")
+    parser.add_argument("--attend-config", default="{}",
+                        help='JSON dict of attend CONFIG entries, e.g. {"fused_combine": true}')
+    parser.add_argument("--topk-config", default="{}",
+                        help='JSON dict of top-k CONFIG entries, e.g. {"max_parties": 16}')
     parser.add_argument("--configs", default=None,
                         help="comma-separated batch:context:rate triples (overrides the three)")
     parser.add_argument("--quiet", action="store_true", help="only the step times")
@@ -43,7 +49,11 @@ def main() -> int:
     import prhs_compile  # noqa: F401  (registers the ops)
     from prhs_compile.kernels import select_step_triton
 
+    from prhs_compile.kernels import attend_triton, topk_triton
+
     select_step_triton.GLUE_INDUCTOR_OPTIONS.update(json.loads(args.glue_options))
+    attend_triton.CONFIG.update(json.loads(args.attend_config))
+    topk_triton.CONFIG.update(json.loads(args.topk_config))
     if args.configs:
         configs = [tuple(c.split(":")) for c in args.configs.split(",")]
         configs = [(int(b), int(c), float(r)) for b, c, r in configs]
@@ -54,7 +64,9 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "budget": args.budget, "retrieval": args.retrieval,
-                       "glue_options": json.loads(args.glue_options), "steps": results}, f,
+                       "glue_options": json.loads(args.glue_options),
+                       "attend_config": attend_triton.CONFIG, "topk_config": topk_triton.CONFIG,
+                       "steps": results}, f,
                       indent=1)
     return 0
 

@@ -210,11 +210,12 @@ def test_cuda_inductor_and_cuda_graphs_match_eager_when_the_budget_covers(mode):
 def test_cuda_graph_trees_find_no_untracked_buffer_of_the_select_step(options):
     """reduce-overhead (CUDA-graph trees) with a sparse select, from a process that has not
     run a select step yet: the device buffers the CUDA step keeps between calls (the bounds
-    kernel's tickets, the per-head budgets) must exist before the first graph records, or
-    torch refuses them as allocations of the graph's memory pool that no output tracks."""
-    from prhs_compile.kernels import bounds_triton, plan
+    kernel's and attend's tickets, the per-head budgets) must exist before the first graph
+    records, or torch refuses them as allocations of the graph's memory pool that no output
+    tracks."""
+    from prhs_compile.kernels import plan, tickets
 
-    bounds_triton._TICKET_BUFFERS.clear()
+    tickets._BUFFERS.clear()
     plan._head_middles.cache_clear()
     model = tiny_model("llama", dtype=torch.bfloat16).cuda()
     compiled = torch.compile(model.forward, backend="prhs",

@@ -165,12 +165,14 @@ def test_mask_with_holes_across_chunks(monkeypatch):
     _check_bounds(bounds, mask, L, budget=16, sink=3, local=6, min_context=0)
     # With a reserved ticket buffer (what allocating a GPU's selection state does), twice:
     # the last chunk of each row left its ticket at 0 for the next call.
-    monkeypatch.setattr(bt, "_TICKET_BUFFERS", {})  # this test's own, dropped after it
-    bt.reserve_tickets(DEVICE, B)
+    from prhs_compile.kernels import tickets as tk
+
+    monkeypatch.setattr(tk, "_BUFFERS", {})  # this test's own, dropped after it
+    tk.reserve_tickets(DEVICE, B)
     for _ in range(2):
         bounds = select_bounds(q, k, mask, budget=16, sink=3, local=6).cpu()
         _check_bounds(bounds, mask, L, budget=16, sink=3, local=6, min_context=0)
-        assert not bt._tickets(DEVICE, B).any()
+        assert not tk.tickets(DEVICE, B).any()
 
 
 def test_no_mask_and_min_context():
