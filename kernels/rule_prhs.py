@@ -123,14 +123,26 @@ def prhs_gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_n
 
 def prhs_store(q, picks, retained, fresh_key_norm, retrieve, reuse, age, kept, anchor,
                anchor_dropped, key_norm) -> None:
-    """The state a step leaves for later ones: where a slot retrieved, its ``picks``
-    (``[B, Hkv, middle]`` positions; None: already written into ``kept``, as the Triton
-    top-k does), the mass they ``retained``, the newest queries as anchors and the largest
-    key norm ``fresh_key_norm``; the age of every slot."""
-    group = q.shape[1] // kept.shape[1]
+    """The state a step leaves for later ones: what its retrievals found (``prhs_keep``) and
+    what the gate's decision alone sets (``prhs_advance``)."""
+    prhs_keep(picks, retained, retrieve, kept, anchor_dropped)
+    prhs_advance(q, fresh_key_norm, retrieve, reuse, age, anchor, key_norm)
+
+
+def prhs_keep(picks, retained, retrieve, kept, anchor_dropped) -> None:
+    """Where a slot retrieved: its ``picks`` (``[B, Hkv, middle]`` positions; None: already
+    written into ``kept``, as the Triton top-k does) and the mass it dropped, ``1 -
+    retained`` (the Triton top-k writes that too when handed ``dropped=``)."""
     anchor_dropped.copy_(torch.where(retrieve, (1.0 - retained).clamp_min(0.0), anchor_dropped))
     if picks is not None:
         kept.copy_(torch.where(retrieve[..., None], picks, kept))
+
+
+def prhs_advance(q, fresh_key_norm, retrieve, reuse, age, anchor, key_norm) -> None:
+    """What a step leaves once the gate has decided, whatever the retrievals find: the
+    newest queries as the anchors of retrieving slots, their largest key norm
+    ``fresh_key_norm``, and the age of every slot."""
+    group = q.shape[1] // retrieve.shape[1]
     anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], q[:, :, -1].float(), anchor))
     key_norm.copy_(torch.where(retrieve, fresh_key_norm, key_norm))
     advance_age(age, retrieve, reuse)

@@ -52,7 +52,7 @@ import torch._dynamo
 import torch._inductor
 from . import pages_triton
 from .plan import SelectPlan
-from .rule_prhs import needs_key_norms, prhs_gate, prhs_store
+from .rule_prhs import prhs_advance, prhs_gate, prhs_store
 from .rules import get_rule
 from .pages import PAGE_MIN, capacity, uses_pages
 from .pages_triton import maintain_summaries_triton, page_positions, quest_pages, two_stage_keys
@@ -303,16 +303,25 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
 
 
 @_fused
-def _gate(bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm, q_len: int,
-          scale: float, tau: float, delta_target: float, max_reuse: int):
+def _gate(bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm, counters,
+          q_len: int, scale: float, tau: float, delta_target: float, max_reuse: int,
+          advance: bool, bookkeep: bool):
     """The gated step's prologue: the per-row facts (``_row_facts``) and PrHS's gate
     (``rule_prhs.prhs_gate``): which slots reuse their stored set this step and which
     retrieve, also as int32 flags for the kernels (not the reuse bound: only verify mode
-    reports it, on the reference). One compiled graph, so a few fused kernels; it also
-    makes the top-k's zeroed scratch, whose fill Inductor folds into those launches."""
+    reports it, on the reference). With ``advance``, also the state the decision alone sets
+    (``rule_prhs.prhs_advance``: anchors, ages); with ``bookkeep``, the step's bookkeeping
+    (``select_reference.step_bookkeeping``): the top-k then writes the rest (the picks and
+    their dropped mass), and no launch follows it. One compiled graph, so a few fused
+    kernels; it also makes the top-k's zeroed scratch, whose fill Inductor folds into those
+    launches."""
     newest, continuing, fits = _row_facts(bounds, pos, fingerprint, k, q_len)
     retrieve, reuse, _ = prhs_gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped,
                                    key_norm, scale, tau, delta_target, max_reuse)
+    if advance:  # no fresh key norm: only the reuse bound reads it (delta_target, verify)
+        prhs_advance(q, key_norm, retrieve, reuse, age, anchor, key_norm)
+    if bookkeep:
+        step_bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieve)
     scratch = torch.zeros((retrieve.numel(), SCRATCH_WIDTH), dtype=torch.int32,
                           device=retrieve.device)
     return (newest, continuing, fits, retrieve, reuse, retrieve.flatten().to(torch.int32),
@@ -345,34 +354,29 @@ def _store_sufficient(q, keys, top, window_mass, fresh_key_norm, retrieve, reuse
                anchor_dropped, key_norm)
 
 
-@_fused
-def _store_picked(q, k, window_mass, picked_mass, fresh_key_norm, retrieve, reuse, age, kept,
-                  anchor, anchor_dropped, key_norm, rows: int, counters, pos, fingerprint,
-                  newest, continuing):
-    """The gated step's epilogue, once the top-k kernel has written the picks of the
-    retrieving slots into ``kept``: the state the step leaves (``rule_prhs.prhs_store``)
-    and its bookkeeping (``select_reference.step_bookkeeping``), in one compiled graph."""
-    prhs_store(q, None, (window_mass + picked_mass) / rows, fresh_key_norm, retrieve, reuse,
-               age, kept, anchor, anchor_dropped, key_norm)
-    step_bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieve)
-
-
 def _gated_step(step: Step):
     """``PrHSRule.choose`` on the Triton path: gate, gated retrieval, stored picks, output.
     Slots that reuse their set read no K and rank nothing: the score pass and the top-k
-    return at once for them. The glue is two compiled graphs, one before the kernels and
-    one after (each launch costs microseconds even inside a CUDA graph)."""
+    return at once for them. The glue is one compiled graph before the kernels (each launch
+    costs microseconds even inside a CUDA graph): the gate, the state it alone decides and
+    the bookkeeping; the top-k writes the picks, their dropped mass and the output.
+    ``delta_target`` (which ranks its top set by mass after the top-k) and two-stage
+    retrieval (whose page summaries read the sequence's old end, so the bookkeeping waits
+    for them) add a compiled graph after it."""
     q, k, mask, scale, plan, st, operand, bounds = step[:8]
     batch, _, q_len, _, length = step.shape
     rows = step.rows
     age, kept, anchor = st["age"][:batch], st["kept"][:batch], st["anchor"][:batch]
     anchor_dropped, key_norm = st["anchor_dropped"][:batch], st["key_norm"][:batch]
     pos, fingerprint = step.seq_state()
+    sufficient = plan.delta_target > 0
+    bookkeep = not sufficient and not uses_pages(plan)
     newest, continuing, fits, retrieve, reuse, flags, scratch = _gate(
-        bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm, q_len,
-        float(scale), plan.tau, plan.delta_target, plan.max_reuse)
+        bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm, st["counters"],
+        q_len, float(scale), plan.tau, plan.delta_target, plan.max_reuse,
+        not sufficient, bookkeep)
     step = step._replace(newest=newest, continuing=continuing, fits=fits)
-    if plan.delta_target > 0:
+    if sufficient:
         # The smallest sufficient prefix of the top set, best first (no dilation): the top
         # set from the one-pass retrieval and the radix top-k, then a sort of that set.
         found = step.retrieval_keys(flags, want_norm=True)
@@ -385,24 +389,21 @@ def _gated_step(step: Step):
                           rows)
         return step.finish(step.compose(kept), retrieve)
     step.keep_summaries()
-    want_norm = needs_key_norms(plan)
-    found = step.retrieval_keys(flags, want_norm)
+    # Key norms: only delta_target (above) and verify mode (the reference) read them.
+    found = step.retrieval_keys(flags, want_norm=False)
     top = min(plan.middle, length)
     radius = plan.dilation_r
     cores = plan.dilation_m if plan.dilation_m >= 0 else top // (2 * radius + 1)
-    # The top-k writes the picks of retrieving slots straight into the stored set, and the
-    # step's output of every slot (the state update after it leaves the set as it is).
+    # The top-k writes the picks of retrieving slots straight into the stored set, their
+    # dropped mass (rule_prhs.prhs_keep) and the step's output of every slot.
     output = step.composition()
-    _, picked_mass = topk_picks(found.keys, bounds, top, out=kept, active=flags,
-                                caps=plan.head_middles(q.device),
-                                dilation_m=min(cores, length), dilation_r=radius,
-                                width=plan.middle, guess=st[TOPK_GUESS][:batch],
-                                positions=found.positions, pending=found.pending,
-                                compose=output, scratch=scratch)
-    _store_picked(q, k, found.window_mass, picked_mass,
-                  found.key_norm if want_norm else key_norm, retrieve, reuse, age,
-                  kept, anchor, anchor_dropped, key_norm, rows, st["counters"], pos,
-                  fingerprint, newest, continuing)
+    topk_picks(found.keys, bounds, top, out=kept, active=flags,
+               caps=plan.head_middles(q.device), dilation_m=min(cores, length),
+               dilation_r=radius, width=plan.middle, guess=st[TOPK_GUESS][:batch],
+               positions=found.positions, pending=found.pending, compose=output,
+               scratch=scratch, dropped=(anchor_dropped, found.window_mass, rows))
+    if not bookkeep:
+        step.finish(None, retrieve)
     return output.out
 
 

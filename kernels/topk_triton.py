@@ -540,7 +540,7 @@ def _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI: tl.constexpr)
 @triton.jit
 def _topk_kernel(
     KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, NEAR, SCRATCH, PICKED_MASS, GUESS, POSITIONS,
-    SCORES, LSE_PART, WMASS, TMP, COMP_MASK, COMP_OUT,
+    SCORES, LSE_PART, WMASS, TMP, COMP_MASK, COMP_OUT, DROPPED, WINDOW, mass_rows,
     BH, Hkv, L, k, m, radius, width, cand_width, stride_ob, stride_oh, num_programs,
     rows, lse_width, lse_splits, max_parties,
     Tq, slots, sink, local, stride_mb, stride_mt, stride_ml, mask_min,
@@ -550,7 +550,7 @@ def _topk_kernel(
     WHOLE: tl.constexpr, PENDING: tl.constexpr, WANT_WMASS: tl.constexpr,
     ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr,
     COMPOSE: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
-    BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr,
+    BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr, HAS_DROPPED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_bh = tl.arange(0, BLOCK_BH)
@@ -672,6 +672,14 @@ def _topk_kernel(
                 compose_windows(COMP_MASK, BOUNDS, comp_row, b, total, Tq, slots, sink, local,
                                 stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2,
                                 BLOCK_W, SLOT_BLOCK)
+        if HAS_DROPPED:  # the mass the slot's set drops: 1 - (windows + picks) / rows
+            if c == 0:
+                tl.debug_barrier()  # the picks' mass, stored by other threads of this program
+                picked = tl.load(PICKED_MASS + slot, volatile=True)
+                window = tl.load(WINDOW + slot, volatile=True)
+                rows_f = (tl.full([], 0, tl.int32) + mass_rows).to(tl.float32)  # 1: a constexpr
+                retained = tl.math.div_rn(window + picked, rows_f)
+                tl.store(DROPPED + slot, tl.maximum(1.0 - retained, 0.0))
 
 
 def _resident_programs(device: torch.device) -> int:
@@ -691,7 +699,7 @@ def _resident_programs(device: torch.device) -> int:
 def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilation_m: int = 0,
                dilation_r: int = 0, width: int | None = None, guess=None, positions=None,
                whole_row: bool = False, pending=None, compose: Composition | None = None,
-               scratch=None):
+               scratch=None, dropped=None):
     """Picks of every active slot from ``keys`` (int32 ``[B, Hkv, L]``, modified in place
     when dilating): the top ``k`` of the middle (at most ``caps[h]`` for KV head h, when
     given), the +-``dilation_r`` neighbours of the best ``dilation_m`` first. Writes
@@ -723,7 +731,13 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
 
     ``scratch``: int32 zeros ``[B * Hkv, SCRATCH_WIDTH]`` for the kernel's barriers and
     counts, made by the caller (a compiled glue graph makes it without a launch of its
-    own); by default allocated here."""
+    own); by default allocated here.
+
+    ``dropped`` (``(out, window_mass, rows)``, fp32 ``[B, Hkv]`` tensors and an int): also
+    write, for every active slot, ``max(1 - (window_mass + picked mass) / rows, 0)`` into
+    ``out`` (PrHS's dropped mass at retrieval, ``rule_prhs.prhs_keep``; ``window_mass`` as
+    the retrieval left it, or as the pending keys' pass writes it), so that no launch after
+    the top-k is needed for it."""
     B, Hkv, L = keys.shape
     if pending is not None and (positions is not None or whole_row):
         raise ValueError("pending keys are one per cached position: no positions or whole_row")
@@ -786,12 +800,22 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         q_len, comp_slots = compose.q_len, compose.out.shape[-1]
         comp_sink, comp_local = compose.sink, compose.local
     want_wmass = pending is not None and pending.window_mass is not None
+    if dropped is not None:
+        dropped_t, window_t, mass_rows = dropped
+        for name, t in (("dropped", dropped_t), ("window_mass", window_t)):
+            if t.dtype != torch.float32 or t.numel() != BH or not t.is_contiguous():
+                raise ValueError(f"dropped: {name} must be contiguous fp32 with one entry per "
+                                 f"(row, KV head) slot ({BH}), got {t.dtype} {tuple(t.shape)}")
+        if mass_rows < 1:
+            raise ValueError(f"dropped: rows={mass_rows} must be >= 1")
+    else:
+        dropped_t, window_t, mass_rows = keys, keys, 1
     _topk_kernel[(num_programs,)](
         keys, bounds, active_t, caps_t, out, cand, cores, near, scratch, picked_mass,
         keys if guess is None else guess, keys if positions is None else positions.to(torch.int32),
         keys if pending is None else pending.scores, keys if pending is None else pending.lse_part,
         pending.window_mass if want_wmass else keys, tmp, comp_mask,
-        keys if compose is None else compose.out,
+        keys if compose is None else compose.out, dropped_t, window_t, mass_rows,
         BH, Hkv, L, k, m, dilation_r if dilate else 0, width, cand_width,
         out.stride(0), out.stride(1), num_programs,
         pending.rows if pending is not None else 1, pending.lse_width if pending is not None else 1,
@@ -806,6 +830,6 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         WANT_WMASS=want_wmass, ROWS_P2=rows_p2, M_PAD=pending.m_pad if pending is not None else 1,
         KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)), COMPOSE=compose is not None,
         MASK_KIND=comp_kind, TQ_P2=triton.next_power_of_2(q_len), BLOCK_W=BLOCK_W,
-        SLOT_BLOCK=SLOT_BLOCK, num_warps=CONFIG["num_warps"],
+        SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None, num_warps=CONFIG["num_warps"],
     )
     return out, picked_mass

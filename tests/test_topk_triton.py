@@ -319,3 +319,27 @@ def test_pending_keys_refuse_compact_rows():
     with pytest.raises(ValueError, match="pending"):
         topk_picks(found.keys, bounds, 4, pending=found.pending,
                    positions=torch.zeros_like(found.keys))
+
+
+def test_topk_writes_the_dropped_mass_of_active_slots_only():
+    """``dropped=(out, window_mass, rows)``: 1 - (window + picked mass) / rows, clamped at
+    0, for active slots; other slots' entries stay; a bad tensor is refused by name."""
+    gen = torch.Generator().manual_seed(21)
+    B, H, L, k = 2, 2, 64, 8
+    mass = torch.rand(B, H, L, generator=gen).to(DEVICE)
+    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    bounds = _middle_bounds([0, 0], [L, L], L)
+    active = torch.tensor([[1, 0], [1, 1]], dtype=torch.int32, device=DEVICE)
+    window = torch.tensor([[0.5, 0.1], [9.0, 0.25]], device=DEVICE)
+    out = torch.full((B, H), -7.0, device=DEVICE)
+    _, picked = topk_picks(_keys_of(mass, region), bounds, k, active=active,
+                           dropped=(out, window, 4))
+    want = (1.0 - (window + picked) / 4).clamp_min(0.0)
+    on = active.bool()
+    torch.testing.assert_close(out[on], want[on], rtol=0, atol=0)
+    assert out[1, 0] == 0.0  # window mass 9 of 4 rows: clamped
+    assert out[0, 1] == -7.0  # inactive: untouched
+    with pytest.raises(ValueError, match="dropped: window_mass must be contiguous fp32"):
+        topk_picks(_keys_of(mass, region), bounds, k, dropped=(out, window.double(), 4))
+    with pytest.raises(ValueError, match="rows=0"):
+        topk_picks(_keys_of(mass, region), bounds, k, dropped=(out, window, 0))
