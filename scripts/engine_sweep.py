@@ -34,9 +34,9 @@ def main() -> int:
     import torch
 
     from prhs_compile.bench.speed.latency import _read_bandwidth
+    from prhs_compile.bench.speed.problems import decode_problem
     from prhs_compile.bench.speed.timing import Timer
     from prhs_compile.kernels import kpass_triton as kp
-    from prhs_compile.kernels.bounds_triton import compute_bounds, mask_operand
     from prhs_compile.kernels import topk_triton as tk
     from prhs_compile.kernels.retrieve_triton import retrieve_keys
 
@@ -51,7 +51,7 @@ def main() -> int:
     lse_grid = [dict(block_n=n, num_warps=w, num_stages=s, programs_per_sm=4)
                 for n, w, s in itertools.product((64, 128), (4, 8), (3, 4))]
     lse_grid += [dict(lse_default, programs_per_sm=p) for p in (2, 8)]
-    topk_grid = [dict(block=b, num_warps=w, programs_per_sm=p)
+    topk_grid = [dict(topk_default, block=b, num_warps=w, programs_per_sm=p)
                  for b, (w, p) in itertools.product((2048, 4096, 8192), ((8, 1), (4, 2)))]
     rows = []
     shapes = [(1, 131072), (16, 32768), (16, 131072)]
@@ -60,12 +60,8 @@ def main() -> int:
         shapes, lse_grid, topk_grid = [(2, 1024)], lse_grid[:2], topk_grid[:2]
     bar = tqdm(total=len(shapes) * 2 * (len(lse_grid) + len(topk_grid) + 1), desc="engine sweep")
     for B, L in shapes:
-        gen = torch.Generator(device=device).manual_seed(B + L)
-        q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(B, Hkv, L, D, device=device, dtype=torch.bfloat16, generator=gen)
-        mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=device)
-        operand = mask_operand(mask, B, 1, L)
-        bounds = compute_bounds(*operand, B, 1, L, sink, local, S, 0, device)
+        q, k, operand, bounds = decode_problem(B, L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                                               sink=sink, local=local, budget=S, device=device)
         for rate in (1.0, 0.1):
             n_active = max(1, round(rate * B * Hkv))
             flags = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
@@ -121,7 +117,7 @@ def main() -> int:
                              same_picks=bool(torch.equal(picks, reference))))
             bar.write(json.dumps(rows[-1]))
             bar.update()
-        q = k = mask = keys = pristine = None  # free this shape's cache before the next
+        q = k = keys = pristine = None  # free this shape's cache before the next
         torch.cuda.empty_cache()
     bar.close()
 

@@ -40,9 +40,9 @@ def main() -> int:
 
     import torch
 
+    from prhs_compile.bench.speed.problems import decode_problem
     from prhs_compile.bench.speed.timing import Timer
     from prhs_compile.kernels import topk_triton as tk
-    from prhs_compile.kernels.bounds_triton import compute_bounds, mask_operand
     from prhs_compile.kernels.retrieve_triton import retrieve_keys
 
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -73,12 +73,8 @@ def main() -> int:
 
     bar = tqdm(total=len(shapes) * len(variants), desc="top-k probe")
     for B, L, n_active in shapes:
-        gen = torch.Generator(device=device).manual_seed(B + L)
-        q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(B, Hkv, L, D, device=device, dtype=torch.bfloat16, generator=gen)
-        mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=device)
-        operand = mask_operand(mask, B, 1, L)
-        bounds = compute_bounds(*operand, B, 1, L, sink, local, S, 0, device)
+        q, k, operand, bounds = decode_problem(B, L, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                                               sink=sink, local=local, budget=S, device=device)
         flags = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
         flags[torch.randperm(B * Hkv, generator=torch.Generator().manual_seed(L))[:n_active]] = 1
         found = retrieve_keys(q, k, operand, bounds, scale, flags, want_window_mass=True,
@@ -111,7 +107,7 @@ def main() -> int:
             bar.write(json.dumps(rows[-1]))
             bar.update()
         tk.CONFIG.update(default)
-        q = k = mask = found = None
+        q = k = found = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()

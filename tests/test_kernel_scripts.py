@@ -1,0 +1,27 @@
+"""The GPU scripts that time the select engine's kernels run end to end on tiny shapes
+(``--smoke``: the Triton interpreter on CPU), so that a GPU call never finds one broken."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; a GPU runs the script")
+@pytest.mark.parametrize("script", ["topk_probe.py", "engine_sweep.py"])
+def test_kernel_script_smoke(script, tmp_path):
+    out = tmp_path / "out.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    # From outside the checkout, so the installed package is what runs (as on the GPU).
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all("error" not in r for r in rows)
+    assert all(r.get("same_picks") is not False for r in rows)
