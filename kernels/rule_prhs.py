@@ -141,8 +141,10 @@ def prhs_keep(picks, retained, retrieve, kept, anchor_dropped) -> None:
 def prhs_advance(q, fresh_key_norm, retrieve, reuse, age, anchor, key_norm) -> None:
     """What a step leaves once the gate has decided, whatever the retrievals find: the
     newest queries as the anchors of retrieving slots, their largest key norm
-    ``fresh_key_norm``, and the age of every slot."""
+    ``fresh_key_norm`` (None: no retrieval measured one, the norms stay), and the age of
+    every slot."""
     group = q.shape[1] // retrieve.shape[1]
     anchor.copy_(torch.where(retrieve.repeat_interleave(group, 1)[..., None], q[:, :, -1].float(), anchor))
-    key_norm.copy_(torch.where(retrieve, fresh_key_norm, key_norm))
+    if fresh_key_norm is not None:
+        key_norm.copy_(torch.where(retrieve, fresh_key_norm, key_norm))
     advance_age(age, retrieve, reuse)

@@ -319,7 +319,7 @@ def _gate(bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm,
     retrieve, reuse, _ = prhs_gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped,
                                    key_norm, scale, tau, delta_target, max_reuse)
     if advance:  # no fresh key norm: only the reuse bound reads it (delta_target, verify)
-        prhs_advance(q, key_norm, retrieve, reuse, age, anchor, key_norm)
+        prhs_advance(q, None, retrieve, reuse, age, anchor, key_norm)
     if bookkeep:
         step_bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieve)
     scratch = torch.zeros((retrieve.numel(), SCRATCH_WIDTH), dtype=torch.int32,

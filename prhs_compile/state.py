@@ -46,7 +46,7 @@ def allocate_state(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, he
         # kernels.tickets) and the per-head budgets as a tensor (SelectPlan.head_middles).
         from prhs_compile.kernels.tickets import reserve_tickets
 
-        reserve_tickets(device, batch * max(kv_heads, 1))
+        reserve_tickets(device, batch * kv_heads)
         plan.head_middles(torch.device(device))
     return [torch.full(shape, fill, dtype=dtype, device=device) for shape, dtype, fill in spec.values()]
 

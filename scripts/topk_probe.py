@@ -6,8 +6,8 @@ graphs with one part of its work left out or changed at a time.
 
 Llama-3-8B attention shape (32 query heads, 8 KV heads, D=128, bf16), budget 2048 (sink 4,
 local 64), PrHS's dilation (m = middle // 3, r = 1). Shapes: one retrieving slot at B=1,
-32K; 13 of 128 at B=16, 32K; 8 of 8 at B=1, 128K. Variants (each checked to pick the
-default's set where it should):
+32K; 13 of 128 at B=16, 32K; 8 of 8 at B=1, 128K. Variants (each checked to pick the same
+set as the first variant with its dilation on or off):
 
 * ``guess+dilate``: the step's default (a guessed threshold that holds, dilation);
 * ``guess``: no dilation (party 0 thresholds the candidates only: the dilation's cost);
@@ -79,7 +79,7 @@ def main() -> int:
         flags[torch.randperm(B * Hkv, generator=torch.Generator().manual_seed(L))[:n_active]] = 1
         found = retrieve_keys(q, k, operand, bounds, scale, flags, want_window_mass=True,
                               defer=True)
-        reference = None
+        references = {}  # per dilation on/off: the first variant's set
         for name, guessed, dilate, config in variants:
             tk.CONFIG.update(dict(default, **config))
             guess = torch.zeros(B, Hkv, dtype=torch.int32, device=device) if guessed else None
@@ -94,9 +94,7 @@ def main() -> int:
             try:
                 run()  # a guess comes from the call before
                 picks = run()[0].view(B * Hkv, -1)[flags.bool()].clone()
-                if name == "guess+dilate":
-                    reference = picks
-                same = bool(torch.equal(picks, reference)) if dilate else None
+                same = bool(torch.equal(picks, references.setdefault(dilate, picks)))
                 ms = timer(run)
                 rows.append(dict(batch=B, context=L, active=n_active, variant=name,
                                  us=1e3 * ms, same_picks=same))

@@ -65,8 +65,15 @@ def test_topk_is_the_references_set(tied, k, m, r):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_topk_over_a_long_row(tied):
-    """Rows of several blocks (on a GPU several programs share a slot and meet at barriers)."""
+@pytest.mark.parametrize("max_parties", [None, 1, 3])
+def test_topk_over_a_long_row(tied, max_parties, monkeypatch):
+    """Rows of several blocks (on a GPU several programs share a slot and meet at barriers;
+    ``CONFIG["max_parties"]`` caps how many, which leaves the set as it is; the interpreter
+    gives each slot one program)."""
+    if max_parties is not None:
+        import prhs_compile.kernels.topk_triton as tk
+
+        monkeypatch.setitem(tk.CONFIG, "max_parties", max_parties)
     gen = torch.Generator().manual_seed(11 + tied)
     B, H, L, k = 1, 2, 9000, 300
     mass = torch.rand(B, H, L, generator=gen) ** 4
@@ -84,24 +91,6 @@ def test_topk_over_a_long_row(tied):
                                               plan, dilate=m > 0), k)
         assert torch.equal(out, ref)
         _assert_picked_mass(picked, mass, ref)
-
-
-@pytest.mark.parametrize("max_parties", [1, 3])
-def test_a_row_split_among_fewer_parties_is_the_same_set(monkeypatch, max_parties):
-    """``CONFIG["max_parties"]`` caps the programs one slot's row is split among (on a GPU;
-    the interpreter gives each slot one program): the set does not change."""
-    import prhs_compile.kernels.topk_triton as tk
-
-    gen = torch.Generator().manual_seed(5 + max_parties)
-    B, H, L, k = 1, 2, 9000, 300
-    mass = (torch.rand(B, H, L, generator=gen) ** 4).to(DEVICE)
-    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
-    plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=100, dilation_r=1)
-    ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=True), k)
-    monkeypatch.setitem(tk.CONFIG, "max_parties", max_parties)
-    out, _ = topk_picks(_keys_of(mass, region), _middle_bounds([0], [L], L), k,
-                        dilation_m=100, dilation_r=1, width=k)
-    assert torch.equal(out, ref)
 
 
 def test_topk_refuses_a_party_cap_out_of_range(monkeypatch):
