@@ -8,6 +8,9 @@
 #   scripts/gpu_bench.sh kernels     # the top-k, attend and oracle-select kernel tests (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh attend_sweep  # attend's kernel configurations -> $OUT/attend_sweep.json
 #   scripts/gpu_bench.sh profile     # the kernels of one PrHS decode step, with their times
+#   scripts/gpu_bench.sh profile_grid  # the step at PROFILE_CONFIGS, with attend's default
+#                                    # configuration and with its fused combine
+#                                    # -> $OUT/profile_{default,fused}.{json,txt}
 #   scripts/gpu_bench.sh topk_probe  # the top-k at low retrieval rates, parts left out -> $OUT/topk_probe.json
 #   scripts/gpu_bench.sh sweep       # the select engine's K pass and top-k configurations -> $OUT/engine_sweep.json
 #   scripts/gpu_bench.sh compare     # prhs-bench compare: every policy on the evaluation model
@@ -65,6 +68,15 @@ for stage in "$@"; do
       python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 0.1 2>&1 | grep -v Warn | tee "$OUT/profile_b16_128k_r01.txt" | grep -E "kernels|graph|_kernel"
       python "$ROOT/scripts/profile_step.py" --batch 1 --context 131072 --budget 2048 --rate 1 2>&1 | grep -v Warn | tee "$OUT/profile_b1_128k_r1.txt" | grep -E "kernels|graph|_kernel"
       ;;
+    profile_grid)
+      CONFIGS=${PROFILE_CONFIGS:-1:32768:0,1:32768:0.1,16:32768:0.1,1:131072:1,16:131072:1}
+      python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --out "$OUT/profile_default.json" \
+        2>&1 | grep -v -i "warn" > "$OUT/profile_default.txt"
+      grep "step in" "$OUT/profile_default.txt"
+      python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --attend-config '{"fused_combine": true}' \
+        --out "$OUT/profile_fused.json" 2>&1 | grep -v -i "warn" > "$OUT/profile_fused.txt"
+      grep "step in" "$OUT/profile_fused.txt"
+      ;;
     topk_probe)
       python "$ROOT/scripts/topk_probe.py" --out "$OUT/topk_probe.json" 2>&1 | grep -v "top-k probe:"
       ;;
@@ -108,6 +120,6 @@ for stage in "$@"; do
       python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 1 --retrieval pages 2>&1 | grep -v Warn | tee "$OUT/profile_pages_b16_128k_r1.txt" | grep -E "kernels|graph|_kernel"
       ;;
     *)
-      echo "unknown stage $stage (tests, topk, kernels, engine, attend_sweep, topk_probe, profile, ab, sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
+      echo "unknown stage $stage (tests, topk, kernels, engine, attend_sweep, topk_probe, profile, profile_grid, ab, sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
   esac
 done
