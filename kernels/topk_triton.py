@@ -567,7 +567,9 @@ def _topk_kernel(
     groups = num_programs // parties
     c = pid % parties
     if COMPOSE:  # the step's output of the slots that keep their picks, at once
-        for s in range(pid, BH, num_programs):
+        # Counted from the last program: party 0 of each active slot (the first programs)
+        # has the slot's threshold to find while its other parties wait for it.
+        for s in range(num_programs - 1 - pid, BH, num_programs):
             if tl.sum(tl.where(offs_bh == s, flags.to(tl.int32), 0), 0) == 0:
                 s64 = tl.full([], 0, tl.int64) + s  # the interpreter's loop index is an int
                 b_s = s64 // Hkv
