@@ -562,6 +562,9 @@ def _topk_kernel(
     rank = tl.cumsum(flags.to(tl.int32), 0) - 1
     if MULTI:
         parties = tl.minimum(tl.maximum(num_programs // tl.maximum(n_active, 1), 1), max_parties)
+        # A party's share of a row is a whole number of blocks, so parties past the row's
+        # block count would hold nothing and only slow the barriers down.
+        parties = tl.minimum(parties, tl.maximum(tl.cdiv(L, BLOCK), 1))
     else:
         parties = tl.full([], 1, tl.int32)
     groups = num_programs // parties
