@@ -63,7 +63,7 @@ from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse, splits_per_active
 
 _SPLIT_CHUNK = tl.constexpr(SPLIT_CHUNK)  # a jit function reads module globals only as constexprs
 
-__all__ = ["SCRATCH_WIDTH", "topk_picks"]
+__all__ = ["SCRATCH_WIDTH", "TIMELINE_STAMPS", "timeline_buffer", "topk_picks"]
 
 # block: keys per iteration of a pass. programs_per_sm: programs per SM of the grid; every
 # party of a slot must be resident while the others wait at its barrier, which holds for one
@@ -102,6 +102,23 @@ _CNT1 = tl.constexpr(_HIST_WIDTH + 4)
 _CNT2 = tl.constexpr(_HIST_WIDTH + 4 + 2 * _C_MAX)
 _MASSP = tl.constexpr(_HIST_WIDTH + 4 + 4 * _C_MAX)
 _SCRATCH = tl.constexpr(SCRATCH_WIDTH)
+# Checkpoints of ``topk_picks(timeline=...)``, per program: 0 start, 1 the reusing slots
+# composed, 2 the first pass over its share (keys formed, the guess's list), 3 candidates
+# found (radix rounds or guess; without candidates, the threshold), 4 party 0's threshold
+# over the candidates (dilation included), 5 threshold received and the picks before its
+# share counted, 6 picks written, 7 end. 2-6 are those of the last slot it worked on.
+TIMELINE_STAMPS = tl.constexpr(8)
+
+
+@triton.jit
+def _stamp(times_row, i, TIMED: tl.constexpr):
+    """With ``TIMED``, store the GPU's global timer (ns) as checkpoint ``i`` of this program
+    (``topk_picks(timeline=...)``: where a launch's time goes, phase by phase)."""
+    if TIMED:
+        tl.debug_barrier()  # the phase ends when every warp of the program has finished it
+        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                        is_pure=False, pack=1)
+        tl.store(times_row + i, now)
 
 
 @triton.jit
@@ -476,7 +493,8 @@ def _counts_before(tag_row, n, start, N_P2: tl.constexpr):
 def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo, mid_hi,
                      core_row, scr, mass_ptr, start, c, parties, phase, DILATE: tl.constexpr,
                      MULTI: tl.constexpr, CAND_P2: tl.constexpr, M_P2: tl.constexpr,
-                     R_P2: tl.constexpr, map_row, n_cols, MAP: tl.constexpr):
+                     R_P2: tl.constexpr, map_row, n_cols, MAP: tl.constexpr, times_row,
+                     TIMED: tl.constexpr):
     """Party 0 finds the threshold of the slot's picks among the candidates (the top keys
     of the row, in column order; flagging their dilation neighbours first with ``DILATE``),
     sums the picks' mass (stored at ``mass_ptr``) and tags the candidates (and neighbours,
@@ -511,6 +529,7 @@ def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo
             n_eq += tl.sum(((near_tagged & 3) == 2).to(tl.int32), 0)
         tl.store(scr + _TOTAL, n_gt + tl.minimum(n_eq, need))
         tl.store(mass_ptr, mass)
+    _stamp(times_row, 4, TIMED)
     thr, need, phase = _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI)
     gt_before, eq_before = _counts_before(cand_row, n_cand, start, CAND_P2)
     if DILATE:
@@ -540,7 +559,7 @@ def _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI: tl.constexpr)
 @triton.jit
 def _topk_kernel(
     KEYS, BOUNDS, ACTIVE, CAPS, OUT, CAND, CORES, NEAR, SCRATCH, PICKED_MASS, GUESS, POSITIONS,
-    SCORES, LSE_PART, WMASS, TMP, COMP_MASK, COMP_OUT, DROPPED, WINDOW, mass_rows,
+    SCORES, LSE_PART, WMASS, TMP, COMP_MASK, COMP_OUT, DROPPED, WINDOW, TIMES, mass_rows,
     BH, Hkv, L, k, m, radius, width, cand_width, stride_ob, stride_oh, num_programs,
     rows, lse_width, lse_splits, max_parties,
     Tq, slots, sink, local, stride_mb, stride_mt, stride_ml, mask_min,
@@ -551,8 +570,11 @@ def _topk_kernel(
     ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr,
     COMPOSE: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
     BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr, HAS_DROPPED: tl.constexpr,
+    TIMED: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    times_row = TIMES + pid.to(tl.int64) * TIMELINE_STAMPS
+    _stamp(times_row, 0, TIMED)
     offs_bh = tl.arange(0, BLOCK_BH)
     if HAS_ACTIVE:
         flags = tl.load(ACTIVE + offs_bh, mask=offs_bh < BH, other=0) != 0
@@ -580,6 +602,7 @@ def _topk_kernel(
                             COMP_OUT + s64 * slots, b_s, Tq, width, slots, sink, local,
                             stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2,
                             BLOCK_W, SLOT_BLOCK)
+    _stamp(times_row, 1, TIMED)
     for j in range(pid // parties, n_active, groups):
         slot = tl.sum(tl.where(flags & (rank == j), offs_bh, 0), 0)
         b = (slot // Hkv).to(tl.int64)
@@ -627,6 +650,7 @@ def _topk_kernel(
             tl.debug_barrier()
         elif HAS_GUESS:
             n_mine = _collect_pass(key_row, start, end, g_first, tmp_row, cand_width, BLOCK)
+        _stamp(times_row, 2, TIMED)
         cap = tl.full([], 0, tl.int32) + k
         if HAS_CAPS:
             cap = tl.minimum(tl.load(CAPS + h).to(tl.int32), cap)
@@ -658,20 +682,24 @@ def _topk_kernel(
                 if HAS_GUESS:
                     if c == 0:  # the next guess: every key >= it makes ``ahead`` (0: too few)
                         tl.store(GUESS + slot, thr_a.to(tl.int32, bitcast=True))
+            _stamp(times_row, 3, TIMED)
             thr, need, n_out, eq_seen, total, phase = _final_threshold(
                 key_row, cand_row, n_cand, NEAR + slot.to(tl.int64) * (M_P2 * R_P2), cap, m,
                 radius, mid_lo, mid_hi, CORES + slot.to(tl.int64) * M_P2, scr,
                 PICKED_MASS + slot, start, c, parties, phase, DILATE, MULTI, CAND_P2, M_P2,
-                R_P2, map_row, L, MAP)
+                R_P2, map_row, L, MAP, times_row, TIMED)
+            _stamp(times_row, 5, TIMED)
             _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen, total,
                          c, parties, BLOCK, map_row, MAP, comp_row + sink, COMPOSE)
         else:
             thr, need, phase = _select(key_row, start, end, cap, scr, parties, phase, MULTI, BLOCK)
+            _stamp(times_row, 3, TIMED)
             total, mass_sum, phase = _compact(key_row, start, end, thr, need, out_row, width,
                                               scr, _CNT2, c, parties, phase, MULTI, BLOCK, C_P2,
                                               map_row, MAP, comp_row + sink, COMPOSE)
             if c == 0:
                 tl.store(PICKED_MASS + slot, mass_sum)
+        _stamp(times_row, 6, TIMED)
         if COMPOSE:  # the rest of the slot's output (each party wrote its picks into it)
             if c == 0:
                 compose_windows(COMP_MASK, BOUNDS, comp_row, b, total, Tq, slots, sink, local,
@@ -685,6 +713,7 @@ def _topk_kernel(
                 rows_f = (tl.full([], 0, tl.int32) + mass_rows).to(tl.float32)  # 1: a constexpr
                 retained = tl.math.div_rn(window + picked, rows_f)
                 tl.store(DROPPED + slot, tl.maximum(1.0 - retained, 0.0))
+    _stamp(times_row, 7, TIMED)
 
 
 def _resident_programs(device: torch.device) -> int:
@@ -701,10 +730,16 @@ def _resident_programs(device: torch.device) -> int:
     return per_sm * num_sms(device)
 
 
+def timeline_buffer(device: torch.device) -> torch.Tensor:
+    """Zeros for ``topk_picks(timeline=...)``: one row of checkpoints per program."""
+    return torch.zeros((_resident_programs(device), TIMELINE_STAMPS.value), dtype=torch.int64,
+                       device=device)
+
+
 def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilation_m: int = 0,
                dilation_r: int = 0, width: int | None = None, guess=None, positions=None,
                whole_row: bool = False, pending=None, compose: Composition | None = None,
-               scratch=None, dropped=None):
+               scratch=None, dropped=None, timeline=None):
     """Picks of every active slot from ``keys`` (int32 ``[B, Hkv, L]``, modified in place
     when dilating): the top ``k`` of the middle (at most ``caps[h]`` for KV head h, when
     given), the +-``dilation_r`` neighbours of the best ``dilation_m`` first. Writes
@@ -742,7 +777,12 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     write, for every active slot, ``max(1 - (window_mass + picked mass) / rows, 0)`` into
     ``out`` (PrHS's dropped mass at retrieval, ``rule_prhs.prhs_keep``; ``window_mass`` as
     the retrieval left it, or as the pending keys' pass writes it), so that no launch after
-    the top-k is needed for it."""
+    the top-k is needed for it.
+
+    ``timeline`` (CUDA only; int64 zeros from ``timeline_buffer``): each program of the
+    launch stores the GPU's global timer (ns) at the checkpoints ``TIMELINE_STAMPS`` lists
+    (``scripts/topk_probe.py --timeline``), to see which phase of a slot's chain holds the
+    others at its barriers."""
     B, Hkv, L = keys.shape
     if pending is not None and (positions is not None or whole_row):
         raise ValueError("pending keys are one per cached position: no positions or whole_row")
@@ -815,12 +855,19 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
             raise ValueError(f"dropped: rows={mass_rows} must be >= 1")
     else:
         dropped_t, window_t, mass_rows = keys, keys, 1
+    if timeline is not None:
+        expected = (num_programs, TIMELINE_STAMPS.value)
+        if not multi or timeline.dtype != torch.int64 or tuple(timeline.shape) != expected:
+            raise ValueError(f"timeline must be an int64 CUDA tensor of shape {expected} "
+                             f"(timeline_buffer), got {timeline.dtype} "
+                             f"{tuple(timeline.shape)} on {timeline.device}")
     _topk_kernel[(num_programs,)](
         keys, bounds, active_t, caps_t, out, cand, cores, near, scratch, picked_mass,
         keys if guess is None else guess, keys if positions is None else positions.to(torch.int32),
         keys if pending is None else pending.scores, keys if pending is None else pending.lse_part,
         pending.window_mass if want_wmass else keys, tmp, comp_mask,
-        keys if compose is None else compose.out, dropped_t, window_t, mass_rows,
+        keys if compose is None else compose.out, dropped_t, window_t,
+        keys if timeline is None else timeline, mass_rows,
         BH, Hkv, L, k, m, dilation_r if dilate else 0, width, cand_width,
         out.stride(0), out.stride(1), num_programs,
         pending.rows if pending is not None else 1, pending.lse_width if pending is not None else 1,
@@ -835,6 +882,7 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         WANT_WMASS=want_wmass, ROWS_P2=rows_p2, M_PAD=pending.m_pad if pending is not None else 1,
         KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)), COMPOSE=compose is not None,
         MASK_KIND=comp_kind, TQ_P2=triton.next_power_of_2(q_len), BLOCK_W=BLOCK_W,
-        SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None, num_warps=CONFIG["num_warps"],
+        SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None, TIMED=timeline is not None,
+        num_warps=CONFIG["num_warps"],
     )
     return out, picked_mass

@@ -78,7 +78,7 @@ for stage in "$@"; do
       grep "step in" "$OUT/profile_fused.txt"
       ;;
     topk_probe)
-      python "$ROOT/scripts/topk_probe.py" --out "$OUT/topk_probe.json" 2>&1 | grep -v "top-k probe:"
+      python "$ROOT/scripts/topk_probe.py" --timeline --out "$OUT/topk_probe.json" 2>&1 | grep -v "top-k probe:"
       ;;
     sweep)
       python "$ROOT/scripts/engine_sweep.py" --out "$OUT/engine_sweep.json" 2>&1 | grep -v "engine sweep:"

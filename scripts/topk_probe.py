@@ -2,7 +2,7 @@
 launches it (keys formed from the pass over K's scores, ``pending=``), timed alone in CUDA
 graphs with one part of its work left out or changed at a time.
 
-    python scripts/topk_probe.py [--out topk_probe.json] [--smoke]
+    python scripts/topk_probe.py [--out topk_probe.json] [--smoke] [--timeline]
 
 Llama-3-8B attention shape (32 query heads, 8 KV heads, D=128, bf16), budget 2048 (sink 4,
 local 64), PrHS's dilation (m = middle // 3, r = 1). Shapes: one retrieving slot at B=1,
@@ -16,6 +16,11 @@ set as the first variant with its dilation on or off):
   parties, longer passes each);
 * ``guess+dilate, N warps``: programs of N warps (the one program that thresholds the
   candidates holds fewer of them per thread with more warps).
+
+``--timeline`` (GPU only) also runs the default variant once per shape with each program
+stamping the GPU's global timer at the top-k's checkpoints (``topk_triton.TIMELINE_STAMPS``)
+and reports, per phase, party 0's time and the slowest other party's: which link of the
+slot's chain the others wait for at its barriers.
 
 The K pass (``retrieve_keys(defer=True)``) runs once per shape; only the top-k is timed, so
 each variant's time is its launch alone. ``--smoke`` runs tiny shapes on CPU under
@@ -36,6 +41,8 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--timeline", action="store_true",
+                        help="per-phase times of the default variant (GPU)")
     args = parser.parse_args()
 
     import torch
@@ -61,7 +68,7 @@ def main() -> int:
     variants += [(f"guess+dilate, parties<={n}", True, True, {"max_parties": n})
                  for n in parties]
     variants += [(f"guess+dilate, {w} warps", True, True, {"num_warps": w}) for w in warps]
-    rows = []
+    rows, timelines = [], []
 
     def save():  # after every row, so that an interrupted run keeps what it measured
         if args.out:
@@ -69,7 +76,8 @@ def main() -> int:
                 name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
                 json.dump({"device": name, "torch": torch.__version__, "budget": S,
                            "sink": sink, "local": local, "dilation": [cores, radius],
-                           "config": default, "rows": rows}, f, indent=1)
+                           "config": default, "rows": rows, "timelines": timelines}, f,
+                          indent=1)
 
     bar = tqdm(total=len(shapes) * len(variants), desc="top-k probe")
     for B, L, n_active in shapes:
@@ -105,6 +113,12 @@ def main() -> int:
             bar.write(json.dumps(rows[-1]))
             bar.update()
         tk.CONFIG.update(default)
+        if args.timeline and device.type == "cuda":
+            timelines.append(dict(batch=B, context=L, active=n_active,
+                                  **_timeline(torch, tk, found, bounds, flags, middle, cores,
+                                              radius, B, Hkv)))
+            save()
+            bar.write(json.dumps(timelines[-1]))
         q = k = found = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -113,7 +127,44 @@ def main() -> int:
         print(f"B={B} L={L} active={n_active}: " + ", ".join(
             f"{r['variant']} " + (f"{r['us']:.1f} us" if "us" in r else r["error"]) for r in rows
             if (r["batch"], r["context"], r["active"]) == (B, L, n_active)))
+    for t in timelines:
+        print(f"B={t['batch']} L={t['context']} active={t['active']}: {t['parties']} parties, "
+              f"{t['span_us']:.1f} us; per phase, party 0 / slowest other party (us): " +
+              ", ".join(f"{name} {a:.1f}/{b:.1f}" for name, a, b in
+                        zip(t["phases"], t["party0_us"], t["others_max_us"])))
     return 0
+
+
+PHASES = ("compose reusing", "first pass", "candidates", "threshold (party 0)",
+          "broadcast + counts", "write picks", "windows + dropped")
+
+
+def _timeline(torch, tk, found, bounds, flags, middle, cores, radius, B, Hkv):
+    """The default variant's checkpoints (after a call that sets the guess): per phase, the
+    time of party 0 of the first retrieving slot and the longest of its other parties."""
+    guess = torch.zeros(B, Hkv, dtype=torch.int32, device=bounds.device)
+    out = torch.full((B, Hkv, middle), -1, dtype=torch.int32, device=bounds.device)
+    stamps = tk.timeline_buffer(bounds.device)
+    for times in (None, None, stamps):  # the guess of the first call holds in the later ones
+        tk.topk_picks(found.keys, bounds, middle, out=out, active=flags, dilation_m=cores,
+                      dilation_r=radius, width=middle, guess=guess, pending=found.pending,
+                      timeline=times)
+    torch.cuda.synchronize()
+    t = stamps.cpu().double()
+    worked = t[:, 2] > 0  # programs that took a slot (the others stamp 0, 1 and 7 only)
+    # The first slot's parties are programs 0, 1, ... up to the first that works on no slot
+    # or on another (party 0 of the next slot stamps its first pass like the others).
+    n = int(worked.sum())
+    parties = n // max(int(flags.sum()), 1)
+    party = t[:max(parties, 1)]
+    steps = party[:, 1:] - party[:, :-1]  # phase i: checkpoint i+1 - checkpoint i
+    steps[party[:, 1:] == 0] = 0  # a phase a program skipped
+    start = t[:, 0][t[:, 0] > 0].min()
+    return {"parties": parties, "span_us": float((t[:, 7].max() - start) / 1e3),
+            "phases": list(PHASES),
+            "party0_us": [float(x) / 1e3 for x in steps[0]],
+            "others_max_us": [float(x) / 1e3 for x in (steps[1:].max(0).values if parties > 1
+                                                       else steps[0] * 0)]}
 
 
 if __name__ == "__main__":

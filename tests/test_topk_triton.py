@@ -332,3 +332,34 @@ def test_topk_writes_the_dropped_mass_of_active_slots_only():
         topk_picks(_keys_of(mass, region), bounds, k, dropped=(out, window.double(), 4))
     with pytest.raises(ValueError, match="rows=0"):
         topk_picks(_keys_of(mass, region), bounds, k, dropped=(out, window, 0))
+
+
+def test_topk_timeline_needs_a_cuda_buffer_of_one_row_per_program():
+    """``timeline=`` takes ``timeline_buffer``'s int64 rows (one per program, CUDA only)."""
+    keys = torch.ones(1, 1, 16, dtype=torch.int32, device=DEVICE)
+    wrong = torch.zeros(3, 2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="timeline must be an int64 CUDA tensor of shape"):
+        topk_picks(keys, _middle_bounds([0], [16], 16), 4, timeline=wrong)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the global timer is the GPU's")
+def test_topk_timeline_stamps_in_order_and_leaves_the_picks_as_they_are():
+    """With a timeline, every program that takes a slot stamps its checkpoints in order, and
+    the picks are those of the launch without it."""
+    from prhs_compile.kernels.topk_triton import timeline_buffer
+
+    gen = torch.Generator().manual_seed(5)
+    B, H, L, k = 1, 2, 9000, 300
+    mass = (torch.rand(B, H, L, generator=gen) ** 4).to(DEVICE)
+    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    bounds = _middle_bounds([7], [L - 3], L)
+    want, _ = topk_picks(_keys_of(mass, region), bounds, k, dilation_m=100, dilation_r=1, width=k)
+    stamps = timeline_buffer(mass.device)
+    got, _ = topk_picks(_keys_of(mass, region), bounds, k, dilation_m=100, dilation_r=1, width=k,
+                        timeline=stamps)
+    assert torch.equal(got, want)
+    worked = stamps[stamps[:, 2] > 0].cpu()
+    assert len(worked) >= H
+    checked = worked[:, [0, 1, 2, 3, 4, 5, 6, 7]]
+    assert bool((checked[:, 1:] >= checked[:, :-1]).all())
