@@ -50,6 +50,9 @@ def main() -> int:
         cells = [str(b), f"{ctx // 1024}K", str(budget), f"{dense:.3f}", f"{m['attend']['ms']:.3f}", f"{m['topk']['ms']:.3f}"]
         old = before.get((b, ctx, budget))
         for rate in RATES:
+            if "ms" not in m.get(rate, {}):  # a rate whose set-up failed (its error is in the JSON)
+                cells.append("failed")
+                continue
             now = net(m[rate])
             text = f"{now:.3f} ({dense / now:.2f}x)"
             if old and rate in old:

@@ -453,3 +453,31 @@ def test_cuda_graph_capture():
     ref = reference_select(*args)
     mass, _ = group_mass(q, k, mask, 1 / math.sqrt(D))
     _compare_with_tolerance(out, ref, mass)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU smoke test; a GPU runs the real benchmark")
+def test_latency_grid_goes_on_past_a_rate_it_cannot_set_up(tmp_path, monkeypatch):
+    """A retrieval rate whose state set-up fails is recorded with its error (which says what
+    the torch reference does from the same state), and the grid goes on."""
+    import argparse
+
+    from prhs_compile.bench.speed import latency
+
+    set_rate = latency._PrHSStep.set_rate
+
+    def fingerprint_broken_at_half(self, rate):
+        if rate == 0.5:  # every row looks like a new sequence: every slot retrieves
+            dict(zip(self.names, self.snapshot))["fingerprint"].add_(1.0)
+        return set_rate(self, rate)
+
+    monkeypatch.setattr(latency._PrHSStep, "set_rate", fingerprint_broken_at_half)
+    out = tmp_path / "latency.json"
+    parser = argparse.ArgumentParser()
+    latency.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--out", str(out), "--no-progress", "--budgets", "64",
+                              "--step-rates", "0,0.5,1", "--lean"])
+    assert latency.run(args) == 0
+    methods = json.loads(out.read_text())["results"][0]["methods"]
+    assert methods["prhs@0"]["ms"] > 0 and methods["prhs@1"]["ms"] > 0
+    error = methods["prhs@0.5"]["error"]
+    assert "state set up for" in error and "the torch reference from the same state ran" in error
