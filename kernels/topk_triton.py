@@ -105,9 +105,11 @@ _SCRATCH = tl.constexpr(SCRATCH_WIDTH)
 # Checkpoints of ``topk_picks(timeline=...)``, per program: 0 start, 1 the reusing slots
 # composed, 2 the first pass over its share (keys formed, the guess's list), 3 candidates
 # found (radix rounds or guess; without candidates, the threshold), 4 party 0's threshold
-# over the candidates (dilation included), 5 threshold received and the picks before its
-# share counted, 6 picks written, 7 end. 2-6 are those of the last slot it worked on.
-TIMELINE_STAMPS = tl.constexpr(8)
+# over the candidates found and the candidates tagged, 5 threshold received and the picks
+# before its share counted, 6 picks written, 7 end. Party 0 within 3 -> 4: 8 the dilation's
+# cores selected, 9 their list written, 10 their neighbours flagged, 11 the threshold of
+# the picks found (without dilation, 11 alone). 2-11 are those of the last slot it worked on.
+TIMELINE_STAMPS = tl.constexpr(12)
 
 
 @triton.jit
@@ -400,7 +402,7 @@ def _select_registers(key, k):
 @triton.jit
 def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
             CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, map_row, n_cols,
-            MAP: tl.constexpr):
+            MAP: tl.constexpr, times_row, TIMED: tl.constexpr):
     """One program, over the candidates (the top max(k, m) keys, in column order): flag
     the +-radius neighbours of the top ``m``; returns (thr, need) of the final top ``k``
     over the flagged keys, the candidates' columns and their unflagged keys (0 for a
@@ -413,6 +415,7 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
     cpos = tl.load(cand_row + offs, mask=in_list, other=0, volatile=True)
     ckey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
     thr_m, need_m = _select_registers(ckey, m)
+    _stamp(times_row, 8, TIMED)
     is_eq = in_list & (ckey == thr_m) & (ckey != 0)
     eq_rank = tl.cumsum(is_eq.to(tl.int32), 0) - 1
     core = in_list & (ckey != 0) & ((ckey > thr_m) | (is_eq & (eq_rank < need_m)))
@@ -420,6 +423,7 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
     n_core = tl.sum(core.to(tl.int32), 0)
     tl.store(core_row + core_slot, cpos, mask=core)
     tl.debug_barrier()
+    _stamp(times_row, 9, TIMED)
 
     # Neighbours c_i + o, i-major: skipping those the previous core already covers leaves
     # each position once, in ascending order.
@@ -446,6 +450,7 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
     tl.store(key_row + col, nkey | _NEAR_BIT, mask=near)
     n_near = tl.sum(tl.sum(near.to(tl.int32), 1), 0)
     tl.debug_barrier()
+    _stamp(times_row, 10, TIMED)
 
     # Every candidate's key after the flagging: the unflagged ones are "the rest".
     rkey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
@@ -461,6 +466,7 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
         # No other key to take: a threshold above every unflagged key, below every flagged.
         thr = tl.where(none_left | (k - n_near <= 0), tl.full([], 0x7FFFFFFF, tl.uint32), thr)
         need = tl.where(none_left | (k - n_near <= 0), 0, need)
+    _stamp(times_row, 11, TIMED)
     return thr, need, cpos, rest, near_col, flagged
 
 
@@ -508,10 +514,11 @@ def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo
         if DILATE:
             thr, need, cpos, rkey, near_col, near_key = _dilate(
                 key_row, cand_row, n_cand, core_row, m, radius, cap, mid_lo, mid_hi, CAND_P2,
-                M_P2, R_P2, map_row, n_cols, MAP)
+                M_P2, R_P2, map_row, n_cols, MAP, times_row, TIMED)
         else:
             cpos, rkey = _candidate_keys(key_row, cand_row, n_cand, CAND_P2)
             thr, need = _select_registers(rkey, cap)
+            _stamp(times_row, 11, TIMED)
         thr = tl.where(cap <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
         need = tl.where(cap <= 0, 0, need)
         # A key equal to thr is either flagged or not, so the ties lie in one list alone.

@@ -135,8 +135,23 @@ def main() -> int:
     return 0
 
 
-PHASES = ("compose reusing", "first pass", "candidates", "threshold (party 0)",
-          "broadcast + counts", "write picks", "windows + dropped")
+# (checkpoint, the phase that ends there) in order (topk_triton.TIMELINE_STAMPS); party 0
+# alone stamps 8-11, within its threshold.
+PHASES = ((1, "compose reusing"), (2, "first pass"), (3, "candidates"),
+          (8, "cores selected"), (9, "cores listed"), (10, "neighbours flagged"),
+          (11, "threshold of the picks"), (4, "tags and counts"), (5, "broadcast + counts"),
+          (6, "write picks"), (7, "windows + dropped"))
+
+
+def _phase_times(stamps):
+    """us of each phase of one program's checkpoints; 0 for a phase it did not stamp (the
+    next one then counts from the last checkpoint it did stamp)."""
+    last, out = stamps[0], []
+    for point, _ in PHASES:
+        now = stamps[point]
+        out.append(float(now - last) / 1e3 if now > 0 else 0.0)
+        last = now if now > 0 else last
+    return out
 
 
 def _timeline(torch, tk, found, bounds, flags, middle, cores, radius, B, Hkv):
@@ -156,15 +171,12 @@ def _timeline(torch, tk, found, bounds, flags, middle, cores, radius, B, Hkv):
     # or on another (party 0 of the next slot stamps its first pass like the others).
     n = int(worked.sum())
     parties = n // max(int(flags.sum()), 1)
-    party = t[:max(parties, 1)]
-    steps = party[:, 1:] - party[:, :-1]  # phase i: checkpoint i+1 - checkpoint i
-    steps[party[:, 1:] == 0] = 0  # a phase a program skipped
+    phases = [_phase_times(row) for row in t[:max(parties, 1)].tolist()]
     start = t[:, 0][t[:, 0] > 0].min()
+    others = [max(p[i] for p in phases[1:]) if parties > 1 else 0.0 for i in range(len(PHASES))]
     return {"parties": parties, "span_us": float((t[:, 7].max() - start) / 1e3),
-            "phases": list(PHASES),
-            "party0_us": [float(x) / 1e3 for x in steps[0]],
-            "others_max_us": [float(x) / 1e3 for x in (steps[1:].max(0).values if parties > 1
-                                                       else steps[0] * 0)]}
+            "phases": [name for _, name in PHASES], "party0_us": phases[0],
+            "others_max_us": others}
 
 
 if __name__ == "__main__":
