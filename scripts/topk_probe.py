@@ -56,7 +56,7 @@ def main() -> int:
     timer = Timer(device, "cudagraph" if device.type == "cuda" else "plain", 10)
     Hq, Hkv, D, S, sink, local = 32, 8, 128, args.budget, 4, 64
     shapes = [(1, 32768, 1), (16, 32768, 13), (1, 131072, 8)]
-    parties, warps = [16], [4, 16]
+    parties, warps = [4], [16, 4]
     if args.smoke:
         S, shapes, parties, warps = 256, [(2, 1024, 1)], [2], [4]
     scale = 1 / math.sqrt(D)
@@ -112,13 +112,15 @@ def main() -> int:
             save()
             bar.write(json.dumps(rows[-1]))
             bar.update()
+            if name == variants[0][0] and args.timeline and device.type == "cuda":
+                # right after the step's variant, compiled already: a run that stops at its
+                # time limit keeps the timeline of every shape it reached
+                timelines.append(dict(batch=B, context=L, active=n_active,
+                                      **_timeline(torch, tk, found, bounds, flags, middle,
+                                                  cores, radius, B, Hkv)))
+                save()
+                bar.write(json.dumps(timelines[-1]))
         tk.CONFIG.update(default)
-        if args.timeline and device.type == "cuda":
-            timelines.append(dict(batch=B, context=L, active=n_active,
-                                  **_timeline(torch, tk, found, bounds, flags, middle, cores,
-                                              radius, B, Hkv)))
-            save()
-            bar.write(json.dumps(timelines[-1]))
         q = k = found = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
