@@ -374,19 +374,32 @@ def _select_registers(key, k):
     exact even when all of them are in (thr = the smallest, need = how many equal it), so
     that a compaction over the whole row takes no key outside the block. The digit rounds
     stop once a bin holds exactly the keys still needed (about five of the eight on a few
-    thousand distinct masses); that bin's smallest key is then the threshold."""
+    thousand distinct masses); that bin's smallest key is then the threshold. The leading
+    digits that every key shares (those of the largest key and the smallest agree: masses
+    of one row's top keys span few binades) are taken from the largest key without a
+    round: their histogram would hold every key in that one bin."""
     prefix = tl.full([], 0, tl.uint32)
     fixed = tl.full([], 0, tl.uint32)
     remaining = tl.full([], 0, tl.int32) + k
     cand = key != 0
     done = tl.full([], 0, tl.int32)
+    top_key = tl.max(tl.where(cand, key, tl.full(key.shape, 0, tl.uint32)), 0)
+    bottom_key = tl.min(tl.where(cand, key, tl.full(key.shape, 0xFFFFFFFF, tl.uint32)), 0)
+    differ = top_key ^ bottom_key  # all ones without a candidate: no digit is shared
     for d in tl.static_range(_ROUNDS):
         if done == 0:
-            match = cand & ((key & fixed) == prefix)
-            digit = (key >> (32 - _DIGIT * (d + 1))) & (_BINS - 1)
-            hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
-            remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix, fixed)
-            done = exact.to(tl.int32)
+            shift = 32 - _DIGIT * (d + 1)
+            if (differ >> shift) == 0:  # this digit and those above it: every key's alike
+                digit_bits = tl.full([], _BINS - 1, tl.uint32) << shift
+                prefix = prefix | (top_key & digit_bits)
+                fixed = fixed | digit_bits
+            else:
+                match = cand & ((key & fixed) == prefix)
+                digit = (key >> shift) & (_BINS - 1)
+                hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
+                remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix,
+                                                               fixed)
+                done = exact.to(tl.int32)
     total = tl.sum(cand.to(tl.int32), 0)
     # Ended early (or all in): the smallest key taken, and all the keys equal to it.
     low = total <= k

@@ -147,6 +147,34 @@ def test_a_guessed_threshold_gives_the_same_set_whether_it_holds_or_not(tied, m,
         assert torch.equal(again, ref), name
 
 
+@pytest.mark.parametrize("spread", ["narrow", "equal"])
+@pytest.mark.parametrize("m,r", [(0, 0), (13, 1)])
+@pytest.mark.parametrize("guessed", [False, True])
+def test_topk_of_keys_that_share_their_leading_digits(spread, m, r, guessed):
+    """Candidates whose keys agree in their leading digits (masses within a few thousandths
+    of each other, or all equal: ties everywhere) take those digits from the largest key
+    without a histogram round: still the reference's set."""
+    gen = torch.Generator().manual_seed(17 + m + guessed)
+    B, H, L, k = 1, 3, 400, 40
+    if spread == "narrow":
+        mass = 0.25 + torch.rand(B, H, L, generator=gen) * 1e-3
+    else:
+        mass = torch.full((B, H, L), 0.125)
+    mass = mass.to(DEVICE)
+    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    region[:, 100:130] = False
+    bounds = _middle_bounds([2], [L - 2], L)
+    region &= (torch.arange(L, device=DEVICE) >= 2) & (torch.arange(L, device=DEVICE) < L - 2)
+    plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=m, dilation_r=r)
+    ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=m > 0), k)
+    guess = torch.zeros(B, H, dtype=torch.int32, device=DEVICE) if guessed else None
+    for _ in range(2 if guessed else 1):  # with a guess: the second call takes the first's
+        out, picked = topk_picks(_keys_of(mass, region), bounds, k, dilation_m=m,
+                                 dilation_r=r, width=k, guess=guess)
+        assert torch.equal(out, ref)
+        _assert_picked_mass(picked, mass, ref)
+
+
 def test_topk_skips_inactive_slots_and_caps_each_head():
     gen = torch.Generator().manual_seed(3)
     B, H, L, k = 2, 2, 128, 20
