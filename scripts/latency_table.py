@@ -55,7 +55,7 @@ def main() -> int:
                 continue
             now = net(m[rate])
             text = f"{now:.3f} ({dense / now:.2f}x)"
-            if old and rate in old:
+            if old and "ms" in old.get(rate, {}):
                 text = f"{net(old[rate]):.3f} -> " + text
             cells.append(text)
         print("| " + " | ".join(cells) + " |")

@@ -115,9 +115,12 @@ def main() -> int:
             if name == variants[0][0] and args.timeline and device.type == "cuda":
                 # right after the step's variant, compiled already: a run that stops at its
                 # time limit keeps the timeline of every shape it reached
-                timelines.append(dict(batch=B, context=L, active=n_active,
-                                      **_timeline(torch, tk, found, bounds, flags, middle,
-                                                  cores, radius, B, Hkv)))
+                try:
+                    timeline = _timeline(torch, tk, found, bounds, flags, middle, cores,
+                                         radius, B, Hkv)
+                except Exception as exc:  # the variants still to come are worth having
+                    timeline = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                timelines.append(dict(batch=B, context=L, active=n_active, **timeline))
                 save()
                 bar.write(json.dumps(timelines[-1]))
         tk.CONFIG.update(default)
@@ -130,6 +133,10 @@ def main() -> int:
             f"{r['variant']} " + (f"{r['us']:.1f} us" if "us" in r else r["error"]) for r in rows
             if (r["batch"], r["context"], r["active"]) == (B, L, n_active)))
     for t in timelines:
+        if "error" in t:
+            print(f"B={t['batch']} L={t['context']} active={t['active']}: timeline failed: "
+                  f"{t['error']}")
+            continue
         print(f"B={t['batch']} L={t['context']} active={t['active']}: {t['parties']} parties, "
               f"{t['span_us']:.1f} us; per phase, party 0 / slowest other party (us): " +
               ", ".join(f"{name} {a:.1f}/{b:.1f}" for name, a, b in
@@ -167,10 +174,15 @@ def _timeline(torch, tk, found, bounds, flags, middle, cores, radius, B, Hkv):
                       dilation_r=radius, width=middle, guess=guess, pending=found.pending,
                       timeline=times)
     torch.cuda.synchronize()
-    t = stamps.cpu().double()
+    # The timer counts ns since an epoch (about 1.8e18): relative to the first stamp in
+    # int64 first, since a double holds such counts only to 256 ns.
+    raw = stamps.cpu()
+    base = raw[raw > 0].min()
+    t = torch.where(raw > 0, raw - base + 1, 0).double()
     worked = t[:, 2] > 0  # programs that took a slot (the others stamp 0, 1 and 7 only)
-    # The first slot's parties are programs 0, 1, ... up to the first that works on no slot
-    # or on another (party 0 of the next slot stamps its first pass like the others).
+    # Each program works on at most one slot here (fewer active slots than groups of
+    # parties), and the slots' parties are consecutive programs: the first slot's are
+    # programs 0 .. parties - 1.
     n = int(worked.sum())
     parties = n // max(int(flags.sum()), 1)
     phases = [_phase_times(row) for row in t[:max(parties, 1)].tolist()]

@@ -466,18 +466,24 @@ def test_latency_grid_goes_on_past_a_rate_it_cannot_set_up(tmp_path, monkeypatch
     set_rate = latency._PrHSStep.set_rate
 
     def fingerprint_broken_at_half(self, rate):
-        if rate == 0.5:  # every row looks like a new sequence: every slot retrieves
-            dict(zip(self.names, self.snapshot))["fingerprint"].add_(1.0)
-        return set_rate(self, rate)
+        if rate != 0.5:
+            return set_rate(self, rate)
+        fingerprint = dict(zip(self.names, self.snapshot))["fingerprint"]
+        kept = fingerprint.clone()
+        fingerprint.add_(1.0)  # every row looks like a new sequence: every slot retrieves
+        try:
+            return set_rate(self, rate)
+        finally:
+            fingerprint.copy_(kept)
 
     monkeypatch.setattr(latency._PrHSStep, "set_rate", fingerprint_broken_at_half)
     out = tmp_path / "latency.json"
     parser = argparse.ArgumentParser()
     latency.add_arguments(parser)
     args = parser.parse_args(["--quick", "--out", str(out), "--no-progress", "--budgets", "64",
-                              "--step-rates", "0,0.5,1", "--lean"])
+                              "--step-rates", "0,0.5,0.1", "--lean"])
     assert latency.run(args) == 0
     methods = json.loads(out.read_text())["results"][0]["methods"]
-    assert methods["prhs@0"]["ms"] > 0 and methods["prhs@1"]["ms"] > 0
+    assert methods["prhs@0"]["ms"] > 0 and methods["prhs@0.1"]["ms"] > 0  # the grid went on
     error = methods["prhs@0.5"]["error"]
     assert "state set up for" in error and "the torch reference from the same state ran" in error

@@ -93,6 +93,26 @@ def test_topk_over_a_long_row(tied, max_parties, monkeypatch):
         _assert_picked_mass(picked, mass, ref)
 
 
+@pytest.mark.parametrize("m,r", [(0, 0), (20, 1)])
+def test_topk_of_short_middles_in_a_long_row(m, r):
+    """A row of five blocks whose middles are far shorter: on a GPU the slot's row is still
+    split among five programs, most of whose shares are empty, and they meet at the same
+    barriers (the interpreter gives each slot one program)."""
+    gen = torch.Generator().manual_seed(23 + m)
+    B, H, L, k = 2, 2, 5 * 2048, 60
+    mass = (torch.rand(B, H, L, generator=gen) ** 4).to(DEVICE)
+    mid_lo, mid_hi = [100, 6000], [2500, 6150]
+    region = torch.zeros(B, L, dtype=torch.bool, device=DEVICE)
+    for b in range(B):
+        region[b, mid_lo[b]:mid_hi[b]] = True
+    plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=m, dilation_r=r)
+    ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=m > 0), k)
+    out, picked = topk_picks(_keys_of(mass, region), _middle_bounds(mid_lo, mid_hi, L), k,
+                             dilation_m=m, dilation_r=r, width=k)
+    assert torch.equal(out, ref)
+    _assert_picked_mass(picked, mass, ref)
+
+
 def test_topk_refuses_a_party_cap_out_of_range(monkeypatch):
     import prhs_compile.kernels.topk_triton as tk
 
@@ -153,7 +173,8 @@ def test_a_guessed_threshold_gives_the_same_set_whether_it_holds_or_not(tied, m,
 def test_topk_of_keys_that_share_their_leading_digits(spread, m, r, guessed):
     """Candidates whose keys agree in their leading digits (masses within a few thousandths
     of each other, or all equal: ties everywhere) take those digits from the largest key
-    without a histogram round: still the reference's set."""
+    without a histogram round: still the reference's set. (Without dilation or guess the
+    row's radix select runs instead, on the same keys.)"""
     gen = torch.Generator().manual_seed(17 + m + guessed)
     B, H, L, k = 1, 3, 400, 40
     if spread == "narrow":
