@@ -25,3 +25,22 @@ def test_kernel_script_smoke(script, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rows and all("error" not in r for r in rows)
     assert all(r.get("same_picks") is not False for r in rows)
+
+
+def test_topk_sass_counts_every_phase_of_the_compiled_kernel(tmp_path):
+    """``scripts/topk_sass.py`` compiles the top-k for sm_90a with Triton's bundled ptxas (no
+    GPU needed) and finds one timer read per checkpoint: a changed kernel breaks it here."""
+    out = tmp_path / "sass.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "topk_sass.py"),
+                           "--variant", "guess", "--out", str(out)], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=600)
+    if "no ptxas/cuobjdump" in proc.stderr + proc.stdout:
+        pytest.skip("this Triton bundles no CUDA tools")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    report = json.loads(out.read_text())
+    assert report["registers"] and report["instructions"] > 1000
+    names = [p["phase"] for p in report["phases"]]
+    assert names[:4] == ["launch", "compose reusing", "first pass", "candidates"]
+    assert "threshold of the picks" in names and "cores selected" not in names
+    assert all(p["instructions"] > 0 for p in report["phases"])
