@@ -14,9 +14,6 @@ Two kernels (flash-decoding):
    for all of them. It writes an fp32 partial (normalised output, log-sum-exp) per split, or
    the final output directly when there is a single split (saves a launch and the scratch).
 2. ``_attend_combine_kernel``, grid ``(B * Hq * Tq,)``: merges the splits of one query row.
-   With ``CONFIG["fused_combine"]`` the split kernel merges them itself instead: the last
-   split program of a query tile to finish (an atomic ticket per tile, ``kernels.tickets``)
-   reads the others' partials and writes the output, so a split step is one launch.
 
 Everything is decided from shapes on the host; no tensor values are read there, so the call
 can be captured in a CUDA graph.
@@ -32,7 +29,6 @@ import triton.language as tl
 
 from .bounds_triton import mask_load_ok, mask_row_ptrs
 from .kpass_triton import num_sms
-from .tickets import tickets
 
 __all__ = ["attend_triton"]
 
@@ -46,7 +42,7 @@ _MASK_ADD = 2
 
 @triton.jit
 def _attend_split_kernel(
-    Q, K, V, IDX, MASK, O_PART, LSE_PART, OUT, TICKETS,
+    Q, K, V, IDX, MASK, O_PART, LSE_PART, OUT,
     qk_scale_log2,
     Hkv, G, Tq, S, L, num_splits, blocks_per_split,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -58,8 +54,7 @@ def _attend_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
-    SHARED_ROWS: tl.constexpr, PREFETCH_IDX: tl.constexpr, FUSED: tl.constexpr,
-    SPLITS_P2: tl.constexpr,
+    SHARED_ROWS: tl.constexpr, PREFETCH_IDX: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -171,45 +166,6 @@ def _attend_split_kernel(
                  mask=m_ok[:, None] & dv_ok[None, :])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(LSE_PART + part, lse, mask=m_ok)
-        if FUSED:
-            # Release: this program's partials are written before its ticket; acquire: the
-            # last split of the tile sees every other split's partials.
-            tl.debug_barrier()
-            tile = pid_bh * tl.num_programs(2) + pid_m
-            done = tl.atomic_add(TICKETS + tile, 1, sem="acq_rel", scope="gpu")
-            if done == num_splits - 1:
-                tl.store(TICKETS + tile, 0)  # zeros again for the next launch
-                _combine_rows(O_PART, LSE_PART, OUT, row, m_ok, num_splits, BLOCK_M, DV,
-                              BLOCK_DV, SPLITS_P2)
-
-
-@triton.jit
-def _combine_rows(O_PART, LSE_PART, OUT, row, row_ok, num_splits, ROWS: tl.constexpr,
-                  DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLITS_P2: tl.constexpr):
-    """Merge the splits' partials of the query rows ``row`` (int64 ``[ROWS]``; those not
-    ``row_ok`` are skipped) into ``OUT``: each split weighs ``2^(lse - max lse)``. Partials
-    are read past the L1 cache (other programs of the launch may have written them)."""
-    offs_s = tl.arange(0, SPLITS_P2)
-    lse = tl.load(LSE_PART + row[:, None] * num_splits + offs_s[None, :],
-                  mask=row_ok[:, None] & (offs_s[None, :] < num_splits), other=float("-inf"),
-                  cache_modifier=".cg")
-    lse_max = tl.max(lse, 1)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    denom = tl.sum(tl.exp2(lse - lse_max[:, None]), 1)
-
-    offs_dv = tl.arange(0, BLOCK_DV)
-    ok = row_ok[:, None] & (offs_dv < DV)[None, :]
-    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
-    # Loop over splits rather than loading a [splits, DV] tile: with many splits and DV=256
-    # the tile would not fit in registers.
-    for sp in range(0, num_splits):
-        w = tl.exp2(tl.load(LSE_PART + row * num_splits + sp, mask=row_ok, other=float("-inf"),
-                            cache_modifier=".cg") - lse_max)
-        o = tl.load(O_PART + (row[:, None] * num_splits + sp) * DV + offs_dv[None, :], mask=ok,
-                    other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * o
-    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(OUT + row[:, None] * DV + offs_dv[None, :], out.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -217,8 +173,25 @@ def _attend_combine_kernel(
     O_PART, LSE_PART, OUT, num_splits,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64) + tl.zeros([1], tl.int64)
-    _combine_rows(O_PART, LSE_PART, OUT, row, row >= 0, num_splits, 1, DV, BLOCK_DV, SPLITS_P2)
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_P2)
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits,
+                  other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    denom = tl.sum(tl.exp2(lse - lse_max), 0)
+
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < DV
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    # Loop over splits rather than loading a [splits, DV] tile: with many splits and DV=256
+    # the tile would not fit in registers.
+    for sp in range(0, num_splits):
+        w = tl.exp2(tl.load(LSE_PART + row * num_splits + sp) - lse_max)
+        o = tl.load(O_PART + (row * num_splits + sp) * DV + offs_dv, mask=dv_ok, other=0.0)
+        acc += w * o
+    out = acc / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(OUT + row * DV + offs_dv, out.to(OUT.dtype.element_ty), mask=dv_ok)
 
 
 def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int, int]:
@@ -243,11 +216,9 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
 # findings: README, "Kernel configurations"). 8 warps leave the small tile of an iteration
 # too little work. ``programs_per_sm``: the split-K target (see ``_pick_splits``).
 # ``prefetch_idx``: load the next block's positions one iteration ahead, so consecutive
-# gathers do not wait on an index load in between. ``fused_combine``: the last split of a
-# query tile merges the splits (one launch instead of two; ``scripts/attend_sweep.py``
-# times both).
+# gathers do not wait on an index load in between.
 CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4,
-          "prefetch_idx": True, "fused_combine": False}
+          "prefetch_idx": True}
 
 
 def _kernel_config(d: int, dv: int) -> tuple[int, int, int]:
@@ -358,8 +329,6 @@ def attend_triton(
         mask_t, mask_kind, ms = _mask_operand(mask, B, Hq, Tq, L)
 
     direct = num_splits == 1
-    fused = not direct and bool(CONFIG.get("fused_combine", False))
-    ticket_t = tickets(q.device, B * Hkv * m_blocks) if fused else out  # else unused
     if direct:
         o_part = lse_part = out  # unused placeholders
     else:
@@ -369,7 +338,7 @@ def attend_triton(
                                device=q.device)
 
     _attend_split_kernel[(B * Hkv, num_splits, m_blocks)](
-        q, k, v, idx, mask_t, o_part, lse_part, out, ticket_t,
+        q, k, v, idx, mask_t, o_part, lse_part, out,
         float(scale) * _LOG2E,
         Hkv, G, Tq, S, L, num_splits, blocks_per_split,
         *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *ms,
@@ -381,11 +350,10 @@ def attend_triton(
         # One mask row for all query rows of a group (a mask broadcast over heads, and one
         # query position or a mask broadcast over positions): each column is loaded once.
         SHARED_ROWS=ms[1] == 0 and (Tq == 1 or ms[2] == 0),
-        PREFETCH_IDX=bool(CONFIG.get("prefetch_idx", False)), FUSED=fused,
-        SPLITS_P2=triton.next_power_of_2(num_splits),
+        PREFETCH_IDX=bool(CONFIG.get("prefetch_idx", False)),
         num_warps=num_warps, num_stages=num_stages,
     )
-    if not direct and not fused:
+    if not direct:
         _attend_combine_kernel[(B * Hq * Tq,)](
             o_part, lse_part, out, num_splits,
             DV=Dv, BLOCK_DV=BLOCK_DV, SPLITS_P2=triton.next_power_of_2(num_splits),

@@ -1,12 +1,11 @@
-"""Atomic tickets: a zeroed int32 buffer per device for kernels whose last program of a group
+"""Atomic tickets: a zeroed int32 buffer per device for a kernel whose last program of a group
 finishes the group's work, so that it needs no second launch (the bounds' mask stats: the
-last chunk of a row writes the row's bounds; attend's split-K: the last split of a query
-tile merges the splits).
+last chunk of a row writes the row's bounds).
 
-Each such kernel increments its group's ticket and the program that draws the last one
-resets it to 0, so the buffer is all zeros again after every launch: one buffer serves every
-call and every CUDA-graph replay, and kernels that run one after another on a device's
-stream (as a decode step's do) can share it.
+The kernel increments its group's ticket and the program that draws the last one resets it
+to 0, so the buffer is all zeros again after every launch: one buffer serves every call and
+every CUDA-graph replay, and kernels that run one after another on a device's stream could
+share it.
 
 The buffer is made only by ``reserve_tickets``, which the selection state's allocation calls
 outside any CUDA graph: a persistent buffer first made inside a CUDA-graph tree's recording

@@ -5,8 +5,7 @@ of the budget's length (attend's yardstick), on a GPU.
 
 For B in {1, 8, 16} and context in {32K, 128K} (Llama-3-8B attention shape, bf16, budget
 2048, random selected positions, caches rotated past L2, CUDA-graph medians) it times every
-(block_n, num_warps, num_stages, programs_per_sm, prefetch_idx, fused_combine) of a
-small grid and prints, per shape, the
+(block_n, num_warps, num_stages, programs_per_sm, prefetch_idx) of a small grid and prints, per shape, the
 best configuration and the default's time, both as a ratio to dense SDPA at the budget.
 """
 
@@ -37,12 +36,11 @@ def main() -> int:
     Hq, Hkv, D, S = 32, 8, 128, args.budget
     scale = 1 / math.sqrt(D)
     default = dict(at.CONFIG)
-    # (block_n, num_warps, num_stages, programs_per_sm, prefetch_idx, fused_combine); --grid
-    # full adds the wider warp/stage choices of the first sweep.
-    grid = list(itertools.product((64, 128), (4,), (2,), (1, 2, 4, 8), (False, True), (False,)))
-    grid += list(itertools.product((64,), (4,), (2,), (2, 4, 8), (True,), (True,)))
+    # (block_n, num_warps, num_stages, programs_per_sm, prefetch_idx); --grid full adds the
+    # wider warp/stage choices of the first sweep.
+    grid = list(itertools.product((64, 128), (4,), (2,), (1, 2, 4, 8), (False, True)))
     if args.grid == "full":
-        grid += list(itertools.product((64, 128), (4, 8), (3,), (4, 8), (False, True), (False,)))
+        grid += list(itertools.product((64, 128), (4, 8), (3,), (4, 8), (False, True)))
     rows = []
     for B, L in itertools.product((1, 8, 16), (32768, 131072)):
         kv_bytes = 2 * B * Hkv * L * D * 2
@@ -63,10 +61,9 @@ def main() -> int:
                 for k, v in short]))
         results = []
         for config in grid:
-            block_n, warps, stages, per_sm, prefetch, fused = config
+            block_n, warps, stages, per_sm, prefetch = config
             at.CONFIG.update(block_n=block_n, num_warps=warps, num_stages=stages,
-                             programs_per_sm=per_sm, prefetch_idx=prefetch,
-                             fused_combine=fused)
+                             programs_per_sm=per_sm, prefetch_idx=prefetch)
             try:
                 ms = timer(rotating([lambda k=k, v=v: at.attend_triton(q, k, v, idx, mask, scale)
                                      for k, v in caches]))
@@ -80,8 +77,7 @@ def main() -> int:
         best = min(ok, key=lambda r: r["ms"])
         base = next(r for r in ok if r["config"] == [default["block_n"], default["num_warps"],
                                                      default["num_stages"], default["programs_per_sm"],
-                                                     default["prefetch_idx"],
-                                                     default["fused_combine"]])
+                                                     default["prefetch_idx"]])
         rows.append({"batch": B, "context": L, "budget": S, "dense_at_budget_ms": dense_ms,
                      "best": best, "default": base, "all": results})
         print(f"B={B:2d} L={L:6d}: dense@budget {dense_ms:.4f} ms; default {base['ms']:.4f} "

@@ -8,9 +8,8 @@
 #   scripts/gpu_bench.sh kernels     # the top-k, attend and oracle-select kernel tests (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh attend_sweep  # attend's kernel configurations -> $OUT/attend_sweep.json
 #   scripts/gpu_bench.sh profile     # the kernels of one PrHS decode step, with their times
-#   scripts/gpu_bench.sh profile_grid  # the step at PROFILE_CONFIGS, with attend's default
-#                                    # configuration and with its fused combine
-#                                    # -> $OUT/profile_{default,fused}.{json,txt}
+#   scripts/gpu_bench.sh profile_grid  # the step's kernels at each of PROFILE_CONFIGS
+#                                    # -> $OUT/profile_step.{json,txt}
 #   scripts/gpu_bench.sh topk_probe  # the top-k at low retrieval rates, parts left out -> $OUT/topk_probe.json
 #   scripts/gpu_bench.sh sweep       # the select engine's K pass and top-k configurations -> $OUT/engine_sweep.json
 #   scripts/gpu_bench.sh compare     # prhs-bench compare: every policy on the evaluation model
@@ -70,12 +69,9 @@ for stage in "$@"; do
       ;;
     profile_grid)
       CONFIGS=${PROFILE_CONFIGS:-1:32768:0,1:32768:0.1,16:32768:0.1,1:131072:1,16:131072:1}
-      python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --out "$OUT/profile_default.json" \
-        2>&1 | grep -v -i "warn" > "$OUT/profile_default.txt"
-      grep "step in" "$OUT/profile_default.txt"
-      python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --attend-config '{"fused_combine": true}' \
-        --out "$OUT/profile_fused.json" 2>&1 | grep -v -i "warn" > "$OUT/profile_fused.txt"
-      grep "step in" "$OUT/profile_fused.txt"
+      python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --out "$OUT/profile_step.json" \
+        2>&1 | grep -v -i "warn" > "$OUT/profile_step.txt"
+      grep "step in" "$OUT/profile_step.txt"
       ;;
     topk_probe)
       python "$ROOT/scripts/topk_probe.py" --timeline --out "$OUT/topk_probe.json" 2>&1 | grep -v "top-k probe:"

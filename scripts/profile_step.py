@@ -2,7 +2,7 @@
 (through the registered ops, as ``prhs-bench latency`` runs them), per launch.
 
     python scripts/profile_step.py [--batch 16 --context 32768 --budget 2048 --rate 0]
-        [--glue-options '{"combo_kernels": false}'] [--attend-config '{"fused_combine": true}']
+        [--glue-options '{"combo_kernels": false}'] [--attend-config '{"prefetch_idx": false}']
         [--topk-config '{"max_parties": 16}']
     python scripts/profile_step.py --configs 1:32768:0,16:131072:1 [--quiet] [--out F.json]
 
@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--glue-options", default="{}", help="JSON dict of Inductor options")
     parser.add_argument("--attend-config", default="{}",
-                        help='JSON dict of attend CONFIG entries, e.g. {"fused_combine": true}')
+                        help='JSON dict of attend CONFIG entries, e.g. {"prefetch_idx": false}')
     parser.add_argument("--topk-config", default="{}",
                         help='JSON dict of top-k CONFIG entries, e.g. {"max_parties": 16}')
     parser.add_argument("--configs", default=None,

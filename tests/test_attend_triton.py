@@ -126,15 +126,12 @@ def test_all_slots_empty():
 
 
 @pytest.mark.parametrize("prefetch_idx", [False, True])
-@pytest.mark.parametrize("fused_combine", [False, True])
-def test_splits_agree(prefetch_idx, fused_combine, monkeypatch):
+def test_splits_agree(prefetch_idx, monkeypatch):
     # The same problem through the direct (one split) path and through several splits,
     # including splits whose slots are all -1 (they must contribute nothing); with the
-    # positions loaded one block ahead or not, and the splits merged by a combine kernel or
-    # by the last split of each tile.
+    # positions loaded one block ahead or not.
     module = sys.modules[attend_triton.__module__]
     monkeypatch.setitem(module.CONFIG, "prefetch_idx", prefetch_idx)
-    monkeypatch.setitem(module.CONFIG, "fused_combine", fused_combine)
     gen = torch.Generator().manual_seed(9)
     B, Hkv, G, Tq, L, D, S = 1, 2, 2, 2, 64, 16, 70
     q = rand((B, Hkv * G, Tq, D), torch.float32, gen)
@@ -147,29 +144,6 @@ def test_splits_agree(prefetch_idx, fused_combine, monkeypatch):
     ref = attend_naive(q, k, v, idx)
     for splits in (1, 2, 5):
         check(attend_triton(q, k, v, idx, block_n=16, num_splits=splits), ref, torch.float32)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_combine_leaves_its_tickets_at_zero(dtype, monkeypatch):
-    """With the splits merged in the split kernel and a reserved ticket buffer (what
-    allocating a GPU's selection state does), calls in a row stay exact: the last split of
-    each tile resets its ticket. Two query tiles per KV head (G * Tq = 72 rows > 64)."""
-    from prhs_compile.kernels import tickets as tk
-
-    module = sys.modules[attend_triton.__module__]
-    monkeypatch.setitem(module.CONFIG, "fused_combine", True)
-    monkeypatch.setattr(tk, "_BUFFERS", {})  # this test's own, dropped after it
-    gen = torch.Generator().manual_seed(12)
-    B, Hkv, G, Tq, L, D, S = 2, 2, 9, 8, 60, 16, 40
-    tk.reserve_tickets(DEVICE, B * Hkv * 2)
-    q = rand((B, Hkv * G, Tq, D), dtype, gen)
-    k = rand((B, Hkv, L, D), dtype, gen)
-    v = rand((B, Hkv, L, D), dtype, gen)
-    idx = make_idx(B, Hkv, S, L, [[S, 3], [0, 17]], gen)
-    ref = attend_naive(q, k, v, idx)
-    for _ in range(2):
-        check(attend_triton(q, k, v, idx, block_n=16, num_splits=3), ref, dtype)
-        assert not tk.tickets(DEVICE, B * Hkv * 2).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -296,12 +270,8 @@ def test_cuda_large(D, Tq):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("B", [1, 64])
-@pytest.mark.parametrize("fused_combine", [False, True])
-def test_cuda_split_paths(B, fused_combine, monkeypatch):
-    # B=1 takes many splits, B=64 a single split (direct write); both against the reference,
-    # the splits merged by a combine kernel or by the last split of each tile.
-    monkeypatch.setitem(sys.modules[attend_triton.__module__].CONFIG, "fused_combine",
-                        fused_combine)
+def test_cuda_split_paths(B):
+    # B=1 takes many splits, B=64 a single split (direct write); both against the reference.
     gen = torch.Generator().manual_seed(B)
     Hq, Hkv, L, S, D, dtype = 32, 8, 4096, 1000, 128, torch.float16
     q = rand((B, Hq, 1, D), dtype, gen)

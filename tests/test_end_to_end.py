@@ -210,9 +210,8 @@ def test_cuda_inductor_and_cuda_graphs_match_eager_when_the_budget_covers(mode):
 def test_cuda_graph_trees_find_no_untracked_buffer_of_the_select_step(options):
     """reduce-overhead (CUDA-graph trees) with a sparse select, from a process that has not
     run a select step yet: the device buffers the CUDA step keeps between calls (the bounds
-    kernel's and attend's tickets, the per-head budgets) must exist before the first graph
-    records, or torch refuses them as allocations of the graph's memory pool that no output
-    tracks."""
+    kernel's tickets, the per-head budgets) must exist before the first graph records, or
+    torch refuses them as allocations of the graph's memory pool that no output tracks."""
     from prhs_compile.kernels import plan, tickets
 
     tickets._BUFFERS.clear()
