@@ -5,6 +5,7 @@ an H100/H200 (``sm_90a``) with the installed Triton and its bundled ``ptxas``, a
 instructions between the timeline's checkpoints (``topk_picks(timeline=...)``).
 
     python scripts/topk_sass.py [--warps 8] [--variant guess+dilate] [--out topk_sass.json]
+                                [--sass topk.sass]
 
 Static counts of the code between consecutive timer reads, in the order the compiler laid
 it out (a branch placed elsewhere, such as the radix rounds a guess that holds skips,
@@ -34,6 +35,7 @@ PHASES = ((0, "launch"), (1, "compose reusing"), (2, "first pass"), (3, "candida
           (6, "write picks"), (7, "windows + dropped"))
 VARIANTS = {  # constexprs that differ from the step's launch
     "guess+dilate": {},
+    "guess+dilate, no narrowing": {"FEW_N": 0},
     "guess": {"DILATE": False, "M_P2": 1, "R_P2": 1},
     "dilate": {"HAS_GUESS": False, "CAND_P2": 2048},
 }
@@ -49,7 +51,7 @@ def _launch_constants(variant: str) -> dict:
                  BLOCK=2048, BLOCK_BH=8, C_P2=256, CAND_P2=4096, M_P2=1024, R_P2=4,
                  MAP=False, WHOLE=False, PENDING=True, WANT_WMASS=True, ROWS_P2=4, M_PAD=16,
                  KEY_BLOCK=1024, COMPOSE=True, MASK_KIND=0, TQ_P2=1, BLOCK_W=1024,
-                 SLOT_BLOCK=2048, HAS_DROPPED=True, TIMED=True)
+                 SLOT_BLOCK=2048, HAS_DROPPED=True, TIMED=True, FEW_N=512)
     const.update(VARIANTS[variant])
     return const
 
@@ -80,7 +82,7 @@ def _tools(triton):
     return [os.path.join(base, n) for n in names], os.path.join(base, "cuobjdump")
 
 
-def analyse(variant: str, warps: int) -> dict:
+def analyse(variant: str, warps: int, sass_path: str | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -109,6 +111,9 @@ def analyse(variant: str, warps: int) -> dict:
     registers = re.search(r"Used (\d+) registers", run.stderr)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
     code = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    if sass_path:
+        with open(sass_path, "w") as f:
+            f.write("\n".join(code) + "\n")
     marks = [i for i, line in enumerate(code) if "GLOBALTIMER" in line]
     stamped = [(p, n) for p, n in PHASES if variant != "guess" or p not in (8, 9, 10)]
     if len(marks) != len(stamped):
@@ -132,8 +137,9 @@ def main() -> int:
     parser.add_argument("--variant", default="guess+dilate", choices=sorted(VARIANTS))
     parser.add_argument("--warps", type=int, default=8)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sass", default=None, help="also write the machine code here")
     args = parser.parse_args()
-    report = analyse(args.variant, args.warps)
+    report = analyse(args.variant, args.warps, args.sass)
     print(f"top-k, {report['variant']}, {report['warps']} warps, Triton {report['triton']}: "
           f"{report['instructions']} instructions, {report['registers']} registers, "
           f"spills (store, load bytes) {report['spill_bytes']}")
