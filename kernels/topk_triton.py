@@ -72,10 +72,7 @@ __all__ = ["SCRATCH_WIDTH", "TIMELINE_STAMPS", "timeline_buffer", "topk_picks"]
 # ``scripts/topk_probe.py`` time the choices.
 # max_parties: most programs one slot's row is split among (fewer: cheaper barriers, longer
 # passes; ``scripts/topk_probe.py`` times the choices).
-# narrow: how few keys party 0's in-register selects narrow to before their last digit
-# rounds (``_select_registers``; a power of two up to _NARROW_MAX, 0: never).
-CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1, "max_parties": 256,
-          "narrow": 512}
+CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1, "max_parties": 256}
 _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated neighbour
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # A guess is taken while the keys at or above it are between the needed count and
@@ -96,8 +93,7 @@ _DIGIT = tl.constexpr(_DIGIT_BITS)
 _BINS = tl.constexpr(2 ** _DIGIT_BITS)
 _ROUNDS = tl.constexpr(32 // _DIGIT_BITS)
 _HIST_WIDTH = (32 // _DIGIT_BITS) * 2 ** _DIGIT_BITS
-_NARROW_MAX = 512  # the scratch row holds that many narrowed keys
-SCRATCH_WIDTH = _HIST_WIDTH + 4 + 5 * _C_MAX + _NARROW_MAX
+SCRATCH_WIDTH = _HIST_WIDTH + 4 + 5 * _C_MAX
 _HIST = tl.constexpr(0)
 _BAR = tl.constexpr(_HIST_WIDTH)
 _THR = tl.constexpr(_HIST_WIDTH + 1)
@@ -105,7 +101,6 @@ _TOTAL = tl.constexpr(_HIST_WIDTH + 3)  # the slot's pick count (final compactio
 _CNT1 = tl.constexpr(_HIST_WIDTH + 4)
 _CNT2 = tl.constexpr(_HIST_WIDTH + 4 + 2 * _C_MAX)
 _MASSP = tl.constexpr(_HIST_WIDTH + 4 + 4 * _C_MAX)
-_FEW_AT = tl.constexpr(_HIST_WIDTH + 4 + 5 * _C_MAX)  # party 0's narrowed keys
 _SCRATCH = tl.constexpr(SCRATCH_WIDTH)
 # Checkpoints of ``topk_picks(timeline=...)``, per program: 0 start, 1 the reusing slots
 # composed, 2 the first pass over its share (keys formed, the guess's list), 3 candidates
@@ -153,8 +148,8 @@ def _barrier(BAR, parties, phase):
 @triton.jit
 def _digit_round(hist, d, remaining, prefix, fixed):
     """Fix digit ``d`` (``_DIGIT`` bits, most significant first) from its histogram among
-    the keys matching the digits fixed so far: returns (remaining, prefix, fixed, how many
-    keys the chosen bin holds; when that is ``remaining``, every one of them is in)."""
+    the keys matching the digits fixed so far: returns (remaining, prefix, fixed, the bin
+    held exactly the keys still needed)."""
     bins = tl.arange(0, _BINS)
     n = tl.sum(hist, 0)
     at_least = n - tl.cumsum(hist, 0) + hist  # matching keys whose digit is >= each bin
@@ -163,7 +158,7 @@ def _digit_round(hist, d, remaining, prefix, fixed):
     remaining = remaining - tl.sum(tl.where(bins > best, hist, 0), 0)
     prefix = prefix | (best.to(tl.uint32) << (32 - _DIGIT * (d + 1)))
     fixed = fixed | (tl.full([], _BINS - 1, tl.uint32) << (32 - _DIGIT * (d + 1)))
-    return remaining, prefix, fixed, in_best
+    return remaining, prefix, fixed, remaining == in_best
 
 
 @triton.jit
@@ -193,8 +188,8 @@ def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
                 hist = tl.load(SCR + _HIST + d * _BINS + bins, volatile=True)
             if d == 0:
                 total = tl.sum(hist, 0)
-            remaining, prefix, fixed, in_best = _digit_round(hist, d, remaining, prefix, fixed)
-            done = ((remaining == in_best) | (total <= k) | (k <= 0)).to(tl.int32)
+            remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix, fixed)
+            done = (exact | (total <= k) | (k <= 0)).to(tl.int32)
     # Ended early: every key from the bin's lower bound up is in.
     thr = prefix
     need = remaining
@@ -374,28 +369,7 @@ def _candidate_keys(key_row, cand_row, n_cand, CAND_P2: tl.constexpr):
 
 
 @triton.jit
-def _register_round(key, cand, k_digit, remaining, prefix, fixed, top_key, differ):
-    """One digit round of ``_select_registers`` over a block of keys (digit ``k_digit``,
-    a runtime index): returns (remaining, prefix, fixed, done, keys left in the bin)."""
-    shift = 32 - _DIGIT * (k_digit + 1)
-    digit_bits = tl.full([], _BINS - 1, tl.uint32) << shift
-    done = tl.full([], 0, tl.int32)
-    in_bin = tl.full([], -1, tl.int32)  # unknown: this round fixed a shared digit
-    if (differ >> shift) == 0:  # this digit and those above it: every key's alike
-        prefix = prefix | (top_key & digit_bits)
-        fixed = fixed | digit_bits
-    else:
-        match = cand & ((key & fixed) == prefix)
-        digit = (key >> shift) & (_BINS - 1)
-        hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
-        remaining, prefix, fixed, in_bin = _digit_round(hist, k_digit, remaining, prefix,
-                                                        fixed)
-        done = (remaining == in_bin).to(tl.int32)
-    return remaining, prefix, fixed, done, in_bin
-
-
-@triton.jit
-def _select_registers(key, k, few_row, FEW_N: tl.constexpr):
+def _select_registers(key, k):
     """(thr, need) of the top ``k`` of a block of keys held in registers (0: no candidate),
     exact even when all of them are in (thr = the smallest, need = how many equal it), so
     that a compaction over the whole row takes no key outside the block. The digit rounds
@@ -403,12 +377,7 @@ def _select_registers(key, k, few_row, FEW_N: tl.constexpr):
     thousand distinct masses); that bin's smallest key is then the threshold. The leading
     digits that every key shares (those of the largest key and the smallest agree: masses
     of one row's top keys span few binades) are taken from the largest key without a
-    round: their histogram would hold every key in that one bin.
-
-    A round's cost is that of the whole block (every thread votes on each of its keys),
-    however few keys still match the digits fixed so far; once at most ``FEW_N`` do (after
-    a round or two on a few thousand masses), they are copied to ``few_row`` (global
-    scratch) and the remaining rounds run over that short block (``FEW_N`` = 0: never)."""
+    round: their histogram would hold every key in that one bin."""
     prefix = tl.full([], 0, tl.uint32)
     fixed = tl.full([], 0, tl.uint32)
     remaining = tl.full([], 0, tl.int32) + k
@@ -417,31 +386,21 @@ def _select_registers(key, k, few_row, FEW_N: tl.constexpr):
     top_key = tl.max(tl.where(cand, key, tl.full(key.shape, 0, tl.uint32)), 0)
     bottom_key = tl.min(tl.where(cand, key, tl.full(key.shape, 0xFFFFFFFF, tl.uint32)), 0)
     differ = top_key ^ bottom_key  # all ones without a candidate: no digit is shared
+    for d in tl.static_range(_ROUNDS):
+        if done == 0:
+            shift = 32 - _DIGIT * (d + 1)
+            if (differ >> shift) == 0:  # this digit and those above it: every key's alike
+                digit_bits = tl.full([], _BINS - 1, tl.uint32) << shift
+                prefix = prefix | (top_key & digit_bits)
+                fixed = fixed | digit_bits
+            else:
+                match = cand & ((key & fixed) == prefix)
+                digit = (key >> shift) & (_BINS - 1)
+                hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
+                remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix,
+                                                               fixed)
+                done = exact.to(tl.int32)
     total = tl.sum(cand.to(tl.int32), 0)
-    left = total  # keys matching the digits fixed so far
-    d = tl.full([], 0, tl.int32)  # the next digit
-    for _ in tl.static_range(_ROUNDS):  # over the whole block while many keys match
-        if (done == 0) & ((left > FEW_N) | (FEW_N == 0)) & (d < _ROUNDS):
-            remaining, prefix, fixed, done, in_bin = _register_round(
-                key, cand, d, remaining, prefix, fixed, top_key, differ)
-            left = tl.where(in_bin >= 0, in_bin, left)
-            d += 1
-    if FEW_N > 0:  # the few keys left, then their rounds
-        if (done == 0) & (d < _ROUNDS):
-            match = cand & ((key & fixed) == prefix)
-            slot = tl.cumsum(match.to(tl.int32), 0) - 1
-            tl.store(few_row + slot, key.to(tl.int32, bitcast=True), mask=match)
-            tl.debug_barrier()  # written by other threads of this program
-            offs = tl.arange(0, FEW_N)
-            few = tl.load(few_row + offs, mask=offs < left, other=0,
-                          volatile=True).to(tl.uint32, bitcast=True)
-            few_cand = few != 0
-            for _ in tl.static_range(_ROUNDS):
-                if (done == 0) & (d < _ROUNDS):
-                    remaining, prefix, fixed, done, in_bin = _register_round(
-                        few, few_cand, d, remaining, prefix, fixed, top_key, differ)
-                    d += 1
-            tl.debug_barrier()  # every thread has read the few keys before few_row is reused
     # Ended early (or all in): the smallest key taken, and all the keys equal to it.
     low = total <= k
     low = low | (done != 0)
@@ -456,7 +415,7 @@ def _select_registers(key, k, few_row, FEW_N: tl.constexpr):
 @triton.jit
 def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
             CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, map_row, n_cols,
-            MAP: tl.constexpr, few_row, FEW_N: tl.constexpr, times_row, TIMED: tl.constexpr):
+            MAP: tl.constexpr, times_row, TIMED: tl.constexpr):
     """One program, over the candidates (the top max(k, m) keys, in column order): flag
     the +-radius neighbours of the top ``m``; returns (thr, need) of the final top ``k``
     over the flagged keys, the candidates' columns and their unflagged keys (0 for a
@@ -468,7 +427,7 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
     in_list = offs < n_cand
     cpos = tl.load(cand_row + offs, mask=in_list, other=0, volatile=True)
     ckey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
-    thr_m, need_m = _select_registers(ckey, m, few_row, FEW_N)
+    thr_m, need_m = _select_registers(ckey, m)
     _stamp(times_row, 8, TIMED)
     is_eq = in_list & (ckey == thr_m) & (ckey != 0)
     eq_rank = tl.cumsum(is_eq.to(tl.int32), 0) - 1
@@ -513,9 +472,9 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
                          [M_P2 * R_P2])
     near_col = tl.reshape(tl.where(near, col, 0), [M_P2 * R_P2])
     if n_near >= k:  # the neighbours alone fill the budget: their best k
-        thr, need = _select_registers(flagged, k, few_row, FEW_N)
+        thr, need = _select_registers(flagged, k)
     else:  # every neighbour, then the best of the other candidates
-        thr, need = _select_registers(rest, k - n_near, few_row, FEW_N)
+        thr, need = _select_registers(rest, k - n_near)
         none_left = tl.sum((rest != 0).to(tl.int32), 0) == 0
         # No other key to take: a threshold above every unflagged key, below every flagged.
         thr = tl.where(none_left | (k - n_near <= 0), tl.full([], 0x7FFFFFFF, tl.uint32), thr)
@@ -553,8 +512,8 @@ def _counts_before(tag_row, n, start, N_P2: tl.constexpr):
 def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo, mid_hi,
                      core_row, scr, mass_ptr, start, c, parties, phase, DILATE: tl.constexpr,
                      MULTI: tl.constexpr, CAND_P2: tl.constexpr, M_P2: tl.constexpr,
-                     R_P2: tl.constexpr, map_row, n_cols, MAP: tl.constexpr,
-                     FEW_N: tl.constexpr, times_row, TIMED: tl.constexpr):
+                     R_P2: tl.constexpr, map_row, n_cols, MAP: tl.constexpr, times_row,
+                     TIMED: tl.constexpr):
     """Party 0 finds the threshold of the slot's picks among the candidates (the top keys
     of the row, in column order; flagging their dilation neighbours first with ``DILATE``),
     sums the picks' mass (stored at ``mass_ptr``) and tags the candidates (and neighbours,
@@ -568,10 +527,10 @@ def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo
         if DILATE:
             thr, need, cpos, rkey, near_col, near_key = _dilate(
                 key_row, cand_row, n_cand, core_row, m, radius, cap, mid_lo, mid_hi, CAND_P2,
-                M_P2, R_P2, map_row, n_cols, MAP, scr + _FEW_AT, FEW_N, times_row, TIMED)
+                M_P2, R_P2, map_row, n_cols, MAP, times_row, TIMED)
         else:
             cpos, rkey = _candidate_keys(key_row, cand_row, n_cand, CAND_P2)
-            thr, need = _select_registers(rkey, cap, scr + _FEW_AT, FEW_N)
+            thr, need = _select_registers(rkey, cap)
             _stamp(times_row, 11, TIMED)
         thr = tl.where(cap <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
         need = tl.where(cap <= 0, 0, need)
@@ -631,7 +590,7 @@ def _topk_kernel(
     ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr,
     COMPOSE: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
     BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr, HAS_DROPPED: tl.constexpr,
-    TIMED: tl.constexpr, FEW_N: tl.constexpr,
+    TIMED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     times_row = TIMES + pid.to(tl.int64) * TIMELINE_STAMPS
@@ -748,7 +707,7 @@ def _topk_kernel(
                 key_row, cand_row, n_cand, NEAR + slot.to(tl.int64) * (M_P2 * R_P2), cap, m,
                 radius, mid_lo, mid_hi, CORES + slot.to(tl.int64) * M_P2, scr,
                 PICKED_MASS + slot, start, c, parties, phase, DILATE, MULTI, CAND_P2, M_P2,
-                R_P2, map_row, L, MAP, FEW_N, times_row, TIMED)
+                R_P2, map_row, L, MAP, times_row, TIMED)
             _stamp(times_row, 5, TIMED)
             _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen, total,
                          c, parties, BLOCK, map_row, MAP, comp_row + sink, COMPOSE)
@@ -868,10 +827,6 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     if not 1 <= max_parties <= _C_MAX:
         raise ValueError(f"top-k max_parties={max_parties}: must be in [1, {_C_MAX}] (the "
                          "scratch row holds the counts of that many parties)")
-    narrow = CONFIG["narrow"]
-    if narrow != 0 and not (narrow <= _NARROW_MAX and narrow & (narrow - 1) == 0):
-        raise ValueError(f"top-k narrow={narrow}: must be 0 or a power of two up to "
-                         f"{_NARROW_MAX} (the scratch row holds that many keys)")
     if scratch is not None and (scratch.shape != (BH, SCRATCH_WIDTH)
                                 or scratch.dtype != torch.int32):
         raise ValueError(f"scratch must be int32 zeros of shape ({BH}, {SCRATCH_WIDTH}), got "
@@ -948,6 +903,6 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)), COMPOSE=compose is not None,
         MASK_KIND=comp_kind, TQ_P2=triton.next_power_of_2(q_len), BLOCK_W=BLOCK_W,
         SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None, TIMED=timeline is not None,
-        FEW_N=narrow, num_warps=CONFIG["num_warps"],
+        num_warps=CONFIG["num_warps"],
     )
     return out, picked_mass

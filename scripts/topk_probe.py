@@ -16,8 +16,6 @@ set as the first variant with its dilation on or off):
   parties, longer passes each);
 * ``guess+dilate, N warps``: programs of N warps (the one program that thresholds the
   candidates holds fewer of them per thread with more warps).
-* ``guess+dilate, no narrowing``: party 0's in-register selects run every digit round over
-  all the candidates (by default, once few keys match, over those few alone).
 
 ``--timeline`` (GPU only) also runs the default variant once per shape with each program
 stamping the GPU's global timer at the top-k's checkpoints (``topk_triton.TIMELINE_STAMPS``)
@@ -70,7 +68,6 @@ def main() -> int:
     variants += [(f"guess+dilate, parties<={n}", True, True, {"max_parties": n})
                  for n in parties]
     variants += [(f"guess+dilate, {w} warps", True, True, {"num_warps": w}) for w in warps]
-    variants += [("guess+dilate, no narrowing", True, True, {"narrow": 0})]
     rows, timelines = [], []
 
     def save():  # after every row, so that an interrupted run keeps what it measured

@@ -93,44 +93,6 @@ def test_topk_over_a_long_row(tied, max_parties, monkeypatch):
         _assert_picked_mass(picked, mass, ref)
 
 
-@pytest.mark.parametrize("narrow", [0, 2, 16])
-@pytest.mark.parametrize("tied", [False, True])
-def test_narrowed_register_selects_give_the_same_set(narrow, tied, monkeypatch):
-    """Party 0's in-register selects (over the candidates, with a guess or a dilation) go
-    on over the few keys still matching their digits once at most ``CONFIG["narrow"]`` do;
-    with 0 every round runs over all of them. The set is the reference's either way."""
-    import prhs_compile.kernels.topk_triton as tk
-
-    monkeypatch.setitem(tk.CONFIG, "narrow", narrow)
-    gen = torch.Generator().manual_seed(narrow * 2 + tied)
-    B, H, L, k = 1, 2, 700, 120
-    mass = torch.rand(B, H, L, generator=gen) ** 3
-    if tied:
-        mass = (mass * 32).floor() / 32
-    mass = mass.to(DEVICE)
-    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
-    region[:, :4] = False
-    for m, r, guessed in [(40, 1, False), (0, 0, True)]:
-        plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=m, dilation_r=r)
-        ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=m > 0), k)
-        guess = torch.zeros(B * H, dtype=torch.int32, device=DEVICE) if guessed else None
-        for _ in range(2 if guessed else 1):  # a guess is set by the first call, used by the next
-            out, picked = topk_picks(_keys_of(mass, region), _middle_bounds([4], [L], L), k,
-                                     dilation_m=m, dilation_r=r, width=k, guess=guess)
-            assert torch.equal(out, ref)
-            _assert_picked_mass(picked, mass, ref)
-
-
-def test_topk_refuses_a_narrowing_out_of_range(monkeypatch):
-    import prhs_compile.kernels.topk_triton as tk
-
-    for bad in (3, 1024, -2):
-        monkeypatch.setitem(tk.CONFIG, "narrow", bad)
-        with pytest.raises(ValueError, match=f"narrow={bad}"):
-            topk_picks(torch.ones(1, 1, 8, dtype=torch.int32, device=DEVICE),
-                       _middle_bounds([0], [8], 8), 2)
-
-
 @pytest.mark.parametrize("m,r", [(0, 0), (20, 1)])
 def test_topk_of_short_middles_in_a_long_row(m, r):
     """A row of five blocks whose middles are far shorter: on a GPU the slot's row is still
