@@ -156,8 +156,8 @@ def _digit_round(hist, d, remaining, prefix, fixed):
     best = tl.maximum(tl.max(tl.where(at_least >= remaining, bins, -1), 0), 0)
     in_best = tl.sum(tl.where(bins == best, hist, 0), 0)
     remaining = remaining - tl.sum(tl.where(bins > best, hist, 0), 0)
-    prefix = prefix | (best.to(tl.uint32) << (32 - _DIGIT * (d + 1)))
-    fixed = fixed | (tl.full([], _BINS - 1, tl.uint32) << (32 - _DIGIT * (d + 1)))
+    prefix = prefix | (best.to(tl.uint32) << (32 - (d + 1) * _DIGIT))
+    fixed = fixed | (tl.full([], _BINS - 1, tl.uint32) << (32 - (d + 1) * _DIGIT))
     return remaining, prefix, fixed, remaining == in_best
 
 
@@ -173,23 +173,25 @@ def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
     remaining = tl.full([], 0, tl.int32) + k
     total = tl.full([], 0, tl.int32)
     done = tl.full([], 0, tl.int32)
-    for d in tl.static_range(_ROUNDS):
-        if done == 0:
-            hist = tl.zeros([_BINS], tl.int32)
-            for s0 in range(start, end, BLOCK):
-                offs = s0 + tl.arange(0, BLOCK)
-                key = _keys_of_block(key_row, offs, end)
-                match = (offs < end) & (key != 0) & ((key & fixed) == prefix)
-                digit = (key >> (32 - _DIGIT * (d + 1))) & (_BINS - 1)
-                hist += tl.histogram(digit.to(tl.int32), _BINS, mask=match)
-            if MULTI:
-                tl.atomic_add(SCR + _HIST + d * _BINS + bins, hist)
-                phase = _barrier(SCR + _BAR, parties, phase)
-                hist = tl.load(SCR + _HIST + d * _BINS + bins, volatile=True)
-            if d == 0:
-                total = tl.sum(hist, 0)
-            remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix, fixed)
-            done = (exact | (total <= k) | (k <= 0)).to(tl.int32)
+    d = tl.full([], 0, tl.int32)
+    while (done == 0) & (d < _ROUNDS):  # a loop, not unrolled (see _select_registers)
+        shift = (32 - (d + 1) * _DIGIT).to(tl.uint32)
+        hist = tl.zeros([_BINS], tl.int32)
+        for s0 in range(start, end, BLOCK):
+            offs = s0 + tl.arange(0, BLOCK)
+            key = _keys_of_block(key_row, offs, end)
+            match = (offs < end) & (key != 0) & ((key & fixed) == prefix)
+            digit = (key >> shift) & (_BINS - 1)
+            hist += tl.histogram(digit.to(tl.int32), _BINS, mask=match)
+        if MULTI:
+            tl.atomic_add(SCR + _HIST + d * _BINS + bins, hist)
+            phase = _barrier(SCR + _BAR, parties, phase)
+            hist = tl.load(SCR + _HIST + d * _BINS + bins, volatile=True)
+        if d == 0:
+            total = tl.sum(hist, 0)
+        remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix, fixed)
+        done = (exact | (total <= k) | (k <= 0)).to(tl.int32)
+        d += 1
     # Ended early: every key from the bin's lower bound up is in.
     thr = prefix
     need = remaining
@@ -386,20 +388,23 @@ def _select_registers(key, k):
     top_key = tl.max(tl.where(cand, key, tl.full(key.shape, 0, tl.uint32)), 0)
     bottom_key = tl.min(tl.where(cand, key, tl.full(key.shape, 0xFFFFFFFF, tl.uint32)), 0)
     differ = top_key ^ bottom_key  # all ones without a candidate: no digit is shared
-    for d in tl.static_range(_ROUNDS):
-        if done == 0:
-            shift = 32 - _DIGIT * (d + 1)
-            if (differ >> shift) == 0:  # this digit and those above it: every key's alike
-                digit_bits = tl.full([], _BINS - 1, tl.uint32) << shift
-                prefix = prefix | (top_key & digit_bits)
-                fixed = fixed | digit_bits
-            else:
-                match = cand & ((key & fixed) == prefix)
-                digit = (key >> shift) & (_BINS - 1)
-                hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
-                remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix,
-                                                               fixed)
-                done = exact.to(tl.int32)
+    # A loop, not unrolled rounds: one program runs this code once per call, so unrolled it
+    # would be thousands of instructions fetched once each (the instruction cache holds a
+    # loop's body after its first round).
+    d = tl.full([], 0, tl.int32)
+    while (done == 0) & (d < _ROUNDS):
+        shift = (32 - (d + 1) * _DIGIT).to(tl.uint32)
+        digit_bits = tl.full([], _BINS - 1, tl.uint32) << shift
+        if (differ >> shift) == 0:  # this digit and those above it: every key's alike
+            prefix = prefix | (top_key & digit_bits)
+            fixed = fixed | digit_bits
+        else:
+            match = cand & ((key & fixed) == prefix)
+            digit = (key >> shift) & (_BINS - 1)
+            hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
+            remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix, fixed)
+            done = exact.to(tl.int32)
+        d += 1
     total = tl.sum(cand.to(tl.int32), 0)
     # Ended early (or all in): the smallest key taken, and all the keys equal to it.
     low = total <= k

@@ -3,6 +3,7 @@ launches it (keys formed from the pass over K's scores, ``pending=``), timed alo
 graphs with one part of its work left out or changed at a time.
 
     python scripts/topk_probe.py [--out topk_probe.json] [--smoke] [--timeline]
+                                 [--shapes N] [--variants N]
 
 Llama-3-8B attention shape (32 query heads, 8 KV heads, D=128, bf16), budget 2048 (sink 4,
 local 64), PrHS's dilation (m = middle // 3, r = 1). Shapes: one retrieving slot at B=1,
@@ -43,6 +44,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--timeline", action="store_true",
                         help="per-phase times of the default variant (GPU)")
+    parser.add_argument("--shapes", type=int, default=None, help="only the first N shapes")
+    parser.add_argument("--variants", type=int, default=None, help="only the first N variants")
     args = parser.parse_args()
 
     import torch
@@ -68,6 +71,7 @@ def main() -> int:
     variants += [(f"guess+dilate, parties<={n}", True, True, {"max_parties": n})
                  for n in parties]
     variants += [(f"guess+dilate, {w} warps", True, True, {"num_warps": w}) for w in warps]
+    shapes, variants = shapes[:args.shapes], variants[:args.variants]
     rows, timelines = [], []
 
     def save():  # after every row, so that an interrupted run keeps what it measured
