@@ -2,7 +2,7 @@
 retrieval rate, net of the state restore, with its speed-up over dense SDPA of the same run,
 and optionally the figures of an earlier run beside them (before -> after).
 
-    python scripts/latency_table.py AFTER.json [AFTER2.json ...] [--before BEFORE.json] [--budget 2048 | 1/8]
+    python scripts/latency_table.py AFTER.json [AFTER2.json ...] [--before BEFORE.json ...] [--budget 2048 | 1/8]
 
 Several AFTER files are merged (a grid run in parts); a shape in none of them is left out.
 """
@@ -31,12 +31,13 @@ def net(method) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("after", nargs="+")
-    parser.add_argument("--before", default=None)
+    parser.add_argument("--before", nargs="+", default=None,
+                        help="the earlier run's JSON (several: merged, as the AFTER files)")
     parser.add_argument("--budget", default="2048",
                         help="the budget of the rows shown: a count, or 1/N of the context")
     args = parser.parse_args()
     after = shapes(args.after)
-    before = shapes([args.before]) if args.before else {}
+    before = shapes(args.before) if args.before else {}
     print("| B | context | budget | dense SDPA | attend | top-k | " + " | ".join(f"r={r[5:]}" for r in RATES) + " |")
     print("|---|---|---|---|---|---|" + "---|" * len(RATES))
     for (b, ctx, budget), m in sorted(after.items(), key=lambda kv: (kv[0][1], kv[0][0])):
