@@ -487,3 +487,12 @@ def test_latency_grid_goes_on_past_a_rate_it_cannot_set_up(tmp_path, monkeypatch
     assert methods["prhs@0"]["ms"] > 0 and methods["prhs@0.1"]["ms"] > 0  # the grid went on
     error = methods["prhs@0.5"]["error"]
     assert "state set up for" in error and "the torch reference from the same state ran" in error
+    # and which condition of a reuse failed: here the stored key differs in every row
+    import re
+
+    found = re.search(r"(\d+) of (\d+) rows do not follow the stored position, (\d+) hold "
+                      r"another key there, (\d+) slots .* (\d+) have a query below tau", error)
+    assert found, error
+    following, rows, differ, aged, dissimilar = (int(x) for x in found.groups())
+    assert (following, differ, aged) == (0, rows, 0) and rows >= 1
+    assert "mask unchanged and newest keys unchanged" in error

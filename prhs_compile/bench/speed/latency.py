@@ -444,7 +444,7 @@ def run(args) -> int:
                     try:
                         achieved = [st.set_rate(r) for st in steps][0]
                     except RuntimeError as exc:  # one rate's failure must not end the grid
-                        methods[f"{tag}@{r:g}"] = {"error": str(exc)[:500]}
+                        methods[f"{tag}@{r:g}"] = {"error": str(exc)[:1000]}
                         log.error("B=%d L=%d S=%d %s@%g: %s", B, L, S, tag, r, exc)
                         continue
                     step_ms = timer(rotating([st.call for st in steps]))
@@ -519,6 +519,9 @@ class _PrHSStep:
         if "age" in st:  # PrHS: every slot holds a set (quest keeps none)
             st["age"].fill_(0)
         self.snapshot = [t.clone() if keep else None for t, keep in zip(self.state, self.restored)]
+        # What the gate reads besides the state, as set up: a step that changed them (a
+        # kernel writing out of bounds) would show in ``_gate_diagnosis``.
+        self.inputs_at_setup = (mask.clone(), k[:, 0, L - 2:].clone())
         self.state_bytes = sum(t.numel() * t.element_size()
                                for t, keep in zip(self.state, self.restored) if keep)
 
@@ -541,7 +544,7 @@ class _PrHSStep:
         measured = int(counters[RETRIEVALS] - snapshot["counters"][RETRIEVALS])
         if measured != n:
             raise RuntimeError(f"state set up for {n} retrievals, the step ran {measured}; "
-                               f"{self._reference_retrievals()}")
+                               f"{self._reference_retrievals()}; {self._gate_diagnosis()}")
         return n / (B * Hkv)
 
     def _reference_retrievals(self) -> str:
@@ -560,6 +563,37 @@ class _PrHSStep:
         except Exception as exc:  # the mismatch is the error to report, not this one
             return f"the torch reference from the same state failed: {type(exc).__name__}: {exc}"
         return f"the torch reference from the same state ran {after - before}"
+
+    def _gate_diagnosis(self) -> str:
+        """Why the gate retrieves from the set-up state: per condition of a reuse
+        (``rule_prhs.prhs_gate``), how many rows or slots fail it, and whether the mask or
+        the newest keys differ from what the set-up saw."""
+        torch = self.torch
+        from prhs_compile.kernels.plan import decode_plan
+        from prhs_compile.kernels.select_reference import StepView
+        from prhs_compile.kernels.selection import keys_at
+
+        plan = decode_plan(self.plan_text)
+        st = dict(zip(self.names, [s if s is not None else t
+                                   for t, s in zip(self.state, self.snapshot)]))
+        B, Hq = self.q.shape[:2]
+        Hkv = self.k.shape[1]
+        view = StepView(self.q, self.k, self.mask, self.scale)
+        pos, fingerprint = st["pos"][:B], st["fingerprint"][:B]
+        not_following = int((~((pos >= 0) & (view.newest == pos + view.q_len))).sum())
+        key_differs = int((~(keys_at(self.k, pos)[:, 0] == fingerprint).all(-1)).sum())
+        age = st["age"][:B]
+        age_out = int((~((age >= 0) & (age + 1 < plan.max_reuse))).sum())
+        cosine = torch.nn.functional.cosine_similarity(self.q[:, :, -1].float(),
+                                                       st["anchor"][:B], dim=-1)
+        dissimilar = int((~(cosine >= plan.tau).reshape(B, Hkv, Hq // Hkv).all(-1)).sum())
+        mask0, keys0 = self.inputs_at_setup
+        return (f"gate from the set-up state: {not_following} of {B} rows do not follow the "
+                f"stored position, {key_differs} hold another key there, {age_out} slots are "
+                f"past max_reuse or unset, {dissimilar} have a query below tau; mask "
+                f"{'unchanged' if torch.equal(mask0, self.mask) else 'CHANGED'} and newest keys "
+                f"{'unchanged' if torch.equal(keys0, self.k[:, 0, -keys0.shape[1]:]) else 'CHANGED'} "
+                "since the set-up")
 
     def restore(self):
         for t, s in zip(self.state, self.snapshot):
