@@ -206,6 +206,21 @@ def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
 
 
 @triton.jit
+def _taken_ties(is_eq, need):
+    """Which of a block's keys equal to the threshold are picks: the first ``need`` of them
+    in column order. Ranking them takes a scan over the block, which costs far more than
+    the count that shows it is not needed: when the cut falls between distinct keys (or
+    below every tie of the block), all of them are in."""
+    n_eq = tl.sum(is_eq.to(tl.int32), 0)
+    if n_eq <= need:
+        taken = is_eq
+    else:
+        eq_rank = tl.cumsum(is_eq.to(tl.int32), 0) - 1
+        taken = is_eq & (eq_rank < need)
+    return taken
+
+
+@triton.jit
 def _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen, total, c,
                  parties, BLOCK: tl.constexpr, map_row, MAP: tl.constexpr, comp_row,
                  COMP: tl.constexpr):
@@ -222,8 +237,7 @@ def _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen,
         key = _keys_of_block(key_row, pos, end)
         cand = (pos < end) & (key != 0)
         is_eq = cand & (key == thr)
-        eq_rank = eq_seen + tl.cumsum(is_eq.to(tl.int32), 0) - 1
-        pick = cand & ((key > thr) | (is_eq & (eq_rank < need)))
+        pick = cand & ((key > thr) | _taken_ties(is_eq, need - eq_seen))
         slot = n_out + tl.cumsum(pick.to(tl.int32), 0) - 1
         if MAP:
             written = tl.load(map_row + pos, mask=pick, other=-1)
@@ -435,8 +449,7 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
     thr_m, need_m = _select_registers(ckey, m)
     _stamp(times_row, 8, TIMED)
     is_eq = in_list & (ckey == thr_m) & (ckey != 0)
-    eq_rank = tl.cumsum(is_eq.to(tl.int32), 0) - 1
-    core = in_list & (ckey != 0) & ((ckey > thr_m) | (is_eq & (eq_rank < need_m)))
+    core = in_list & (ckey != 0) & ((ckey > thr_m) | _taken_ties(is_eq, need_m))
     core_slot = tl.cumsum(core.to(tl.int32), 0) - 1
     n_core = tl.sum(core.to(tl.int32), 0)
     tl.store(core_row + core_slot, cpos, mask=core)
@@ -496,8 +509,7 @@ def _tag(col, key, thr, need):
     ok = key != 0
     is_gt = ok & (key > thr)
     is_eq = ok & (key == thr)
-    eq_rank = tl.cumsum(is_eq.to(tl.int32), 0) - 1
-    pick = is_gt | (is_eq & (eq_rank < need))
+    pick = is_gt | _taken_ties(is_eq, need)
     tagged = col * 4 + tl.where(is_gt, 1, tl.where(is_eq, 2, 0))
     return tagged, tl.sum(tl.where(pick, _mass_of(key), 0.0), 0)
 
