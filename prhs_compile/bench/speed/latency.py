@@ -509,19 +509,19 @@ class _PrHSStep:
         self.state = allocate_state(self.plan, B, Hq, k.shape[1], D, q.device, k.dtype)
         # Page summaries: the replayed step recomputes the newest key's page to what it holds.
         self.restored = [name not in (PAGE_MIN, PAGE_MAX) for name in self.names]
+        # What the gate reads besides the state, before any kernel ran: a step that changed
+        # them (a kernel writing out of bounds) shows in ``_gate_diagnosis``.
+        L = k.shape[2]
+        self.inputs_at_setup = (mask.clone(), k[:, 0, L - 2:].clone())
         # One full retrieval fills the stored sets; then the state is made to continue from
         # position L - 2, so that the step at L - 1 follows it.
         self._ops()
-        L = k.shape[2]
         st = dict(zip(self.names, self.state))
         st["pos"].fill_(L - 2)
         st["fingerprint"].copy_(k[:, 0, L - 2].float())
         if "age" in st:  # PrHS: every slot holds a set (quest keeps none)
             st["age"].fill_(0)
         self.snapshot = [t.clone() if keep else None for t, keep in zip(self.state, self.restored)]
-        # What the gate reads besides the state, as set up: a step that changed them (a
-        # kernel writing out of bounds) would show in ``_gate_diagnosis``.
-        self.inputs_at_setup = (mask.clone(), k[:, 0, L - 2:].clone())
         self.state_bytes = sum(t.numel() * t.element_size()
                                for t, keep in zip(self.state, self.restored) if keep)
 
@@ -544,7 +544,7 @@ class _PrHSStep:
         measured = int(counters[RETRIEVALS] - snapshot["counters"][RETRIEVALS])
         if measured != n:
             raise RuntimeError(f"state set up for {n} retrievals, the step ran {measured}; "
-                               f"{self._reference_retrievals()}; {self._gate_diagnosis()}")
+                               f"{self._gate_diagnosis()}; {self._reference_retrievals()}")
         return n / (B * Hkv)
 
     def _reference_retrievals(self) -> str:
@@ -568,6 +568,12 @@ class _PrHSStep:
         """Why the gate retrieves from the set-up state: per condition of a reuse
         (``rule_prhs.prhs_gate``), how many rows or slots fail it, and whether the mask or
         the newest keys differ from what the set-up saw."""
+        try:
+            return self._diagnose_gate()
+        except Exception as exc:  # the mismatch is the error to report, not this one
+            return f"the gate's diagnosis failed: {type(exc).__name__}: {exc}"[:200]
+
+    def _diagnose_gate(self) -> str:
         torch = self.torch
         from prhs_compile.kernels.plan import decode_plan
         from prhs_compile.kernels.select_reference import StepView
@@ -593,7 +599,7 @@ class _PrHSStep:
                 f"past max_reuse or unset, {dissimilar} have a query below tau; mask "
                 f"{'unchanged' if torch.equal(mask0, self.mask) else 'CHANGED'} and newest keys "
                 f"{'unchanged' if torch.equal(keys0, self.k[:, 0, -keys0.shape[1]:]) else 'CHANGED'} "
-                "since the set-up")
+                "since before the set-up's first step")
 
     def restore(self):
         for t, s in zip(self.state, self.snapshot):
