@@ -3,7 +3,7 @@ launches it (keys formed from the pass over K's scores, ``pending=``), timed alo
 graphs with one part of its work left out or changed at a time.
 
     python scripts/topk_probe.py [--out topk_probe.json] [--smoke] [--timeline]
-                                 [--shapes N] [--variants N]
+                                 [--shapes N] [--variants N] [--only NAME ...]
 
 Llama-3-8B attention shape (32 query heads, 8 KV heads, D=128, bf16), budget 2048 (sink 4,
 local 64), PrHS's dilation (m = middle // 3, r = 1). Shapes: one retrieving slot at B=1,
@@ -46,6 +46,10 @@ def main() -> int:
                         help="per-phase times of the default variant (GPU)")
     parser.add_argument("--shapes", type=int, default=None, help="only the first N shapes")
     parser.add_argument("--variants", type=int, default=None, help="only the first N variants")
+    parser.add_argument("--only", action="append", default=None, metavar="NAME",
+                        help="only the variant of this name (repeatable; the first given is "
+                             "the one the others' picks are checked against, and the one "
+                             "whose timeline --timeline takes)")
     args = parser.parse_args()
 
     import torch
@@ -72,6 +76,13 @@ def main() -> int:
                  for n in parties]
     variants += [(f"guess+dilate, {w} warps", True, True, {"num_warps": w}) for w in warps]
     shapes, variants = shapes[:args.shapes], variants[:args.variants]
+    if args.only:
+        known = {v[0]: v for v in variants}
+        unknown = [name for name in args.only if name not in known]
+        if unknown:
+            parser.error(f"--only {unknown[0]!r}: no such variant; the variants are "
+                         + ", ".join(repr(n) for n in known))
+        variants = [known[name] for name in args.only]
     rows, timelines = [], []
 
     def save():  # after every row, so that an interrupted run keeps what it measured
