@@ -11,7 +11,8 @@
 #   scripts/gpu_bench.sh profile_grid  # the step's kernels at each of PROFILE_CONFIGS
 #                                    # -> $OUT/profile_step.{json,txt}
 #   scripts/gpu_bench.sh topk_probe  # the top-k at low retrieval rates, parts left out -> $OUT/topk_probe.json
-#                                    # (TOPK_PROBE_ARGS="--shapes 1 --variants 3": fewer)
+#                                    # (TOPK_PROBE_ARGS="--shapes 1 --variants 3" or
+#                                    # '--only "guess+dilate, 16 warps"': fewer)
 #   scripts/gpu_bench.sh sweep       # the select engine's K pass and top-k configurations -> $OUT/engine_sweep.json
 #   scripts/gpu_bench.sh compare     # prhs-bench compare: every policy on the evaluation model
 #   scripts/gpu_bench.sh probe       # the CUDA-graphs probe alone
@@ -75,7 +76,8 @@ for stage in "$@"; do
       grep "step in" "$OUT/profile_step.txt"
       ;;
     topk_probe)
-      python "$ROOT/scripts/topk_probe.py" --timeline ${TOPK_PROBE_ARGS:-} --out "$OUT/topk_probe.json" 2>&1 | grep -v "top-k probe:"
+      # eval: TOPK_PROBE_ARGS may quote variant names (--only "guess+dilate, 16 warps")
+      eval "python \"\$ROOT/scripts/topk_probe.py\" --timeline ${TOPK_PROBE_ARGS:-} --out \"\$OUT/topk_probe.json\"" 2>&1 | grep -v "top-k probe:"
       ;;
     sweep)
       python "$ROOT/scripts/engine_sweep.py" --out "$OUT/engine_sweep.json" 2>&1 | grep -v "engine sweep:"
