@@ -485,6 +485,9 @@ def test_latency_grid_goes_on_past_a_rate_it_cannot_set_up(tmp_path, monkeypatch
     assert latency.run(args) == 0
     methods = json.loads(out.read_text())["results"][0]["methods"]
     assert methods["prhs@0"]["ms"] > 0 and methods["prhs@0.1"]["ms"] > 0  # the grid went on
+    # the retrieving slots whose top-k guess was rewritten (none here: the CPU step is the
+    # torch reference, which keeps no guess)
+    assert methods["prhs@0.1"]["guess_misses"] == 0
     error = methods["prhs@0.5"]["error"]
     assert "state set up for" in error and "the torch reference from the same state ran" in error
     # and which condition of a reuse failed: here the stored key differs in every row

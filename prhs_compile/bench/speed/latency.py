@@ -452,6 +452,8 @@ def run(args) -> int:
                         "ms": step_ms, "retrieval_rate": achieved, "restore_ms": restore_ms,
                         "bytes": achieved * retrieval_bytes_now + attend_bytes + 2 * steps[0].state_bytes,
                     }
+                    if steps[0].guess_misses is not None:
+                        methods[f"{tag}@{r:g}"]["guess_misses"] = steps[0].guess_misses
                     if retrieval == "pages":
                         methods[f"{tag}@{r:g}"]["retrieval_bytes_vs_k"] = retrieval_bytes_now / (B * Hkv * L * D * itemsize)
                     tick(f"B={B} L={L} S={S} {tag}@{r:g}")
@@ -522,6 +524,7 @@ class _PrHSStep:
         if "age" in st:  # PrHS: every slot holds a set (quest keeps none)
             st["age"].fill_(0)
         self.snapshot = [t.clone() if keep else None for t, keep in zip(self.state, self.restored)]
+        self.guess_misses = None  # set by set_rate: retrieving slots whose top-k guess failed
         self.state_bytes = sum(t.numel() * t.element_size()
                                for t, keep in zip(self.state, self.restored) if keep)
 
@@ -535,13 +538,20 @@ class _PrHSStep:
         retrieve = torch.zeros(B * Hkv, dtype=torch.bool, device=self.q.device)
         retrieve[torch.randperm(B * Hkv, device=self.q.device)[:n]] = True
         sign = torch.where(retrieve.view(B, Hkv).repeat_interleave(Hq // Hkv, 1), -1.0, 1.0)
-        from prhs_compile.kernels.select_reference import RETRIEVALS
+        from prhs_compile.kernels.select_reference import RETRIEVALS, TOPK_GUESS
 
         snapshot = dict(zip(self.names, self.snapshot))
         snapshot["anchor"].copy_(self.q[:, :, -1].float() * sign[..., None])
         self.call()  # restores the snapshot first
-        counters = dict(zip(self.names, self.state))["counters"]
+        state = dict(zip(self.names, self.state))
+        counters = state["counters"]
         measured = int(counters[RETRIEVALS] - snapshot["counters"][RETRIEVALS])
+        # The top-k keeps its guess where it held and writes a new one where it did not:
+        # the retrieving slots whose guess changed are the misses (the slow path).
+        self.guess_misses = None
+        if TOPK_GUESS in state:
+            changed = state[TOPK_GUESS].view(-1) != snapshot[TOPK_GUESS].view(-1)
+            self.guess_misses = int((changed & retrieve).sum())
         if measured != n:
             raise RuntimeError(f"state set up for {n} retrievals, the step ran {measured}; "
                                f"{self._gate_diagnosis()}; {self._reference_retrievals()}")
