@@ -103,22 +103,40 @@ def prhs_gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped, key_n
     which retrieve. Keeps the largest key norm up to date with the newest key (for the reuse
     bound). Returns ``(retrieve, reuse, bound)``, each ``[B, Hkv]``: ``bound`` is the reuse
     bound on the dropped mass of a reused set."""
-    batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
-    group = q_heads // kv_heads
     query = q[:, :, -1].float()  # [B, Hq, D] newest query row
     newest_norm = keys_at(k, newest, kv_heads).norm(dim=-1)  # [B, Hkv]
     key_norm.copy_(torch.where(continuing[:, None], torch.maximum(key_norm, newest_norm), key_norm))
-    shift = (query - anchor).norm(dim=-1).reshape(batch, kv_heads, group).amax(-1)  # [B, Hkv]
-    bound = reuse_bound(anchor_dropped, scale, key_norm, shift)
-    if delta_target > 0:
-        similar = bound <= delta_target
-    else:
-        cosine = torch.nn.functional.cosine_similarity(query, anchor, dim=-1)  # [B, Hq]
-        similar = (cosine >= tau).reshape(batch, kv_heads, group).all(-1)
-    reuse = continuing[:, None] & (age >= 0) & (age + 1 < max_reuse) & similar
+    bound = anchor_reuse_bound(query, anchor, anchor_dropped, key_norm, scale, kv_heads)
+    similar = near_anchor(query, anchor, bound, tau, delta_target, kv_heads)
+    reuse = continuing[:, None] & age_allows_reuse(age, max_reuse) & similar
     retrieve = ~reuse & ~fits[:, None]
     return retrieve, reuse, bound
+
+
+def anchor_reuse_bound(query, anchor, anchor_dropped, key_norm, scale: float, kv_heads: int):
+    """``[B, Hkv]``: the reuse bound on the dropped mass of each slot's stored set for the
+    query rows ``query`` (``[B, Hq, D]``), whose group moved by at most its largest shift
+    from the anchor (``bounds.reuse_bound``)."""
+    batch, q_heads = query.shape[:2]
+    shift = (query - anchor).norm(dim=-1).reshape(batch, kv_heads, q_heads // kv_heads).amax(-1)
+    return reuse_bound(anchor_dropped, scale, key_norm, shift)
+
+
+def near_anchor(query, anchor, bound, tau: float, delta_target: float, kv_heads: int):
+    """``[B, Hkv]``: whether the slot's query rows are close enough to its anchor to reuse
+    its set: the reuse bound within ``delta_target`` when that is set, else a cosine of at
+    least ``tau`` for every query row of the group."""
+    if delta_target > 0:
+        return bound <= delta_target
+    batch, q_heads = query.shape[:2]
+    cosine = torch.nn.functional.cosine_similarity(query, anchor, dim=-1)  # [B, Hq]
+    return (cosine >= tau).reshape(batch, kv_heads, q_heads // kv_heads).all(-1)
+
+
+def age_allows_reuse(age, max_reuse: int):
+    """``[B, Hkv]``: slots holding a set (age >= 0) that may serve one more step."""
+    return (age >= 0) & (age + 1 < max_reuse)
 
 
 def prhs_store(q, picks, retained, fresh_key_norm, retrieve, reuse, age, kept, anchor,

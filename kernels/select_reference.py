@@ -177,8 +177,17 @@ def continuing_rows(pos, fingerprint, k, newest, q_len: int) -> torch.Tensor:
     """``[B]``: whether each row continues the sequence the state was built on (its newest
     valid position follows the one stored, and the cache still holds the key it ended with).
     Rules that reuse a selection must not reuse it otherwise."""
-    follows = (pos >= 0) & (newest == pos + q_len) & (pos < k.shape[2])
-    return follows & (_key_at(k, pos) == fingerprint).all(-1)
+    return follows_stored(pos, newest, q_len, k.shape[2]) & holds_stored_key(pos, fingerprint, k)
+
+
+def follows_stored(pos, newest, q_len: int, kv_len: int) -> torch.Tensor:
+    """``[B]``: the row's newest valid position follows the stored one."""
+    return (pos >= 0) & (newest == pos + q_len) & (pos < kv_len)
+
+
+def holds_stored_key(pos, fingerprint, k) -> torch.Tensor:
+    """``[B]``: the cache still holds, at the stored position, the key the row ended with."""
+    return (_key_at(k, pos) == fingerprint).all(-1)
 
 
 def step_bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieved) -> None:

@@ -63,7 +63,7 @@ from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse, splits_per_active
 
 _SPLIT_CHUNK = tl.constexpr(SPLIT_CHUNK)  # a jit function reads module globals only as constexprs
 
-__all__ = ["SCRATCH_WIDTH", "TIMELINE_STAMPS", "timeline_buffer", "topk_picks"]
+__all__ = ["SCRATCH_WIDTH", "TIMELINE_PHASES", "TIMELINE_STAMPS", "timeline_buffer", "topk_picks"]
 
 # block: keys per iteration of a pass. programs_per_sm: programs per SM of the grid; every
 # party of a slot must be resident while the others wait at its barrier, which holds for one
@@ -102,13 +102,23 @@ _CNT1 = tl.constexpr(_HIST_WIDTH + 4)
 _CNT2 = tl.constexpr(_HIST_WIDTH + 4 + 2 * _C_MAX)
 _MASSP = tl.constexpr(_HIST_WIDTH + 4 + 4 * _C_MAX)
 _SCRATCH = tl.constexpr(SCRATCH_WIDTH)
-# Checkpoints of ``topk_picks(timeline=...)``, per program: 0 start, 1 the reusing slots
-# composed, 2 the first pass over its share (keys formed, the guess's list), 3 candidates
-# found (radix rounds or guess; without candidates, the threshold), 4 party 0's threshold
-# over the candidates found and the candidates tagged, 5 threshold received and the picks
-# before its share counted, 6 picks written, 7 end. Party 0 within 3 -> 4: 8 the dilation's
-# cores selected, 9 their list written, 10 their neighbours flagged, 11 the threshold of
-# the picks found (without dilation, 11 alone). 2-11 are those of the last slot it worked on.
+# Checkpoints of ``topk_picks(timeline=...)``, per program: 0 is its start; then, in the
+# order a program passes them, each with the phase that ends there. Party 0 alone stamps
+# 8-11, within 3 -> 4 (without dilation, 11 alone). 2-11 are those of the last slot a
+# program worked on.
+TIMELINE_PHASES = (
+    (1, "compose reusing"),  # the slots that keep their picks composed
+    (2, "first pass"),  # over its share of the row: keys formed, the guess's list
+    (3, "candidates"),  # radix rounds or guess (without candidates: the threshold)
+    (8, "cores selected"),  # the dilation's cores
+    (9, "cores listed"),
+    (10, "neighbours flagged"),
+    (11, "threshold of the picks"),
+    (4, "tags and counts"),  # party 0: the candidates tagged
+    (5, "broadcast + counts"),  # threshold received, the picks before its share counted
+    (6, "write picks"),
+    (7, "windows + dropped"),  # the end
+)
 TIMELINE_STAMPS = tl.constexpr(12)
 
 
@@ -146,18 +156,18 @@ def _barrier(BAR, parties, phase):
 
 
 @triton.jit
-def _digit_round(hist, d, remaining, prefix, fixed):
-    """Fix digit ``d`` (``_DIGIT`` bits, most significant first) from its histogram among
-    the keys matching the digits fixed so far: returns (remaining, prefix, fixed, the bin
-    held exactly the keys still needed)."""
+def _digit_round(hist, shift, remaining, prefix, fixed):
+    """Fix the digit at bit ``shift`` (``_DIGIT`` bits; most significant first) from its
+    histogram among the keys matching the digits fixed so far: returns (remaining, prefix,
+    fixed, the bin held exactly the keys still needed)."""
     bins = tl.arange(0, _BINS)
     n = tl.sum(hist, 0)
     at_least = n - tl.cumsum(hist, 0) + hist  # matching keys whose digit is >= each bin
     best = tl.maximum(tl.max(tl.where(at_least >= remaining, bins, -1), 0), 0)
     in_best = tl.sum(tl.where(bins == best, hist, 0), 0)
     remaining = remaining - tl.sum(tl.where(bins > best, hist, 0), 0)
-    prefix = prefix | (best.to(tl.uint32) << (32 - (d + 1) * _DIGIT))
-    fixed = fixed | (tl.full([], _BINS - 1, tl.uint32) << (32 - (d + 1) * _DIGIT))
+    prefix = prefix | (best.to(tl.uint32) << shift)
+    fixed = fixed | (tl.full([], _BINS - 1, tl.uint32) << shift)
     return remaining, prefix, fixed, remaining == in_best
 
 
@@ -189,7 +199,7 @@ def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
             hist = tl.load(SCR + _HIST + d * _BINS + bins, volatile=True)
         if d == 0:
             total = tl.sum(hist, 0)
-        remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix, fixed)
+        remaining, prefix, fixed, exact = _digit_round(hist, shift, remaining, prefix, fixed)
         done = (exact | (total <= k) | (k <= 0)).to(tl.int32)
         d += 1
     # Ended early: every key from the bin's lower bound up is in.
@@ -416,7 +426,7 @@ def _select_registers(key, k):
             match = cand & ((key & fixed) == prefix)
             digit = (key >> shift) & (_BINS - 1)
             hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
-            remaining, prefix, fixed, exact = _digit_round(hist, d, remaining, prefix, fixed)
+            remaining, prefix, fixed, exact = _digit_round(hist, shift, remaining, prefix, fixed)
             done = exact.to(tl.int32)
         d += 1
     total = tl.sum(cand.to(tl.int32), 0)

@@ -18,7 +18,7 @@ set as the first variant with its dilation on or off):
 * ``guess+dilate, N warps``: programs of N warps (the one program that thresholds the
   candidates holds fewer of them per thread with more warps).
 
-``--timeline`` (GPU only) also runs the default variant once per shape with each program
+``--timeline`` (GPU only) also runs the first variant once per shape with each program
 stamping the GPU's global timer at the top-k's checkpoints (``topk_triton.TIMELINE_STAMPS``)
 and reports, per phase, party 0's time and the slowest other party's: which link of the
 slot's chain the others wait for at its barriers.
@@ -108,11 +108,11 @@ def main() -> int:
             guess = torch.zeros(B, Hkv, dtype=torch.int32, device=device) if guessed else None
             out = torch.full((B, Hkv, middle), -1, dtype=torch.int32, device=device)
 
-            def run():
+            def run(timeline=None):
                 return tk.topk_picks(found.keys, bounds, middle, out=out, active=flags,
                                      dilation_m=cores if dilate else 0,
                                      dilation_r=radius if dilate else 0, width=middle,
-                                     guess=guess, pending=found.pending)
+                                     guess=guess, pending=found.pending, timeline=timeline)
 
             try:
                 run()  # a guess comes from the call before
@@ -131,8 +131,7 @@ def main() -> int:
                 # right after the step's variant, compiled already: a run that stops at its
                 # time limit keeps the timeline of every shape it reached
                 try:
-                    timeline = _timeline(torch, tk, found, bounds, flags, middle, cores,
-                                         radius, B, Hkv)
+                    timeline = _timeline(torch, tk, run, flags)
                 except Exception as exc:  # the variants still to come are worth having
                     timeline = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 timelines.append(dict(batch=B, context=L, active=n_active, **timeline))
@@ -159,35 +158,23 @@ def main() -> int:
     return 0
 
 
-# (checkpoint, the phase that ends there) in order (topk_triton.TIMELINE_STAMPS); party 0
-# alone stamps 8-11, within its threshold.
-PHASES = ((1, "compose reusing"), (2, "first pass"), (3, "candidates"),
-          (8, "cores selected"), (9, "cores listed"), (10, "neighbours flagged"),
-          (11, "threshold of the picks"), (4, "tags and counts"), (5, "broadcast + counts"),
-          (6, "write picks"), (7, "windows + dropped"))
-
-
-def _phase_times(stamps):
+def _phase_times(stamps, phases):
     """us of each phase of one program's checkpoints; 0 for a phase it did not stamp (the
     next one then counts from the last checkpoint it did stamp)."""
     last, out = stamps[0], []
-    for point, _ in PHASES:
+    for point, _ in phases:
         now = stamps[point]
         out.append(float(now - last) / 1e3 if now > 0 else 0.0)
         last = now if now > 0 else last
     return out
 
 
-def _timeline(torch, tk, found, bounds, flags, middle, cores, radius, B, Hkv):
-    """The default variant's checkpoints (after a call that sets the guess): per phase, the
-    time of party 0 of the first retrieving slot and the longest of its other parties."""
-    guess = torch.zeros(B, Hkv, dtype=torch.int32, device=bounds.device)
-    out = torch.full((B, Hkv, middle), -1, dtype=torch.int32, device=bounds.device)
-    stamps = tk.timeline_buffer(bounds.device)
-    for times in (None, None, stamps):  # the guess of the first call holds in the later ones
-        tk.topk_picks(found.keys, bounds, middle, out=out, active=flags, dilation_m=cores,
-                      dilation_r=radius, width=middle, guess=guess, pending=found.pending,
-                      timeline=times)
+def _timeline(torch, tk, run, flags):
+    """The checkpoints of a call of ``run`` (the first variant's launch, whose guess, if it
+    has one, the calls before set): per phase, the time of party 0 of the first retrieving
+    slot and the longest of its other parties."""
+    stamps = tk.timeline_buffer(flags.device)
+    run(stamps)
     torch.cuda.synchronize()
     # The timer counts ns since an epoch (about 1.8e18): relative to the first stamp in
     # int64 first, since a double holds such counts only to 256 ns.
@@ -200,11 +187,11 @@ def _timeline(torch, tk, found, bounds, flags, middle, cores, radius, B, Hkv):
     # programs 0 .. parties - 1.
     n = int(worked.sum())
     parties = n // max(int(flags.sum()), 1)
-    phases = [_phase_times(row) for row in t[:max(parties, 1)].tolist()]
+    phases = [_phase_times(row, tk.TIMELINE_PHASES) for row in t[:max(parties, 1)].tolist()]
     start = t[:, 0][t[:, 0] > 0].min()
-    others = [max(p[i] for p in phases[1:]) if parties > 1 else 0.0 for i in range(len(PHASES))]
+    others = [max(p[i] for p in phases[1:]) if parties > 1 else 0.0 for i in range(len(tk.TIMELINE_PHASES))]
     return {"parties": parties, "span_us": float((t[:, 7].max() - start) / 1e3),
-            "phases": [name for _, name in PHASES], "party0_us": phases[0],
+            "phases": [name for _, name in tk.TIMELINE_PHASES], "party0_us": phases[0],
             "others_max_us": others}
 
 

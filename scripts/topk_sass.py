@@ -27,12 +27,6 @@ import re
 import subprocess
 import tempfile
 
-# (checkpoint, the phase that ends there), in the order the code stamps them (as in
-# scripts/topk_probe.py; with the dilation, party 0 stamps 8-11 within 3 -> 4).
-PHASES = ((0, "launch"), (1, "compose reusing"), (2, "first pass"), (3, "candidates"),
-          (8, "cores selected"), (9, "cores listed"), (10, "neighbours flagged"),
-          (11, "threshold of the picks"), (4, "tags and counts"), (5, "broadcast + counts"),
-          (6, "write picks"), (7, "windows + dropped"))
 VARIANTS = {  # constexprs that differ from the step's launch
     "guess+dilate": {},
     "guess": {"DILATE": False, "M_P2": 1, "R_P2": 1},
@@ -114,7 +108,10 @@ def analyse(variant: str, warps: int, sass_path: str | None = None) -> dict:
         with open(sass_path, "w") as f:
             f.write("\n".join(code) + "\n")
     marks = [i for i, line in enumerate(code) if "GLOBALTIMER" in line]
-    stamped = [(p, n) for p, n in PHASES if variant != "guess" or p not in (8, 9, 10)]
+    # the timer reads in the order the code stamps them, launch first (the dilation's
+    # checkpoints 8-10 are not in a launch without it)
+    phases = ((0, "launch"),) + tk.TIMELINE_PHASES
+    stamped = [(p, n) for p, n in phases if variant != "guess" or p not in (8, 9, 10)]
     if len(marks) != len(stamped):
         raise SystemExit(f"{len(marks)} timer reads in the code, {len(stamped)} checkpoints "
                          "expected: the kernel's checkpoints changed")

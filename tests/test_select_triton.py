@@ -494,7 +494,8 @@ def test_latency_grid_goes_on_past_a_rate_it_cannot_set_up(tmp_path, monkeypatch
     import re
 
     found = re.search(r"(\d+) of (\d+) rows do not follow the stored position, (\d+) hold "
-                      r"another key there, (\d+) slots .* (\d+) have a query below tau", error)
+                      r"another key there, (\d+) slots .* (\d+) have queries too far from their anchor",
+                      error)
     assert found, error
     following, rows, differ, aged, dissimilar = (int(x) for x in found.groups())
     assert (following, differ, aged) == (0, rows, 0) and rows >= 1

@@ -548,7 +548,6 @@ class _PrHSStep:
         measured = int(counters[RETRIEVALS] - snapshot["counters"][RETRIEVALS])
         # The top-k keeps its guess where it held and writes a new one where it did not:
         # the retrieving slots whose guess changed are the misses (the slow path).
-        self.guess_misses = None
         if TOPK_GUESS in state:
             changed = state[TOPK_GUESS].view(-1) != snapshot[TOPK_GUESS].view(-1)
             self.guess_misses = int((changed & retrieve).sum())
@@ -564,8 +563,7 @@ class _PrHSStep:
         from prhs_compile.kernels.select_reference import RETRIEVALS, select_reference
 
         try:  # it scores the whole cache: at long contexts it may itself run out of memory
-            state = [s.clone() if s is not None else t.clone()
-                     for t, s in zip(self.state, self.snapshot)]
+            state = [t.clone() for t in self._set_up_state()]
             before = int(dict(zip(self.names, state))["counters"][RETRIEVALS])
             select_reference(self.q, self.k, self.v, self.mask, self.scale,
                              decode_plan(self.plan_text), state)
@@ -586,30 +584,34 @@ class _PrHSStep:
     def _diagnose_gate(self) -> str:
         torch = self.torch
         from prhs_compile.kernels.plan import decode_plan
-        from prhs_compile.kernels.select_reference import StepView
-        from prhs_compile.kernels.selection import keys_at
+        from prhs_compile.kernels.rule_prhs import age_allows_reuse, anchor_reuse_bound, near_anchor
+        from prhs_compile.kernels.select_reference import StepView, follows_stored, holds_stored_key
 
         plan = decode_plan(self.plan_text)
-        st = dict(zip(self.names, [s if s is not None else t
-                                   for t, s in zip(self.state, self.snapshot)]))
-        B, Hq = self.q.shape[:2]
+        st = dict(zip(self.names, self._set_up_state()))
+        B = self.q.shape[0]
         Hkv = self.k.shape[1]
         view = StepView(self.q, self.k, self.mask, self.scale)
-        pos, fingerprint = st["pos"][:B], st["fingerprint"][:B]
-        not_following = int((~((pos >= 0) & (view.newest == pos + view.q_len))).sum())
-        key_differs = int((~(keys_at(self.k, pos)[:, 0] == fingerprint).all(-1)).sum())
-        age = st["age"][:B]
-        age_out = int((~((age >= 0) & (age + 1 < plan.max_reuse))).sum())
-        cosine = torch.nn.functional.cosine_similarity(self.q[:, :, -1].float(),
-                                                       st["anchor"][:B], dim=-1)
-        dissimilar = int((~(cosine >= plan.tau).reshape(B, Hkv, Hq // Hkv).all(-1)).sum())
+        pos = st["pos"][:B]
+        not_following = int((~follows_stored(pos, view.newest, view.q_len, view.kv_len)).sum())
+        key_differs = int((~holds_stored_key(pos, st["fingerprint"][:B], self.k)).sum())
+        age_out = int((~age_allows_reuse(st["age"][:B], plan.max_reuse)).sum())
+        query, anchor = self.q[:, :, -1].float(), st["anchor"][:B]
+        bound = anchor_reuse_bound(query, anchor, st["anchor_dropped"][:B], st["key_norm"][:B],
+                                   self.scale, Hkv)
+        far = int((~near_anchor(query, anchor, bound, plan.tau, plan.delta_target, Hkv)).sum())
         mask0, keys0 = self.inputs_at_setup
         return (f"gate from the set-up state: {not_following} of {B} rows do not follow the "
                 f"stored position, {key_differs} hold another key there, {age_out} slots are "
-                f"past max_reuse or unset, {dissimilar} have a query below tau; mask "
+                f"past max_reuse or unset, {far} have queries too far from their anchor; mask "
                 f"{'unchanged' if torch.equal(mask0, self.mask) else 'CHANGED'} and newest keys "
                 f"{'unchanged' if torch.equal(keys0, self.k[:, 0, -keys0.shape[1]:]) else 'CHANGED'} "
                 "since before the set-up's first step")
+
+    def _set_up_state(self) -> list:
+        """The state as the set-up left it: the snapshot, and the entries it does not keep
+        (page summaries) as they are now."""
+        return [t if s is None else s for t, s in zip(self.state, self.snapshot)]
 
     def restore(self):
         for t, s in zip(self.state, self.snapshot):
