@@ -72,7 +72,14 @@ __all__ = ["SCRATCH_WIDTH", "TIMELINE_PHASES", "TIMELINE_STAMPS", "timeline_buff
 # ``scripts/topk_probe.py`` time the choices.
 # max_parties: most programs one slot's row is split among (fewer: cheaper barriers, longer
 # passes; ``scripts/topk_probe.py`` times the choices).
-CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1, "max_parties": 256}
+# register_digit_bits: digit width of the selects that one program runs over the candidates
+# in its registers (``_select_registers``; 2, 4 or 8).
+# tags: the program that thresholds the candidates also tags them with their class, so that
+# the final compaction is one writing pass; False: it passes the threshold on at once and
+# every party counts its share's picks before writing them (a pass and a barrier more,
+# less work in the chain the others wait for).
+CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1, "max_parties": 256,
+          "register_digit_bits": 4, "tags": True}
 _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated neighbour
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # A guess is taken while the keys at or above it are between the needed count and
@@ -156,18 +163,18 @@ def _barrier(BAR, parties, phase):
 
 
 @triton.jit
-def _digit_round(hist, shift, remaining, prefix, fixed):
-    """Fix the digit at bit ``shift`` (``_DIGIT`` bits; most significant first) from its
+def _digit_round(hist, shift, remaining, prefix, fixed, BINS: tl.constexpr):
+    """Fix the digit at bit ``shift`` (log2 ``BINS`` bits; most significant first) from its
     histogram among the keys matching the digits fixed so far: returns (remaining, prefix,
     fixed, the bin held exactly the keys still needed)."""
-    bins = tl.arange(0, _BINS)
+    bins = tl.arange(0, BINS)
     n = tl.sum(hist, 0)
     at_least = n - tl.cumsum(hist, 0) + hist  # matching keys whose digit is >= each bin
     best = tl.maximum(tl.max(tl.where(at_least >= remaining, bins, -1), 0), 0)
     in_best = tl.sum(tl.where(bins == best, hist, 0), 0)
     remaining = remaining - tl.sum(tl.where(bins > best, hist, 0), 0)
     prefix = prefix | (best.to(tl.uint32) << shift)
-    fixed = fixed | (tl.full([], _BINS - 1, tl.uint32) << shift)
+    fixed = fixed | (tl.full([], BINS - 1, tl.uint32) << shift)
     return remaining, prefix, fixed, remaining == in_best
 
 
@@ -199,7 +206,8 @@ def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
             hist = tl.load(SCR + _HIST + d * _BINS + bins, volatile=True)
         if d == 0:
             total = tl.sum(hist, 0)
-        remaining, prefix, fixed, exact = _digit_round(hist, shift, remaining, prefix, fixed)
+        remaining, prefix, fixed, exact = _digit_round(hist, shift, remaining, prefix, fixed,
+                                                       _BINS)
         done = (exact | (total <= k) | (k <= 0)).to(tl.int32)
         d += 1
     # Ended early: every key from the bin's lower bound up is in.
@@ -395,15 +403,19 @@ def _candidate_keys(key_row, cand_row, n_cand, CAND_P2: tl.constexpr):
 
 
 @triton.jit
-def _select_registers(key, k):
+def _select_registers(key, k, RBITS: tl.constexpr):
     """(thr, need) of the top ``k`` of a block of keys held in registers (0: no candidate),
     exact even when all of them are in (thr = the smallest, need = how many equal it), so
-    that a compaction over the whole row takes no key outside the block. The digit rounds
-    stop once a bin holds exactly the keys still needed (about five of the eight on a few
-    thousand distinct masses); that bin's smallest key is then the threshold. The leading
-    digits that every key shares (those of the largest key and the smallest agree: masses
-    of one row's top keys span few binades) are taken from the largest key without a
-    round: their histogram would hold every key in that one bin."""
+    that a compaction over the whole row takes no key outside the block. Digits of
+    ``RBITS`` bits (``CONFIG["register_digit_bits"]``): one program runs these rounds while
+    the slot's other programs wait, so its time is latency, and wider digits take fewer
+    rounds with more work each. The rounds stop once a bin holds exactly the keys still
+    needed; that bin's smallest key is then the threshold. The leading digits that every
+    key shares (those of the largest key and the smallest agree: masses of one row's top
+    keys span few binades) are taken from the largest key without a round: their histogram
+    would hold every key in that one bin."""
+    BINS: tl.constexpr = 2 ** RBITS
+    ROUNDS: tl.constexpr = 32 // RBITS
     prefix = tl.full([], 0, tl.uint32)
     fixed = tl.full([], 0, tl.uint32)
     remaining = tl.full([], 0, tl.int32) + k
@@ -416,17 +428,18 @@ def _select_registers(key, k):
     # would be thousands of instructions fetched once each (the instruction cache holds a
     # loop's body after its first round).
     d = tl.full([], 0, tl.int32)
-    while (done == 0) & (d < _ROUNDS):
-        shift = (32 - (d + 1) * _DIGIT).to(tl.uint32)
-        digit_bits = tl.full([], _BINS - 1, tl.uint32) << shift
+    while (done == 0) & (d < ROUNDS):
+        shift = (32 - (d + 1) * RBITS).to(tl.uint32)
+        digit_bits = tl.full([], BINS - 1, tl.uint32) << shift
         if (differ >> shift) == 0:  # this digit and those above it: every key's alike
             prefix = prefix | (top_key & digit_bits)
             fixed = fixed | digit_bits
         else:
             match = cand & ((key & fixed) == prefix)
-            digit = (key >> shift) & (_BINS - 1)
-            hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
-            remaining, prefix, fixed, exact = _digit_round(hist, shift, remaining, prefix, fixed)
+            digit = (key >> shift) & (BINS - 1)
+            hist = tl.histogram(digit.to(tl.int32), BINS, mask=match)
+            remaining, prefix, fixed, exact = _digit_round(hist, shift, remaining, prefix, fixed,
+                                                           BINS)
             done = exact.to(tl.int32)
         d += 1
     total = tl.sum(cand.to(tl.int32), 0)
@@ -444,7 +457,7 @@ def _select_registers(key, k):
 @triton.jit
 def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
             CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, map_row, n_cols,
-            MAP: tl.constexpr, times_row, TIMED: tl.constexpr):
+            MAP: tl.constexpr, RBITS: tl.constexpr, times_row, TIMED: tl.constexpr):
     """One program, over the candidates (the top max(k, m) keys, in column order): flag
     the +-radius neighbours of the top ``m``; returns (thr, need) of the final top ``k``
     over the flagged keys, the candidates' columns and their unflagged keys (0 for a
@@ -456,7 +469,7 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
     in_list = offs < n_cand
     cpos = tl.load(cand_row + offs, mask=in_list, other=0, volatile=True)
     ckey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
-    thr_m, need_m = _select_registers(ckey, m)
+    thr_m, need_m = _select_registers(ckey, m, RBITS)
     _stamp(times_row, 8, TIMED)
     is_eq = in_list & (ckey == thr_m) & (ckey != 0)
     core = in_list & (ckey != 0) & ((ckey > thr_m) | _taken_ties(is_eq, need_m))
@@ -500,9 +513,9 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
                          [M_P2 * R_P2])
     near_col = tl.reshape(tl.where(near, col, 0), [M_P2 * R_P2])
     if n_near >= k:  # the neighbours alone fill the budget: their best k
-        thr, need = _select_registers(flagged, k)
+        thr, need = _select_registers(flagged, k, RBITS)
     else:  # every neighbour, then the best of the other candidates
-        thr, need = _select_registers(rest, k - n_near)
+        thr, need = _select_registers(rest, k - n_near, RBITS)
         none_left = tl.sum((rest != 0).to(tl.int32), 0) == 0
         # No other key to take: a threshold above every unflagged key, below every flagged.
         thr = tl.where(none_left | (k - n_near <= 0), tl.full([], 0x7FFFFFFF, tl.uint32), thr)
@@ -539,52 +552,59 @@ def _counts_before(tag_row, n, start, N_P2: tl.constexpr):
 def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo, mid_hi,
                      core_row, scr, mass_ptr, start, c, parties, phase, DILATE: tl.constexpr,
                      MULTI: tl.constexpr, CAND_P2: tl.constexpr, M_P2: tl.constexpr,
-                     R_P2: tl.constexpr, map_row, n_cols, MAP: tl.constexpr, times_row,
-                     TIMED: tl.constexpr):
+                     R_P2: tl.constexpr, map_row, n_cols, MAP: tl.constexpr,
+                     RBITS: tl.constexpr, TAGS: tl.constexpr, times_row, TIMED: tl.constexpr):
     """Party 0 finds the threshold of the slot's picks among the candidates (the top keys
-    of the row, in column order; flagging their dilation neighbours first with ``DILATE``),
-    sums the picks' mass (stored at ``mass_ptr``) and tags the candidates (and neighbours,
-    in ``near_row``) with their class, so that every party counts the picks before its
-    share from those few thousand entries: the final compaction needs no counting pass.
-    Every party gets (thr, need, its first output slot, the equal keys before its share,
-    the slot's pick count, phase)."""
+    of the row, in column order; flagging their dilation neighbours first with ``DILATE``).
+    With ``TAGS`` it also sums the picks' mass (stored at ``mass_ptr``) and tags the
+    candidates (and neighbours, in ``near_row``) with their class, so that every party
+    counts the picks before its share from those few thousand entries: the final
+    compaction needs no counting pass. Every party gets (thr, need, its first output slot,
+    the equal keys before its share, the slot's pick count, phase); without ``TAGS`` only
+    (thr, need) and phase hold (the caller's ``_compact`` counts)."""
     thr = tl.full([], 0, tl.uint32)
     need = tl.full([], 0, tl.int32)
     if c == 0:
         if DILATE:
             thr, need, cpos, rkey, near_col, near_key = _dilate(
                 key_row, cand_row, n_cand, core_row, m, radius, cap, mid_lo, mid_hi, CAND_P2,
-                M_P2, R_P2, map_row, n_cols, MAP, times_row, TIMED)
+                M_P2, R_P2, map_row, n_cols, MAP, RBITS, times_row, TIMED)
         else:
             cpos, rkey = _candidate_keys(key_row, cand_row, n_cand, CAND_P2)
-            thr, need = _select_registers(rkey, cap)
+            thr, need = _select_registers(rkey, cap, RBITS)
             _stamp(times_row, 11, TIMED)
         thr = tl.where(cap <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
         need = tl.where(cap <= 0, 0, need)
-        # A key equal to thr is either flagged or not, so the ties lie in one list alone.
-        tagged, mass = _tag(cpos, rkey, thr, need)
-        offs = tl.arange(0, CAND_P2)
-        tl.store(cand_row + offs, tagged, mask=offs < n_cand)
-        if DILATE:
-            near_tagged, near_mass = _tag(near_col, near_key, thr, need)
-            tl.store(near_row + tl.arange(0, M_P2 * R_P2), near_tagged)
-            mass += near_mass
-        n_gt = tl.sum(((tagged & 3) == 1).to(tl.int32), 0)
-        n_eq = tl.sum(((tagged & 3) == 2).to(tl.int32), 0)
-        if DILATE:
-            n_gt += tl.sum(((near_tagged & 3) == 1).to(tl.int32), 0)
-            n_eq += tl.sum(((near_tagged & 3) == 2).to(tl.int32), 0)
-        tl.store(scr + _TOTAL, n_gt + tl.minimum(n_eq, need))
-        tl.store(mass_ptr, mass)
+        if TAGS:
+            # A key equal to thr is either flagged or not, so the ties lie in one list alone.
+            tagged, mass = _tag(cpos, rkey, thr, need)
+            offs = tl.arange(0, CAND_P2)
+            tl.store(cand_row + offs, tagged, mask=offs < n_cand)
+            if DILATE:
+                near_tagged, near_mass = _tag(near_col, near_key, thr, need)
+                tl.store(near_row + tl.arange(0, M_P2 * R_P2), near_tagged)
+                mass += near_mass
+            n_gt = tl.sum(((tagged & 3) == 1).to(tl.int32), 0)
+            n_eq = tl.sum(((tagged & 3) == 2).to(tl.int32), 0)
+            if DILATE:
+                n_gt += tl.sum(((near_tagged & 3) == 1).to(tl.int32), 0)
+                n_eq += tl.sum(((near_tagged & 3) == 2).to(tl.int32), 0)
+            tl.store(scr + _TOTAL, n_gt + tl.minimum(n_eq, need))
+            tl.store(mass_ptr, mass)
     _stamp(times_row, 4, TIMED)
     thr, need, phase = _broadcast_threshold(scr, thr, need, c, parties, phase, MULTI)
-    gt_before, eq_before = _counts_before(cand_row, n_cand, start, CAND_P2)
-    if DILATE:
-        near_gt, near_eq = _counts_before(near_row, M_P2 * R_P2, start, M_P2 * R_P2)
-        gt_before += near_gt
-        eq_before += near_eq
-    total = tl.load(scr + _TOTAL, volatile=True)
-    return thr, need, gt_before + tl.minimum(eq_before, need), eq_before, total, phase
+    n_out = tl.full([], 0, tl.int32)
+    eq_before = tl.full([], 0, tl.int32)
+    total = tl.full([], 0, tl.int32)
+    if TAGS:
+        gt_before, eq_before = _counts_before(cand_row, n_cand, start, CAND_P2)
+        if DILATE:
+            near_gt, near_eq = _counts_before(near_row, M_P2 * R_P2, start, M_P2 * R_P2)
+            gt_before += near_gt
+            eq_before += near_eq
+        total = tl.load(scr + _TOTAL, volatile=True)
+        n_out = gt_before + tl.minimum(eq_before, need)
+    return thr, need, n_out, eq_before, total, phase
 
 
 @triton.jit
@@ -617,7 +637,7 @@ def _topk_kernel(
     ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr,
     COMPOSE: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
     BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr, HAS_DROPPED: tl.constexpr,
-    TIMED: tl.constexpr,
+    RBITS: tl.constexpr, TAGS: tl.constexpr, TIMED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     times_row = TIMES + pid.to(tl.int64) * TIMELINE_STAMPS
@@ -734,10 +754,18 @@ def _topk_kernel(
                 key_row, cand_row, n_cand, NEAR + slot.to(tl.int64) * (M_P2 * R_P2), cap, m,
                 radius, mid_lo, mid_hi, CORES + slot.to(tl.int64) * M_P2, scr,
                 PICKED_MASS + slot, start, c, parties, phase, DILATE, MULTI, CAND_P2, M_P2,
-                R_P2, map_row, L, MAP, times_row, TIMED)
+                R_P2, map_row, L, MAP, RBITS, TAGS, times_row, TIMED)
             _stamp(times_row, 5, TIMED)
-            _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen, total,
-                         c, parties, BLOCK, map_row, MAP, comp_row + sink, COMPOSE)
+            if TAGS:
+                _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen,
+                             total, c, parties, BLOCK, map_row, MAP, comp_row + sink, COMPOSE)
+            else:  # count this party's picks, then write them (the flags are in the keys)
+                total, mass_sum, phase = _compact(key_row, start, end, thr, need, out_row,
+                                                  width, scr, _CNT2, c, parties, phase, MULTI,
+                                                  BLOCK, C_P2, map_row, MAP, comp_row + sink,
+                                                  COMPOSE)
+                if c == 0:
+                    tl.store(PICKED_MASS + slot, mass_sum)
         else:
             thr, need, phase = _select(key_row, start, end, cap, scr, parties, phase, MULTI, BLOCK)
             _stamp(times_row, 3, TIMED)
@@ -851,6 +879,9 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     # other); with more active slots than programs, each program takes several in turn.
     num_programs = _resident_programs(device) if multi else BH
     max_parties = CONFIG["max_parties"]
+    if CONFIG["register_digit_bits"] not in (2, 4, 8):
+        raise ValueError(f"top-k register_digit_bits={CONFIG['register_digit_bits']}: must be "
+                         "2, 4 or 8")
     if not 1 <= max_parties <= _C_MAX:
         raise ValueError(f"top-k max_parties={max_parties}: must be in [1, {_C_MAX}] (the "
                          "scratch row holds the counts of that many parties)")
@@ -929,7 +960,8 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         WANT_WMASS=want_wmass, ROWS_P2=rows_p2, M_PAD=pending.m_pad if pending is not None else 1,
         KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)), COMPOSE=compose is not None,
         MASK_KIND=comp_kind, TQ_P2=triton.next_power_of_2(q_len), BLOCK_W=BLOCK_W,
-        SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None, TIMED=timeline is not None,
+        SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None,
+        RBITS=CONFIG["register_digit_bits"], TAGS=CONFIG["tags"], TIMED=timeline is not None,
         num_warps=CONFIG["num_warps"],
     )
     return out, picked_mass

@@ -16,7 +16,12 @@ set as the first variant with its dilation on or off):
 * ``guess+dilate, parties<=N``: the row split among at most N programs (barriers of fewer
   parties, longer passes each);
 * ``guess+dilate, N warps``: programs of N warps (the one program that thresholds the
-  candidates holds fewer of them per thread with more warps).
+  candidates holds fewer of them per thread with more warps);
+* ``guess+dilate, 8-bit rounds``: that program's selects in digits of 8 bits (fewer rounds,
+  each with more work);
+* ``guess+dilate, no tags``: that program passes the threshold on at once, and each party
+  counts its picks in its share of the row (a pass and a barrier more for every party,
+  the tagging out of the chain the others wait for).
 
 ``--timeline`` (GPU only) also runs the first variant once per shape with each program
 stamping the GPU's global timer at the top-k's checkpoints (``topk_triton.TIMELINE_STAMPS``)
@@ -75,6 +80,9 @@ def main() -> int:
     variants += [(f"guess+dilate, parties<={n}", True, True, {"max_parties": n})
                  for n in parties]
     variants += [(f"guess+dilate, {w} warps", True, True, {"num_warps": w}) for w in warps]
+    variants += [("guess+dilate, 8-bit rounds", True, True, {"register_digit_bits": 8}),
+                 ("guess+dilate, no tags", True, True, {"tags": False}),
+                 ("guess+dilate, no tags, 16 warps", True, True, {"tags": False, "num_warps": 16})]
     shapes, variants = shapes[:args.shapes], variants[:args.variants]
     if args.only:
         known = {v[0]: v for v in variants}

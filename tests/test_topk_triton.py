@@ -167,6 +167,48 @@ def test_a_guessed_threshold_gives_the_same_set_whether_it_holds_or_not(tied, m,
         assert torch.equal(again, ref), name
 
 
+@pytest.mark.parametrize("config", [{"register_digit_bits": 2}, {"register_digit_bits": 8},
+                                    {"tags": False}, {"tags": False, "register_digit_bits": 8}])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("m,r", [(0, 0), (13, 1)])
+def test_topk_configurations_pick_the_references_set(config, tied, m, r, monkeypatch):
+    """The choices of ``CONFIG`` that change how the candidates are thresholded (the
+    register selects' digit width; tagging the candidates or counting each party's picks
+    in the row) change only the time: the reference's set and mass, with the guess missing
+    (first call) and holding (second)."""
+    import prhs_compile.kernels.topk_triton as tk
+
+    for name, value in config.items():
+        monkeypatch.setitem(tk.CONFIG, name, value)
+    gen = torch.Generator().manual_seed(41 + 2 * tied + m)
+    B, H, L, k = 1, 2, 500, 40
+    mass = torch.rand(B, H, L, generator=gen) ** 3
+    if tied:
+        mass = (mass * 16).floor() / 16
+    mass = mass.to(DEVICE)
+    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    region[:, 200:220] = False
+    bounds = _middle_bounds([3], [L - 2], L)
+    region &= (torch.arange(L, device=DEVICE) >= 3) & (torch.arange(L, device=DEVICE) < L - 2)
+    plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=m, dilation_r=r)
+    ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=m > 0), k)
+    guess = torch.zeros(B, H, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):
+        out, picked = topk_picks(_keys_of(mass, region), bounds, k, dilation_m=m,
+                                 dilation_r=r, width=k, guess=guess)
+        assert torch.equal(out, ref)
+        _assert_picked_mass(picked, mass, ref)
+
+
+def test_topk_refuses_a_register_digit_width_that_does_not_divide_a_key(monkeypatch):
+    import prhs_compile.kernels.topk_triton as tk
+
+    monkeypatch.setitem(tk.CONFIG, "register_digit_bits", 3)
+    keys = torch.ones(1, 1, 16, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="register_digit_bits=3: must be 2, 4 or 8"):
+        topk_picks(keys, _middle_bounds([0], [16], 16), 4)
+
+
 @pytest.mark.parametrize("spread", ["narrow", "equal"])
 @pytest.mark.parametrize("m,r", [(0, 0), (13, 1)])
 @pytest.mark.parametrize("guessed", [False, True])
