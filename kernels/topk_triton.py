@@ -79,7 +79,7 @@ __all__ = ["SCRATCH_WIDTH", "TIMELINE_PHASES", "TIMELINE_STAMPS", "timeline_buff
 # every party counts its share's picks before writing them (a pass and a barrier more,
 # less work in the chain the others wait for).
 CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1, "max_parties": 256,
-          "register_digit_bits": 4, "tags": True}
+          "register_digit_bits": 4, "tags": False}
 _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated neighbour
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # A guess is taken while the keys at or above it are between the needed count and

@@ -490,6 +490,9 @@ def test_latency_grid_goes_on_past_a_rate_it_cannot_set_up(tmp_path, monkeypatch
     assert methods["prhs@0.1"]["guess_misses"] == 0
     error = methods["prhs@0.5"]["error"]
     assert "state set up for" in error and "the torch reference from the same state ran" in error
+    # the snapshot's host copy shows what changed it since the set-up (here: the test)
+    assert "the set-up snapshot CHANGED since it was taken: fingerprint[0]" in error
+    assert "snapshot_changed" not in methods["prhs@0.1"]
     # and which condition of a reuse failed: here the stored key differs in every row
     import re
 

@@ -454,6 +454,13 @@ def run(args) -> int:
                     }
                     if steps[0].guess_misses is not None:
                         methods[f"{tag}@{r:g}"]["guess_misses"] = steps[0].guess_misses
+                    if steps[0].guess_miss_example is not None:
+                        methods[f"{tag}@{r:g}"]["guess_miss_example"] = steps[0].guess_miss_example
+                    changed = steps[0].snapshot_changes()  # after the timed replays too
+                    if changed:
+                        methods[f"{tag}@{r:g}"]["snapshot_changed"] = changed
+                        log.error("B=%d L=%d S=%d %s@%g: the set-up snapshot changed: %s",
+                                  B, L, S, tag, r, changed)
                     if retrieval == "pages":
                         methods[f"{tag}@{r:g}"]["retrieval_bytes_vs_k"] = retrieval_bytes_now / (B * Hkv * L * D * itemsize)
                     tick(f"B={B} L={L} S={S} {tag}@{r:g}")
@@ -524,7 +531,11 @@ class _PrHSStep:
         if "age" in st:  # PrHS: every slot holds a set (quest keeps none)
             st["age"].fill_(0)
         self.snapshot = [t.clone() if keep else None for t, keep in zip(self.state, self.restored)]
+        # A host copy of the snapshot: a kernel that writes out of bounds into it (it lies
+        # in the same memory pool as the step's buffers) shows in ``snapshot_changes``.
+        self.snapshot_host = [None if t is None else t.to("cpu", copy=True) for t in self.snapshot]
         self.guess_misses = None  # set by set_rate: retrieving slots whose top-k guess failed
+        self.guess_miss_example = None  # (slot, guess before, guess after) of the first miss
         self.state_bytes = sum(t.numel() * t.element_size()
                                for t, keep in zip(self.state, self.restored) if keep)
 
@@ -542,6 +553,7 @@ class _PrHSStep:
 
         snapshot = dict(zip(self.names, self.snapshot))
         snapshot["anchor"].copy_(self.q[:, :, -1].float() * sign[..., None])
+        self.snapshot_host[self.names.index("anchor")] = snapshot["anchor"].to("cpu", copy=True)
         self.call()  # restores the snapshot first
         state = dict(zip(self.names, self.state))
         counters = state["counters"]
@@ -550,11 +562,38 @@ class _PrHSStep:
         # the retrieving slots whose guess changed are the misses (the slow path).
         if TOPK_GUESS in state:
             changed = state[TOPK_GUESS].view(-1) != snapshot[TOPK_GUESS].view(-1)
-            self.guess_misses = int((changed & retrieve).sum())
+            missed = changed & retrieve
+            self.guess_misses = int(missed.sum())
+            if self.guess_misses:
+                slot = int(missed.nonzero()[0])
+                self.guess_miss_example = (slot, int(snapshot[TOPK_GUESS].view(-1)[slot]),
+                                           int(state[TOPK_GUESS].view(-1)[slot]))
         if measured != n:
             raise RuntimeError(f"state set up for {n} retrievals, the step ran {measured}; "
-                               f"{self._gate_diagnosis()}; {self._reference_retrievals()}")
+                               f"{self.snapshot_report()}; {self._gate_diagnosis()}; "
+                               f"{self._reference_retrievals()}")
         return n / (B * Hkv)
+
+    def snapshot_changes(self) -> list:
+        """The snapshot's entries that differ from their host copy (nothing but ``set_rate``
+        may change them), each with its first differing element: ``name[i] old -> new``."""
+        changes = []
+        for name, t, host in zip(self.names, self.snapshot, self.snapshot_host):
+            if t is None:
+                continue
+            now = t.cpu()
+            differ = (now != host).reshape(-1)
+            if differ.any():
+                i = int(differ.nonzero()[0])
+                changes.append(f"{name}[{i}] {host.reshape(-1)[i].item()} -> "
+                               f"{now.reshape(-1)[i].item()} ({int(differ.sum())} elements)")
+        return changes
+
+    def snapshot_report(self) -> str:
+        changes = self.snapshot_changes()
+        if not changes:
+            return "the set-up snapshot is intact"
+        return "the set-up snapshot CHANGED since it was taken: " + ", ".join(changes)
 
     def _reference_retrievals(self) -> str:
         """What the torch reference does from the same state: tells a wrong set-up (it
