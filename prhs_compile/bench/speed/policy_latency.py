@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .timing import copies_past_l2, l2_bytes, rotating, wall_median
+from .timing import bench_cudagraph, copies_past_l2, l2_bytes, rotating, wall_median
 
 # Prompt rows handed to the priming prefill: SnapKV scores the last 32, SAGE-KV the last one.
 PREFILL_ROWS = 64
@@ -157,8 +157,7 @@ class Timer:
             import triton.testing
 
             try:
-                ms = triton.testing.do_bench_cudagraph(fn, rep=self.rep_ms, return_mode="median")
-                return float(ms), self.GRAPH
+                return bench_cudagraph(fn, self.rep_ms), self.GRAPH
             except Exception as err:  # not capturable: time it eagerly, and say why
                 torch.cuda.synchronize()
                 ms = triton.testing.do_bench(fn, warmup=25, rep=self.rep_ms, return_mode="median")

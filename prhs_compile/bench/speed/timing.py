@@ -22,6 +22,21 @@ def wall_median(fn, calls: int) -> float:
     return statistics.median(times)
 
 
+def bench_cudagraph(fn, rep: int) -> float:
+    """Median ms per call of ``fn`` replayed in a CUDA graph
+    (``triton.testing.do_bench_cudagraph``), once the work already queued has finished.
+    do_bench_cudagraph calls ``fn`` on a fresh side stream, which does not wait for the
+    default stream: a set-up still running there (a state being written, then cloned into
+    the snapshot that a timed restore copies back) races with the first calls. That race
+    corrupted the latency benchmark's set-up at B >= 8, 128K (its stored positions, keys
+    and top-k guesses), where the set-up's step runs for milliseconds."""
+    import torch
+    import triton.testing
+
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+
 class Timer:
     """Median milliseconds per call of ``fn``: ``triton.testing.do_bench_cudagraph``
     (``kind="cudagraph"``, the call replayed inside a CUDA graph) or ``do_bench``
@@ -46,7 +61,7 @@ class Timer:
         import triton.testing
 
         if self.kind == "cudagraph":
-            return float(triton.testing.do_bench_cudagraph(fn, rep=self.rep, return_mode="median"))
+            return bench_cudagraph(fn, self.rep)
         return float(triton.testing.do_bench(fn, warmup=max(5, self.rep // 4), rep=self.rep,
                                              return_mode="median"))
 
