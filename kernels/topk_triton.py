@@ -74,12 +74,16 @@ __all__ = ["SCRATCH_WIDTH", "TIMELINE_PHASES", "TIMELINE_STAMPS", "timeline_buff
 # passes; ``scripts/topk_probe.py`` times the choices).
 # register_digit_bits: digit width of the selects that one program runs over the candidates
 # in its registers (``_select_registers``; 2, 4 or 8).
-# tags: the program that thresholds the candidates also tags them with their class, so that
-# the final compaction is one writing pass; False: it passes the threshold on at once and
-# every party counts its share's picks before writing them (a pass and a barrier more,
-# less work in the chain the others wait for).
+# tags_from_share: the length of a party's share of the row (keys) from which the program
+# that thresholds the candidates also tags them with their class, so that the final
+# compaction is one writing pass. Below it, that program passes the threshold on at once
+# and every party counts its share's picks before writing them: a pass and a barrier more
+# for each party, less work in the chain the others wait for. Few retrieving slots split
+# their rows into short shares (2048 keys for one slot at 32K: 15% faster without tags on
+# the H100); with many, each party's share is long and a count pass over it costs more
+# than the tags (a whole 128K row: 575 against 463 us at B=16, 128K, r=1). 0: always tags.
 CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1, "max_parties": 256,
-          "register_digit_bits": 4, "tags": False}
+          "register_digit_bits": 4, "tags_from_share": 16384}
 _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated neighbour
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # A guess is taken while the keys at or above it are between the needed count and
@@ -553,14 +557,14 @@ def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo
                      core_row, scr, mass_ptr, start, c, parties, phase, DILATE: tl.constexpr,
                      MULTI: tl.constexpr, CAND_P2: tl.constexpr, M_P2: tl.constexpr,
                      R_P2: tl.constexpr, map_row, n_cols, MAP: tl.constexpr,
-                     RBITS: tl.constexpr, TAGS: tl.constexpr, times_row, TIMED: tl.constexpr):
+                     RBITS: tl.constexpr, use_tags, times_row, TIMED: tl.constexpr):
     """Party 0 finds the threshold of the slot's picks among the candidates (the top keys
     of the row, in column order; flagging their dilation neighbours first with ``DILATE``).
-    With ``TAGS`` it also sums the picks' mass (stored at ``mass_ptr``) and tags the
+    With ``use_tags`` it also sums the picks' mass (stored at ``mass_ptr``) and tags the
     candidates (and neighbours, in ``near_row``) with their class, so that every party
     counts the picks before its share from those few thousand entries: the final
     compaction needs no counting pass. Every party gets (thr, need, its first output slot,
-    the equal keys before its share, the slot's pick count, phase); without ``TAGS`` only
+    the equal keys before its share, the slot's pick count, phase); without, only
     (thr, need) and phase hold (the caller's ``_compact`` counts)."""
     thr = tl.full([], 0, tl.uint32)
     need = tl.full([], 0, tl.int32)
@@ -575,7 +579,7 @@ def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo
             _stamp(times_row, 11, TIMED)
         thr = tl.where(cap <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
         need = tl.where(cap <= 0, 0, need)
-        if TAGS:
+        if use_tags:
             # A key equal to thr is either flagged or not, so the ties lie in one list alone.
             tagged, mass = _tag(cpos, rkey, thr, need)
             offs = tl.arange(0, CAND_P2)
@@ -596,7 +600,7 @@ def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo
     n_out = tl.full([], 0, tl.int32)
     eq_before = tl.full([], 0, tl.int32)
     total = tl.full([], 0, tl.int32)
-    if TAGS:
+    if use_tags:
         gt_before, eq_before = _counts_before(cand_row, n_cand, start, CAND_P2)
         if DILATE:
             near_gt, near_eq = _counts_before(near_row, M_P2 * R_P2, start, M_P2 * R_P2)
@@ -637,7 +641,7 @@ def _topk_kernel(
     ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr,
     COMPOSE: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
     BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr, HAS_DROPPED: tl.constexpr,
-    RBITS: tl.constexpr, TAGS: tl.constexpr, TIMED: tl.constexpr,
+    tags_from_share, RBITS: tl.constexpr, TIMED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     times_row = TIMES + pid.to(tl.int64) * TIMELINE_STAMPS
@@ -684,6 +688,8 @@ def _topk_kernel(
         per = tl.cdiv(tl.cdiv(tl.maximum(scan_hi - scan_lo, 0), parties), BLOCK) * BLOCK
         start = tl.minimum(scan_lo + c * per, scan_hi)
         end = tl.minimum(start + per, scan_hi)
+        # The same for every party of the slot, so they all meet the same barriers.
+        use_tags = per >= tags_from_share
         key_row = KEYS + slot.to(tl.int64) * L
         map_row = POSITIONS + slot.to(tl.int64) * L
         scr = SCRATCH + slot.to(tl.int64) * _SCRATCH
@@ -754,9 +760,9 @@ def _topk_kernel(
                 key_row, cand_row, n_cand, NEAR + slot.to(tl.int64) * (M_P2 * R_P2), cap, m,
                 radius, mid_lo, mid_hi, CORES + slot.to(tl.int64) * M_P2, scr,
                 PICKED_MASS + slot, start, c, parties, phase, DILATE, MULTI, CAND_P2, M_P2,
-                R_P2, map_row, L, MAP, RBITS, TAGS, times_row, TIMED)
+                R_P2, map_row, L, MAP, RBITS, use_tags, times_row, TIMED)
             _stamp(times_row, 5, TIMED)
-            if TAGS:
+            if use_tags:
                 _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen,
                              total, c, parties, BLOCK, map_row, MAP, comp_row + sink, COMPOSE)
             else:  # count this party's picks, then write them (the flags are in the keys)
@@ -961,7 +967,8 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)), COMPOSE=compose is not None,
         MASK_KIND=comp_kind, TQ_P2=triton.next_power_of_2(q_len), BLOCK_W=BLOCK_W,
         SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None,
-        RBITS=CONFIG["register_digit_bits"], TAGS=CONFIG["tags"], TIMED=timeline is not None,
+        tags_from_share=CONFIG["tags_from_share"], RBITS=CONFIG["register_digit_bits"],
+        TIMED=timeline is not None,
         num_warps=CONFIG["num_warps"],
     )
     return out, picked_mass

@@ -19,9 +19,11 @@ set as the first variant with its dilation on or off):
   candidates holds fewer of them per thread with more warps);
 * ``guess+dilate, 8-bit rounds``: that program's selects in digits of 8 bits (fewer rounds,
   each with more work);
-* ``guess+dilate, no tags``: that program passes the threshold on at once, and each party
-  counts its picks in its share of the row (a pass and a barrier more for every party,
-  the tagging out of the chain the others wait for).
+* ``guess+dilate, tags`` / ``no tags``: that program always / never tags the candidates
+  for the final compaction (without, it passes the threshold on at once and each party
+  counts its picks in its share of the row: a pass and a barrier more for every party, the
+  tagging out of the chain the others wait for); the default decides by the share's
+  length (``CONFIG["tags_from_share"]``).
 
 ``--timeline`` (GPU only) also runs the first variant once per shape with each program
 stamping the GPU's global timer at the top-k's checkpoints (``topk_triton.TIMELINE_STAMPS``)
@@ -81,8 +83,8 @@ def main() -> int:
                  for n in parties]
     variants += [(f"guess+dilate, {w} warps", True, True, {"num_warps": w}) for w in warps]
     variants += [("guess+dilate, 8-bit rounds", True, True, {"register_digit_bits": 8}),
-                 ("guess+dilate, no tags", True, True, {"tags": False}),
-                 ("guess+dilate, no tags, 16 warps", True, True, {"tags": False, "num_warps": 16})]
+                 ("guess+dilate, tags", True, True, {"tags_from_share": 0}),
+                 ("guess+dilate, no tags", True, True, {"tags_from_share": 1 << 30})]
     shapes, variants = shapes[:args.shapes], variants[:args.variants]
     if args.only:
         known = {v[0]: v for v in variants}

@@ -168,13 +168,14 @@ def test_a_guessed_threshold_gives_the_same_set_whether_it_holds_or_not(tied, m,
 
 
 @pytest.mark.parametrize("config", [{"register_digit_bits": 2}, {"register_digit_bits": 8},
-                                    {"tags": False}, {"tags": False, "register_digit_bits": 8}])
+                                    {"tags_from_share": 0}, {"tags_from_share": 1 << 30},
+                                    {"tags_from_share": 1 << 30, "register_digit_bits": 8}])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("m,r", [(0, 0), (13, 1)])
 def test_topk_configurations_pick_the_references_set(config, tied, m, r, monkeypatch):
     """The choices of ``CONFIG`` that change how the candidates are thresholded (the
-    register selects' digit width; tagging the candidates or counting each party's picks
-    in the row) change only the time: the reference's set and mass, with the guess missing
+    register selects' digit width; tagging the candidates, always or never, or counting
+    each party's picks in the row) change only the time: the reference's set and mass, with the guess missing
     (first call) and holding (second)."""
     import prhs_compile.kernels.topk_triton as tk
 
