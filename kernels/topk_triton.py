@@ -79,9 +79,9 @@ __all__ = ["SCRATCH_WIDTH", "TIMELINE_PHASES", "TIMELINE_STAMPS", "timeline_buff
 # compaction is one writing pass. Below it, that program passes the threshold on at once
 # and every party counts its share's picks before writing them: a pass and a barrier more
 # for each party, less work in the chain the others wait for. Few retrieving slots split
-# their rows into short shares (2048 keys for one slot at 32K: 15% faster without tags on
-# the H100); with many, each party's share is long and a count pass over it costs more
-# than the tags (a whole 128K row: 575 against 463 us at B=16, 128K, r=1). 0: always tags.
+# their rows into short shares, where that wins; with many, each party's share is long and
+# a count pass over it costs more than the tags (README, "Kernel configurations"). 0:
+# always tags.
 CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1, "max_parties": 256,
           "register_digit_bits": 4, "tags_from_share": 16384}
 _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated neighbour
