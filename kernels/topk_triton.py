@@ -125,9 +125,9 @@ TIMELINE_PHASES = (
     (9, "cores listed"),
     (10, "neighbours flagged"),
     (11, "threshold of the picks"),
-    (4, "tags and counts"),  # party 0: the candidates tagged
-    (5, "broadcast + counts"),  # threshold received, the picks before its share counted
-    (6, "write picks"),
+    (4, "tags and counts"),  # party 0: the candidates tagged (with tags only)
+    (5, "broadcast + counts"),  # threshold received (with tags: the picks before its share counted)
+    (6, "write picks"),  # (without tags: its share's picks counted, then written)
     (7, "windows + dropped"),  # the end
 )
 TIMELINE_STAMPS = tl.constexpr(12)

@@ -66,14 +66,19 @@ def test_topk_is_the_references_set(tied, k, m, r):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("max_parties", [None, 1, 3])
-def test_topk_over_a_long_row(tied, max_parties, monkeypatch):
+@pytest.mark.parametrize("tags_from_share", [None, 0])
+def test_topk_over_a_long_row(tied, max_parties, tags_from_share, monkeypatch):
     """Rows of several blocks (on a GPU several programs share a slot and meet at barriers;
     ``CONFIG["max_parties"]`` caps how many, which leaves the set as it is; the interpreter
-    gives each slot one program)."""
-    if max_parties is not None:
-        import prhs_compile.kernels.topk_triton as tk
+    gives each slot one program). The dilating case runs the final compaction both ways:
+    each program counting its share's picks (the default at these short shares) and, with
+    ``tags_from_share=0``, from the candidates' tags."""
+    import prhs_compile.kernels.topk_triton as tk
 
+    if max_parties is not None:
         monkeypatch.setitem(tk.CONFIG, "max_parties", max_parties)
+    if tags_from_share is not None:
+        monkeypatch.setitem(tk.CONFIG, "tags_from_share", tags_from_share)
     gen = torch.Generator().manual_seed(11 + tied)
     B, H, L, k = 1, 2, 9000, 300
     mass = torch.rand(B, H, L, generator=gen) ** 4

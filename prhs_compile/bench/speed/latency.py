@@ -543,6 +543,7 @@ class _PrHSStep:
         """Anchors equal to the query reuse (cosine 1), opposite ones retrieve; returns the
         share of slots that retrieves (whole slots: ``round(rate * B * Hkv)``)."""
         torch = self.torch
+        self.guess_misses = self.guess_miss_example = None  # this rate's, not the last one's
         B, Hq = self.q.shape[:2]
         Hkv = self.k.shape[1]
         n = round(rate * B * Hkv)
