@@ -82,8 +82,11 @@ __all__ = ["SCRATCH_WIDTH", "TIMELINE_PHASES", "TIMELINE_STAMPS", "timeline_buff
 # their rows into short shares, where that wins; with many, each party's share is long and
 # a count pass over it costs more than the tags (README, "Kernel configurations"). 0:
 # always tags.
+# atomic_flags: the dilation flags the cores' neighbours with atomics, counting those newly
+# flagged, instead of listing the cores first and each neighbour once (a scan and a pass
+# fewer in the same chain); the compaction is then always without tags.
 CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1, "max_parties": 256,
-          "register_digit_bits": 4, "tags_from_share": 16384}
+          "register_digit_bits": 4, "tags_from_share": 16384, "atomic_flags": False}
 _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated neighbour
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # A guess is taken while the keys at or above it are between the needed count and
@@ -459,24 +462,13 @@ def _select_registers(key, k, RBITS: tl.constexpr):
 
 
 @triton.jit
-def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
-            CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, map_row, n_cols,
-            MAP: tl.constexpr, RBITS: tl.constexpr, times_row, TIMED: tl.constexpr):
-    """One program, over the candidates (the top max(k, m) keys, in column order): flag
-    the +-radius neighbours of the top ``m``; returns (thr, need) of the final top ``k``
-    over the flagged keys, the candidates' columns and their unflagged keys (0 for a
-    flagged one: "the rest"), and the neighbours' columns and flagged keys (0: none), each
-    list in column order. With ``MAP`` the columns are ascending positions ``map_row``
-    (runs of consecutive positions, at least ``radius`` apart), so the neighbour at position
-    ``p + o`` of a core at column ``c`` is column ``c + o`` when that column holds it."""
-    offs = tl.arange(0, CAND_P2)
-    in_list = offs < n_cand
-    cpos = tl.load(cand_row + offs, mask=in_list, other=0, volatile=True)
-    ckey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
-    thr_m, need_m = _select_registers(ckey, m, RBITS)
-    _stamp(times_row, 8, TIMED)
-    is_eq = in_list & (ckey == thr_m) & (ckey != 0)
-    core = in_list & (ckey != 0) & ((ckey > thr_m) | _taken_ties(is_eq, need_m))
+def _list_neighbours(key_row, cpos, core, core_row, radius, mid_lo, mid_hi, M_P2: tl.constexpr,
+                     R_P2: tl.constexpr, map_row, n_cols, MAP: tl.constexpr, times_row,
+                     TIMED: tl.constexpr):
+    """Flag the +-radius neighbours of the cores (a mask over the candidates ``cpos``, in
+    column order): the cores are listed first, so that each neighbour is taken once.
+    Returns (how many neighbours, their columns and flagged keys, in column order; 0:
+    none). Flagging a key that holds the flag already leaves it as it is."""
     core_slot = tl.cumsum(core.to(tl.int32), 0) - 1
     n_core = tl.sum(core.to(tl.int32), 0)
     tl.store(core_row + core_slot, cpos, mask=core)
@@ -507,15 +499,80 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
     near = near & (nkey != 0)
     tl.store(key_row + col, nkey | _NEAR_BIT, mask=near)
     n_near = tl.sum(tl.sum(near.to(tl.int32), 1), 0)
+    flagged = tl.reshape(tl.where(near, nkey | _NEAR_BIT, 0).to(tl.uint32, bitcast=True),
+                         [M_P2 * R_P2])
+    near_col = tl.reshape(tl.where(near, col, 0), [M_P2 * R_P2])
     tl.debug_barrier()
+    return n_near, near_col, flagged
+
+
+@triton.jit
+def _flag_neighbours(key_row, cpos, core, radius, mid_lo, mid_hi, map_row, n_cols,
+                     MAP: tl.constexpr):
+    """Flag the +-radius neighbours of the cores (a mask over the candidates ``cpos``) with
+    an atomic OR on each key, one offset at a time, and count the keys it flagged that were
+    not flagged before: each neighbour once, with no list of the cores and no scan."""
+    if MAP:
+        core_pos = tl.load(map_row + cpos, mask=core, other=0)
+    else:
+        core_pos = cpos
+    n_near = tl.full([], 0, tl.int32)
+    for o in range(-radius, radius + 1):
+        p = core_pos + o
+        col = cpos + o
+        ok = core & (p >= mid_lo) & (p < mid_hi)
+        if MAP:  # the neighbour's column holds it, or it is no candidate
+            ok = ok & (col >= 0) & (col < n_cols)
+            ok = ok & (tl.load(map_row + col, mask=ok, other=-1) == p)
+        ok = ok & (tl.load(key_row + col, mask=ok, other=0, volatile=True) != 0)
+        old = tl.atomic_or(key_row + col, _NEAR_BIT, mask=ok, sem="relaxed")
+        n_near += tl.sum((ok & (old >= 0)).to(tl.int32), 0)  # old < 0: flagged already
+    return n_near
+
+
+@triton.jit
+def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
+            CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, map_row, n_cols,
+            MAP: tl.constexpr, RBITS: tl.constexpr, ATOMIC: tl.constexpr, times_row,
+            TIMED: tl.constexpr):
+    """One program, over the candidates (the top max(k, m) keys, in column order): flag
+    the +-radius neighbours of the top ``m``; returns (thr, need) of the final top ``k``
+    over the flagged keys, the candidates' columns and their unflagged keys (0 for a
+    flagged one: "the rest"), and the neighbours' columns and flagged keys (0: none), each
+    list in column order. With ``MAP`` the columns are ascending positions ``map_row``
+    (runs of consecutive positions, at least ``radius`` apart), so the neighbour at position
+    ``p + o`` of a core at column ``c`` is column ``c + o`` when that column holds it.
+    With ``ATOMIC`` (``CONFIG["atomic_flags"]``) the neighbours are flagged by atomics and
+    listed only when they alone fill the budget; the lists returned are then empty (the
+    final compaction reads the flags in the row instead of tags)."""
+    offs = tl.arange(0, CAND_P2)
+    in_list = offs < n_cand
+    cpos = tl.load(cand_row + offs, mask=in_list, other=0, volatile=True)
+    ckey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
+    thr_m, need_m = _select_registers(ckey, m, RBITS)
+    _stamp(times_row, 8, TIMED)
+    is_eq = in_list & (ckey == thr_m) & (ckey != 0)
+    core = in_list & (ckey != 0) & ((ckey > thr_m) | _taken_ties(is_eq, need_m))
+    if ATOMIC:
+        _stamp(times_row, 9, TIMED)
+        n_near = _flag_neighbours(key_row, cpos, core, radius, mid_lo, mid_hi, map_row, n_cols,
+                                  MAP)
+        tl.debug_barrier()
+        near_col = tl.zeros([M_P2 * R_P2], tl.int32)
+        flagged = tl.zeros([M_P2 * R_P2], tl.uint32)
+        if n_near >= k:  # rare: the neighbours alone fill the budget; their select needs them
+            n_near, near_col, flagged = _list_neighbours(
+                key_row, cpos, core, core_row, radius, mid_lo, mid_hi, M_P2, R_P2, map_row,
+                n_cols, MAP, times_row, False)
+    else:
+        n_near, near_col, flagged = _list_neighbours(
+            key_row, cpos, core, core_row, radius, mid_lo, mid_hi, M_P2, R_P2, map_row, n_cols,
+            MAP, times_row, TIMED)
     _stamp(times_row, 10, TIMED)
 
     # Every candidate's key after the flagging: the unflagged ones are "the rest".
     rkey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
     rest = tl.where(in_list & ((rkey & 0x80000000) == 0), rkey, 0)
-    flagged = tl.reshape(tl.where(near, nkey | _NEAR_BIT, 0).to(tl.uint32, bitcast=True),
-                         [M_P2 * R_P2])
-    near_col = tl.reshape(tl.where(near, col, 0), [M_P2 * R_P2])
     if n_near >= k:  # the neighbours alone fill the budget: their best k
         thr, need = _select_registers(flagged, k, RBITS)
     else:  # every neighbour, then the best of the other candidates
@@ -557,7 +614,8 @@ def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo
                      core_row, scr, mass_ptr, start, c, parties, phase, DILATE: tl.constexpr,
                      MULTI: tl.constexpr, CAND_P2: tl.constexpr, M_P2: tl.constexpr,
                      R_P2: tl.constexpr, map_row, n_cols, MAP: tl.constexpr,
-                     RBITS: tl.constexpr, use_tags, times_row, TIMED: tl.constexpr):
+                     RBITS: tl.constexpr, ATOMIC: tl.constexpr, use_tags, times_row,
+                     TIMED: tl.constexpr):
     """Party 0 finds the threshold of the slot's picks among the candidates (the top keys
     of the row, in column order; flagging their dilation neighbours first with ``DILATE``).
     With ``use_tags`` it also sums the picks' mass (stored at ``mass_ptr``) and tags the
@@ -572,7 +630,7 @@ def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo
         if DILATE:
             thr, need, cpos, rkey, near_col, near_key = _dilate(
                 key_row, cand_row, n_cand, core_row, m, radius, cap, mid_lo, mid_hi, CAND_P2,
-                M_P2, R_P2, map_row, n_cols, MAP, RBITS, times_row, TIMED)
+                M_P2, R_P2, map_row, n_cols, MAP, RBITS, ATOMIC, times_row, TIMED)
         else:
             cpos, rkey = _candidate_keys(key_row, cand_row, n_cand, CAND_P2)
             thr, need = _select_registers(rkey, cap, RBITS)
@@ -641,7 +699,7 @@ def _topk_kernel(
     ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr,
     COMPOSE: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
     BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr, HAS_DROPPED: tl.constexpr,
-    tags_from_share, RBITS: tl.constexpr, TIMED: tl.constexpr,
+    tags_from_share, RBITS: tl.constexpr, ATOMIC: tl.constexpr, TIMED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     times_row = TIMES + pid.to(tl.int64) * TIMELINE_STAMPS
@@ -688,8 +746,11 @@ def _topk_kernel(
         per = tl.cdiv(tl.cdiv(tl.maximum(scan_hi - scan_lo, 0), parties), BLOCK) * BLOCK
         start = tl.minimum(scan_lo + c * per, scan_hi)
         end = tl.minimum(start + per, scan_hi)
-        # The same for every party of the slot, so they all meet the same barriers.
+        # The same for every party of the slot, so they all meet the same barriers. With
+        # the neighbours flagged by atomics there are no lists to tag.
         use_tags = per >= tags_from_share
+        if ATOMIC:
+            use_tags = per < 0
         key_row = KEYS + slot.to(tl.int64) * L
         map_row = POSITIONS + slot.to(tl.int64) * L
         scr = SCRATCH + slot.to(tl.int64) * _SCRATCH
@@ -760,7 +821,7 @@ def _topk_kernel(
                 key_row, cand_row, n_cand, NEAR + slot.to(tl.int64) * (M_P2 * R_P2), cap, m,
                 radius, mid_lo, mid_hi, CORES + slot.to(tl.int64) * M_P2, scr,
                 PICKED_MASS + slot, start, c, parties, phase, DILATE, MULTI, CAND_P2, M_P2,
-                R_P2, map_row, L, MAP, RBITS, use_tags, times_row, TIMED)
+                R_P2, map_row, L, MAP, RBITS, ATOMIC, use_tags, times_row, TIMED)
             _stamp(times_row, 5, TIMED)
             if use_tags:
                 _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen,
@@ -968,7 +1029,7 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         MASK_KIND=comp_kind, TQ_P2=triton.next_power_of_2(q_len), BLOCK_W=BLOCK_W,
         SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None,
         tags_from_share=CONFIG["tags_from_share"], RBITS=CONFIG["register_digit_bits"],
-        TIMED=timeline is not None,
+        ATOMIC=bool(CONFIG["atomic_flags"]), TIMED=timeline is not None,
         num_warps=CONFIG["num_warps"],
     )
     return out, picked_mass

@@ -23,7 +23,10 @@ set as the first variant with its dilation on or off):
   for the final compaction (without, it passes the threshold on at once and each party
   counts its picks in its share of the row: a pass and a barrier more for every party, the
   tagging out of the chain the others wait for); the default decides by the share's
-  length (``CONFIG["tags_from_share"]``).
+  length (``CONFIG["tags_from_share"]``);
+* ``guess+dilate, atomic flags``: the dilation flags the cores' neighbours with atomics
+  and counts those newly flagged, with no list of the cores (``CONFIG["atomic_flags"]``;
+  never tags).
 
 ``--timeline`` (GPU only) also runs the first variant once per shape with each program
 stamping the GPU's global timer at the top-k's checkpoints (``topk_triton.TIMELINE_STAMPS``)
@@ -84,7 +87,8 @@ def main() -> int:
     variants += [(f"guess+dilate, {w} warps", True, True, {"num_warps": w}) for w in warps]
     variants += [("guess+dilate, 8-bit rounds", True, True, {"register_digit_bits": 8}),
                  ("guess+dilate, tags", True, True, {"tags_from_share": 0}),
-                 ("guess+dilate, no tags", True, True, {"tags_from_share": 1 << 30})]
+                 ("guess+dilate, no tags", True, True, {"tags_from_share": 1 << 30}),
+                 ("guess+dilate, atomic flags", True, True, {"atomic_flags": True})]
     shapes, variants = shapes[:args.shapes], variants[:args.variants]
     if args.only:
         known = {v[0]: v for v in variants}

@@ -44,7 +44,13 @@ def _assert_picked_mass(picked, mass, ref):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("k,m,r", [(40, 13, 1), (40, 0, 0), (40, 30, 2), (500, 5, 1), (1, 1, 1)])
-def test_topk_is_the_references_set(tied, k, m, r):
+@pytest.mark.parametrize("atomic", [False, True])
+def test_topk_is_the_references_set(tied, k, m, r, atomic, monkeypatch):
+    """(k=40, m=30, r=2: the neighbours alone fill the budget. ``atomic``: the dilation
+    flags them with atomics, ``CONFIG["atomic_flags"]``.)"""
+    import prhs_compile.kernels.topk_triton as tk
+
+    monkeypatch.setitem(tk.CONFIG, "atomic_flags", atomic)
     gen = torch.Generator().manual_seed(k * 7 + m + r + tied)
     B, H, L = 2, 3, 300
     mass = torch.rand(B, H, L, generator=gen)
@@ -66,7 +72,7 @@ def test_topk_is_the_references_set(tied, k, m, r):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("max_parties", [None, 1, 3])
-@pytest.mark.parametrize("tags_from_share", [None, 0])
+@pytest.mark.parametrize("tags_from_share", [None, 0, "atomic"])
 def test_topk_over_a_long_row(tied, max_parties, tags_from_share, monkeypatch):
     """Rows of several blocks (on a GPU several programs share a slot and meet at barriers;
     ``CONFIG["max_parties"]`` caps how many, which leaves the set as it is; the interpreter
@@ -77,7 +83,9 @@ def test_topk_over_a_long_row(tied, max_parties, tags_from_share, monkeypatch):
 
     if max_parties is not None:
         monkeypatch.setitem(tk.CONFIG, "max_parties", max_parties)
-    if tags_from_share is not None:
+    if tags_from_share == "atomic":  # the neighbours flagged by atomics (never tags)
+        monkeypatch.setitem(tk.CONFIG, "atomic_flags", True)
+    elif tags_from_share is not None:
         monkeypatch.setitem(tk.CONFIG, "tags_from_share", tags_from_share)
     gen = torch.Generator().manual_seed(11 + tied)
     B, H, L, k = 1, 2, 9000, 300
@@ -174,7 +182,8 @@ def test_a_guessed_threshold_gives_the_same_set_whether_it_holds_or_not(tied, m,
 
 @pytest.mark.parametrize("config", [{"register_digit_bits": 2}, {"register_digit_bits": 8},
                                     {"tags_from_share": 0}, {"tags_from_share": 1 << 30},
-                                    {"tags_from_share": 1 << 30, "register_digit_bits": 8}])
+                                    {"tags_from_share": 1 << 30, "register_digit_bits": 8},
+                                    {"atomic_flags": True}])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("m,r", [(0, 0), (13, 1)])
 def test_topk_configurations_pick_the_references_set(config, tied, m, r, monkeypatch):
@@ -274,11 +283,17 @@ def _compact_rows(keys, pages, page):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("m,r,page,guessed", [(0, 0, 8, False), (13, 1, 8, False), (9, 2, 2, False),
                                               (13, 1, 8, True), (11, 4, 4, True)])
-def test_topk_over_a_compact_row_of_candidates_is_the_references_set(tied, m, r, page, guessed):
+@pytest.mark.parametrize("atomic", [False, True])
+def test_topk_over_a_compact_row_of_candidates_is_the_references_set(tied, m, r, page, guessed,
+                                                                     atomic, monkeypatch):
     """A two-stage retrieval's keys: a compact row of the chosen pages' positions (gaps of
     whole pages between them; the last page past the cache). The picks, written as
     positions, are the reference's over those candidates, dilation (which must not reach
-    across a gap) and ties included; with or without a guessed threshold."""
+    across a gap) and ties included; with or without a guessed threshold; the neighbours
+    listed or flagged by atomics."""
+    import prhs_compile.kernels.topk_triton as tk
+
+    monkeypatch.setitem(tk.CONFIG, "atomic_flags", atomic)
     gen = torch.Generator().manual_seed(31 * page + m + r + tied)
     B, H, L, k = 2, 2, 203, 30
     mass = torch.rand(B, H, L, generator=gen) ** 2
