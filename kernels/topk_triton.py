@@ -72,8 +72,6 @@ __all__ = ["SCRATCH_WIDTH", "TIMELINE_PHASES", "TIMELINE_STAMPS", "timeline_buff
 # ``scripts/topk_probe.py`` time the choices.
 # max_parties: most programs one slot's row is split among (fewer: cheaper barriers, longer
 # passes; ``scripts/topk_probe.py`` times the choices).
-# register_digit_bits: digit width of the selects that one program runs over the candidates
-# in its registers (``_select_registers``; 2, 4 or 8).
 # tags_from_share: the length of a party's share of the row (keys) from which the program
 # that thresholds the candidates also tags them with their class, so that the final
 # compaction is one writing pass. Below it, that program passes the threshold on at once
@@ -86,8 +84,9 @@ __all__ = ["SCRATCH_WIDTH", "TIMELINE_PHASES", "TIMELINE_STAMPS", "timeline_buff
 # flagged, instead of listing the cores first and each neighbour once (a scan and a pass
 # fewer in the same chain); the compaction is then always without tags.
 CONFIG = {"block": 2048, "num_warps": 8, "programs_per_sm": 1, "max_parties": 256,
-          "register_digit_bits": 4, "tags_from_share": 16384, "atomic_flags": False}
+          "tags_from_share": 16384, "atomic_flags": False}
 _NEAR_BIT = tl.constexpr(-(2 ** 31))  # the top bit of an int32 key: a dilated neighbour
+_NO_TAGS = 2 ** 31 - 1  # a tags_from_share no party's share reaches
 _C_MAX = 256  # most parties of one slot (their counts live in the scratch row)
 # A guess is taken while the keys at or above it are between the needed count and
 # _GUESS_SLACK times it (the candidate buffer); the next guess aims at _GUESS_AHEAD times it.
@@ -170,18 +169,18 @@ def _barrier(BAR, parties, phase):
 
 
 @triton.jit
-def _digit_round(hist, shift, remaining, prefix, fixed, BINS: tl.constexpr):
-    """Fix the digit at bit ``shift`` (log2 ``BINS`` bits; most significant first) from its
+def _digit_round(hist, shift, remaining, prefix, fixed):
+    """Fix the digit at bit ``shift`` (``_DIGIT`` bits; most significant first) from its
     histogram among the keys matching the digits fixed so far: returns (remaining, prefix,
     fixed, the bin held exactly the keys still needed)."""
-    bins = tl.arange(0, BINS)
+    bins = tl.arange(0, _BINS)
     n = tl.sum(hist, 0)
     at_least = n - tl.cumsum(hist, 0) + hist  # matching keys whose digit is >= each bin
     best = tl.maximum(tl.max(tl.where(at_least >= remaining, bins, -1), 0), 0)
     in_best = tl.sum(tl.where(bins == best, hist, 0), 0)
     remaining = remaining - tl.sum(tl.where(bins > best, hist, 0), 0)
     prefix = prefix | (best.to(tl.uint32) << shift)
-    fixed = fixed | (tl.full([], BINS - 1, tl.uint32) << shift)
+    fixed = fixed | (tl.full([], _BINS - 1, tl.uint32) << shift)
     return remaining, prefix, fixed, remaining == in_best
 
 
@@ -213,8 +212,7 @@ def _select(key_row, start, end, k, SCR, parties, phase, MULTI: tl.constexpr,
             hist = tl.load(SCR + _HIST + d * _BINS + bins, volatile=True)
         if d == 0:
             total = tl.sum(hist, 0)
-        remaining, prefix, fixed, exact = _digit_round(hist, shift, remaining, prefix, fixed,
-                                                       _BINS)
+        remaining, prefix, fixed, exact = _digit_round(hist, shift, remaining, prefix, fixed)
         done = (exact | (total <= k) | (k <= 0)).to(tl.int32)
         d += 1
     # Ended early: every key from the bin's lower bound up is in.
@@ -410,19 +408,14 @@ def _candidate_keys(key_row, cand_row, n_cand, CAND_P2: tl.constexpr):
 
 
 @triton.jit
-def _select_registers(key, k, RBITS: tl.constexpr):
+def _select_registers(key, k):
     """(thr, need) of the top ``k`` of a block of keys held in registers (0: no candidate),
     exact even when all of them are in (thr = the smallest, need = how many equal it), so
-    that a compaction over the whole row takes no key outside the block. Digits of
-    ``RBITS`` bits (``CONFIG["register_digit_bits"]``): one program runs these rounds while
-    the slot's other programs wait, so its time is latency, and wider digits take fewer
-    rounds with more work each. The rounds stop once a bin holds exactly the keys still
-    needed; that bin's smallest key is then the threshold. The leading digits that every
-    key shares (those of the largest key and the smallest agree: masses of one row's top
-    keys span few binades) are taken from the largest key without a round: their histogram
-    would hold every key in that one bin."""
-    BINS: tl.constexpr = 2 ** RBITS
-    ROUNDS: tl.constexpr = 32 // RBITS
+    that a compaction over the whole row takes no key outside the block. The digit rounds
+    stop once a bin holds exactly the keys still needed; that bin's smallest key is then
+    the threshold. The leading digits that every key shares (those of the largest key and
+    the smallest agree: masses of one row's top keys span few binades) are taken from the
+    largest key without a round: their histogram would hold every key in that one bin."""
     prefix = tl.full([], 0, tl.uint32)
     fixed = tl.full([], 0, tl.uint32)
     remaining = tl.full([], 0, tl.int32) + k
@@ -435,18 +428,17 @@ def _select_registers(key, k, RBITS: tl.constexpr):
     # would be thousands of instructions fetched once each (the instruction cache holds a
     # loop's body after its first round).
     d = tl.full([], 0, tl.int32)
-    while (done == 0) & (d < ROUNDS):
-        shift = (32 - (d + 1) * RBITS).to(tl.uint32)
-        digit_bits = tl.full([], BINS - 1, tl.uint32) << shift
+    while (done == 0) & (d < _ROUNDS):
+        shift = (32 - (d + 1) * _DIGIT).to(tl.uint32)
+        digit_bits = tl.full([], _BINS - 1, tl.uint32) << shift
         if (differ >> shift) == 0:  # this digit and those above it: every key's alike
             prefix = prefix | (top_key & digit_bits)
             fixed = fixed | digit_bits
         else:
             match = cand & ((key & fixed) == prefix)
-            digit = (key >> shift) & (BINS - 1)
-            hist = tl.histogram(digit.to(tl.int32), BINS, mask=match)
-            remaining, prefix, fixed, exact = _digit_round(hist, shift, remaining, prefix, fixed,
-                                                           BINS)
+            digit = (key >> shift) & (_BINS - 1)
+            hist = tl.histogram(digit.to(tl.int32), _BINS, mask=match)
+            remaining, prefix, fixed, exact = _digit_round(hist, shift, remaining, prefix, fixed)
             done = exact.to(tl.int32)
         d += 1
     total = tl.sum(cand.to(tl.int32), 0)
@@ -533,7 +525,7 @@ def _flag_neighbours(key_row, cpos, core, radius, mid_lo, mid_hi, map_row, n_col
 @triton.jit
 def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
             CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, map_row, n_cols,
-            MAP: tl.constexpr, RBITS: tl.constexpr, ATOMIC: tl.constexpr, times_row,
+            MAP: tl.constexpr, ATOMIC: tl.constexpr, times_row,
             TIMED: tl.constexpr):
     """One program, over the candidates (the top max(k, m) keys, in column order): flag
     the +-radius neighbours of the top ``m``; returns (thr, need) of the final top ``k``
@@ -549,7 +541,7 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
     in_list = offs < n_cand
     cpos = tl.load(cand_row + offs, mask=in_list, other=0, volatile=True)
     ckey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
-    thr_m, need_m = _select_registers(ckey, m, RBITS)
+    thr_m, need_m = _select_registers(ckey, m)
     _stamp(times_row, 8, TIMED)
     is_eq = in_list & (ckey == thr_m) & (ckey != 0)
     core = in_list & (ckey != 0) & ((ckey > thr_m) | _taken_ties(is_eq, need_m))
@@ -574,9 +566,9 @@ def _dilate(key_row, cand_row, n_cand, core_row, m, radius, k, mid_lo, mid_hi,
     rkey = tl.load(key_row + cpos, mask=in_list, other=0, volatile=True).to(tl.uint32, bitcast=True)
     rest = tl.where(in_list & ((rkey & 0x80000000) == 0), rkey, 0)
     if n_near >= k:  # the neighbours alone fill the budget: their best k
-        thr, need = _select_registers(flagged, k, RBITS)
+        thr, need = _select_registers(flagged, k)
     else:  # every neighbour, then the best of the other candidates
-        thr, need = _select_registers(rest, k - n_near, RBITS)
+        thr, need = _select_registers(rest, k - n_near)
         none_left = tl.sum((rest != 0).to(tl.int32), 0) == 0
         # No other key to take: a threshold above every unflagged key, below every flagged.
         thr = tl.where(none_left | (k - n_near <= 0), tl.full([], 0x7FFFFFFF, tl.uint32), thr)
@@ -614,7 +606,7 @@ def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo
                      core_row, scr, mass_ptr, start, c, parties, phase, DILATE: tl.constexpr,
                      MULTI: tl.constexpr, CAND_P2: tl.constexpr, M_P2: tl.constexpr,
                      R_P2: tl.constexpr, map_row, n_cols, MAP: tl.constexpr,
-                     RBITS: tl.constexpr, ATOMIC: tl.constexpr, use_tags, times_row,
+                     ATOMIC: tl.constexpr, use_tags, times_row,
                      TIMED: tl.constexpr):
     """Party 0 finds the threshold of the slot's picks among the candidates (the top keys
     of the row, in column order; flagging their dilation neighbours first with ``DILATE``).
@@ -630,10 +622,10 @@ def _final_threshold(key_row, cand_row, n_cand, near_row, cap, m, radius, mid_lo
         if DILATE:
             thr, need, cpos, rkey, near_col, near_key = _dilate(
                 key_row, cand_row, n_cand, core_row, m, radius, cap, mid_lo, mid_hi, CAND_P2,
-                M_P2, R_P2, map_row, n_cols, MAP, RBITS, ATOMIC, times_row, TIMED)
+                M_P2, R_P2, map_row, n_cols, MAP, ATOMIC, times_row, TIMED)
         else:
             cpos, rkey = _candidate_keys(key_row, cand_row, n_cand, CAND_P2)
-            thr, need = _select_registers(rkey, cap, RBITS)
+            thr, need = _select_registers(rkey, cap)
             _stamp(times_row, 11, TIMED)
         thr = tl.where(cap <= 0, tl.full([], 0xFFFFFFFF, tl.uint32), thr)
         need = tl.where(cap <= 0, 0, need)
@@ -699,7 +691,7 @@ def _topk_kernel(
     ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr,
     COMPOSE: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
     BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr, HAS_DROPPED: tl.constexpr,
-    tags_from_share, RBITS: tl.constexpr, ATOMIC: tl.constexpr, TIMED: tl.constexpr,
+    tags_from_share, ATOMIC: tl.constexpr, TIMED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     times_row = TIMES + pid.to(tl.int64) * TIMELINE_STAMPS
@@ -746,11 +738,8 @@ def _topk_kernel(
         per = tl.cdiv(tl.cdiv(tl.maximum(scan_hi - scan_lo, 0), parties), BLOCK) * BLOCK
         start = tl.minimum(scan_lo + c * per, scan_hi)
         end = tl.minimum(start + per, scan_hi)
-        # The same for every party of the slot, so they all meet the same barriers. With
-        # the neighbours flagged by atomics there are no lists to tag.
+        # The same for every party of the slot, so they all meet the same barriers.
         use_tags = per >= tags_from_share
-        if ATOMIC:
-            use_tags = per < 0
         key_row = KEYS + slot.to(tl.int64) * L
         map_row = POSITIONS + slot.to(tl.int64) * L
         scr = SCRATCH + slot.to(tl.int64) * _SCRATCH
@@ -821,7 +810,7 @@ def _topk_kernel(
                 key_row, cand_row, n_cand, NEAR + slot.to(tl.int64) * (M_P2 * R_P2), cap, m,
                 radius, mid_lo, mid_hi, CORES + slot.to(tl.int64) * M_P2, scr,
                 PICKED_MASS + slot, start, c, parties, phase, DILATE, MULTI, CAND_P2, M_P2,
-                R_P2, map_row, L, MAP, RBITS, ATOMIC, use_tags, times_row, TIMED)
+                R_P2, map_row, L, MAP, ATOMIC, use_tags, times_row, TIMED)
             _stamp(times_row, 5, TIMED)
             if use_tags:
                 _write_picks(key_row, start, end, thr, need, out_row, width, n_out, eq_seen,
@@ -946,9 +935,6 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
     # other); with more active slots than programs, each program takes several in turn.
     num_programs = _resident_programs(device) if multi else BH
     max_parties = CONFIG["max_parties"]
-    if CONFIG["register_digit_bits"] not in (2, 4, 8):
-        raise ValueError(f"top-k register_digit_bits={CONFIG['register_digit_bits']}: must be "
-                         "2, 4 or 8")
     if not 1 <= max_parties <= _C_MAX:
         raise ValueError(f"top-k max_parties={max_parties}: must be in [1, {_C_MAX}] (the "
                          "scratch row holds the counts of that many parties)")
@@ -1028,7 +1014,8 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)), COMPOSE=compose is not None,
         MASK_KIND=comp_kind, TQ_P2=triton.next_power_of_2(q_len), BLOCK_W=BLOCK_W,
         SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None,
-        tags_from_share=CONFIG["tags_from_share"], RBITS=CONFIG["register_digit_bits"],
+        # with the neighbours flagged by atomics there are no lists to tag
+        tags_from_share=_NO_TAGS if CONFIG["atomic_flags"] else CONFIG["tags_from_share"],
         ATOMIC=bool(CONFIG["atomic_flags"]), TIMED=timeline is not None,
         num_warps=CONFIG["num_warps"],
     )

@@ -22,9 +22,6 @@
 #   BASE=dir scripts/gpu_bench.sh ab # the PrHS step of another revision's source tree (dir,
 #                                    # e.g. from `git archive`) and of this one, side by side
 #                                    # on this machine -> $OUT/profile_{base,new}.json
-#   scripts/gpu_bench.sh guard       # which launch of a PrHS step writes into the set-up's
-#                                    # snapshot (scripts/launch_guard.py, GUARD_ARGS)
-#                                    # -> $OUT/launch_guard.json
 #   scripts/gpu_bench.sh pages       # two-stage retrieval: its kernel tests, then the PrHS step
 #                                    # with exact and two-stage retrieval, and Quest's step
 #                                    # -> $OUT/latency_pages.json
@@ -115,10 +112,6 @@ for stage in "$@"; do
         2>&1 | grep -v -i "warn" > "$OUT/profile_new.txt"
       grep "step in" "$OUT/profile_new.txt"
       ;;
-    guard)
-      # shellcheck disable=SC2086  # GUARD_ARGS: e.g. --batch 16 --budget 2048
-      python "$ROOT/scripts/launch_guard.py" ${GUARD_ARGS:-} --out "$OUT/launch_guard${GUARD_TAG:-}.json" 2>&1 | grep -v -i warn | tail -20
-      ;;
     pages)
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_pages_triton.py" 2>&1 | tee "$OUT/pytest_pages.txt" | tail -8 || exit 1
       prhs-bench latency --no-progress --no-flex --retrievals exact,pages,quest --step-rates 0,0.1,1 \
@@ -126,6 +119,6 @@ for stage in "$@"; do
       python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 1 --retrieval pages 2>&1 | grep -v Warn | tee "$OUT/profile_pages_b16_128k_r1.txt" | grep -E "kernels|graph|_kernel"
       ;;
     *)
-      echo "unknown stage $stage (tests, topk, kernels, engine, attend_sweep, topk_probe, profile, profile_grid, ab, sweep, compare, probe, prefill, latency, throughput, guard, pages)"; exit 2;;
+      echo "unknown stage $stage (tests, topk, kernels, engine, attend_sweep, topk_probe, profile, profile_grid, ab, sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
   esac
 done

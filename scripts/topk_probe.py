@@ -17,13 +17,10 @@ set as the first variant with its dilation on or off):
   parties, longer passes each);
 * ``guess+dilate, N warps``: programs of N warps (the one program that thresholds the
   candidates holds fewer of them per thread with more warps);
-* ``guess+dilate, 8-bit rounds``: that program's selects in digits of 8 bits (fewer rounds,
-  each with more work);
-* ``guess+dilate, tags`` / ``no tags``: that program always / never tags the candidates
-  for the final compaction (without, it passes the threshold on at once and each party
-  counts its picks in its share of the row: a pass and a barrier more for every party, the
-  tagging out of the chain the others wait for); the default decides by the share's
-  length (``CONFIG["tags_from_share"]``);
+* ``guess+dilate, tags``: that program tags the candidates for the final compaction
+  whatever the share's length (at the probe's shapes the default does not: each party's
+  share is under ``CONFIG["tags_from_share"]``, so party 0 passes the threshold on at once
+  and each party counts its picks in its share of the row);
 * ``guess+dilate, atomic flags``: the dilation flags the cores' neighbours with atomics
   and counts those newly flagged, with no list of the cores (``CONFIG["atomic_flags"]``;
   never tags).
@@ -85,9 +82,7 @@ def main() -> int:
     variants += [(f"guess+dilate, parties<={n}", True, True, {"max_parties": n})
                  for n in parties]
     variants += [(f"guess+dilate, {w} warps", True, True, {"num_warps": w}) for w in warps]
-    variants += [("guess+dilate, 8-bit rounds", True, True, {"register_digit_bits": 8}),
-                 ("guess+dilate, tags", True, True, {"tags_from_share": 0}),
-                 ("guess+dilate, no tags", True, True, {"tags_from_share": 1 << 30}),
+    variants += [("guess+dilate, tags", True, True, {"tags_from_share": 0}),
                  ("guess+dilate, atomic flags", True, True, {"atomic_flags": True})]
     shapes, variants = shapes[:args.shapes], variants[:args.variants]
     if args.only:

@@ -42,6 +42,25 @@ def _assert_picked_mass(picked, mass, ref):
     torch.testing.assert_close(picked, want, rtol=1e-5, atol=1e-6)
 
 
+def _guess_problem(seed, B, L, hole, tied, k, m, r, H=2):
+    """Masses (cubed uniforms; 16 levels, so ties everywhere, when ``tied``) over rows whose
+    middle is [3, L - 2), with the positions ``hole`` masked: (mass, keys, the middle's
+    valid region, bounds, the reference's picks with dilation m, r)."""
+    gen = torch.Generator().manual_seed(seed)
+    mass = torch.rand(B, H, L, generator=gen) ** 3
+    if tied:
+        mass = (mass * 16).floor() / 16
+    mass = mass.to(DEVICE)
+    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    region[:, hole[0]:hole[1]] = False
+    keys = _keys_of(mass, region)
+    bounds = _middle_bounds([3] * B, [L - 2] * B, L)
+    region &= (torch.arange(L, device=DEVICE) >= 3) & (torch.arange(L, device=DEVICE) < L - 2)
+    plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=m, dilation_r=r)
+    ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=m > 0), k)
+    return mass, keys, region, bounds, ref
+
+
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("k,m,r", [(40, 13, 1), (40, 0, 0), (40, 30, 2), (500, 5, 1), (1, 1, 1)])
 @pytest.mark.parametrize("atomic", [False, True])
@@ -141,19 +160,9 @@ def test_a_guessed_threshold_gives_the_same_set_whether_it_holds_or_not(tied, m,
     """The guess (a threshold per slot carried between calls) only changes how the set is
     found: a guess that holds the needed keys, one too high, one too low (too many keys at
     or above it), none, and the guess a call leaves behind all give the reference's set."""
-    gen = torch.Generator().manual_seed(5 + 2 * tied + m)
     B, H, L, k = 2, 2, 700, 40
-    mass = torch.rand(B, H, L, generator=gen) ** 3
-    if tied:
-        mass = (mass * 16).floor() / 16
-    mass = mass.to(DEVICE)
-    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
-    region[:, 300:320] = False
-    keys = _keys_of(mass, region)
-    bounds = _middle_bounds([3, 3], [L - 2, L - 2], L)
-    region &= (torch.arange(L, device=DEVICE) >= 3) & (torch.arange(L, device=DEVICE) < L - 2)
-    plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=m, dilation_r=r)
-    ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=m > 0), k)
+    mass, keys, region, bounds, ref = _guess_problem(5 + 2 * tied + m, B, L, (300, 320), tied,
+                                                     k, m, r)
     middle_keys = torch.where(region[:, None, :], keys, 0)
     ranked = middle_keys.sort(-1, descending=True).values  # [B, H, L]
 
@@ -180,48 +189,27 @@ def test_a_guessed_threshold_gives_the_same_set_whether_it_holds_or_not(tied, m,
         assert torch.equal(again, ref), name
 
 
-@pytest.mark.parametrize("config", [{"register_digit_bits": 2}, {"register_digit_bits": 8},
-                                    {"tags_from_share": 0}, {"tags_from_share": 1 << 30},
-                                    {"tags_from_share": 1 << 30, "register_digit_bits": 8},
-                                    {"atomic_flags": True}])
+@pytest.mark.parametrize("config", [{"tags_from_share": 0}, {"atomic_flags": True}])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("m,r", [(0, 0), (13, 1)])
 def test_topk_configurations_pick_the_references_set(config, tied, m, r, monkeypatch):
-    """The choices of ``CONFIG`` that change how the candidates are thresholded (the
-    register selects' digit width; tagging the candidates, always or never, or counting
-    each party's picks in the row) change only the time: the reference's set and mass, with the guess missing
-    (first call) and holding (second)."""
+    """The choices of ``CONFIG`` that change how the candidates are thresholded (tagging
+    them whatever the share's length, where the default counts each party's picks in the
+    row; the dilation's neighbours flagged by atomics) change only the time: the
+    reference's set and mass, with the guess missing (first call) and holding (second)."""
     import prhs_compile.kernels.topk_triton as tk
 
     for name, value in config.items():
         monkeypatch.setitem(tk.CONFIG, name, value)
-    gen = torch.Generator().manual_seed(41 + 2 * tied + m)
     B, H, L, k = 1, 2, 500, 40
-    mass = torch.rand(B, H, L, generator=gen) ** 3
-    if tied:
-        mass = (mass * 16).floor() / 16
-    mass = mass.to(DEVICE)
-    region = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
-    region[:, 200:220] = False
-    bounds = _middle_bounds([3], [L - 2], L)
-    region &= (torch.arange(L, device=DEVICE) >= 3) & (torch.arange(L, device=DEVICE) < L - 2)
-    plan = SelectPlan(policy="prhs", layer=0, budget=k, dilation_m=m, dilation_r=r)
-    ref = keep_to_indices(dilate_and_pick(mass, region, plan, dilate=m > 0), k)
+    mass, keys, _, bounds, ref = _guess_problem(41 + 2 * tied + m, B, L, (200, 220), tied, k,
+                                                m, r)
     guess = torch.zeros(B, H, dtype=torch.int32, device=DEVICE)
     for _ in range(2):
-        out, picked = topk_picks(_keys_of(mass, region), bounds, k, dilation_m=m,
-                                 dilation_r=r, width=k, guess=guess)
+        out, picked = topk_picks(keys.clone(), bounds, k, dilation_m=m, dilation_r=r, width=k,
+                                 guess=guess)
         assert torch.equal(out, ref)
         _assert_picked_mass(picked, mass, ref)
-
-
-def test_topk_refuses_a_register_digit_width_that_does_not_divide_a_key(monkeypatch):
-    import prhs_compile.kernels.topk_triton as tk
-
-    monkeypatch.setitem(tk.CONFIG, "register_digit_bits", 3)
-    keys = torch.ones(1, 1, 16, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="register_digit_bits=3: must be 2, 4 or 8"):
-        topk_picks(keys, _middle_bounds([0], [16], 16), 4)
 
 
 @pytest.mark.parametrize("spread", ["narrow", "equal"])
