@@ -66,6 +66,7 @@ from .select_reference import (
 from .selection import advance_age, scatter_keep
 from .compose_triton import compose as _compose
 from .compose_triton import composition
+from .gate_triton import prhs_gate_triton
 from .retrieve_triton import retrieve_keys
 from .bounds_triton import BoundsColumn as Col
 from .bounds_triton import compute_bounds, mask_operand
@@ -303,25 +304,21 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
 
 
 @_fused
-def _gate(bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm, counters,
+def _gate(bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm,
           q_len: int, scale: float, tau: float, delta_target: float, max_reuse: int,
-          advance: bool, bookkeep: bool):
-    """The gated step's prologue: the per-row facts (``_row_facts``) and PrHS's gate
-    (``rule_prhs.prhs_gate``): which slots reuse their stored set this step and which
-    retrieve, also as int32 flags for the kernels (not the reuse bound: only verify mode
+          advance: bool):
+    """The gated step's prologue where the gate kernel (``gate_triton``) does not serve it
+    (``delta_target``'s gate, two-stage retrieval): the per-row facts (``_row_facts``) and
+    PrHS's gate (``rule_prhs.prhs_gate``): which slots reuse their stored set this step and
+    which retrieve, also as int32 flags for the kernels (not the reuse bound: only verify mode
     reports it, on the reference). With ``advance``, also the state the decision alone sets
-    (``rule_prhs.prhs_advance``: anchors, ages); with ``bookkeep``, the step's bookkeeping
-    (``select_reference.step_bookkeeping``): the top-k then writes the rest (the picks and
-    their dropped mass), and no launch follows it. One compiled graph, so a few fused
-    kernels; it also makes the top-k's zeroed scratch, whose fill Inductor folds into those
-    launches."""
+    (``rule_prhs.prhs_advance``: anchors, ages). One compiled graph, so a few fused kernels;
+    it also makes the top-k's zeroed scratch, whose fill Inductor folds into those launches."""
     newest, continuing, fits = _row_facts(bounds, pos, fingerprint, k, q_len)
     retrieve, reuse, _ = prhs_gate(q, k, newest, continuing, fits, age, anchor, anchor_dropped,
                                    key_norm, scale, tau, delta_target, max_reuse)
     if advance:  # no fresh key norm: only the reuse bound reads it (delta_target, verify)
         prhs_advance(q, None, retrieve, reuse, age, anchor, key_norm)
-    if bookkeep:
-        step_bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieve)
     scratch = torch.zeros((retrieve.numel(), SCRATCH_WIDTH), dtype=torch.int32,
                           device=retrieve.device)
     return (newest, continuing, fits, retrieve, reuse, retrieve.flatten().to(torch.int32),
@@ -357,12 +354,13 @@ def _store_sufficient(q, keys, top, window_mass, fresh_key_norm, retrieve, reuse
 def _gated_step(step: Step):
     """``PrHSRule.choose`` on the Triton path: gate, gated retrieval, stored picks, output.
     Slots that reuse their set read no K and rank nothing: the score pass and the top-k
-    return at once for them. The glue is one compiled graph before the kernels (each launch
-    costs microseconds even inside a CUDA graph): the gate, the state it alone decides and
-    the bookkeeping; the top-k writes the picks, their dropped mass and the output.
-    ``delta_target`` (which ranks its top set by mass after the top-k) and two-stage
+    return at once for them. Each launch costs microseconds even inside a CUDA graph, so
+    one kernel comes before the pass over K (``gate_triton``: the gate, the state it alone
+    decides and the bookkeeping) and the top-k writes the picks, their dropped mass and the
+    output. ``delta_target`` (which ranks its top set by mass after the top-k) and two-stage
     retrieval (whose page summaries read the sequence's old end, so the bookkeeping waits
-    for them) add a compiled graph after it."""
+    for them) take the gate from a compiled graph of the torch functions instead, and add
+    one after the top-k."""
     q, k, mask, scale, plan, st, operand, bounds = step[:8]
     batch, _, q_len, _, length = step.shape
     rows = step.rows
@@ -370,12 +368,18 @@ def _gated_step(step: Step):
     anchor_dropped, key_norm = st["anchor_dropped"][:batch], st["key_norm"][:batch]
     pos, fingerprint = step.seq_state()
     sufficient = plan.delta_target > 0
-    bookkeep = not sufficient and not uses_pages(plan)
-    newest, continuing, fits, retrieve, reuse, flags, scratch = _gate(
-        bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm, st["counters"],
-        q_len, float(scale), plan.tau, plan.delta_target, plan.max_reuse,
-        not sufficient, bookkeep)
-    step = step._replace(newest=newest, continuing=continuing, fits=fits)
+    # The cosine gate with exact retrieval: the gate, the state it decides and the step's
+    # bookkeeping in one launch, so no launch follows the top-k. Otherwise compiled glue.
+    one_launch = not sufficient and not uses_pages(plan)
+    if one_launch:
+        flags, scratch = prhs_gate_triton(bounds, q, k, pos, fingerprint, age, anchor, key_norm,
+                                          st["counters"], plan.tau, plan.max_reuse,
+                                          SCRATCH_WIDTH)
+    else:
+        newest, continuing, fits, retrieve, reuse, flags, scratch = _gate(
+            bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm, q_len,
+            float(scale), plan.tau, plan.delta_target, plan.max_reuse, not sufficient)
+        step = step._replace(newest=newest, continuing=continuing, fits=fits)
     if sufficient:
         # The smallest sufficient prefix of the top set, best first (no dilation): the top
         # set from the one-pass retrieval and the radix top-k, then a sort of that set.
@@ -402,7 +406,7 @@ def _gated_step(step: Step):
                dilation_r=radius, width=plan.middle, guess=st[TOPK_GUESS][:batch],
                positions=found.positions, pending=found.pending, compose=output,
                scratch=scratch, dropped=(anchor_dropped, found.window_mass, rows))
-    if not bookkeep:
+    if not one_launch:
         step.finish(None, retrieve)
     return output.out
 

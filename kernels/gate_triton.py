@@ -1,0 +1,180 @@
+"""PrHS's cosine gate as one Triton launch (what CUDA runs before a gated step's retrieval).
+
+One program per batch row does, for every KV head of the row, what the step's torch
+functions do (they are the reference, ``prhs_gate_reference`` below strings them together):
+
+* the row's continuity (``select_reference.continuing_rows``): its newest valid position
+  (from the bounds) follows the stored one, and the cache still holds the stored key;
+* the gate (``rule_prhs.prhs_gate`` with the cosine test, ``delta_target = 0``): the largest
+  key norm meets the newest key, a slot reuses its set while its age allows one more step and
+  every query head of its group is within cosine ``tau`` of its anchor, and a slot of a row
+  that does not fit the budget retrieves otherwise;
+* the state the decision alone sets (``rule_prhs.prhs_advance``): anchors, ages;
+* the step's bookkeeping (``select_reference.step_bookkeeping``): the counters (by atomics),
+  the row's newest position and the key it ends with;
+* the int32 flags the pass over K and the top-k read (1: the slot retrieves), and zeros in
+  the top-k's scratch rows of the retrieving slots (the only rows the top-k reads).
+
+Why a kernel: compiled by Inductor, the same torch code is five launches of about a
+microsecond each plus their gaps (the reductions over the head dimension of keys, queries and
+anchors have different shapes and depend on each other); at B=1 those launches are a fifth of
+a step that reuses every set. The ``delta_target`` gate and two-stage retrieval (whose page
+summaries read the stored position before the bookkeeping moves it) keep the compiled torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rule_prhs import prhs_advance, prhs_gate
+from .select_reference import CALLS, RESETS, RETRIEVALS, SLOTS, continuing_rows, step_bookkeeping
+
+__all__ = ["prhs_gate_reference", "prhs_gate_triton"]
+
+# The counters' entries (select_reference.COUNTER_NAMES), as the kernel's constants.
+_CALLS, _SLOTS = tl.constexpr(CALLS), tl.constexpr(SLOTS)
+_RESETS, _RETRIEVALS = tl.constexpr(RESETS), tl.constexpr(RETRIEVALS)
+
+
+@triton.jit
+def _prhs_gate_kernel(
+    BOUNDS, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS, FLAGS, SCRATCH,
+    Tq, L, tau, max_reuse, n_slots, scratch_width,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
+    G_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    bnd = BOUNDS + b * 8  # bounds_triton.BoundsColumn: hi 1, count 2, fits 5
+    hi = tl.load(bnd + 1)
+    count = tl.load(bnd + 2)
+    fits = tl.load(bnd + 5) != 0
+    newest = tl.where(count > 0, hi - 1, -1).to(tl.int64)
+    pos = tl.load(POS + b)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k_row = K + b * stride_kb
+
+    # Continuity: follows the stored position, and KV head 0 still holds the stored key there.
+    old = tl.load(k_row + tl.minimum(tl.maximum(pos, 0), L - 1) * stride_kl + offs_d * stride_kd,
+                  mask=d_ok, other=0.0).to(tl.float32)
+    fingerprint = tl.load(FINGERPRINT + b * D + offs_d, mask=d_ok, other=0.0)
+    holds = tl.sum((d_ok & (old != fingerprint)).to(tl.int32), 0) == 0  # NaN never equal
+    follows = (pos >= 0) & (newest == pos + Tq) & (pos < L)
+    continuing = follows & holds
+
+    # The newest key of every KV head: its norm, and head 0's as the next fingerprint.
+    offs_h = tl.arange(0, HKV_P2)
+    h_ok = offs_h < HKV
+    hd_ok = h_ok[:, None] & d_ok[None, :]
+    at_newest = tl.minimum(tl.maximum(newest, 0), L - 1)
+    k_new = tl.load(k_row + offs_h[:, None].to(tl.int64) * stride_kh + at_newest * stride_kl
+                    + offs_d[None, :] * stride_kd, mask=hd_ok, other=0.0).to(tl.float32)
+    new_norm = tl.sqrt_rn(tl.sum(k_new * k_new, 1))
+    new_fingerprint = tl.sum(tl.where(offs_h[:, None] == 0, k_new, 0.0), 0)
+    key_norm = tl.load(KEY_NORM + b * HKV + offs_h, mask=h_ok, other=0.0)
+
+    # The cosine of each query head's newest row with its anchor ([KV head, group member]),
+    # as torch's cosine_similarity: each vector over its norm (at least 1e-8), then the dot.
+    offs_g = tl.arange(0, G_P2)
+    head = offs_h[:, None] * G + offs_g[None, :]
+    hg_ok = h_ok[:, None] & (offs_g < G)[None, :]
+    ok3 = hg_ok[:, :, None] & d_ok[None, None, :]
+    query = tl.load(Q + b * stride_qb + head[:, :, None].to(tl.int64) * stride_qh
+                    + (Tq - 1) * stride_qt + offs_d[None, None, :] * stride_qd,
+                    mask=ok3, other=0.0).to(tl.float32)
+    anchor_ptrs = ANCHOR + (b * (HKV * G) + head[:, :, None]) * D + offs_d[None, None, :]
+    anchor = tl.load(anchor_ptrs, mask=ok3, other=0.0)
+    q_norm = tl.maximum(tl.sqrt_rn(tl.sum(query * query, 2)), 1e-8)
+    a_norm = tl.maximum(tl.sqrt_rn(tl.sum(anchor * anchor, 2)), 1e-8)
+    cosine = tl.sum(tl.math.div_rn(query, q_norm[:, :, None])
+                    * tl.math.div_rn(anchor, a_norm[:, :, None]), 2)
+    near = tl.min(tl.where(hg_ok, (cosine >= tau).to(tl.int32), 1), 1) != 0
+
+    age = tl.load(AGE + b * HKV + offs_h, mask=h_ok, other=-1)
+    reuse = (continuing & (age >= 0) & (age + 1 < max_reuse) & near) != 0  # int1 (interpreter)
+    retrieve = ((reuse == 0) & (fits == 0)) != 0
+
+    # Every load of this row's state above happens before any of its stores below (the
+    # threads that load an entry need not be those that store it).
+    tl.debug_barrier()
+    tl.store(KEY_NORM + b * HKV + offs_h,
+             tl.where(continuing, tl.maximum(key_norm, new_norm, propagate_nan=tl.PropagateNan.ALL),
+                      key_norm), mask=h_ok)
+    tl.store(anchor_ptrs, query, mask=(ok3 & retrieve[:, None, None]) != 0)
+    tl.store(AGE + b * HKV + offs_h, tl.where(retrieve, 0, tl.where(reuse, age + 1, -1)),
+             mask=h_ok)
+    tl.store(FLAGS + b * HKV + offs_h, retrieve.to(tl.int32), mask=h_ok)
+    tl.store(POS + b, newest)
+    tl.store(FINGERPRINT + b * D + offs_d, new_fingerprint, mask=d_ok)
+    if b == 0:
+        tl.atomic_add(COUNTERS + _CALLS, tl.full([], 1, tl.int64))
+        tl.atomic_add(COUNTERS + _SLOTS, tl.full([], 0, tl.int64) + n_slots)
+    tl.atomic_add(COUNTERS + _RESETS, (continuing == 0).to(tl.int64))
+    tl.atomic_add(COUNTERS + _RETRIEVALS, tl.sum(tl.where(h_ok, retrieve, 0).to(tl.int64), 0))
+
+    # The top-k's scratch (barriers, counts) starts at zero in each slot it works on.
+    scr_rows = SCRATCH + (b * HKV + offs_h[:, None]).to(tl.int64) * scratch_width
+    for s0 in range(0, scratch_width, SCR_BLOCK):
+        offs_s = s0 + tl.arange(0, SCR_BLOCK)
+        tl.store(scr_rows + offs_s[None, :], tl.zeros([HKV_P2, SCR_BLOCK], tl.int32),
+                 mask=((h_ok & retrieve)[:, None] & (offs_s < scratch_width)[None, :]) != 0)
+
+
+def prhs_gate_triton(bounds, q, k, pos, fingerprint, age, anchor, key_norm, counters,
+                     tau: float, max_reuse: int, scratch_width: int):
+    """The cosine gate of one decode step, its state update and bookkeeping (module
+    docstring), in one launch. ``bounds``: the step's ``[B, 8]`` (``compute_bounds``); ``q``
+    ``[B, Hq, Tq, D]`` and ``k`` ``[B, Hkv, L, D]`` (any strides); the state tensors as the
+    rule keeps them, sliced to the batch (``pos`` int64 ``[B]``, ``fingerprint`` fp32
+    ``[B, D]``, ``age`` int32 ``[B, Hkv]``, ``anchor`` fp32 ``[B, Hq, D]``, ``key_norm`` fp32
+    ``[B, Hkv]``, ``counters`` int64), all modified in place. Returns the int32 retrieve flags
+    ``[B * Hkv]`` and the top-k's scratch ``[B * Hkv, scratch_width]`` (zeros in the rows of
+    retrieving slots; the others are left as they were)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    if Hq % Hkv != 0 or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not form GQA groups")
+    for name, t, dtype, shape in (("pos", pos, torch.int64, (B,)),
+                                  ("fingerprint", fingerprint, torch.float32, (B, D)),
+                                  ("age", age, torch.int32, (B, Hkv)),
+                                  ("anchor", anchor, torch.float32, (B, Hq, D)),
+                                  ("key_norm", key_norm, torch.float32, (B, Hkv))):
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous {dtype} of shape {shape}, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    if counters.dtype != torch.int64 or counters.numel() <= max(CALLS, SLOTS, RESETS, RETRIEVALS):
+        raise ValueError(f"counters must be int64 with the state's entries, got {counters.dtype} "
+                         f"of {counters.numel()}")
+    flags = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
+    scratch = torch.empty((B * Hkv, scratch_width), dtype=torch.int32, device=q.device)
+    G = Hq // Hkv
+    hkv_p2, g_p2 = triton.next_power_of_2(Hkv), triton.next_power_of_2(G)
+    block_d = triton.next_power_of_2(D)
+    # Two [Hq, D] fp32 tiles (queries, anchors): about 64 of them per thread at most.
+    warps = min(16, max(4, triton.next_power_of_2(hkv_p2 * g_p2 * block_d // 4096) * 4))
+    _prhs_gate_kernel[(B,)](
+        bounds, q, k, pos, fingerprint, age, anchor, key_norm, counters, flags, scratch,
+        Tq, L, float(tau), int(max_reuse), B * Hkv, scratch_width, *q.stride(), *k.stride(),
+        HKV=Hkv, G=G, D=D, HKV_P2=hkv_p2, G_P2=g_p2, BLOCK_D=block_d,
+        SCR_BLOCK=min(1024, triton.next_power_of_2(max(scratch_width, 1))), num_warps=warps,
+    )
+    return flags, scratch
+
+
+def prhs_gate_reference(bounds, q, k, pos, fingerprint, age, anchor, key_norm, counters,
+                        tau: float, max_reuse: int):
+    """What ``prhs_gate_triton`` computes, from the step's torch functions (the reference's
+    own); returns the int32 flags. (The bounds' columns: ``bounds_triton.BoundsColumn``.)"""
+    count, hi, fits = bounds[:, 2].long(), bounds[:, 1].long(), bounds[:, 5] != 0
+    newest = torch.where(count > 0, hi - 1, -1)
+    continuing = continuing_rows(pos, fingerprint, k, newest, q.shape[2])
+    dropped = torch.zeros_like(key_norm)  # only the reuse bound reads it: not the cosine gate
+    retrieve, reuse, _ = prhs_gate(q, k, newest, continuing, fits, age, anchor, dropped,
+                                   key_norm, 1.0, tau, 0.0, max_reuse)
+    prhs_advance(q, None, retrieve, reuse, age, anchor, key_norm)
+    step_bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieve)
+    return retrieve.flatten().to(torch.int32)
