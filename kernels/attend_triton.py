@@ -5,15 +5,16 @@ Semantics (see ``attend_triton``): for every query row, softmax over the selecte
 of the matching V rows. Nothing gathered is ever written to memory: each program reads the
 selected K/V rows straight from the (possibly strided, static) cache.
 
-Two kernels (flash-decoding):
-
-1. ``_attend_split_kernel``, grid ``(B * Hkv, num_splits, m_blocks)``. One program owns one
-   KV head of one batch row and a contiguous range of slots. Decode is memory bound and the
-   G query heads of a group share their K/V rows, so the program treats the ``G * Tq`` query
-   rows of the group as the M side of a small matmul and reads every selected K/V row once
-   for all of them. It writes an fp32 partial (normalised output, log-sum-exp) per split, or
-   the final output directly when there is a single split (saves a launch and the scratch).
-2. ``_attend_combine_kernel``, grid ``(B * Hq * Tq,)``: merges the splits of one query row.
+One kernel (flash-decoding with the combine fused in), ``_attend_split_kernel``, grid
+``(B * Hkv, num_splits, m_blocks)``. One program owns one KV head of one batch row and a
+contiguous range of slots. Decode is memory bound and the G query heads of a group share
+their K/V rows, so the program treats the ``G * Tq`` query rows of the group as the M side of
+a small matmul and reads every selected K/V row once for all of them. With a single split it
+writes the output directly; otherwise it writes an fp32 partial (normalised output,
+log-sum-exp) and draws an atomic ticket of its (KV head, row block), and the program that
+draws the last one merges every split's partials into the output (``_combine_rows``). A
+separate combine launch cost about 3 us at B=1 (a launch, its gap, and a loop of dependent
+loads per query row); the merge at the tail of the last split reads the same bytes.
 
 Everything is decided from shapes on the host; no tensor values are read there, so the call
 can be captured in a CUDA graph.
@@ -29,6 +30,7 @@ import triton.language as tl
 
 from .bounds_triton import mask_load_ok, mask_row_ptrs
 from .kpass_triton import num_sms
+from .tickets import tickets
 
 __all__ = ["attend_triton"]
 
@@ -42,7 +44,7 @@ _MASK_ADD = 2
 
 @triton.jit
 def _attend_split_kernel(
-    Q, K, V, IDX, MASK, O_PART, LSE_PART, OUT,
+    Q, K, V, IDX, MASK, O_PART, LSE_PART, OUT, TICKETS,
     qk_scale_log2,
     Hkv, G, Tq, S, L, num_splits, blocks_per_split,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -54,7 +56,8 @@ def _attend_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
-    SHARED_ROWS: tl.constexpr, PREFETCH_IDX: tl.constexpr,
+    SHARED_ROWS: tl.constexpr, PREFETCH_IDX: tl.constexpr, ROWS_P2: tl.constexpr,
+    SPLITS_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -166,32 +169,55 @@ def _attend_split_kernel(
                  mask=m_ok[:, None] & dv_ok[None, :])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(LSE_PART + part, lse, mask=m_ok)
+        # Release: every thread's partials are stored before the ticket is drawn; acquire:
+        # the program with the last ticket sees every other split's.
+        tl.debug_barrier()
+        ticket = TICKETS + pid_bh * tl.num_programs(2) + pid_m
+        done = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            tl.store(ticket, 0)  # zero again for the next launch (tickets.py)
+            first = pid_bh.to(tl.int64) * M + pid_m * BLOCK_M
+            _combine_rows(O_PART, LSE_PART, OUT, first, tl.minimum(M - pid_m * BLOCK_M, BLOCK_M),
+                          num_splits, DV, BLOCK_DV, ROWS_P2, SPLITS_P2, SPLIT_CHUNK)
 
 
 @triton.jit
-def _attend_combine_kernel(
-    O_PART, LSE_PART, OUT, num_splits,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, SPLITS_P2: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
+def _combine_rows(O_PART, LSE_PART, OUT, first, n_rows, num_splits, DV: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, ROWS_P2: tl.constexpr, SPLITS_P2: tl.constexpr,
+                  SPLIT_CHUNK: tl.constexpr):
+    """Merge the splits' partials of query rows ``first .. first + n_rows - 1`` into the
+    output: each split's normalised output weighted by its share of the row's softmax sum.
+    ``ROWS_P2`` rows at a time, ``SPLIT_CHUNK`` splits per load (their loads in flight
+    together). The partials were written by other programs of this launch: they are read
+    past L1 (``.cg``), whose lines are not kept coherent between SMs."""
+    offs_r = tl.arange(0, ROWS_P2)
     offs_s = tl.arange(0, SPLITS_P2)
-    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits,
-                  other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    denom = tl.sum(tl.exp2(lse - lse_max), 0)
-
+    offs_c = tl.arange(0, SPLIT_CHUNK)
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < DV
-    acc = tl.zeros([BLOCK_DV], tl.float32)
-    # Loop over splits rather than loading a [splits, DV] tile: with many splits and DV=256
-    # the tile would not fit in registers.
-    for sp in range(0, num_splits):
-        w = tl.exp2(tl.load(LSE_PART + row * num_splits + sp) - lse_max)
-        o = tl.load(O_PART + (row * num_splits + sp) * DV + offs_dv, mask=dv_ok, other=0.0)
-        acc += w * o
-    out = acc / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(OUT + row * DV + offs_dv, out.to(OUT.dtype.element_ty), mask=dv_ok)
+    for r0 in range(0, n_rows, ROWS_P2):
+        row = first + r0 + offs_r
+        r_ok = (r0 + offs_r) < n_rows
+        lse = tl.load(LSE_PART + row[:, None] * num_splits + offs_s[None, :],
+                      mask=r_ok[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
+                      cache_modifier=".cg")
+        lse_max = tl.max(lse, 1)
+        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+        denom = tl.sum(tl.exp2(lse - lse_max[:, None]), 1)
+        acc = tl.zeros([ROWS_P2, BLOCK_DV], tl.float32)
+        for s0 in range(0, num_splits, SPLIT_CHUNK):
+            sp = s0 + offs_c
+            ok = r_ok[:, None] & (sp < num_splits)[None, :]
+            part = row[:, None] * num_splits + sp[None, :]
+            w = tl.exp2(tl.load(LSE_PART + part, mask=ok, other=float("-inf"),
+                                cache_modifier=".cg") - lse_max[:, None])
+            o = tl.load(O_PART + part[:, :, None] * DV + offs_dv[None, None, :],
+                        mask=ok[:, :, None] & dv_ok[None, None, :], other=0.0,
+                        cache_modifier=".cg")
+            acc += tl.sum(w[:, :, None] * o, 1)
+        out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
+        tl.store(OUT + row[:, None] * DV + offs_dv[None, :], out.to(OUT.dtype.element_ty),
+                 mask=r_ok[:, None] & dv_ok[None, :])
 
 
 def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int, int]:
@@ -202,7 +228,7 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
     for about 4 programs per SM in total (one wave, several resident per SM to hide load
     latency). Splitting beyond that only adds partial-result traffic and a bigger combine.
     ``n_base_programs`` (B * Hkv * m_blocks) already fills the machine for large batches,
-    in which case one split is kept and the combine kernel is skipped entirely. The split
+    in which case one split is kept and nothing is merged. The split
     count is then recomputed from the blocks per split so that no split is empty (only the
     last may be shorter).
     """
@@ -219,6 +245,11 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
 # gathers do not wait on an index load in between.
 CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4,
           "prefetch_idx": True}
+
+
+# fp32 elements of the merge's tiles (the rows' log-sum-exps, the partials of one load):
+# about 64 registers a thread at 4 warps.
+MERGE_TILE = 8192
 
 
 def _kernel_config(d: int, dv: int) -> tuple[int, int, int]:
@@ -330,15 +361,18 @@ def attend_triton(
 
     direct = num_splits == 1
     if direct:
-        o_part = lse_part = out  # unused placeholders
+        o_part = lse_part = ticket_t = out  # unused placeholders
     else:
         o_part = torch.empty((B * Hq * Tq, num_splits, Dv), dtype=torch.float32,
                              device=q.device)
         lse_part = torch.empty((B * Hq * Tq, num_splits), dtype=torch.float32,
                                device=q.device)
+        ticket_t = tickets(q.device, B * Hkv * m_blocks)
+    splits_p2 = triton.next_power_of_2(num_splits)
+    rows_p2 = min(triton.next_power_of_2(min(M, BLOCK_M)), max(1, MERGE_TILE // splits_p2))
 
     _attend_split_kernel[(B * Hkv, num_splits, m_blocks)](
-        q, k, v, idx, mask_t, o_part, lse_part, out,
+        q, k, v, idx, mask_t, o_part, lse_part, out, ticket_t,
         float(scale) * _LOG2E,
         Hkv, G, Tq, S, L, num_splits, blocks_per_split,
         *q.stride(), *k.stride(), *v.stride(), *idx.stride(), *ms,
@@ -351,12 +385,8 @@ def attend_triton(
         # query position or a mask broadcast over positions): each column is loaded once.
         SHARED_ROWS=ms[1] == 0 and (Tq == 1 or ms[2] == 0),
         PREFETCH_IDX=bool(CONFIG.get("prefetch_idx", False)),
+        ROWS_P2=rows_p2, SPLITS_P2=splits_p2,
+        SPLIT_CHUNK=min(splits_p2, max(1, MERGE_TILE // (rows_p2 * BLOCK_DV))),
         num_warps=num_warps, num_stages=num_stages,
     )
-    if not direct:
-        _attend_combine_kernel[(B * Hq * Tq,)](
-            o_part, lse_part, out, num_splits,
-            DV=Dv, BLOCK_DV=BLOCK_DV, SPLITS_P2=triton.next_power_of_2(num_splits),
-            num_warps=4 if BLOCK_DV >= 128 else 2,
-        )
     return out

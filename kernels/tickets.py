@@ -1,6 +1,7 @@
 """Atomic tickets: a zeroed int32 buffer per device for a kernel whose last program of a group
 finishes the group's work, so that it needs no second launch (the bounds' mask stats: the
-last chunk of a row writes the row's bounds).
+last chunk of a row writes the row's bounds; attend: the last split of a KV head merges the
+splits).
 
 The kernel increments its group's ticket and the program that draws the last one resets it
 to 0, so the buffer is all zeros again after every launch: one buffer serves every call and

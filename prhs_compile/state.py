@@ -41,12 +41,13 @@ def allocate_state(plan: SelectPlan, batch: int, q_heads: int, kv_heads: int, he
     if torch.device(device).type == "cuda":
         # Device tensors the CUDA step keeps between calls are made here, outside any CUDA
         # graph: one first made inside a graph tree's recording run would be an allocation of
-        # its memory pool that no output tracks, which torch refuses. The bounds kernel's
-        # tickets (one per row; kernels.tickets) and the per-head budgets as a tensor
+        # its memory pool that no output tracks, which torch refuses. The tickets of the
+        # bounds kernel (one per row) and of attend's merge (one per row and KV head at
+        # decode; kernels.tickets), and the per-head budgets as a tensor
         # (SelectPlan.head_middles).
         from prhs_compile.kernels.tickets import reserve_tickets
 
-        reserve_tickets(device, batch)
+        reserve_tickets(device, batch * max(kv_heads, 1))
         plan.head_middles(torch.device(device))
     return [torch.full(shape, fill, dtype=dtype, device=device) for shape, dtype, fill in spec.values()]
 

@@ -146,6 +146,27 @@ def test_splits_agree(prefetch_idx, monkeypatch):
         check(attend_triton(q, k, v, idx, block_n=16, num_splits=splits), ref, torch.float32)
 
 
+def test_merge_of_many_splits_and_row_blocks(monkeypatch):
+    # The last split of each (KV head, row block) merges them all: two row blocks of a
+    # 72-row group (G=8, Tq=9), 19 splits, and merge tiles made small enough that the
+    # merge walks its rows and splits in several steps; its tickets are left at zero.
+    from prhs_compile.kernels import tickets
+
+    module = sys.modules[attend_triton.__module__]
+    monkeypatch.setattr(module, "MERGE_TILE", 256)
+    tickets.reserve_tickets(DEVICE, 64)
+    gen = torch.Generator().manual_seed(19)
+    B, Hkv, G, Tq, L, D, S = 1, 1, 8, 9, 400, 16, 300
+    q = rand((B, Hkv * G, Tq, D), torch.float32, gen)
+    k = rand((B, Hkv, L, D), torch.float32, gen)
+    v = rand((B, Hkv, L, D), torch.float32, gen)
+    idx = make_idx(B, Hkv, S, L, [[S - 30]], gen)
+    for _ in range(2):  # the second call finds the tickets as the first left them
+        out = attend_triton(q, k, v, idx, block_n=16, num_splits=19)
+        check(out, attend_naive(q, k, v, idx), torch.float32)
+        assert not tickets.tickets(DEVICE, 64).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bool_mask(dtype):
     # Mask some selected positions (per batch row and query position); query position 0 of
@@ -233,7 +254,7 @@ def test_pick_splits():
     # B=16, Hkv=8: 128 programs already; a few splits reach ~4 per SM.
     n, per = _pick_splits(32, 128, 132)
     assert 2 <= n <= 5 and (n - 1) * per < 32 <= n * per
-    # Very large batch: a single split (combine kernel skipped).
+    # Very large batch: a single split (nothing to merge).
     assert _pick_splits(32, 1024, 132) == (1, 32)
     for n_blocks in range(1, 40):
         for base in (1, 3, 16, 100, 600):
