@@ -3,6 +3,7 @@
 #
 #   scripts/gpu_bench.sh tests       # the CUDA-marked tests, and the kernel tests of the select
 #                                    # step, top-k, select and attend
+#   scripts/gpu_bench.sh step_tests  # the gate's, attend's and the select step's kernel tests (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh topk        # the top-k's kernel tests alone (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh engine      # the select engine's kernel tests alone (retrieval, top-k)
 #   scripts/gpu_bench.sh kernels     # the top-k, attend and oracle-select kernel tests (stops the stages after it on a failure)
@@ -48,6 +49,9 @@ for stage in "$@"; do
     tests)
       python -m pytest -q -p no:cacheprovider $PAR -m cuda "$ROOT/tests" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
       python -m pytest -q -p no:cacheprovider $PAR "$ROOT/tests/test_select_step_triton.py" "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_triton.py" "$ROOT/tests/test_attend_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
+      ;;
+    step_tests)  # the gate's, attend's, the whole select step's and the timer's tests; a failure stops the stages after it
+      python -m pytest -q -x -p no:cacheprovider $PAR "$ROOT/tests/test_gate_triton.py" "$ROOT/tests/test_attend_triton.py" "$ROOT/tests/test_select_step_triton.py" "$ROOT/tests/test_timing.py" 2>&1 | tee "$OUT/pytest_step.txt" | tail -5 || exit 1
       ;;
     topk)  # the top-k's kernel tests; a failure stops the stages after it
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" 2>&1 | tee "$OUT/pytest_topk.txt" | tail -5 || exit 1
