@@ -13,6 +13,9 @@ may select, with no host synchronisation (CUDA-graph capturable).
                                        and ``middle_range``)
     _bounds_kernel      (B,)           the same bounds for a step without a mask
 
+  (``chunk_stats_last`` and ``write_row_bounds`` are the two halves, for a kernel that goes
+  on from a row's bounds in the same launch: ``gate_triton``);
+
   With a static cache K is ``[B, Hkv, Lmax, D]`` and the mask says which positions hold
   tokens: ``[lo, hi)`` spans them, so no kernel reads the unfilled cache. Where every
   position of ``[lo, hi)`` is valid (all of Hugging Face's decode masks: causal, left
@@ -28,7 +31,8 @@ import triton.language as tl
 
 from .tickets import tickets
 
-__all__ = ["BLOCK_W", "MASK_ADD", "MASK_BOOL", "MASK_NONE", "BoundsColumn", "compute_bounds",
+__all__ = ["BLOCK_W", "MASK_ADD", "MASK_BOOL", "MASK_NONE", "BoundsColumn", "bounds_launch",
+           "chunk_stats_last", "compute_bounds", "write_row_bounds",
            "mask_load_ok", "mask_operand", "mask_row_ptrs", "masked_scores", "rows_share_mask",
            "middle_range", "row_bounds", "row_contiguous", "select_bounds", "valid_in_row", "valid_positions", "write_valid_run"]
 
@@ -121,17 +125,13 @@ def masked_scores(s, mask_rows, pos, row_ok, col_ok, stride_ml, mask_min,
 
 
 @triton.jit
-def _mask_stats_kernel(
-    MASK, STATS, TICKETS, BOUNDS, Tq, L, C, sink, local, budget, min_context, psaw_frac,
-    stride_mb, stride_mt, stride_ml, mask_min,
-    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-    C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
-):
-    """The valid count, first and last valid position of one chunk of a row's mask; the
-    row's last chunk to finish (an atomic ticket per row, left at 0 again for the next
-    call) then writes the row's bounds from every chunk's: one launch, not two."""
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
+def chunk_stats_last(MASK, STATS, TICKETS, b, c, Tq, L, C, stride_mb, stride_mt, stride_ml,
+                     mask_min, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
+                     CHUNK: tl.constexpr, SUB: tl.constexpr):
+    """Store the valid count, first and last valid position of chunk ``c`` of row ``b``'s
+    mask, then draw the row's atomic ticket: True for the row's last chunk to finish, which
+    may then write the row's bounds (``write_row_bounds``) from every chunk's stats; that
+    one leaves the ticket at 0 again for the next call. One launch, not two."""
     cnt = tl.full([], 0, tl.int32)
     first = tl.full([], 0, tl.int32) + L
     last = tl.full([], -1, tl.int32)
@@ -149,11 +149,26 @@ def _mask_stats_kernel(
     # Release: this chunk's stats are written before its ticket; acquire: the last chunk
     # sees every other chunk's.
     done = tl.atomic_add(TICKETS + b, 1, sem="acq_rel", scope="gpu")
-    if done == C - 1:
+    is_last = done == C - 1
+    if is_last:
         tl.store(TICKETS + b, 0)
-        _write_row_bounds(MASK, STATS, BOUNDS, b, Tq, L, C, sink, local, budget, min_context,
-                          psaw_frac, stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND,
-                          TQ_P2, CHUNK, SUB, C_P2, HAS_PSAW)
+    return is_last
+
+
+@triton.jit
+def _mask_stats_kernel(
+    MASK, STATS, TICKETS, BOUNDS, Tq, L, C, sink, local, budget, min_context, psaw_frac,
+    stride_mb, stride_mt, stride_ml, mask_min,
+    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+    C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
+):
+    """The stats of one chunk of a row's mask; the row's last chunk writes its bounds."""
+    b = tl.program_id(0).to(tl.int64)
+    if chunk_stats_last(MASK, STATS, TICKETS, b, tl.program_id(1), Tq, L, C, stride_mb,
+                        stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, CHUNK, SUB):
+        write_row_bounds(MASK, STATS, BOUNDS, b, Tq, L, C, sink, local, budget, min_context,
+                         psaw_frac, stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND,
+                         TQ_P2, CHUNK, SUB, C_P2, HAS_PSAW)
 
 
 @triton.jit
@@ -197,17 +212,18 @@ def _bounds_kernel(
     C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
 ):
     """The bounds of a row without a mask (a masked row's come from ``_mask_stats_kernel``)."""
-    _write_row_bounds(MASK, STATS, BOUNDS, tl.program_id(0).to(tl.int64), Tq, L, C, sink,
+    write_row_bounds(MASK, STATS, BOUNDS, tl.program_id(0).to(tl.int64), Tq, L, C, sink,
                       local, budget, min_context, psaw_frac, stride_mb, stride_mt, stride_ml,
                       mask_min, MASK_KIND, TQ_P2, CHUNK, SUB, C_P2, HAS_PSAW)
 
 
 @triton.jit
-def _write_row_bounds(MASK, STATS, BOUNDS, b, Tq, L, C, sink, local, budget, min_context,
-                      psaw_frac, stride_mb, stride_mt, stride_ml, mask_min,
-                      MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr,
-                      SUB: tl.constexpr, C_P2: tl.constexpr, HAS_PSAW: tl.constexpr):
-    """Row ``b``'s bounds (``BoundsColumn``) from its chunks' mask stats."""
+def write_row_bounds(MASK, STATS, BOUNDS, b, Tq, L, C, sink, local, budget, min_context,
+                     psaw_frac, stride_mb, stride_mt, stride_ml, mask_min,
+                     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr,
+                     SUB: tl.constexpr, C_P2: tl.constexpr, HAS_PSAW: tl.constexpr):
+    """Row ``b``'s bounds (``BoundsColumn``) from its chunks' mask stats (no mask: from the
+    length alone); returns the row's (hi, count, fits) for a caller that goes on with them."""
     # Runtime ints equal to 1 arrive as constexprs: make them tensors for tl.where.
     sink = tl.full([], 0, tl.int32) + sink
     local = tl.full([], 0, tl.int32) + local
@@ -270,6 +286,7 @@ def _write_row_bounds(MASK, STATS, BOUNDS, b, Tq, L, C, sink, local, budget, min
     tl.store(out + 5, fits.to(tl.int32))
     tl.store(out + 6, mid_start.to(tl.int32))
     tl.store(out + 7, contiguous.to(tl.int32))
+    return hi, count, fits
 
 
 @triton.jit
@@ -357,23 +374,35 @@ class BoundsColumn:
     LO, HI, COUNT, SINK_END, LOCAL_START, FITS, MIDDLE_START, CONTIGUOUS = range(8)
 
 
+def bounds_launch(kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context,
+                  psaw_frac=-1.0):
+    """(grid, runtime arguments after the four tensors, constexpr arguments) of a launch
+    that writes the bounds (``_mask_stats_kernel``, ``_bounds_kernel``, or a kernel built on
+    ``chunk_stats_last`` and ``write_row_bounds``): ``(B, chunks)`` programs with a mask,
+    ``(B, 1)`` without."""
+    tq_p2 = triton.next_power_of_2(max(Tq, 1))
+    sub = min(_CHUNK, max(16, 8192 // tq_p2))
+    C = triton.cdiv(max(L, 1), _CHUNK)
+    args = (Tq, L, C, sink, local, budget, min_context, float(psaw_frac), *ms, mask_min)
+    consts = dict(MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub,
+                  C_P2=triton.next_power_of_2(C), HAS_PSAW=psaw_frac >= 0)
+    return (B, 1 if kind == MASK_NONE else C), args, consts
+
+
 def compute_bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, min_context, device,
                    psaw_frac=-1.0):
     """int32 [B, 8]: lo, hi, count, sink_end, local_start, fits, middle start (the position
     of rank ``sink + P_l(count)`` when ``psaw_frac >= 0``, else 0), contiguous (1 when every
     position of [lo, hi) is valid, so later kernels need not read the mask there)."""
     bounds = torch.empty((B, 8), dtype=torch.int32, device=device)
-    tq_p2 = triton.next_power_of_2(max(Tq, 1))
-    sub = min(_CHUNK, max(16, 8192 // tq_p2))
-    C = triton.cdiv(max(L, 1), _CHUNK)
-    args = (Tq, L, C, sink, local, budget, min_context, float(psaw_frac), *ms, mask_min)
-    consts = dict(MASK_KIND=kind, TQ_P2=tq_p2, CHUNK=_CHUNK, SUB=sub,
-                  C_P2=triton.next_power_of_2(C), HAS_PSAW=psaw_frac >= 0, num_warps=4)
+    grid, args, consts = bounds_launch(kind, ms, mask_min, B, Tq, L, sink, local, budget,
+                                       min_context, psaw_frac)
     if kind == MASK_NONE:
-        _bounds_kernel[(B,)](bounds, bounds, bounds, *args, **consts)  # no mask, no stats
+        _bounds_kernel[grid[:1]](bounds, bounds, bounds, *args, **consts, num_warps=4)
     else:
-        stats = torch.empty((B, C, 3), dtype=torch.int32, device=device)
-        _mask_stats_kernel[(B, C)](mask_t, stats, tickets(device, B), bounds, *args, **consts)
+        stats = torch.empty((B, grid[1], 3), dtype=torch.int32, device=device)
+        _mask_stats_kernel[grid](mask_t, stats, tickets(device, B), bounds, *args, **consts,
+                                 num_warps=4)
     return bounds
 
 

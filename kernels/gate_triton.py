@@ -1,7 +1,10 @@
-"""PrHS's cosine gate as one Triton launch (what CUDA runs before a gated step's retrieval).
+"""The step's bounds and PrHS's cosine gate in one Triton launch (what CUDA runs before a
+gated step's retrieval).
 
-One program per batch row does, for every KV head of the row, what the step's torch
-functions do (they are the reference, ``prhs_gate_reference`` below strings them together):
+The launch is the bounds kernel's (``bounds_triton``: one program per chunk of a row's mask,
+the row's last chunk to finish writes its bounds); that program then does, for every KV head
+of the row, what the step's torch functions do (they are the reference,
+``prhs_gate_reference`` below strings them together):
 
 * the row's continuity (``select_reference.continuing_rows``): its newest valid position
   (from the bounds) follows the stored one, and the cache still holds the stored key;
@@ -15,23 +18,28 @@ functions do (they are the reference, ``prhs_gate_reference`` below strings them
 * the int32 flags the pass over K and the top-k read (1: the slot retrieves), and zeros in
   the top-k's scratch rows of the retrieving slots (the only rows the top-k reads).
 
-Why a kernel: compiled by Inductor, the same torch code is five launches of about a
-microsecond each plus their gaps (the reductions over the head dimension of keys, queries and
-anchors have different shapes and depend on each other); at B=1 those launches are a fifth of
-a step that reuses every set. The ``delta_target`` gate and two-stage retrieval (whose page
-summaries read the stored position before the bookkeeping moves it) keep the compiled torch.
+Why: compiled by Inductor, the same torch code is five launches of about a microsecond each
+plus their gaps (the reductions over the head dimension of keys, queries and anchors have
+different shapes and depend on each other), after the bounds' own launch; at B=1 those six
+launches were a third of a step that reuses every set. The ``delta_target`` gate and
+two-stage retrieval (whose page summaries read the stored position before the bookkeeping
+moves it) keep the compiled torch.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .bounds_triton import MASK_NONE, bounds_launch, chunk_stats_last, write_row_bounds
 from .rule_prhs import prhs_advance, prhs_gate
 from .select_reference import CALLS, RESETS, RETRIEVALS, SLOTS, continuing_rows, step_bookkeeping
+from .tickets import tickets
 
-__all__ = ["prhs_gate_reference", "prhs_gate_triton"]
+__all__ = ["GateState", "bounds_and_gate", "prhs_gate_reference"]
 
 # The counters' entries (select_reference.COUNTER_NAMES), as the kernel's constants.
 _CALLS, _SLOTS = tl.constexpr(CALLS), tl.constexpr(SLOTS)
@@ -39,20 +47,16 @@ _RESETS, _RETRIEVALS = tl.constexpr(RESETS), tl.constexpr(RETRIEVALS)
 
 
 @triton.jit
-def _prhs_gate_kernel(
-    BOUNDS, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS, FLAGS, SCRATCH,
-    Tq, L, tau, max_reuse, n_slots, scratch_width,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kl, stride_kd,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
-    G_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    bnd = BOUNDS + b * 8  # bounds_triton.BoundsColumn: hi 1, count 2, fits 5
-    hi = tl.load(bnd + 1)
-    count = tl.load(bnd + 2)
-    fits = tl.load(bnd + 5) != 0
+def _gate_row(b, hi, count, fits, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS,
+              FLAGS, SCRATCH, Tq, L, tau, max_reuse, n_slots, scratch_width,
+              stride_qb, stride_qh, stride_qt, stride_qd,
+              stride_kb, stride_kh, stride_kl, stride_kd,
+              HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
+              G_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr):
+    """The gate of batch row ``b`` (every KV head) once its bounds are known (module
+    docstring)."""
     newest = tl.where(count > 0, hi - 1, -1).to(tl.int64)
+    fits = fits != 0
     pos = tl.load(POS + b)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -124,57 +128,112 @@ def _prhs_gate_kernel(
                  mask=((h_ok & retrieve)[:, None] & (offs_s < scratch_width)[None, :]) != 0)
 
 
-def prhs_gate_triton(bounds, q, k, pos, fingerprint, age, anchor, key_norm, counters,
-                     tau: float, max_reuse: int, scratch_width: int):
-    """The cosine gate of one decode step, its state update and bookkeeping (module
-    docstring), in one launch. ``bounds``: the step's ``[B, 8]`` (``compute_bounds``); ``q``
-    ``[B, Hq, Tq, D]`` and ``k`` ``[B, Hkv, L, D]`` (any strides); the state tensors as the
-    rule keeps them, sliced to the batch (``pos`` int64 ``[B]``, ``fingerprint`` fp32
-    ``[B, D]``, ``age`` int32 ``[B, Hkv]``, ``anchor`` fp32 ``[B, Hq, D]``, ``key_norm`` fp32
-    ``[B, Hkv]``, ``counters`` int64), all modified in place. Returns the int32 retrieve flags
-    ``[B * Hkv]`` and the top-k's scratch ``[B * Hkv, scratch_width]`` (zeros in the rows of
-    retrieving slots; the others are left as they were)."""
+@triton.jit
+def _bounds_gate_kernel(
+    MASK, STATS, TICKETS, BOUNDS, Tq, L, C, sink, local, budget, min_context, psaw_frac,
+    stride_mb, stride_mt, stride_ml, mask_min,
+    Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS, FLAGS, SCRATCH,
+    tau, max_reuse, n_slots, scratch_width,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+    C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
+    G_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr,
+):
+    """Grid ``(B, chunks of the mask)`` (``(B, 1)`` without a mask): the row's bounds as
+    ``compute_bounds`` writes them, then, in the program that wrote them, the row's gate."""
+    b = tl.program_id(0).to(tl.int64)
+    last = True
+    if MASK_KIND != 0:
+        last = chunk_stats_last(MASK, STATS, TICKETS, b, tl.program_id(1), Tq, L, C, stride_mb,
+                                stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, CHUNK, SUB)
+    if last:
+        hi, count, fits = write_row_bounds(MASK, STATS, BOUNDS, b, Tq, L, C, sink, local,
+                                           budget, min_context, psaw_frac, stride_mb,
+                                           stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2,
+                                           CHUNK, SUB, C_P2, HAS_PSAW)
+        _gate_row(b, hi, count, fits, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS,
+                  FLAGS, SCRATCH, Tq, L, tau, max_reuse, n_slots, scratch_width,
+                  stride_qb, stride_qh, stride_qt, stride_qd,
+                  stride_kb, stride_kh, stride_kl, stride_kd,
+                  HKV, G, D, HKV_P2, G_P2, BLOCK_D, SCR_BLOCK)
+
+
+class GateState(NamedTuple):
+    """The state tensors the gate reads and writes, sliced to the batch: ``pos`` int64
+    ``[B]``, ``fingerprint`` fp32 ``[B, D]``, ``age`` int32 ``[B, Hkv]``, ``anchor`` fp32
+    ``[B, Hq, D]``, ``key_norm`` fp32 ``[B, Hkv]``, ``counters`` int64 (the state's)."""
+
+    pos: torch.Tensor
+    fingerprint: torch.Tensor
+    age: torch.Tensor
+    anchor: torch.Tensor
+    key_norm: torch.Tensor
+    counters: torch.Tensor
+
+
+def bounds_and_gate(operand, q, k, sink: int, local: int, budget: int, min_context: int,
+                    psaw_frac: float, state: GateState, tau: float, max_reuse: int,
+                    scratch_width: int):
+    """One launch: the step's bounds (what ``compute_bounds`` returns for the mask
+    ``operand``, ``bounds_triton.mask_operand``) and the cosine gate of every row (module
+    docstring), its state update and bookkeeping, ``state`` modified in place. ``q``
+    ``[B, Hq, Tq, D]`` and ``k`` ``[B, Hkv, L, D]`` (any strides). Returns the bounds, the
+    int32 retrieve flags ``[B * Hkv]`` and the top-k's scratch ``[B * Hkv, scratch_width]``
+    (zeros in the rows of retrieving slots; the others are left as they were)."""
     B, Hq, Tq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     if Hq % Hkv != 0 or k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not form GQA groups")
-    for name, t, dtype, shape in (("pos", pos, torch.int64, (B,)),
-                                  ("fingerprint", fingerprint, torch.float32, (B, D)),
-                                  ("age", age, torch.int32, (B, Hkv)),
-                                  ("anchor", anchor, torch.float32, (B, Hq, D)),
-                                  ("key_norm", key_norm, torch.float32, (B, Hkv))):
+    for name, dtype, shape in (("pos", torch.int64, (B,)), ("fingerprint", torch.float32, (B, D)),
+                               ("age", torch.int32, (B, Hkv)),
+                               ("anchor", torch.float32, (B, Hq, D)),
+                               ("key_norm", torch.float32, (B, Hkv))):
+        t = getattr(state, name)
         if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous {dtype} of shape {shape}, got "
                              f"{t.dtype} {tuple(t.shape)}")
+    counters = state.counters
     if counters.dtype != torch.int64 or counters.numel() <= max(CALLS, SLOTS, RESETS, RETRIEVALS):
         raise ValueError(f"counters must be int64 with the state's entries, got {counters.dtype} "
                          f"of {counters.numel()}")
-    flags = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
-    scratch = torch.empty((B * Hkv, scratch_width), dtype=torch.int32, device=q.device)
+    device = q.device
+    mask_t, kind, ms, mask_min = operand
+    grid, args, consts = bounds_launch(kind, ms, mask_min, B, Tq, L, sink, local, budget,
+                                       min_context, psaw_frac)
+    bounds = torch.empty((B, 8), dtype=torch.int32, device=device)
+    stats = (bounds if kind == MASK_NONE
+             else torch.empty((B, grid[1], 3), dtype=torch.int32, device=device))
+    flags = torch.empty(B * Hkv, dtype=torch.int32, device=device)
+    scratch = torch.empty((B * Hkv, scratch_width), dtype=torch.int32, device=device)
     G = Hq // Hkv
     hkv_p2, g_p2 = triton.next_power_of_2(Hkv), triton.next_power_of_2(G)
     block_d = triton.next_power_of_2(D)
     # Two [Hq, D] fp32 tiles (queries, anchors): about 64 of them per thread at most.
     warps = min(16, max(4, triton.next_power_of_2(hkv_p2 * g_p2 * block_d // 4096) * 4))
-    _prhs_gate_kernel[(B,)](
-        bounds, q, k, pos, fingerprint, age, anchor, key_norm, counters, flags, scratch,
-        Tq, L, float(tau), int(max_reuse), B * Hkv, scratch_width, *q.stride(), *k.stride(),
+    _bounds_gate_kernel[grid](
+        bounds if mask_t is None else mask_t, stats, tickets(device, B), bounds, *args,
+        q, k, state.pos, state.fingerprint, state.age, state.anchor, state.key_norm, counters,
+        flags, scratch, float(tau), int(max_reuse), B * Hkv, scratch_width,
+        *q.stride(), *k.stride(), **consts,
         HKV=Hkv, G=G, D=D, HKV_P2=hkv_p2, G_P2=g_p2, BLOCK_D=block_d,
         SCR_BLOCK=min(1024, triton.next_power_of_2(max(scratch_width, 1))), num_warps=warps,
     )
-    return flags, scratch
+    return bounds, flags, scratch
 
 
-def prhs_gate_reference(bounds, q, k, pos, fingerprint, age, anchor, key_norm, counters,
-                        tau: float, max_reuse: int):
-    """What ``prhs_gate_triton`` computes, from the step's torch functions (the reference's
-    own); returns the int32 flags. (The bounds' columns: ``bounds_triton.BoundsColumn``.)"""
+def prhs_gate_reference(bounds, q, k, state: GateState, tau: float, max_reuse: int):
+    """What ``bounds_and_gate`` computes past the bounds, from the step's torch functions
+    (the reference's own); returns the int32 flags. (The bounds' columns:
+    ``bounds_triton.BoundsColumn``.)"""
     count, hi, fits = bounds[:, 2].long(), bounds[:, 1].long(), bounds[:, 5] != 0
     newest = torch.where(count > 0, hi - 1, -1)
-    continuing = continuing_rows(pos, fingerprint, k, newest, q.shape[2])
-    dropped = torch.zeros_like(key_norm)  # only the reuse bound reads it: not the cosine gate
-    retrieve, reuse, _ = prhs_gate(q, k, newest, continuing, fits, age, anchor, dropped,
-                                   key_norm, 1.0, tau, 0.0, max_reuse)
-    prhs_advance(q, None, retrieve, reuse, age, anchor, key_norm)
-    step_bookkeeping(counters, pos, fingerprint, k, newest, continuing, retrieve)
+    continuing = continuing_rows(state.pos, state.fingerprint, k, newest, q.shape[2])
+    dropped = torch.zeros_like(state.key_norm)  # only the reuse bound reads it: not this gate
+    retrieve, reuse, _ = prhs_gate(q, k, newest, continuing, fits, state.age, state.anchor,
+                                   dropped, state.key_norm, 1.0, tau, 0.0, max_reuse)
+    prhs_advance(q, None, retrieve, reuse, state.age, state.anchor, state.key_norm)
+    step_bookkeeping(state.counters, state.pos, state.fingerprint, k, newest, continuing,
+                     retrieve)
     return retrieve.flatten().to(torch.int32)

@@ -66,7 +66,7 @@ from .select_reference import (
 from .selection import advance_age, scatter_keep
 from .compose_triton import compose as _compose
 from .compose_triton import composition
-from .gate_triton import prhs_gate_triton
+from .gate_triton import GateState, bounds_and_gate
 from .retrieve_triton import retrieve_keys
 from .bounds_triton import BoundsColumn as Col
 from .bounds_triton import compute_bounds, mask_operand
@@ -196,7 +196,8 @@ _bookkeeping = _fused(step_bookkeeping)
 
 class Step(NamedTuple):
     """What every engine step of one decode call sees: the inputs, the plan, the layer's
-    named state, the mask operand and per-row bounds, and (once ``with_row_facts`` or a
+    named state, the mask operand and per-row bounds (None until the gated step's first
+    launch writes them), and (once ``with_row_facts`` or a
     step's own fused prologue has run) per row its newest position, whether it continues
     the state's sequence and whether it fits the budget."""
 
@@ -288,12 +289,13 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     rule = get_rule(plan.policy)
-    psaw_frac = plan.psaw_fraction if rule.recency_window else -1.0
-    local = rule.local_window(plan)
-
     operand = mask_operand(mask, batch, q_len, length)
-    bounds = compute_bounds(*operand, batch, q_len, length, plan.sink, local, plan.budget,
-                            plan.min_context, q.device, psaw_frac)
+    if shared is None and rule.cuda_step == "gated" and _gate_in_bounds_launch(plan):
+        bounds = None  # the gated step's first launch writes them (gate_triton)
+    else:
+        sink, local, budget, min_context, psaw_frac = _bounds_settings(plan)
+        bounds = compute_bounds(*operand, batch, q_len, length, sink, local, budget,
+                                min_context, q.device, psaw_frac)
     step = Step(q, k, mask, scale, plan, st, operand, bounds)
     if shared is not None:  # cross-layer sharing: an earlier layer's selection, as is
         step = step.with_row_facts()
@@ -301,6 +303,21 @@ def select_step_triton(q, k, mask, scale: float, plan: SelectPlan, st: dict, sha
         retrieved = torch.zeros(batch, k.shape[1], dtype=torch.bool, device=q.device)
         return step.finish(shared.clone(), retrieved)
     return STEPS[rule.cuda_step](step)
+
+
+def _bounds_settings(plan: SelectPlan):
+    """(sink, local window, budget, min_context, PSAW fraction or -1) of the plan's bounds."""
+    rule = get_rule(plan.policy)
+    return (plan.sink, rule.local_window(plan), plan.budget, plan.min_context,
+            plan.psaw_fraction if rule.recency_window else -1.0)
+
+
+def _gate_in_bounds_launch(plan: SelectPlan) -> bool:
+    """Whether the gated step's gate, its state update and the bookkeeping run in the bounds'
+    launch (``gate_triton``): the cosine gate with exact retrieval. ``delta_target``'s gate
+    and two-stage retrieval (whose page summaries read the stored position before the
+    bookkeeping moves it) take them from compiled torch."""
+    return plan.delta_target <= 0 and not uses_pages(plan)
 
 
 @_fused
@@ -355,8 +372,8 @@ def _gated_step(step: Step):
     """``PrHSRule.choose`` on the Triton path: gate, gated retrieval, stored picks, output.
     Slots that reuse their set read no K and rank nothing: the score pass and the top-k
     return at once for them. Each launch costs microseconds even inside a CUDA graph, so
-    one kernel comes before the pass over K (``gate_triton``: the gate, the state it alone
-    decides and the bookkeeping) and the top-k writes the picks, their dropped mass and the
+    one kernel comes before the pass over K (``gate_triton``: the bounds, the gate, the state
+    it alone decides and the bookkeeping) and the top-k writes the picks, their dropped mass and the
     output. ``delta_target`` (which ranks its top set by mass after the top-k) and two-stage
     retrieval (whose page summaries read the sequence's old end, so the bookkeeping waits
     for them) take the gate from a compiled graph of the torch functions instead, and add
@@ -368,13 +385,15 @@ def _gated_step(step: Step):
     anchor_dropped, key_norm = st["anchor_dropped"][:batch], st["key_norm"][:batch]
     pos, fingerprint = step.seq_state()
     sufficient = plan.delta_target > 0
-    # The cosine gate with exact retrieval: the gate, the state it decides and the step's
-    # bookkeeping in one launch, so no launch follows the top-k. Otherwise compiled glue.
-    one_launch = not sufficient and not uses_pages(plan)
+    # The cosine gate with exact retrieval: the bounds, the gate, the state it decides and
+    # the step's bookkeeping in one launch, and none after the top-k.
+    one_launch = bounds is None
     if one_launch:
-        flags, scratch = prhs_gate_triton(bounds, q, k, pos, fingerprint, age, anchor, key_norm,
-                                          st["counters"], plan.tau, plan.max_reuse,
-                                          SCRATCH_WIDTH)
+        bounds, flags, scratch = bounds_and_gate(
+            operand, q, k, *_bounds_settings(plan),
+            GateState(pos, fingerprint, age, anchor, key_norm, st["counters"]), plan.tau,
+            plan.max_reuse, SCRATCH_WIDTH)
+        step = step._replace(bounds=bounds)
     else:
         newest, continuing, fits, retrieve, reuse, flags, scratch = _gate(
             bounds, pos, fingerprint, q, k, age, anchor, anchor_dropped, key_norm, q_len,

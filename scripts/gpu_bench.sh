@@ -22,7 +22,8 @@
 #   scripts/gpu_bench.sh throughput  # prhs-bench throughput -> $OUT/throughput.json
 #   BASE=dir scripts/gpu_bench.sh ab # the PrHS step of another revision's source tree (dir,
 #                                    # e.g. from `git archive`) and of this one, side by side
-#                                    # on this machine -> $OUT/profile_{base,new}.json
+#                                    # on this machine -> $OUT/profile_base_NAME.json, profile_new.json
+#                                    # (BASE="dir1 dir2": several revisions)
 #   scripts/gpu_bench.sh pages       # two-stage retrieval: its kernel tests, then the PrHS step
 #                                    # with exact and two-stage retrieval, and Quest's step
 #                                    # -> $OUT/latency_pages.json
@@ -106,12 +107,16 @@ for stage in "$@"; do
       prhs-bench throughput ${THROUGHPUT_ARGS:-} --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     ab)
-      : "${BASE:?set BASE to the source tree of the revision to compare against}"
+      : "${BASE:?set BASE to the source tree of the revision to compare against (several: space-separated)}"
       # PROFILE_CONFIGS: batch:context:rate triples
       CONFIGS=${PROFILE_CONFIGS:-1:32768:0,16:32768:0,16:131072:0,1:32768:0.1,1:131072:1,16:131072:1}
-      python -m pip install -q --no-deps --no-build-isolation --target /tmp/prhs_base "$ROOT/$BASE" 2>&1 | grep -v "as the 'root' user" | tail -3
-      PYTHONPATH=/tmp/prhs_base python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --quiet \
-        --out "$OUT/profile_base.json" 2>&1 | grep "step in"
+      for base in $BASE; do
+        name=$(basename "$base" | tr -c 'A-Za-z0-9_\n-' '_')
+        python -m pip install -q --no-deps --no-build-isolation --target "/tmp/prhs_$name" "$ROOT/$base" 2>&1 | grep -v "as the 'root' user" | tail -3
+        echo "$base:"
+        PYTHONPATH="/tmp/prhs_$name" python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --quiet \
+          --out "$OUT/profile_base_$name.json" 2>&1 | grep "step in"
+      done
       python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --out "$OUT/profile_new.json" \
         2>&1 | grep -v -i "warn" > "$OUT/profile_new.txt"
       grep "step in" "$OUT/profile_new.txt"
