@@ -52,7 +52,7 @@ def _gate_row(b, hi, count, fits, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM,
               stride_qb, stride_qh, stride_qt, stride_qd,
               stride_kb, stride_kh, stride_kl, stride_kd,
               HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
-              G_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr):
+              HQ_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr):
     """The gate of batch row ``b`` (every KV head) once its bounds are known (module
     docstring)."""
     newest = tl.where(count > 0, hi - 1, -1).to(tl.int64)
@@ -81,22 +81,23 @@ def _gate_row(b, hi, count, fits, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM,
     new_fingerprint = tl.sum(tl.where(offs_h[:, None] == 0, k_new, 0.0), 0)
     key_norm = tl.load(KEY_NORM + b * HKV + offs_h, mask=h_ok, other=0.0)
 
-    # The cosine of each query head's newest row with its anchor ([KV head, group member]),
-    # as torch's cosine_similarity: each vector over its norm (at least 1e-8), then the dot.
-    offs_g = tl.arange(0, G_P2)
-    head = offs_h[:, None] * G + offs_g[None, :]
-    hg_ok = h_ok[:, None] & (offs_g < G)[None, :]
-    ok3 = hg_ok[:, :, None] & d_ok[None, None, :]
-    query = tl.load(Q + b * stride_qb + head[:, :, None].to(tl.int64) * stride_qh
-                    + (Tq - 1) * stride_qt + offs_d[None, None, :] * stride_qd,
-                    mask=ok3, other=0.0).to(tl.float32)
-    anchor_ptrs = ANCHOR + (b * (HKV * G) + head[:, :, None]) * D + offs_d[None, None, :]
-    anchor = tl.load(anchor_ptrs, mask=ok3, other=0.0)
-    q_norm = tl.maximum(tl.sqrt_rn(tl.sum(query * query, 2)), 1e-8)
-    a_norm = tl.maximum(tl.sqrt_rn(tl.sum(anchor * anchor, 2)), 1e-8)
-    cosine = tl.sum(tl.math.div_rn(query, q_norm[:, :, None])
-                    * tl.math.div_rn(anchor, a_norm[:, :, None]), 2)
-    near = tl.min(tl.where(hg_ok, (cosine >= tau).to(tl.int32), 1), 1) != 0
+    # The cosine of each query head's newest row with its anchor, as torch's
+    # cosine_similarity up to rounding: the dot over the product of the norms (each at least
+    # 1e-8). Rows of the tile are the query heads; a KV head's group is rows h*G .. h*G+G-1.
+    offs_q = tl.arange(0, HQ_P2)
+    q_ok = offs_q < HKV * G
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    query = tl.load(Q + b * stride_qb + offs_q[:, None].to(tl.int64) * stride_qh
+                    + (Tq - 1) * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=qd_ok, other=0.0).to(tl.float32)
+    anchor_ptrs = ANCHOR + (b * (HKV * G) + offs_q[:, None]) * D + offs_d[None, :]
+    anchor = tl.load(anchor_ptrs, mask=qd_ok, other=0.0)
+    q_norm = tl.maximum(tl.sqrt_rn(tl.sum(query * query, 1)), 1e-8)
+    a_norm = tl.maximum(tl.sqrt_rn(tl.sum(anchor * anchor, 1)), 1e-8)
+    cosine = tl.math.div_rn(tl.sum(query * anchor, 1), q_norm * a_norm)
+    in_group = (offs_q[None, :] // G) == offs_h[:, None]  # [KV head, query head]
+    near = tl.min(tl.where(in_group & q_ok[None, :], (cosine >= tau).to(tl.int32)[None, :], 1),
+                  1) != 0
 
     age = tl.load(AGE + b * HKV + offs_h, mask=h_ok, other=-1)
     reuse = (continuing & (age >= 0) & (age + 1 < max_reuse) & near) != 0  # int1 (interpreter)
@@ -108,7 +109,8 @@ def _gate_row(b, hi, count, fits, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM,
     tl.store(KEY_NORM + b * HKV + offs_h,
              tl.where(continuing, tl.maximum(key_norm, new_norm, propagate_nan=tl.PropagateNan.ALL),
                       key_norm), mask=h_ok)
-    tl.store(anchor_ptrs, query, mask=(ok3 & retrieve[:, None, None]) != 0)
+    retrieve_q = tl.max(tl.where(in_group, retrieve.to(tl.int32)[:, None], 0), 0) != 0
+    tl.store(anchor_ptrs, query, mask=(qd_ok & retrieve_q[:, None]) != 0)
     tl.store(AGE + b * HKV + offs_h, tl.where(retrieve, 0, tl.where(reuse, age + 1, -1)),
              mask=h_ok)
     tl.store(FLAGS + b * HKV + offs_h, retrieve.to(tl.int32), mask=h_ok)
@@ -139,7 +141,7 @@ def _bounds_gate_kernel(
     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
     C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
-    G_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr,
+    HQ_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr,
 ):
     """Grid ``(B, chunks of the mask)`` (``(B, 1)`` without a mask): the row's bounds as
     ``compute_bounds`` writes them, then, in the program that wrote them, the row's gate."""
@@ -157,7 +159,7 @@ def _bounds_gate_kernel(
                   FLAGS, SCRATCH, Tq, L, tau, max_reuse, n_slots, scratch_width,
                   stride_qb, stride_qh, stride_qt, stride_qd,
                   stride_kb, stride_kh, stride_kl, stride_kd,
-                  HKV, G, D, HKV_P2, G_P2, BLOCK_D, SCR_BLOCK)
+                  HKV, G, D, HKV_P2, HQ_P2, BLOCK_D, SCR_BLOCK)
 
 
 class GateState(NamedTuple):
@@ -208,16 +210,15 @@ def bounds_and_gate(operand, q, k, sink: int, local: int, budget: int, min_conte
     flags = torch.empty(B * Hkv, dtype=torch.int32, device=device)
     scratch = torch.empty((B * Hkv, scratch_width), dtype=torch.int32, device=device)
     G = Hq // Hkv
-    hkv_p2, g_p2 = triton.next_power_of_2(Hkv), triton.next_power_of_2(G)
-    block_d = triton.next_power_of_2(D)
+    hq_p2, block_d = triton.next_power_of_2(Hq), triton.next_power_of_2(D)
     # Two [Hq, D] fp32 tiles (queries, anchors): about 64 of them per thread at most.
-    warps = min(16, max(4, triton.next_power_of_2(hkv_p2 * g_p2 * block_d // 4096) * 4))
+    warps = min(16, max(4, triton.next_power_of_2(hq_p2 * block_d // 4096) * 4))
     _bounds_gate_kernel[grid](
         bounds if mask_t is None else mask_t, stats, tickets(device, B), bounds, *args,
         q, k, state.pos, state.fingerprint, state.age, state.anchor, state.key_norm, counters,
         flags, scratch, float(tau), int(max_reuse), B * Hkv, scratch_width,
         *q.stride(), *k.stride(), **consts,
-        HKV=Hkv, G=G, D=D, HKV_P2=hkv_p2, G_P2=g_p2, BLOCK_D=block_d,
+        HKV=Hkv, G=G, D=D, HKV_P2=triton.next_power_of_2(Hkv), HQ_P2=hq_p2, BLOCK_D=block_d,
         SCR_BLOCK=min(1024, triton.next_power_of_2(max(scratch_width, 1))), num_warps=warps,
     )
     return bounds, flags, scratch
