@@ -20,10 +20,7 @@ set as the first variant with its dilation on or off):
 * ``guess+dilate, tags``: that program tags the candidates for the final compaction
   whatever the share's length (at the probe's shapes the default does not: each party's
   share is under ``CONFIG["tags_from_share"]``, so party 0 passes the threshold on at once
-  and each party counts its picks in its share of the row);
-* ``guess+dilate, atomic flags``: the dilation flags the cores' neighbours with atomics
-  and counts those newly flagged, with no list of the cores (``CONFIG["atomic_flags"]``;
-  never tags).
+  and each party counts its picks in its share of the row).
 
 ``--timeline`` (GPU only) also runs the first variant once per shape with each program
 stamping the GPU's global timer at the top-k's checkpoints (``topk_triton.TIMELINE_STAMPS``)
@@ -82,8 +79,7 @@ def main() -> int:
     variants += [(f"guess+dilate, parties<={n}", True, True, {"max_parties": n})
                  for n in parties]
     variants += [(f"guess+dilate, {w} warps", True, True, {"num_warps": w}) for w in warps]
-    variants += [("guess+dilate, tags", True, True, {"tags_from_share": 0}),
-                 ("guess+dilate, atomic flags", True, True, {"atomic_flags": True})]
+    variants += [("guess+dilate, tags", True, True, {"tags_from_share": 0})]
     shapes, variants = shapes[:args.shapes], variants[:args.variants]
     if args.only:
         known = {v[0]: v for v in variants}

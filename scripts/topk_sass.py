@@ -31,7 +31,6 @@ VARIANTS = {  # constexprs that differ from the step's launch
     "guess+dilate": {},
     "guess": {"DILATE": False, "M_P2": 1, "R_P2": 1},
     "dilate": {"HAS_GUESS": False, "CAND_P2": 2048},
-    "guess+dilate, atomic flags": {"ATOMIC": True},  # CONFIG["atomic_flags"]
 }
 COUNTED = {"barriers": r"BAR\.SYNC", "votes": r"VOTE", "global loads": r"LDG",
            "global stores": r"STG", "shared memory": r"LDS|STS|ATOMS", "shuffles": r"SHFL",
@@ -45,7 +44,7 @@ def _launch_constants(variant: str) -> dict:
                  BLOCK=2048, BLOCK_BH=8, C_P2=256, CAND_P2=4096, M_P2=1024, R_P2=4,
                  MAP=False, WHOLE=False, PENDING=True, WANT_WMASS=True, ROWS_P2=4, M_PAD=16,
                  KEY_BLOCK=1024, COMPOSE=True, MASK_KIND=0, TQ_P2=1, BLOCK_W=1024,
-                 SLOT_BLOCK=2048, HAS_DROPPED=True, ATOMIC=False, TIMED=True)
+                 SLOT_BLOCK=2048, HAS_DROPPED=True, TIMED=True)
     const.update(VARIANTS[variant])
     return const
 

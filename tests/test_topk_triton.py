@@ -63,13 +63,8 @@ def _guess_problem(seed, B, L, hole, tied, k, m, r, H=2):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("k,m,r", [(40, 13, 1), (40, 0, 0), (40, 30, 2), (500, 5, 1), (1, 1, 1)])
-@pytest.mark.parametrize("atomic", [False, True])
-def test_topk_is_the_references_set(tied, k, m, r, atomic, monkeypatch):
-    """(k=40, m=30, r=2: the neighbours alone fill the budget. ``atomic``: the dilation
-    flags them with atomics, ``CONFIG["atomic_flags"]``.)"""
-    import prhs_compile.kernels.topk_triton as tk
-
-    monkeypatch.setitem(tk.CONFIG, "atomic_flags", atomic)
+def test_topk_is_the_references_set(tied, k, m, r):
+    """(k=40, m=30, r=2: the neighbours alone fill the budget.)"""
     gen = torch.Generator().manual_seed(k * 7 + m + r + tied)
     B, H, L = 2, 3, 300
     mass = torch.rand(B, H, L, generator=gen)
@@ -91,7 +86,7 @@ def test_topk_is_the_references_set(tied, k, m, r, atomic, monkeypatch):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("max_parties", [None, 1, 3])
-@pytest.mark.parametrize("tags_from_share", [None, 0, "atomic"])
+@pytest.mark.parametrize("tags_from_share", [None, 0])
 def test_topk_over_a_long_row(tied, max_parties, tags_from_share, monkeypatch):
     """Rows of several blocks (on a GPU several programs share a slot and meet at barriers;
     ``CONFIG["max_parties"]`` caps how many, which leaves the set as it is; the interpreter
@@ -102,9 +97,7 @@ def test_topk_over_a_long_row(tied, max_parties, tags_from_share, monkeypatch):
 
     if max_parties is not None:
         monkeypatch.setitem(tk.CONFIG, "max_parties", max_parties)
-    if tags_from_share == "atomic":  # the neighbours flagged by atomics (never tags)
-        monkeypatch.setitem(tk.CONFIG, "atomic_flags", True)
-    elif tags_from_share is not None:
+    if tags_from_share is not None:
         monkeypatch.setitem(tk.CONFIG, "tags_from_share", tags_from_share)
     gen = torch.Generator().manual_seed(11 + tied)
     B, H, L, k = 1, 2, 9000, 300
@@ -189,13 +182,13 @@ def test_a_guessed_threshold_gives_the_same_set_whether_it_holds_or_not(tied, m,
         assert torch.equal(again, ref), name
 
 
-@pytest.mark.parametrize("config", [{"tags_from_share": 0}, {"atomic_flags": True}])
+@pytest.mark.parametrize("config", [{"tags_from_share": 0}])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("m,r", [(0, 0), (13, 1)])
 def test_topk_configurations_pick_the_references_set(config, tied, m, r, monkeypatch):
     """The choices of ``CONFIG`` that change how the candidates are thresholded (tagging
     them whatever the share's length, where the default counts each party's picks in the
-    row; the dilation's neighbours flagged by atomics) change only the time: the
+    row) change only the time: the
     reference's set and mass, with the guess missing (first call) and holding (second)."""
     import prhs_compile.kernels.topk_triton as tk
 
@@ -271,17 +264,11 @@ def _compact_rows(keys, pages, page):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("m,r,page,guessed", [(0, 0, 8, False), (13, 1, 8, False), (9, 2, 2, False),
                                               (13, 1, 8, True), (11, 4, 4, True)])
-@pytest.mark.parametrize("atomic", [False, True])
-def test_topk_over_a_compact_row_of_candidates_is_the_references_set(tied, m, r, page, guessed,
-                                                                     atomic, monkeypatch):
+def test_topk_over_a_compact_row_of_candidates_is_the_references_set(tied, m, r, page, guessed):
     """A two-stage retrieval's keys: a compact row of the chosen pages' positions (gaps of
     whole pages between them; the last page past the cache). The picks, written as
     positions, are the reference's over those candidates, dilation (which must not reach
-    across a gap) and ties included; with or without a guessed threshold; the neighbours
-    listed or flagged by atomics."""
-    import prhs_compile.kernels.topk_triton as tk
-
-    monkeypatch.setitem(tk.CONFIG, "atomic_flags", atomic)
+    across a gap) and ties included; with or without a guessed threshold."""
     gen = torch.Generator().manual_seed(31 * page + m + r + tied)
     B, H, L, k = 2, 2, 203, 30
     mass = torch.rand(B, H, L, generator=gen) ** 2
