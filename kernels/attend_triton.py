@@ -12,9 +12,10 @@ their K/V rows, so the program treats the ``G * Tq`` query rows of the group as 
 a small matmul and reads every selected K/V row once for all of them. With a single split it
 writes the output directly; otherwise it writes an fp32 partial (normalised output,
 log-sum-exp) and draws an atomic ticket of its (KV head, row block), and the program that
-draws the last one merges every split's partials into the output (``_combine_rows``). A
-separate combine launch cost about 3 us at B=1 (a launch, its gap, and a loop of dependent
-loads per query row); the merge at the tail of the last split reads the same bytes.
+draws the last one merges every split's partials into the output (``_combine_rows``),
+loading them in tiles rather than split after split (a chain of dependent loads at the
+tail of the launch). In a CUDA graph a small kernel costs its own microseconds, so the
+merge saves one (README, "Kernels and the GPU").
 
 Everything is decided from shapes on the host; no tensor values are read there, so the call
 can be captured in a CUDA graph.

@@ -18,12 +18,14 @@ of the row, what the step's torch functions do (they are the reference,
 * the int32 flags the pass over K and the top-k read (1: the slot retrieves), and zeros in
   the top-k's scratch rows of the retrieving slots (the only rows the top-k reads).
 
-Why: compiled by Inductor, the same torch code is five launches of about a microsecond each
-plus their gaps (the reductions over the head dimension of keys, queries and anchors have
-different shapes and depend on each other), after the bounds' own launch; at B=1 those six
-launches were a third of a step that reuses every set. The ``delta_target`` gate and
-two-stage retrieval (whose page summaries read the stored position before the bookkeeping
-moves it) keep the compiled torch.
+Why a kernel: compiled by Inductor, the same torch code is several small kernels (the
+reductions over the head dimension of keys, queries and anchors have different shapes and
+depend on each other) after the bounds' own, and in a CUDA graph each small kernel costs
+its own microseconds. One program per row runs the gate, so its instructions per thread
+are its time: keep its tiles two-dimensional and its arithmetic cheap
+(``scripts/gate_sass.py`` counts them; README, "Kernels and the GPU"). The ``delta_target``
+gate and two-stage retrieval (whose page summaries read the stored position before the
+bookkeeping moves it) keep the compiled torch.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .bounds_triton import BoundsColumn as Col
 from .bounds_triton import MASK_NONE, bounds_launch, chunk_stats_last, write_row_bounds
 from .rule_prhs import prhs_advance, prhs_gate
 from .select_reference import CALLS, RESETS, RETRIEVALS, SLOTS, continuing_rows, step_bookkeeping
@@ -84,9 +87,8 @@ def _gate_row(b, hi, count, fits, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM,
     # The cosine of each query head's newest row with its anchor, as torch's
     # cosine_similarity up to rounding: the dot over the product of the norms (each at least
     # 1e-8). Rows of the tile are the query heads; a KV head's group is rows h*G .. h*G+G-1.
-    # (Correctly rounded square roots and divisions cost a slow path per value: 7.4K
-    # instructions for sm_90a against 6.2K; a decision they could change lies within a few
-    # units in the last place of tau.)
+    # Approximate roots and divisions: correctly rounded ones carry a slow path per value,
+    # and a decision they could change lies within a few units in the last place of tau.
     offs_q = tl.arange(0, HQ_P2)
     q_ok = offs_q < HKV * G
     qd_ok = q_ok[:, None] & d_ok[None, :]
@@ -119,11 +121,13 @@ def _gate_row(b, hi, count, fits, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM,
     tl.store(FLAGS + b * HKV + offs_h, retrieve.to(tl.int32), mask=h_ok)
     tl.store(POS + b, newest)
     tl.store(FINGERPRINT + b * D + offs_d, new_fingerprint, mask=d_ok)
+    # Relaxed: nothing in the launch reads the counters, so no fence need order them.
     if b == 0:
-        tl.atomic_add(COUNTERS + _CALLS, tl.full([], 1, tl.int64))
-        tl.atomic_add(COUNTERS + _SLOTS, tl.full([], 0, tl.int64) + n_slots)
-    tl.atomic_add(COUNTERS + _RESETS, (continuing == 0).to(tl.int64))
-    tl.atomic_add(COUNTERS + _RETRIEVALS, tl.sum(tl.where(h_ok, retrieve, 0).to(tl.int64), 0))
+        tl.atomic_add(COUNTERS + _CALLS, tl.full([], 1, tl.int64), sem="relaxed")
+        tl.atomic_add(COUNTERS + _SLOTS, tl.full([], 0, tl.int64) + n_slots, sem="relaxed")
+    tl.atomic_add(COUNTERS + _RESETS, (continuing == 0).to(tl.int64), sem="relaxed")
+    tl.atomic_add(COUNTERS + _RETRIEVALS, tl.sum(tl.where(h_ok, retrieve, 0).to(tl.int64), 0),
+                  sem="relaxed")
 
     # The top-k's scratch (barriers, counts) starts at zero in each slot it works on.
     scr_rows = SCRATCH + (b * HKV + offs_h[:, None]).to(tl.int64) * scratch_width
@@ -215,8 +219,7 @@ def bounds_and_gate(operand, q, k, sink: int, local: int, budget: int, min_conte
     G = Hq // Hkv
     hq_p2, block_d = triton.next_power_of_2(Hq), triton.next_power_of_2(D)
     # Two [Hq, D] fp32 tiles (queries, anchors), about 16 values of each per thread: the
-    # row's last program runs the gate alone, and its instructions per thread are its time
-    # (4 warps: 6.2K instructions for sm_90a at the Llama-3-8B shape, 8 warps: 4.0K).
+    # row's last program runs the gate alone, and its instructions per thread are its time.
     warps = min(16, max(4, triton.next_power_of_2(hq_p2 * block_d // 512)))
     _bounds_gate_kernel[grid](
         bounds if mask_t is None else mask_t, stats, tickets(device, B), bounds, *args,
@@ -231,9 +234,9 @@ def bounds_and_gate(operand, q, k, sink: int, local: int, budget: int, min_conte
 
 def prhs_gate_reference(bounds, q, k, state: GateState, tau: float, max_reuse: int):
     """What ``bounds_and_gate`` computes past the bounds, from the step's torch functions
-    (the reference's own); returns the int32 flags. (The bounds' columns:
-    ``bounds_triton.BoundsColumn``.)"""
-    count, hi, fits = bounds[:, 2].long(), bounds[:, 1].long(), bounds[:, 5] != 0
+    (the reference's own); returns the int32 flags."""
+    count, hi = bounds[:, Col.COUNT].long(), bounds[:, Col.HI].long()
+    fits = bounds[:, Col.FITS] != 0
     newest = torch.where(count > 0, hi - 1, -1)
     continuing = continuing_rows(state.pos, state.fingerprint, k, newest, q.shape[2])
     dropped = torch.zeros_like(state.key_norm)  # only the reuse bound reads it: not this gate

@@ -15,17 +15,19 @@ Dispatch: each selection rule declares the engine step it is built from (``cuda_
 ``gated``, ``exact``, ``one_shot``, ``windows``, ``pages``, ``heavy_hitters``, ``labels``),
 whether that step applies per-head budgets, its local window and whether it retrieves inside
 PSAW's recency window; ``STEPS`` maps the step to the function here. The torch parts of a
-policy's logic (PrHS's gate and state update, the continuity checks, the step bookkeeping)
-are the reference's own functions, compiled by Inductor for the GPU.
+policy's logic (the continuity checks, the step bookkeeping, the gates and state updates)
+are the reference's own functions, compiled by Inductor for the GPU; PrHS's cosine gate,
+the state it decides and the bookkeeping run in the bounds' launch instead
+(``gate_triton``, tested against those functions).
 
 Why it is cheaper than the reference, per step of a ``[B, Hkv, L]`` cache:
 
 * the valid region and the windows come from the per-row bounds kernels (``[B, 8]``), not
   from ``[B, Tq, L]`` biases and cumulative sums;
-* the gate runs first (``[B, Hq, D]``); only the (row, KV head) slots that retrieve read K,
-  once (``retrieve_triton``: scores and log-sum-exp in one pass), sharing the whole grid
-  among them, with no host synchronisation; the top-k's programs form the group-mass keys
-  from those scores;
+* the gate runs first (``[B, Hq, D]``; PrHS's in the bounds' launch); only the (row, KV
+  head) slots that retrieve read K, once (``retrieve_triton``: scores and log-sum-exp in
+  one pass), sharing the whole grid among them, with no host synchronisation; the top-k's
+  programs form the group-mass keys from those scores;
 * the picks come from a radix top-k over the keys of the retrieving slots
   (``topk_triton``: histograms of the key bytes, a threshold, a compaction in position
   order, dilation included), written straight into the stored set; a slot that reuses its
