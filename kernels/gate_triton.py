@@ -50,39 +50,69 @@ _RESETS, _RETRIEVALS = tl.constexpr(RESETS), tl.constexpr(RETRIEVALS)
 
 
 @triton.jit
-def _gate_row(b, hi, count, fits, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS,
+def _gate_inputs(b, K, POS, FINGERPRINT, AGE, KEY_NORM, Tq, L,
+                 stride_kb, stride_kh, stride_kl, stride_kd,
+                 HKV: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """The gate's loads that wait on other loads or that the bounds do not decide, issued
+    before the bounds are known (each program of the row issues them while its chunk of the
+    mask loads; the one that writes the bounds keeps them): the stored position and the key
+    there, the fingerprint, the keys one query past the stored position (the newest ones
+    when the row continues its sequence), the ages and the key norms. (The queries and the
+    anchors, two [Hq, D] tiles, are loaded after the bounds: held across the mask's chunk
+    they would double the registers of every program of the launch.)"""
+    pos = tl.load(POS + b)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k_row = K + b * stride_kb
+    old = tl.load(k_row + tl.minimum(tl.maximum(pos, 0), L - 1) * stride_kl + offs_d * stride_kd,
+                  mask=d_ok, other=0.0).to(tl.float32)
+    fingerprint = tl.load(FINGERPRINT + b * D + offs_d, mask=d_ok, other=0.0)
+    offs_h = tl.arange(0, HKV_P2)
+    h_ok = offs_h < HKV
+    next_pos = tl.minimum(tl.maximum(pos + Tq, 0), L - 1)
+    k_next = tl.load(k_row + offs_h[:, None].to(tl.int64) * stride_kh + next_pos * stride_kl
+                     + offs_d[None, :] * stride_kd, mask=h_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)
+    age = tl.load(AGE + b * HKV + offs_h, mask=h_ok, other=-1)
+    key_norm = tl.load(KEY_NORM + b * HKV + offs_h, mask=h_ok, other=0.0)
+    return pos, old, fingerprint, k_next, age, key_norm
+
+
+@triton.jit
+def _gate_row(b, hi, count, fits, pos, old, fingerprint, k_next, age, key_norm,
+              Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS,
               FLAGS, SCRATCH, Tq, L, tau, max_reuse, n_slots, scratch_width,
               stride_qb, stride_qh, stride_qt, stride_qd,
               stride_kb, stride_kh, stride_kl, stride_kd,
               HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
               HQ_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr):
-    """The gate of batch row ``b`` (every KV head) once its bounds are known (module
-    docstring)."""
+    """The gate of batch row ``b`` (every KV head) once its bounds are known, from what
+    ``_gate_inputs`` loaded (module docstring)."""
     newest = tl.where(count > 0, hi - 1, -1).to(tl.int64)
     fits = fits != 0
-    pos = tl.load(POS + b)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     k_row = K + b * stride_kb
 
     # Continuity: follows the stored position, and KV head 0 still holds the stored key there.
-    old = tl.load(k_row + tl.minimum(tl.maximum(pos, 0), L - 1) * stride_kl + offs_d * stride_kd,
-                  mask=d_ok, other=0.0).to(tl.float32)
-    fingerprint = tl.load(FINGERPRINT + b * D + offs_d, mask=d_ok, other=0.0)
     holds = tl.sum((d_ok & (old != fingerprint)).to(tl.int32), 0) == 0  # NaN never equal
     follows = (pos >= 0) & (newest == pos + Tq) & (pos < L)
     continuing = follows & holds
 
-    # The newest key of every KV head: its norm, and head 0's as the next fingerprint.
+    # The newest key of every KV head: its norm, and head 0's as the next fingerprint. Where
+    # the newest position is not the one after the stored one (a new or reordered sequence)
+    # the keys are loaded here; otherwise the load is predicated off.
     offs_h = tl.arange(0, HKV_P2)
     h_ok = offs_h < HKV
-    hd_ok = h_ok[:, None] & d_ok[None, :]
     at_newest = tl.minimum(tl.maximum(newest, 0), L - 1)
-    k_new = tl.load(k_row + offs_h[:, None].to(tl.int64) * stride_kh + at_newest * stride_kl
-                    + offs_d[None, :] * stride_kd, mask=hd_ok, other=0.0).to(tl.float32)
+    moved = at_newest != tl.minimum(tl.maximum(pos + Tq, 0), L - 1)
+    k_moved = tl.load(k_row + offs_h[:, None].to(tl.int64) * stride_kh + at_newest * stride_kl
+                      + offs_d[None, :] * stride_kd,
+                      mask=(h_ok[:, None] & d_ok[None, :] & moved) != 0, other=0.0)
+    k_new = tl.where(moved, k_moved.to(tl.float32), k_next)
     new_norm = tl.sqrt(tl.sum(k_new * k_new, 1))
     new_fingerprint = tl.sum(tl.where(offs_h[:, None] == 0, k_new, 0.0), 0)
-    key_norm = tl.load(KEY_NORM + b * HKV + offs_h, mask=h_ok, other=0.0)
 
     # The cosine of each query head's newest row with its anchor, as torch's
     # cosine_similarity up to rounding: the dot over the product of the norms (each at least
@@ -104,7 +134,6 @@ def _gate_row(b, hi, count, fits, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM,
     near = tl.min(tl.where(in_group & q_ok[None, :], (cosine >= tau).to(tl.int32)[None, :], 1),
                   1) != 0
 
-    age = tl.load(AGE + b * HKV + offs_h, mask=h_ok, other=-1)
     reuse = (continuing & (age >= 0) & (age + 1 < max_reuse) & near) != 0  # int1 (interpreter)
     retrieve = ((reuse == 0) & (fits == 0)) != 0
 
@@ -151,8 +180,15 @@ def _bounds_gate_kernel(
     HQ_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr,
 ):
     """Grid ``(B, chunks of the mask)`` (``(B, 1)`` without a mask): the row's bounds as
-    ``compute_bounds`` writes them, then, in the program that wrote them, the row's gate."""
+    ``compute_bounds`` writes them, then, in the program that wrote them, the row's gate.
+    Every program issues the gate's dependent loads first (``_gate_inputs``), so that they
+    overlap its chunk's mask loads instead of following the bounds (the row's state is
+    written only by the program that draws the row's last ticket, after every other has
+    loaded)."""
     b = tl.program_id(0).to(tl.int64)
+    pos, old, fingerprint, k_next, age, key_norm = _gate_inputs(
+        b, K, POS, FINGERPRINT, AGE, KEY_NORM, Tq, L, stride_kb, stride_kh, stride_kl,
+        stride_kd, HKV, D, HKV_P2, BLOCK_D)
     last = True
     if MASK_KIND != 0:
         last = chunk_stats_last(MASK, STATS, TICKETS, b, tl.program_id(1), Tq, L, C, stride_mb,
@@ -162,8 +198,9 @@ def _bounds_gate_kernel(
                                            budget, min_context, psaw_frac, stride_mb,
                                            stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2,
                                            CHUNK, SUB, C_P2, HAS_PSAW)
-        _gate_row(b, hi, count, fits, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS,
-                  FLAGS, SCRATCH, Tq, L, tau, max_reuse, n_slots, scratch_width,
+        _gate_row(b, hi, count, fits, pos, old, fingerprint, k_next, age, key_norm,
+                  Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS, FLAGS,
+                  SCRATCH, Tq, L, tau, max_reuse, n_slots, scratch_width,
                   stride_qb, stride_qh, stride_qt, stride_qd,
                   stride_kb, stride_kh, stride_kl, stride_kd,
                   HKV, G, D, HKV_P2, HQ_P2, BLOCK_D, SCR_BLOCK)

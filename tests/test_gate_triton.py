@@ -27,7 +27,8 @@ TAU, MAX_REUSE, SINK, LOCAL, BUDGET = 0.8, 5, 2, 4, 24
 def _problem(B, Hq, Hkv, D, Tq, L, dtype, mask_kind, seed):
     """Row b holds positions [pad, pad + count) of a static cache of L: rows that continue
     their sequence, rows whose cache no longer holds the stored key, rows with no stored
-    position, an empty row and rows short enough to fit the budget; anchors near the newest
+    position, an empty row, rows short enough to fit the budget and rows whose newest
+    position jumped past the one after the stored one; anchors near the newest
     query (cosine about 0.99) or unrelated to it (about 0); ages from none to past
     ``MAX_REUSE``; a query laid out [B, Tq, Hq, D] in memory (strided)."""
     gen = torch.Generator().manual_seed(seed)
@@ -37,7 +38,7 @@ def _problem(B, Hq, Hkv, D, Tq, L, dtype, mask_kind, seed):
     pos = torch.full((B,), -1, dtype=torch.int64)
     fingerprint = torch.randn(B, D, generator=gen)
     for b in range(B):
-        kind = b % 5
+        kind = b % 6
         pad = int(torch.randint(0, 4, (), generator=gen))
         if kind == 3:
             count = 0
@@ -53,6 +54,9 @@ def _problem(B, Hq, Hkv, D, Tq, L, dtype, mask_kind, seed):
             fingerprint[b] = k[b, 0, pos[b]].float()
         if kind == 1:
             fingerprint[b, 0] += 1.0  # the cache holds another key there: a new sequence
+        if kind == 5:  # the stored position lies three before the one the row continues from
+            pos[b] = newest - Tq - 3
+            fingerprint[b] = k[b, 0, pos[b]].float()
     mask = allowed
     if mask_kind == "float":
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
@@ -94,11 +98,11 @@ def _settle(B, Hq, Hkv, D, Tq, dtype, mask_kind, seed, psaw=-1.0, L=40):
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,D,Tq,dtype,mask_kind", [
-    (5, 4, 2, 16, 1, torch.float32, "bool"),
-    (5, 6, 2, 24, 2, torch.bfloat16, "float"),  # a group of three, a head dim no power of two
-    (10, 8, 8, 16, 1, torch.float16, "bool"),  # one query head per KV head
-    (5, 4, 1, 32, 1, torch.bfloat16, "bool"),  # one KV head (Gemma 3 270M's layout)
-    (5, 4, 2, 16, 1, torch.float32, None),  # no mask: every row holds the whole cache
+    (6, 4, 2, 16, 1, torch.float32, "bool"),
+    (6, 6, 2, 24, 2, torch.bfloat16, "float"),  # a group of three, a head dim no power of two
+    (12, 8, 8, 16, 1, torch.float16, "bool"),  # one query head per KV head
+    (6, 4, 1, 32, 1, torch.bfloat16, "bool"),  # one KV head (Gemma 3 270M's layout)
+    (6, 4, 2, 16, 1, torch.float32, None),  # no mask: every row holds the whole cache
 ])
 def test_bounds_and_gate_against_the_references(B, Hq, Hkv, D, Tq, dtype, mask_kind):
     decided = torch.cat([_settle(B, Hq, Hkv, D, Tq, dtype, mask_kind, seed) for seed in range(2)])
