@@ -18,12 +18,10 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from topk_sass import COUNTED, _tools  # noqa: E402  (the same tools and categories)
+from topk_sass import COUNTED, machine_code  # noqa: E402  (the same compile and categories)
 
 CONSTANTS = dict(MASK_KIND=1, TQ_P2=1, CHUNK=2048, SUB=2048, C_P2=16, HAS_PSAW=True, HKV=8, G=4,
                  D=128, HKV_P2=8, HQ_P2=32, BLOCK_D=128, SCR_BLOCK=1024)
@@ -36,40 +34,15 @@ FLOATS = {"psaw_frac", "mask_min", "tau"}
 
 def analyse(warps: int, sass_path: str | None = None) -> dict:
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from prhs_compile.kernels import gate_triton
 
     fn = gate_triton._bounds_gate_kernel
     signature = {name: ("constexpr" if name in CONSTANTS else POINTERS.get(name)
                         or ("fp32" if name in FLOATS else "i32")) for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=CONSTANTS),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    ptxas_list, cuobjdump = _tools(triton)
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        for ptxas in ptxas_list:  # the first that takes this PTX version
-            run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", cubin],
-                                 capture_output=True, text=True)
-            if run.returncode == 0:
-                break
-        else:
-            raise SystemExit(f"ptxas failed: {run.stderr.strip()[:300]}")
-        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True,
-                              check=True).stdout
-    code = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
-    if sass_path:
-        with open(sass_path, "w") as f:
-            f.write("\n".join(code) + "\n")
-    registers = re.search(r"Used (\d+) registers", run.stderr)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
+    code, registers, spills = machine_code(fn, signature, CONSTANTS, warps, sass_path)
     report = {"kernel": "_bounds_gate_kernel", "warps": warps, "triton": triton.__version__,
-              "registers": int(registers.group(1)) if registers else None,
-              "spill_bytes": [int(spills.group(1)), int(spills.group(2))] if spills else [0, 0],
-              "instructions": len(code)}
+              "registers": registers, "spill_bytes": spills, "instructions": len(code)}
     report.update({k: sum(1 for line in code if re.search(p, line)) for k, p in COUNTED.items()})
     return report
 

@@ -75,18 +75,17 @@ def _tools(triton):
     return [os.path.join(base, n) for n in names], os.path.join(base, "cuobjdump")
 
 
-def analyse(variant: str, warps: int, sass_path: str | None = None) -> dict:
+def machine_code(fn, signature: dict, constexprs: dict, warps: int,
+                 sass_path: str | None = None):
+    """Compile the Triton kernel ``fn`` for sm_90a with the installed Triton and its bundled
+    ``ptxas``: (its instructions, one SASS line each; registers per thread or None; spill
+    store and load bytes). ``sass_path``: also write the instructions there."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from prhs_compile.kernels import topk_triton as tk
-
-    const = _launch_constants(variant)
-    src = ASTSource(fn=tk._topk_kernel, signature=_signature(tk._topk_kernel, const),
-                    constexprs=const)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps})
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     ptxas_list, cuobjdump = _tools(triton)
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
@@ -101,12 +100,24 @@ def analyse(variant: str, warps: int, sass_path: str | None = None) -> dict:
             raise SystemExit(f"ptxas failed: {run.stderr.strip()[:300]}")
         sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True,
                               check=True).stdout
-    registers = re.search(r"Used (\d+) registers", run.stderr)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
     code = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     if sass_path:
         with open(sass_path, "w") as f:
             f.write("\n".join(code) + "\n")
+    registers = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
+    return (code, int(registers.group(1)) if registers else None,
+            [int(spills.group(1)), int(spills.group(2))] if spills else [0, 0])
+
+
+def analyse(variant: str, warps: int, sass_path: str | None = None) -> dict:
+    import triton
+
+    from prhs_compile.kernels import topk_triton as tk
+
+    const = _launch_constants(variant)
+    code, registers, spills = machine_code(tk._topk_kernel, _signature(tk._topk_kernel, const),
+                                           const, warps, sass_path)
     marks = [i for i, line in enumerate(code) if "GLOBALTIMER" in line]
     # the timer reads in the order the code stamps them, launch first (the dilation's
     # checkpoints 8-10 are not in a launch without it)
@@ -123,8 +134,7 @@ def analyse(variant: str, warps: int, sass_path: str | None = None) -> dict:
         phases.append(row)
         start = end
     return {"variant": variant, "warps": warps, "triton": triton.__version__,
-            "registers": int(registers.group(1)) if registers else None,
-            "spill_bytes": [int(spills.group(1)), int(spills.group(2))] if spills else None,
+            "registers": registers, "spill_bytes": spills,
             "instructions": len(code), "phases": phases}
 
 
