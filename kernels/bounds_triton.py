@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, wait_for_inputs
 from .tickets import tickets
 
 __all__ = ["BLOCK_W", "MASK_ADD", "MASK_BOOL", "MASK_NONE", "BoundsColumn", "bounds_launch",
@@ -160,9 +161,10 @@ def _mask_stats_kernel(
     MASK, STATS, TICKETS, BOUNDS, Tq, L, C, sink, local, budget, min_context, psaw_frac,
     stride_mb, stride_mt, stride_ml, mask_min,
     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-    C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
+    C_P2: tl.constexpr, HAS_PSAW: tl.constexpr, PDL: tl.constexpr,
 ):
     """The stats of one chunk of a row's mask; the row's last chunk writes its bounds."""
+    wait_for_inputs(PDL)
     b = tl.program_id(0).to(tl.int64)
     if chunk_stats_last(MASK, STATS, TICKETS, b, tl.program_id(1), Tq, L, C, stride_mb,
                         stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, CHUNK, SUB):
@@ -209,9 +211,10 @@ def _bounds_kernel(
     MASK, STATS, BOUNDS, Tq, L, C, sink, local, budget, min_context, psaw_frac,
     stride_mb, stride_mt, stride_ml, mask_min,
     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-    C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
+    C_P2: tl.constexpr, HAS_PSAW: tl.constexpr, PDL: tl.constexpr,
 ):
     """The bounds of a row without a mask (a masked row's come from ``_mask_stats_kernel``)."""
+    wait_for_inputs(PDL)
     write_row_bounds(MASK, STATS, BOUNDS, tl.program_id(0).to(tl.int64), Tq, L, C, sink,
                       local, budget, min_context, psaw_frac, stride_mb, stride_mt, stride_ml,
                       mask_min, MASK_KIND, TQ_P2, CHUNK, SUB, C_P2, HAS_PSAW)
@@ -398,11 +401,12 @@ def compute_bounds(mask_t, kind, ms, mask_min, B, Tq, L, sink, local, budget, mi
     grid, args, consts = bounds_launch(kind, ms, mask_min, B, Tq, L, sink, local, budget,
                                        min_context, psaw_frac)
     if kind == MASK_NONE:
-        _bounds_kernel[grid[:1]](bounds, bounds, bounds, *args, **consts, num_warps=4)
+        _bounds_kernel[grid[:1]](bounds, bounds, bounds, *args, **consts, num_warps=4,
+                                 **launch_options(bounds.device))
     else:
         stats = torch.empty((B, grid[1], 3), dtype=torch.int32, device=device)
         _mask_stats_kernel[grid](mask_t, stats, tickets(device, B), bounds, *args, **consts,
-                                 num_warps=4)
+                                 num_warps=4, **launch_options(bounds.device))
     return bounds
 
 

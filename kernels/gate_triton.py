@@ -40,6 +40,7 @@ from .bounds_triton import BoundsColumn as Col
 from .bounds_triton import MASK_NONE, bounds_launch, chunk_stats_last, write_row_bounds
 from .rule_prhs import prhs_advance, prhs_gate
 from .select_reference import CALLS, RESETS, RETRIEVALS, SLOTS, continuing_rows, step_bookkeeping
+from .pdl import launch_options, wait_for_inputs
 from .tickets import tickets
 
 __all__ = ["GateState", "bounds_and_gate", "prhs_gate_reference"]
@@ -177,7 +178,7 @@ def _bounds_gate_kernel(
     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
     C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
-    HQ_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr,
+    HQ_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(B, chunks of the mask)`` (``(B, 1)`` without a mask): the row's bounds as
     ``compute_bounds`` writes them, then, in the program that wrote them, the row's gate.
@@ -185,6 +186,7 @@ def _bounds_gate_kernel(
     overlap its chunk's mask loads instead of following the bounds (the row's state is
     written only by the program that draws the row's last ticket, after every other has
     loaded)."""
+    wait_for_inputs(PDL)
     b = tl.program_id(0).to(tl.int64)
     pos, old, fingerprint, k_next, age, key_norm = _gate_inputs(
         b, K, POS, FINGERPRINT, AGE, KEY_NORM, Tq, L, stride_kb, stride_kh, stride_kl,
@@ -265,6 +267,7 @@ def bounds_and_gate(operand, q, k, sink: int, local: int, budget: int, min_conte
         *q.stride(), *k.stride(), **consts,
         HKV=Hkv, G=G, D=D, HKV_P2=triton.next_power_of_2(Hkv), HQ_P2=hq_p2, BLOCK_D=block_d,
         SCR_BLOCK=min(1024, triton.next_power_of_2(max(scratch_width, 1))), num_warps=warps,
+        **launch_options(device),
     )
     return bounds, flags, scratch
 

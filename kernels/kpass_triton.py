@@ -39,6 +39,7 @@ from .bounds_triton import (
     rows_share_mask,
     valid_positions,
 )
+from .pdl import launch_options, wait_for_inputs
 
 __all__ = ["LOG2E", "SPLIT_CHUNK", "CONFIG", "LsePass", "Retrieval", "assignment",
            "check_inputs", "dot_f32", "group_mass", "load_q", "lse_final", "lse_pass",
@@ -163,7 +164,9 @@ def _lse_kernel(
     M_PAD: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
     HAS_ACTIVE: tl.constexpr, WANT_NORM: tl.constexpr, TQ_P2: tl.constexpr,
     BLOCK_BH: tl.constexpr, WRITE_SCORES: tl.constexpr, SHARED_ROWS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     # (row, KV head) slots that reuse a selection read no K at all; the active ones share
     # every program (see assignment). With WRITE_SCORES the masked log2-domain scores of
     # every row go to SCORES [BH, M, L] (fp32), so the group mass needs no second read of K
@@ -450,7 +453,7 @@ def lse_pass(q, k, operand, bounds, scale, active=None, *, want_norm=False, num_
         HAS_ACTIVE=active is not None, WANT_NORM=want_norm,
         TQ_P2=triton.next_power_of_2(Tq), BLOCK_BH=triton.next_power_of_2(B * Hkv),
         WRITE_SCORES=scores is not None, SHARED_ROWS=rows_share_mask(operand, Tq),
-        num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"],
+        num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"], **launch_options(device),
     )
     return LsePass(lse_part, norm_part, lse_width, num_splits, m_blocks, block_m, block_n,
                    mask_t, active_t, qk_scale_log2)

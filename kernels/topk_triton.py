@@ -60,6 +60,7 @@ from .retrieve_triton import _window_mass, block_keys
 from .bounds_triton import BLOCK_W, middle_range
 from .compose_triton import SLOT_BLOCK, Composition, compose_row, compose_windows
 from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse, splits_per_active
+from .pdl import launch_options, wait_for_inputs
 
 _SPLIT_CHUNK = tl.constexpr(SPLIT_CHUNK)  # a jit function reads module globals only as constexprs
 
@@ -646,8 +647,9 @@ def _topk_kernel(
     ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr,
     COMPOSE: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
     BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr, HAS_DROPPED: tl.constexpr,
-    tags_from_share, TIMED: tl.constexpr,
+    tags_from_share, TIMED: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     times_row = TIMES + pid.to(tl.int64) * TIMELINE_STAMPS
     _stamp(times_row, 0, TIMED)
@@ -970,6 +972,6 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         MASK_KIND=comp_kind, TQ_P2=triton.next_power_of_2(q_len), BLOCK_W=BLOCK_W,
         SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None,
         tags_from_share=CONFIG["tags_from_share"], TIMED=timeline is not None,
-        num_warps=CONFIG["num_warps"],
+        num_warps=CONFIG["num_warps"], **launch_options(keys.device),
     )
     return out, picked_mass

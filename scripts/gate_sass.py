@@ -21,10 +21,10 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from topk_sass import COUNTED, machine_code  # noqa: E402  (the same compile and categories)
+from topk_sass import COUNTED, machine_code, memory_before_wait  # noqa: E402  (the same compile and categories)
 
 CONSTANTS = dict(MASK_KIND=1, TQ_P2=1, CHUNK=2048, SUB=2048, C_P2=16, HAS_PSAW=True, HKV=8, G=4,
-                 D=128, HKV_P2=8, HQ_P2=32, BLOCK_D=128, SCR_BLOCK=1024)
+                 D=128, HKV_P2=8, HQ_P2=32, BLOCK_D=128, SCR_BLOCK=1024, PDL=True)
 POINTERS = {"MASK": "*u8", "Q": "*bf16", "K": "*bf16", "POS": "*i64", "FINGERPRINT": "*fp32",
             "ANCHOR": "*fp32", "KEY_NORM": "*fp32", "COUNTERS": "*i64", "STATS": "*i32",
             "TICKETS": "*i32", "BOUNDS": "*i32", "AGE": "*i32", "FLAGS": "*i32",
@@ -42,7 +42,8 @@ def analyse(warps: int, sass_path: str | None = None) -> dict:
                         or ("fp32" if name in FLOATS else "i32")) for name in fn.arg_names}
     code, registers, spills = machine_code(fn, signature, CONSTANTS, warps, sass_path)
     report = {"kernel": "_bounds_gate_kernel", "warps": warps, "triton": triton.__version__,
-              "registers": registers, "spill_bytes": spills, "instructions": len(code)}
+              "registers": registers, "spill_bytes": spills, "instructions": len(code),
+              "memory before the launch wait": memory_before_wait(code)}
     report.update({k: sum(1 for line in code if re.search(p, line)) for k, p in COUNTED.items()})
     return report
 

@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_bench.sh tests       # the CUDA-marked tests, and the kernel tests of the select
 #                                    # step, top-k, select and attend
-#   scripts/gpu_bench.sh step_tests  # the gate's, attend's and the select step's kernel tests (stops the stages after it on a failure)
+#   scripts/gpu_bench.sh step_tests  # PDL's, the gate's, attend's and the select step's kernel tests (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh topk        # the top-k's kernel tests alone (stops the stages after it on a failure)
 #   scripts/gpu_bench.sh engine      # the select engine's kernel tests alone (retrieval, top-k)
 #   scripts/gpu_bench.sh kernels     # the top-k, attend and oracle-select kernel tests (stops the stages after it on a failure)
@@ -23,7 +23,8 @@
 #   BASE=dir scripts/gpu_bench.sh ab # the PrHS step of another revision's source tree (dir,
 #                                    # e.g. from `git archive`) and of this one, side by side
 #                                    # on this machine -> $OUT/profile_base_NAME.json, profile_new.json
-#                                    # (BASE="dir1 dir2": several revisions)
+#                                    # (BASE="dir1 dir2": several revisions; AB_VARIANTS=
+#                                    # "nopdl:PRHS_PDL=0": this tree under other environments)
 #   scripts/gpu_bench.sh pages       # two-stage retrieval: its kernel tests, then the PrHS step
 #                                    # with exact and two-stage retrieval, and Quest's step
 #                                    # -> $OUT/latency_pages.json
@@ -52,7 +53,7 @@ for stage in "$@"; do
       python -m pytest -q -p no:cacheprovider $PAR "$ROOT/tests/test_select_step_triton.py" "$ROOT/tests/test_topk_triton.py" "$ROOT/tests/test_select_triton.py" "$ROOT/tests/test_attend_triton.py" 2>&1 | tee "$OUT/pytest_select_step.txt" | tail -15
       ;;
     step_tests)  # the gate's, attend's, the whole select step's and the timer's tests; a failure stops the stages after it
-      python -m pytest -q -x -p no:cacheprovider $PAR "$ROOT/tests/test_gate_triton.py" "$ROOT/tests/test_attend_triton.py" "$ROOT/tests/test_select_step_triton.py" "$ROOT/tests/test_timing.py" 2>&1 | tee "$OUT/pytest_step.txt" | tail -5 || exit 1
+      python -m pytest -q -x -p no:cacheprovider $PAR "$ROOT/tests/test_pdl.py" "$ROOT/tests/test_gate_triton.py" "$ROOT/tests/test_attend_triton.py" "$ROOT/tests/test_select_step_triton.py" "$ROOT/tests/test_timing.py" 2>&1 | tee "$OUT/pytest_step.txt" | tail -5 || exit 1
       ;;
     topk)  # the top-k's kernel tests; a failure stops the stages after it
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_topk_triton.py" 2>&1 | tee "$OUT/pytest_topk.txt" | tail -5 || exit 1
@@ -117,6 +118,15 @@ for stage in "$@"; do
         PYTHONPATH="/tmp/prhs_$name" python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --quiet \
           --out "$OUT/profile_base_$name.json" 2>&1 | grep "step in"
       done
+      # AB_VARIANTS="name:VAR=value,VAR=value ...": this tree again under those environment
+      # variables (e.g. nopdl:PRHS_PDL=0) -> $OUT/profile_variant_NAME.json
+      for variant in ${AB_VARIANTS:-}; do
+        vname=${variant%%:*}
+        echo "this tree with ${variant#*:}:"
+        env $(echo "${variant#*:}" | tr ',' ' ') python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" \
+          --quiet --out "$OUT/profile_variant_$vname.json" 2>&1 | grep "step in"
+      done
+      echo "this tree:"
       python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --out "$OUT/profile_new.json" \
         2>&1 | grep -v -i "warn" > "$OUT/profile_new.txt"
       grep "step in" "$OUT/profile_new.txt"

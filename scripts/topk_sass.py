@@ -35,6 +35,16 @@ VARIANTS = {  # constexprs that differ from the step's launch
 COUNTED = {"barriers": r"BAR\.SYNC", "votes": r"VOTE", "global loads": r"LDG",
            "global stores": r"STG", "shared memory": r"LDS|STS|ATOMS", "shuffles": r"SHFL",
            "spill traffic": r"LDL|STL"}
+_GLOBAL_ACCESS = r"\b(LDG|STG|ATOMG|ATOM|RED|LD|ST)\b"
+
+
+def memory_before_wait(code: list) -> int | None:
+    """Global memory instructions before the programmatic-launch wait (``griddepcontrol.wait``,
+    SASS ``ACQBULK``; ``kernels/pdl.py``: there must be none), or None without a wait."""
+    for i, line in enumerate(code):
+        if "ACQBULK" in line:
+            return sum(1 for before in code[:i] if re.search(_GLOBAL_ACCESS, before))
+    return None
 
 
 def _launch_constants(variant: str) -> dict:
@@ -44,7 +54,7 @@ def _launch_constants(variant: str) -> dict:
                  BLOCK=2048, BLOCK_BH=8, C_P2=256, CAND_P2=4096, M_P2=1024, R_P2=4,
                  MAP=False, WHOLE=False, PENDING=True, WANT_WMASS=True, ROWS_P2=4, M_PAD=16,
                  KEY_BLOCK=1024, COMPOSE=True, MASK_KIND=0, TQ_P2=1, BLOCK_W=1024,
-                 SLOT_BLOCK=2048, HAS_DROPPED=True, TIMED=True)
+                 SLOT_BLOCK=2048, HAS_DROPPED=True, TIMED=True, PDL=True)
     const.update(VARIANTS[variant])
     return const
 
@@ -135,7 +145,8 @@ def analyse(variant: str, warps: int, sass_path: str | None = None) -> dict:
         start = end
     return {"variant": variant, "warps": warps, "triton": triton.__version__,
             "registers": registers, "spill_bytes": spills,
-            "instructions": len(code), "phases": phases}
+            "instructions": len(code), "memory before the launch wait": memory_before_wait(code),
+            "phases": phases}
 
 
 def main() -> int:

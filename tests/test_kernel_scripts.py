@@ -44,6 +44,7 @@ def test_topk_sass_counts_every_phase_of_the_compiled_kernel(tmp_path):
     assert names[:4] == ["launch", "compose reusing", "first pass", "candidates"]
     assert "threshold of the picks" in names and "cores selected" not in names
     assert all(p["instructions"] > 0 for p in report["phases"])
+    assert report["memory before the launch wait"] == 0, report  # kernels/pdl.py
 
 
 
@@ -63,3 +64,6 @@ def test_gate_sass_compiles_the_gate_without_spills(tmp_path):
     report = json.loads(out.read_text())
     assert report["spill_bytes"] == [0, 0] and report["spill traffic"] == 0, report
     assert 1000 < report["instructions"] < 10000, report
+    # Launched with PDL on Hopper, it may start before the kernel before it ends: no load or
+    # store may come before its wait (kernels/pdl.py).
+    assert report["memory before the launch wait"] == 0, report

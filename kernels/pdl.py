@@ -1,0 +1,69 @@
+"""Programmatic dependent launch (PDL) between the decode step's kernels, on Hopper and later.
+
+Inside a CUDA graph a small kernel costs its own microseconds, and part of each is the gap
+between one kernel's end and the next one's start (the next grid's launch, its programs
+placed on the SMs). A kernel launched with PDL may start while the kernel before it in the
+stream still runs: its programs are placed as soon as every program of that kernel has
+signalled (``gdc_launch_dependents``), and each waits (``gdc_wait``) until that kernel has
+finished and its writes are visible. So the launch overlaps the previous kernel's work.
+
+The contract every kernel here keeps: ``wait_for_inputs`` comes first, before any load or
+store of global memory. Waiting on the kernel just before it waits, transitively, on every
+earlier one (that kernel waited too, or was launched without PDL, which serialises the
+stream as always), so no read sees a stale value and no write overtakes an earlier reader.
+The signal right after the wait lets the next kernel be placed while this one works: it
+fires once every program of this launch has passed it, so programs of the next launch
+never take the place of one of this launch's that has not started (the top-k, whose
+programs wait for each other, needs all of its own resident).
+
+``launch_options(device)`` gives the launch argument (empty where PDL is off: not CUDA,
+compute capability below 9, the Triton interpreter, or ``PRHS_PDL=0`` in the environment);
+``pdl(device)`` the matching constexpr for the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # Triton >= 3.4 on every backend's wheel; the kernels never reach it where PDL is off
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+
+__all__ = ["launch_options", "pdl", "wait_for_inputs"]
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """First thing in a kernel launched with ``launch_options``: wait for the kernel before
+    it, then let the next one be placed (module docstring)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on ``device`` are launched with PDL."""
+    if device.type != "cuda" or gdc_wait is None or os.environ.get("PRHS_PDL", "1") == "0":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    return _capability_major(device.index if device.index is not None
+                             else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments of a launch: the kernel's ``PDL`` constexpr and, with it on,
+    Triton's ``launch_pdl``."""
+    on = pdl(device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
