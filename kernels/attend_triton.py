@@ -59,8 +59,7 @@ def _attend_split_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr,
     SHARED_ROWS: tl.constexpr, PREFETCH_IDX: tl.constexpr, ROWS_P2: tl.constexpr,
-    SPLITS_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, EARLY_V: tl.constexpr,
-    PDL: tl.constexpr,
+    SPLITS_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     pid_bh = tl.program_id(0)
@@ -122,11 +121,6 @@ def _attend_split_kernel(
             k_base + pos64[:, None] * stride_kl + offs_d[None, :] * stride_kd,
             mask=valid[:, None] & d_ok[None, :], other=0.0,
         )
-        if EARLY_V:  # in flight with K's rows rather than after the scores (see CONFIG)
-            v = tl.load(
-                v_base + pos64[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                mask=valid[:, None] & dv_ok[None, :], other=0.0,
-            )
         # "ieee" keeps fp32 inputs out of TF32; for bf16/fp16 it changes nothing.
         if DOT_F32:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -152,11 +146,10 @@ def _attend_split_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
 
-        if not EARLY_V:
-            v = tl.load(
-                v_base + pos64[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                mask=valid[:, None] & dv_ok[None, :], other=0.0,
-            )
+        v = tl.load(
+            v_base + pos64[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
+            mask=valid[:, None] & dv_ok[None, :], other=0.0,
+        )
         # P is rounded to V's dtype, as the tensor cores need; DOT_F32 keeps that rounding.
         pv = p.to(v.dtype)
         if DOT_F32:
@@ -252,12 +245,10 @@ def _pick_splits(n_blocks: int, n_base_programs: int, num_sms: int) -> tuple[int
 # findings: README, "Kernel configurations"). 8 warps leave the small tile of an iteration
 # too little work. ``programs_per_sm``: the split-K target (see ``_pick_splits``).
 # ``prefetch_idx``: load the next block's positions one iteration ahead, so consecutive
-# gathers do not wait on an index load in between. ``early_v``: load a block's V rows with
-# its K rows, before its scores: a split of one block (B=1, where the splits are short)
-# then waits for one gather rather than two in a row; over several blocks the pipelined
-# loop prefetches them either way.
+# gathers do not wait on an index load in between. (Loading a block's V rows with its K
+# rows rather than after the scores measured no faster at B=1 or 16: README.)
 CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4,
-          "prefetch_idx": True, "early_v": True}
+          "prefetch_idx": True}
 
 
 # fp32 elements of the merge's tiles (the rows' log-sum-exps, the partials of one load):
@@ -398,7 +389,6 @@ def attend_triton(
         # query position or a mask broadcast over positions): each column is loaded once.
         SHARED_ROWS=ms[1] == 0 and (Tq == 1 or ms[2] == 0),
         PREFETCH_IDX=bool(CONFIG.get("prefetch_idx", False)),
-        EARLY_V=bool(CONFIG.get("early_v", False)),
         ROWS_P2=rows_p2, SPLITS_P2=splits_p2,
         SPLIT_CHUNK=min(splits_p2, max(1, MERGE_TILE // (rows_p2 * BLOCK_DV))),
         num_warps=num_warps, num_stages=num_stages, **launch_options(q.device),

@@ -50,35 +50,41 @@ def test_a_cuda_graph_of_steps_with_pdl_matches_steps_without(monkeypatch):
     for _ in range(7):
         queries.append(queries[-1] + 0.3 * torch.randn(queries[-1].shape, device="cuda",
                                                        dtype=torch.bfloat16, generator=gen))
-    mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device="cuda")
-    mask[1, ..., 6000:] = False
+    # Each step one token longer (row 1 a shorter sequence), as decoding goes.
+    masks = []
+    for t in range(len(queries)):
+        mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device="cuda")
+        mask[0, ..., :7000 + t] = True
+        mask[1, ..., :6000 + t] = True
+        masks.append(mask)
     fresh = [torch.full(shape, fill, dtype=dtype, device="cuda")
              for shape, dtype, fill in state_spec(plan, B, Hq, Hkv, D).values()]
 
-    def step(q, state):
+    def step(q, mask, state):
         idx = torch.ops.prhs.select(q, k, v, mask, D ** -0.5, text, state)
         return idx, torch.ops.prhs.attend(q, k, v, idx, mask, D ** -0.5)
 
     monkeypatch.setenv("PRHS_PDL", "0")
     eager_state = [t.clone() for t in fresh]
-    eager = [step(q, eager_state) for q in queries]
+    eager = [step(q, mask, eager_state) for q, mask in zip(queries, masks)]
     eager_states = [t.clone() for t in eager_state]
 
     monkeypatch.setenv("PRHS_PDL", "1")
-    static_q = queries[0].clone()
+    static_q, static_mask = queries[0].clone(), masks[0].clone()
     state = [t.clone() for t in fresh]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # compiles the kernels outside the capture
-        step(static_q, [t.clone() for t in fresh])
+        step(static_q, static_mask, [t.clone() for t in fresh])
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        idx, out = step(static_q, state)
+        idx, out = step(static_q, static_mask, state)
     for t, s in zip(state, fresh):
         t.copy_(s)
-    for q, (want_idx, want_out) in zip(queries, eager):
+    for q, mask, (want_idx, want_out) in zip(queries, masks, eager):
         static_q.copy_(q)
+        static_mask.copy_(mask)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(idx.sort(-1).values, want_idx.sort(-1).values)
