@@ -16,9 +16,12 @@ fires once every program of this launch has passed it, so programs of the next l
 never take the place of one of this launch's that has not started (the top-k, whose
 programs wait for each other, needs all of its own resident).
 
-``launch_options(device)`` gives the launch argument (empty where PDL is off: not CUDA,
-compute capability below 9, the Triton interpreter, or ``PRHS_PDL=0`` in the environment);
-``pdl(device)`` the matching constexpr for the kernel.
+``PRHS_PDL`` in the environment: ``1`` (default) as above; ``exit``: launched with PDL and
+waiting, but without the early signal, so the next kernel is placed only as this one's
+programs exit (its programs then spread over an idle GPU rather than over the SMs the
+tail of this kernel leaves free); ``0``: launched as before. ``launch_options(device)``
+gives a launch's keyword arguments (PDL is off where the device is not CUDA, its compute
+capability is below 9 or the Triton interpreter runs); ``pdl(device)`` the mode.
 """
 
 from __future__ import annotations
@@ -38,23 +41,33 @@ except ImportError:  # pragma: no cover - older Triton
 __all__ = ["launch_options", "pdl", "wait_for_inputs"]
 
 
+OFF, EARLY, AT_EXIT = 0, 1, 2  # the modes (the kernels' PDL constexpr)
+_MODES = {"0": OFF, "1": EARLY, "exit": AT_EXIT}
+
+
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
     """First thing in a kernel launched with ``launch_options``: wait for the kernel before
-    it, then let the next one be placed (module docstring)."""
-    if PDL:
+    it, then (mode EARLY) let the next one be placed (module docstring)."""
+    if PDL != 0:
         gdc_wait()
+    if PDL == 1:
         gdc_launch_dependents()
 
 
-def pdl(device: torch.device) -> bool:
-    """Whether kernels on ``device`` are launched with PDL."""
-    if device.type != "cuda" or gdc_wait is None or os.environ.get("PRHS_PDL", "1") == "0":
-        return False
+def pdl(device: torch.device) -> int:
+    """How kernels on ``device`` are launched: OFF, EARLY or AT_EXIT."""
+    setting = os.environ.get("PRHS_PDL", "1").strip().lower()
+    if setting not in _MODES:
+        raise ValueError(f"PRHS_PDL={setting!r}: expected one of {sorted(_MODES)}")
+    if device.type != "cuda" or gdc_wait is None or _MODES[setting] == OFF:
+        return OFF
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return False
-    return _capability_major(device.index if device.index is not None
-                             else torch.cuda.current_device()) >= 9
+        return OFF
+    if _capability_major(device.index if device.index is not None
+                         else torch.cuda.current_device()) < 9:
+        return OFF
+    return _MODES[setting]
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,5 +78,5 @@ def _capability_major(index: int) -> int:
 def launch_options(device: torch.device) -> dict:
     """Keyword arguments of a launch: the kernel's ``PDL`` constexpr and, with it on,
     Triton's ``launch_pdl``."""
-    on = pdl(device)
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    mode = pdl(device)
+    return {"PDL": mode, "launch_pdl": True} if mode != OFF else {"PDL": OFF}

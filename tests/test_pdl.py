@@ -12,26 +12,32 @@ from prhs_compile.kernels import pdl
 def test_pdl_is_off_on_cpu_before_hopper_in_the_interpreter_and_when_disabled(monkeypatch):
     monkeypatch.delenv("PRHS_PDL", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": pdl.OFF}
     if pdl.gdc_wait is None:
         pytest.skip("this Triton has no grid dependency control")
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(pdl, "_capability_major", lambda index: 9)
-    assert pdl.launch_options(cuda) == {"PDL": True, "launch_pdl": True}
+    assert pdl.launch_options(cuda) == {"PDL": pdl.EARLY, "launch_pdl": True}
+    monkeypatch.setenv("PRHS_PDL", "exit")
+    assert pdl.launch_options(cuda) == {"PDL": pdl.AT_EXIT, "launch_pdl": True}
     monkeypatch.setenv("PRHS_PDL", "0")
-    assert pdl.launch_options(cuda) == {"PDL": False}
+    assert pdl.launch_options(cuda) == {"PDL": pdl.OFF}
+    monkeypatch.setenv("PRHS_PDL", "sometimes")
+    with pytest.raises(ValueError, match="PRHS_PDL='sometimes'.*exit"):
+        pdl.pdl(cuda)
     monkeypatch.setenv("PRHS_PDL", "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not pdl.pdl(cuda)
+    assert pdl.pdl(cuda) == pdl.OFF
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(pdl, "_capability_major", lambda index: 8)
-    assert not pdl.pdl(cuda)
+    assert pdl.pdl(cuda) == pdl.OFF
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a CUDA GPU of compute capability 9 or more")
-def test_a_cuda_graph_of_steps_with_pdl_matches_steps_without(monkeypatch):
+@pytest.mark.parametrize("mode", ["1", "exit"])
+def test_a_cuda_graph_of_steps_with_pdl_matches_steps_without(monkeypatch, mode):
     """PrHS steps (bounds and gate, K pass, top-k, attend) at the Llama-3-8B shape, 8 steps
     whose queries drift so that some slots reuse and some retrieve: replays of one CUDA graph
     launched with PDL against eager steps launched without it, indices, outputs and state."""
@@ -69,7 +75,7 @@ def test_a_cuda_graph_of_steps_with_pdl_matches_steps_without(monkeypatch):
     eager = [step(q, mask, eager_state) for q, mask in zip(queries, masks)]
     eager_states = [t.clone() for t in eager_state]
 
-    monkeypatch.setenv("PRHS_PDL", "1")
+    monkeypatch.setenv("PRHS_PDL", mode)
     static_q, static_mask = queries[0].clone(), masks[0].clone()
     state = [t.clone() for t in fresh]
     stream = torch.cuda.Stream()
