@@ -108,10 +108,10 @@ for stage in "$@"; do
       prhs-bench throughput ${THROUGHPUT_ARGS:-} --out "$OUT/throughput.json" 2>&1 | tail -40
       ;;
     ab)
-      : "${BASE:?set BASE to the source tree of the revision to compare against (several: space-separated)}"
+      # BASE: source trees of other revisions (none: only this tree and its AB_VARIANTS)
       # PROFILE_CONFIGS: batch:context:rate triples
       CONFIGS=${PROFILE_CONFIGS:-1:32768:0,16:32768:0,16:131072:0,1:32768:0.1,1:131072:1,16:131072:1}
-      for base in $BASE; do
+      for base in ${BASE:-}; do
         name=$(basename "$base" | tr -c 'A-Za-z0-9_\n-' '_')
         python -m pip install -q --no-deps --no-build-isolation --target "/tmp/prhs_$name" "$ROOT/$base" 2>&1 | grep -v "as the 'root' user" | tail -3
         echo "$base:"
