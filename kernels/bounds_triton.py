@@ -297,16 +297,23 @@ def write_valid_run(OUT_ROW, MASK, b, lo, hi, base, slots, Tq,
                     stride_mb, stride_mt, stride_ml, mask_min, contiguous,
                     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr):
     """Write the valid positions of [lo, hi), in order, to slots base, base + 1, ...
-    (``contiguous``: [lo, hi) lies in a contiguous row, so all of it is valid)."""
-    running = tl.full([], 0, tl.int32)
-    for s0 in range(lo, hi, BLOCK_W):
-        pos = s0 + tl.arange(0, BLOCK_W)
-        v = valid_in_row(MASK, b, pos, pos < hi, lo, hi, contiguous, Tq, stride_mb,
-                         stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2)
-        vi = v.to(tl.int32)
-        slot = base + running + tl.cumsum(vi, 0) - 1
-        tl.store(OUT_ROW + slot, pos, mask=v & (slot < slots))
-        running += tl.sum(vi, 0)
+    (``contiguous``: [lo, hi) lies in a contiguous row, so all of it is valid and position
+    p goes to slot base + p - lo, with no scan of the mask)."""
+    if contiguous:
+        for s0 in range(lo, hi, BLOCK_W):
+            pos = s0 + tl.arange(0, BLOCK_W)
+            slot = base + pos - lo
+            tl.store(OUT_ROW + slot, pos, mask=(pos < hi) & (slot < slots))
+    else:
+        running = tl.full([], 0, tl.int32)
+        for s0 in range(lo, hi, BLOCK_W):
+            pos = s0 + tl.arange(0, BLOCK_W)
+            v = valid_positions(MASK, b, pos, pos < hi, Tq, stride_mb, stride_mt, stride_ml,
+                                mask_min, MASK_KIND, TQ_P2)
+            vi = v.to(tl.int32)
+            slot = base + running + tl.cumsum(vi, 0) - 1
+            tl.store(OUT_ROW + slot, pos, mask=v & (slot < slots))
+            running += tl.sum(vi, 0)
 
 
 @triton.jit

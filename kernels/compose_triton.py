@@ -50,19 +50,23 @@ def compose_row(MASK, BOUNDS, kept_row, out_row, b, Tq, middle, slots, sink, loc
         tl.store(out_row + slot, p, mask=inside & (slot < slots))
         n_kept += tl.sum(inside.to(tl.int32), 0)
 
-    compose_windows(MASK, BOUNDS, out_row, b, n_kept, Tq, slots, sink, local, stride_mb,
-                    stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, BLOCK_W, SLOT_BLOCK)
+    # The row's bounds as loaded above: after the stores, a reload would wait on memory again
+    # (the compiler cannot tell that they write elsewhere).
+    compose_windows(MASK, out_row, b, n_kept, lo, hi, count, sink_end, local_start, fits,
+                    contiguous, Tq, slots, sink, local, stride_mb, stride_mt, stride_ml,
+                    mask_min, MASK_KIND, TQ_P2, BLOCK_W, SLOT_BLOCK)
 
 
 @triton.jit
-def compose_windows(MASK, BOUNDS, out_row, b, n_kept, Tq, slots, sink, local,
-                    stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND: tl.constexpr,
-                    TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr):
+def compose_windows(MASK, out_row, b, n_kept, lo, hi, count, sink_end, local_start, fits,
+                    contiguous, Tq, slots, sink, local, stride_mb, stride_mt, stride_ml,
+                    mask_min, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
+                    BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr):
     """The rest of one (row, KV head)'s indices once its ``n_kept`` picks stand at slots
     ``sink`` on: the valid positions of the sinks before them, of the local window after
-    them, -1 after that (a row that fits the budget: all its valid positions, no picks)."""
-    lo, hi, count, sink_end, local_start, fits = row_bounds(BOUNDS, b)
-    contiguous = row_contiguous(BOUNDS, b)  # then no mask is read
+    them, -1 after that (a row that fits the budget: all its valid positions, no picks).
+    ``lo`` .. ``fits``: the row's ``row_bounds``, ``contiguous`` its ``row_contiguous`` (then
+    no mask is read)."""
     sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
     local = tl.full([], 0, tl.int32) + local
     n_kept = tl.where(fits, 0, n_kept)

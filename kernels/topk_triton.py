@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from .retrieve_triton import _window_mass, block_keys
-from .bounds_triton import BLOCK_W, middle_range
+from .bounds_triton import BLOCK_W, middle_range, row_bounds, row_contiguous
 from .compose_triton import SLOT_BLOCK, Composition, compose_row, compose_windows
 from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse, splits_per_active
 from .pdl import launch_options, wait_for_inputs
@@ -790,9 +790,11 @@ def _topk_kernel(
         _stamp(times_row, 6, TIMED)
         if COMPOSE:  # the rest of the slot's output (each party wrote its picks into it)
             if c == 0:
-                compose_windows(COMP_MASK, BOUNDS, comp_row, b, total, Tq, slots, sink, local,
-                                stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2,
-                                BLOCK_W, SLOT_BLOCK)
+                lo_r, hi_r, count_r, sink_end_r, local_start_r, fits_r = row_bounds(BOUNDS, b)
+                compose_windows(COMP_MASK, comp_row, b, total, lo_r, hi_r, count_r, sink_end_r,
+                                local_start_r, fits_r, row_contiguous(BOUNDS, b), Tq, slots,
+                                sink, local, stride_mb, stride_mt, stride_ml, mask_min,
+                                MASK_KIND, TQ_P2, BLOCK_W, SLOT_BLOCK)
         if HAS_DROPPED:  # the mass the slot's set drops: 1 - (windows + picks) / rows
             if c == 0:
                 tl.debug_barrier()  # the picks' mass, stored by other threads of this program
