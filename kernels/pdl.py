@@ -10,7 +10,9 @@ finished and its writes are visible. So the launch overlaps the previous kernel'
 The contract every kernel here keeps: ``wait_for_inputs`` comes first, before any load or
 store of global memory. Waiting on the kernel just before it waits, transitively, on every
 earlier one (that kernel waited too, or was launched without PDL, which serialises the
-stream as always), so no read sees a stale value and no write overtakes an earlier reader.
+stream as always), so no read sees a stale value and no write overtakes an earlier reader
+(as long as every kernel launched with PDL in the stream waits before it signals, which
+Inductor's own PDL kernels do too).
 The signal right after the wait lets the next kernel be placed while this one works: it
 fires once every program of this launch has passed it, so programs of the next launch
 never take the place of one of this launch's that has not started (the top-k, whose
@@ -20,8 +22,8 @@ programs wait for each other, needs all of its own resident).
 waiting, but without the early signal, so the next kernel is placed only as this one's
 programs exit (its programs then spread over an idle GPU rather than over the SMs the
 tail of this kernel leaves free); ``0``: launched as before. ``launch_options(device)``
-gives a launch's keyword arguments (PDL is off where the device is not CUDA, its compute
-capability is below 9 or the Triton interpreter runs); ``pdl(device)`` the mode.
+gives a launch's keyword arguments (PDL is off where the device is not an NVIDIA GPU of
+compute capability 9 or more, and under the Triton interpreter); ``pdl(device)`` the mode.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def pdl(device: torch.device) -> int:
     if setting not in _MODES:
         raise ValueError(f"PRHS_PDL={setting!r}: expected one of {sorted(_MODES)}")
     if device.type != "cuda" or gdc_wait is None or _MODES[setting] == OFF:
+        return OFF
+    if torch.version.hip is not None:  # ROCm reports its own versions as capabilities
         return OFF
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return OFF

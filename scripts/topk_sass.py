@@ -35,7 +35,7 @@ VARIANTS = {  # constexprs that differ from the step's launch
 COUNTED = {"barriers": r"BAR\.SYNC", "votes": r"VOTE", "global loads": r"LDG",
            "global stores": r"STG", "shared memory": r"LDS|STS|ATOMS", "shuffles": r"SHFL",
            "spill traffic": r"LDL|STL"}
-_GLOBAL_ACCESS = r"\b(LDG|STG|ATOMG|ATOM|RED|LD|ST)\b"
+_GLOBAL_ACCESS = r"\b(LDG|STG|LDGSTS|ATOMG|ATOM|REDG|RED|LD|ST|UTMA\w*|UBLKCP)\b"
 
 
 def memory_before_wait(code: list) -> int | None:

@@ -29,6 +29,9 @@ def test_pdl_is_off_on_cpu_before_hopper_in_the_interpreter_and_when_disabled(mo
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert pdl.pdl(cuda) == pdl.OFF
     monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(pdl.torch.version, "hip", "6.2")  # ROCm: its own capabilities
+    assert pdl.pdl(cuda) == pdl.OFF
+    monkeypatch.setattr(pdl.torch.version, "hip", None)
     monkeypatch.setattr(pdl, "_capability_major", lambda index: 8)
     assert pdl.pdl(cuda) == pdl.OFF
 
@@ -43,6 +46,7 @@ def test_a_cuda_graph_of_steps_with_pdl_matches_steps_without(monkeypatch, mode)
     launched with PDL against eager steps launched without it, indices, outputs and state."""
     import prhs_compile  # noqa: F401  (registers the ops)
     from prhs_compile.kernels.plan import SelectPlan
+    from prhs_compile.kernels.tickets import reserve_tickets
     from prhs_compile.kernels.select_reference import (COUNTERS_INDEX, RETRIEVALS, SLOTS,
                                                         state_spec)
 
@@ -65,6 +69,9 @@ def test_a_cuda_graph_of_steps_with_pdl_matches_steps_without(monkeypatch, mode)
         masks.append(mask)
     fresh = [torch.full(shape, fill, dtype=dtype, device="cuda")
              for shape, dtype, fill in state_spec(plan, B, Hq, Hkv, D).values()]
+    # The shared ticket buffer, as allocating the selection state reserves it: without it
+    # each launch zeroes tickets of its own (a fill launched without PDL before it).
+    reserve_tickets(torch.device("cuda"), 4096)
 
     def step(q, mask, state):
         idx = torch.ops.prhs.select(q, k, v, mask, D ** -0.5, text, state)
@@ -76,6 +83,7 @@ def test_a_cuda_graph_of_steps_with_pdl_matches_steps_without(monkeypatch, mode)
     eager_states = [t.clone() for t in eager_state]
 
     monkeypatch.setenv("PRHS_PDL", mode)
+    assert pdl.pdl(torch.device("cuda")) == {"1": pdl.EARLY, "exit": pdl.AT_EXIT}[mode]
     static_q, static_mask = queries[0].clone(), masks[0].clone()
     state = [t.clone() for t in fresh]
     stream = torch.cuda.Stream()
