@@ -40,10 +40,18 @@ from .bounds_triton import BoundsColumn as Col
 from .bounds_triton import MASK_NONE, bounds_launch, chunk_stats_last, write_row_bounds
 from .rule_prhs import prhs_advance, prhs_gate
 from .select_reference import CALLS, RESETS, RETRIEVALS, SLOTS, continuing_rows, step_bookkeeping
+from .kpass_triton import num_sms
 from .pdl import launch_options, wait_for_inputs
 from .tickets import tickets
 
 __all__ = ["GateState", "bounds_and_gate", "prhs_gate_reference"]
+
+# Every program of a row loads the gate's inputs before its chunk of the mask while the
+# launch has at most this many programs per SM; in larger launches only the program that
+# writes the row's bounds loads them, after: the early loads of every chunk's program then
+# cost more than they hide (README, the eleventh run: faster at 16-256 programs, slower at
+# 1024).
+EARLY_LOADS_PER_SM = 4
 
 # The counters' entries (select_reference.COUNTER_NAMES), as the kernel's constants.
 _CALLS, _SLOTS = tl.constexpr(CALLS), tl.constexpr(SLOTS)
@@ -178,19 +186,22 @@ def _bounds_gate_kernel(
     MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
     C_P2: tl.constexpr, HAS_PSAW: tl.constexpr,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
-    HQ_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr, PDL: tl.constexpr,
+    HQ_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr,
+    EARLY_LOADS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(B, chunks of the mask)`` (``(B, 1)`` without a mask): the row's bounds as
     ``compute_bounds`` writes them, then, in the program that wrote them, the row's gate.
-    Every program issues the gate's dependent loads first (``_gate_inputs``), so that they
-    overlap its chunk's mask loads instead of following the bounds (the row's state is
-    written only by the program that draws the row's last ticket, after every other has
-    loaded)."""
+    With ``EARLY_LOADS`` every program issues the gate's dependent loads first
+    (``_gate_inputs``), so that they overlap its chunk's mask loads instead of following the
+    bounds (the row's state is written only by the program that draws the row's last
+    ticket, after every other has loaded); without, the program that writes the bounds
+    loads them after (``EARLY_LOADS_PER_SM``)."""
     wait_for_inputs(PDL)
     b = tl.program_id(0).to(tl.int64)
-    pos, old, fingerprint, k_next, age, key_norm = _gate_inputs(
-        b, K, POS, FINGERPRINT, AGE, KEY_NORM, Tq, L, stride_kb, stride_kh, stride_kl,
-        stride_kd, HKV, D, HKV_P2, BLOCK_D)
+    if EARLY_LOADS:
+        pos, old, fingerprint, k_next, age, key_norm = _gate_inputs(
+            b, K, POS, FINGERPRINT, AGE, KEY_NORM, Tq, L, stride_kb, stride_kh, stride_kl,
+            stride_kd, HKV, D, HKV_P2, BLOCK_D)
     last = True
     if MASK_KIND != 0:
         last = chunk_stats_last(MASK, STATS, TICKETS, b, tl.program_id(1), Tq, L, C, stride_mb,
@@ -200,6 +211,10 @@ def _bounds_gate_kernel(
                                            budget, min_context, psaw_frac, stride_mb,
                                            stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2,
                                            CHUNK, SUB, C_P2, HAS_PSAW)
+        if not EARLY_LOADS:
+            pos, old, fingerprint, k_next, age, key_norm = _gate_inputs(
+                b, K, POS, FINGERPRINT, AGE, KEY_NORM, Tq, L, stride_kb, stride_kh,
+                stride_kl, stride_kd, HKV, D, HKV_P2, BLOCK_D)
         _gate_row(b, hi, count, fits, pos, old, fingerprint, k_next, age, key_norm,
                   Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS, FLAGS,
                   SCRATCH, Tq, L, tau, max_reuse, n_slots, scratch_width,
@@ -267,6 +282,7 @@ def bounds_and_gate(operand, q, k, sink: int, local: int, budget: int, min_conte
         *q.stride(), *k.stride(), **consts,
         HKV=Hkv, G=G, D=D, HKV_P2=triton.next_power_of_2(Hkv), HQ_P2=hq_p2, BLOCK_D=block_d,
         SCR_BLOCK=min(1024, triton.next_power_of_2(max(scratch_width, 1))), num_warps=warps,
+        EARLY_LOADS=grid[0] * grid[1] <= EARLY_LOADS_PER_SM * num_sms(device),
         **launch_options(device),
     )
     return bounds, flags, scratch

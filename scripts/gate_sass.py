@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from topk_sass import COUNTED, machine_code, memory_before_wait  # noqa: E402  (the same compile and categories)
 
 CONSTANTS = dict(MASK_KIND=1, TQ_P2=1, CHUNK=2048, SUB=2048, C_P2=16, HAS_PSAW=True, HKV=8, G=4,
-                 D=128, HKV_P2=8, HQ_P2=32, BLOCK_D=128, SCR_BLOCK=1024, PDL=1)
+                 D=128, HKV_P2=8, HQ_P2=32, BLOCK_D=128, SCR_BLOCK=1024, EARLY_LOADS=True, PDL=1)
 POINTERS = {"MASK": "*u8", "Q": "*bf16", "K": "*bf16", "POS": "*i64", "FINGERPRINT": "*fp32",
             "ANCHOR": "*fp32", "KEY_NORM": "*fp32", "COUNTERS": "*i64", "STATS": "*i32",
             "TICKETS": "*i32", "BOUNDS": "*i32", "AGE": "*i32", "FLAGS": "*i32",

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from prhs_compile.kernels import gate_triton  # noqa: E402
 from prhs_compile.kernels.bounds_triton import compute_bounds, mask_operand  # noqa: E402
 from prhs_compile.kernels.gate_triton import (  # noqa: E402
     GateState,
@@ -113,6 +114,15 @@ def test_bounds_and_gate_with_a_recency_window_over_long_masks():
     # Masks of several chunks (the row's last chunk to finish runs the gate) and PSAW's
     # middle start.
     _settle(3, 4, 2, 16, 1, torch.float32, "bool", 3, psaw=0.25, L=5000)
+
+
+@pytest.mark.parametrize("mask_kind,L", [("bool", None), (None, None), ("bool", 5000)])
+def test_bounds_and_gate_with_the_inputs_loaded_after_the_bounds(monkeypatch, mask_kind, L):
+    # A large launch: only the program that writes a row's bounds loads the gate's inputs,
+    # after them (EARLY_LOADS_PER_SM).
+    monkeypatch.setattr(gate_triton, "EARLY_LOADS_PER_SM", 0)
+    extra = {} if L is None else {"psaw": 0.25, "L": L}
+    _settle(3, 4, 2, 16, 1, torch.float32, mask_kind, 4, **extra)
 
 
 def test_bounds_and_gate_names_a_state_of_the_wrong_shape():
