@@ -63,10 +63,10 @@ def _gate_inputs(b, K, POS, FINGERPRINT, AGE, KEY_NORM, Tq, L,
                  stride_kb, stride_kh, stride_kl, stride_kd,
                  HKV: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
                  BLOCK_D: tl.constexpr):
-    """The gate's loads that wait on other loads or that the bounds do not decide, issued
-    before the bounds are known (each program of the row issues them while its chunk of the
-    mask loads; the one that writes the bounds keeps them): the stored position and the key
-    there, the fingerprint, the keys one query past the stored position (the newest ones
+    """The gate's loads that wait on other loads or that the bounds do not decide (in a
+    small launch every program of the row issues them before its chunk of the mask, and the
+    one that writes the bounds keeps them: ``EARLY_LOADS_PER_SM``): the stored position and
+    the key there, the fingerprint, the keys one query past the stored position (the newest ones
     when the row continues its sequence), the ages and the key norms. (The queries and the
     anchors, two [Hq, D] tiles, are loaded after the bounds: held across the mask's chunk
     they would double the registers of every program of the launch.)"""

@@ -59,24 +59,22 @@ def wait_for_inputs(PDL: tl.constexpr):
 
 def pdl(device: torch.device) -> int:
     """How kernels on ``device`` are launched: OFF, EARLY or AT_EXIT."""
-    setting = os.environ.get("PRHS_PDL", "1").strip().lower()
-    if setting not in _MODES:
-        raise ValueError(f"PRHS_PDL={setting!r}: expected one of {sorted(_MODES)}")
-    if device.type != "cuda" or gdc_wait is None or _MODES[setting] == OFF:
-        return OFF
-    if torch.version.hip is not None:  # ROCm reports its own versions as capabilities
-        return OFF
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return OFF
-    if _capability_major(device.index if device.index is not None
-                         else torch.cuda.current_device()) < 9:
-        return OFF
-    return _MODES[setting]
+    return _mode(os.environ.get("PRHS_PDL", "1").strip().lower(),
+                 os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), device.type,
+                 device.index)
 
 
 @functools.lru_cache(maxsize=None)
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def _mode(setting: str, interpreted: bool, device_type: str, index) -> int:
+    """``pdl``'s answer, once per setting and device (every launch asks)."""
+    if setting not in _MODES:
+        raise ValueError(f"PRHS_PDL={setting!r}: expected one of {sorted(_MODES)}")
+    if device_type != "cuda" or gdc_wait is None or _MODES[setting] == OFF or interpreted:
+        return OFF
+    if torch.version.hip is not None:  # ROCm reports its own versions as capabilities
+        return OFF
+    index = torch.cuda.current_device() if index is None else index
+    return _MODES[setting] if torch.cuda.get_device_capability(index)[0] >= 9 else OFF
 
 
 def launch_options(device: torch.device) -> dict:

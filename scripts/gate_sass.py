@@ -20,6 +20,8 @@ import os
 import re
 import sys
 
+from prhs_compile.bench.report import write_json
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from topk_sass import COUNTED, machine_code, memory_before_wait  # noqa: E402  (the same compile and categories)
 
@@ -56,9 +58,7 @@ def main() -> int:
     args = parser.parse_args()
     report = analyse(args.warps, args.sass)
     print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(args.out, report)
     return 0
 
 

@@ -21,11 +21,12 @@ and the spill bytes ``ptxas -v`` reports. What the counts explain, the timeline
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
 import tempfile
+
+from prhs_compile.bench.report import write_json
 
 VARIANTS = {  # constexprs that differ from the step's launch
     "guess+dilate": {},
@@ -164,9 +165,7 @@ def main() -> int:
     for row in report["phases"]:
         print(f"{row['phase'] + ' (' + str(row['ends_at']) + ')':34s} {row['instructions']:6d} "
               + " ".join(f"{row[k]:8d}" for k in COUNTED))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(args.out, report)
     return 0
 
 

@@ -9,14 +9,28 @@ import torch
 from prhs_compile.kernels import pdl
 
 
-def test_pdl_is_off_on_cpu_before_hopper_in_the_interpreter_and_when_disabled(monkeypatch):
+@pytest.fixture
+def fresh_mode():
+    """``pdl``'s cached answers forgotten before and after (the test fakes the device)."""
+    pdl._mode.cache_clear()
+    yield
+    pdl._mode.cache_clear()
+
+
+def test_pdl_is_off_on_cpu_before_hopper_in_the_interpreter_and_when_disabled(monkeypatch,
+                                                                              fresh_mode):
+    def device(capability, hip=None):
+        monkeypatch.setattr(pdl.torch.cuda, "get_device_capability", lambda index: capability)
+        monkeypatch.setattr(pdl.torch.version, "hip", hip)
+        pdl._mode.cache_clear()
+
     monkeypatch.delenv("PRHS_PDL", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert pdl.launch_options(torch.device("cpu")) == {"PDL": pdl.OFF}
     if pdl.gdc_wait is None:
         pytest.skip("this Triton has no grid dependency control")
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(pdl, "_capability_major", lambda index: 9)
+    device((9, 0))
     assert pdl.launch_options(cuda) == {"PDL": pdl.EARLY, "launch_pdl": True}
     monkeypatch.setenv("PRHS_PDL", "exit")
     assert pdl.launch_options(cuda) == {"PDL": pdl.AT_EXIT, "launch_pdl": True}
@@ -29,10 +43,10 @@ def test_pdl_is_off_on_cpu_before_hopper_in_the_interpreter_and_when_disabled(mo
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert pdl.pdl(cuda) == pdl.OFF
     monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setattr(pdl.torch.version, "hip", "6.2")  # ROCm: its own capabilities
+    assert pdl.pdl(cuda) == pdl.EARLY
+    device((9, 4), hip="6.2")  # ROCm reports its own versions as capabilities
     assert pdl.pdl(cuda) == pdl.OFF
-    monkeypatch.setattr(pdl.torch.version, "hip", None)
-    monkeypatch.setattr(pdl, "_capability_major", lambda index: 8)
+    device((8, 0))
     assert pdl.pdl(cuda) == pdl.OFF
 
 
