@@ -25,36 +25,49 @@ SLOT_BLOCK = 2048
 
 @triton.jit
 def compose_row(MASK, BOUNDS, kept_row, out_row, b, Tq, middle, slots, sink, local,
-                stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND: tl.constexpr,
-                TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr):
+                stride_mb, stride_mt, stride_ml, mask_min, RETRIEVES, MASK_KIND: tl.constexpr,
+                TQ_P2: tl.constexpr, BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr,
+                HAS_RETRIEVES: tl.constexpr):
     """Indices of one (row, KV head) into ``out_row``: sinks ++ the picks of ``kept_row``
     still in the middle ++ local window, ascending, -1 padded; a row that fits the budget
-    keeps all its valid positions. The picks are loaded ``volatile``: a top-k that composes
+    keeps all its valid positions. With ``HAS_RETRIEVES``, nothing is written when the int32
+    at ``RETRIEVES`` is nonzero (the slot retrieves in this launch, which writes its output
+    itself). That flag, the row's bounds and the first block of picks are loaded before
+    any of them is used, so the program waits on memory once for all three (the chain of a
+    step where no slot retrieves). The picks are loaded ``volatile``: a kernel that composes
     right after other programs wrote them must not read them from a stale cache."""
     lo, hi, count, sink_end, local_start, fits = row_bounds(BOUNDS, b)
     contiguous = row_contiguous(BOUNDS, b)  # then no mask is read
-    sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
-    local = tl.full([], 0, tl.int32) + local
+    first = tl.load(kept_row + tl.arange(0, SLOT_BLOCK), mask=tl.arange(0, SLOT_BLOCK) < middle,
+                    other=-1, volatile=True)
+    retrieves = tl.full([], 0, tl.int32)
+    if HAS_RETRIEVES:
+        retrieves = tl.load(RETRIEVES)
+    if retrieves == 0:
+        sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
+        # Picks stored at a retrieval stay while they lie between the sinks and the local
+        # window (the window slides over the newest of them) and are still valid positions.
+        n_kept = tl.full([], 0, tl.int32)
+        for s0 in range(0, middle, SLOT_BLOCK):
+            offs = s0 + tl.arange(0, SLOT_BLOCK)
+            if s0 == 0:
+                p = first
+            else:
+                p = tl.load(kept_row + offs, mask=offs < middle, other=-1, volatile=True)
+            inside = (p >= 0) & (p >= sink_end) & (p < local_start) & (p < hi)
+            inside = inside & valid_in_row(MASK, b, p, inside, lo, hi, contiguous, Tq,
+                                           stride_mb, stride_mt, stride_ml, mask_min,
+                                           MASK_KIND, TQ_P2)
+            inside = (inside & (fits == 0)) != 0  # as int1 (the interpreter needs it)
+            slot = sink + n_kept + tl.cumsum(inside.to(tl.int32), 0) - 1
+            tl.store(out_row + slot, p, mask=inside & (slot < slots))
+            n_kept += tl.sum(inside.to(tl.int32), 0)
 
-    # Picks stored at a retrieval stay while they lie between the sinks and the local window
-    # (the window slides over the newest of them) and are still valid positions.
-    n_kept = tl.full([], 0, tl.int32)
-    for s0 in range(0, middle, SLOT_BLOCK):
-        offs = s0 + tl.arange(0, SLOT_BLOCK)
-        p = tl.load(kept_row + offs, mask=offs < middle, other=-1, volatile=True)
-        inside = (p >= 0) & (p >= sink_end) & (p < local_start) & (p < hi)
-        inside = inside & valid_in_row(MASK, b, p, inside, lo, hi, contiguous, Tq, stride_mb,
-                                       stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2)
-        inside = (inside & (fits == 0)) != 0  # as int1 (the interpreter needs it)
-        slot = sink + n_kept + tl.cumsum(inside.to(tl.int32), 0) - 1
-        tl.store(out_row + slot, p, mask=inside & (slot < slots))
-        n_kept += tl.sum(inside.to(tl.int32), 0)
-
-    # The row's bounds as loaded above: after the stores, a reload would wait on memory again
-    # (the compiler cannot tell that they write elsewhere).
-    compose_windows(MASK, out_row, b, n_kept, lo, hi, count, sink_end, local_start, fits,
-                    contiguous, Tq, slots, sink, local, stride_mb, stride_mt, stride_ml,
-                    mask_min, MASK_KIND, TQ_P2, BLOCK_W, SLOT_BLOCK)
+        # The row's bounds as loaded above: after the stores, a reload would wait on memory
+        # again (the compiler cannot tell that they write elsewhere).
+        compose_windows(MASK, out_row, b, n_kept, lo, hi, count, sink_end, local_start, fits,
+                        contiguous, Tq, slots, sink, local, stride_mb, stride_mt, stride_ml,
+                        mask_min, MASK_KIND, TQ_P2, BLOCK_W, SLOT_BLOCK)
 
 
 @triton.jit
@@ -95,8 +108,8 @@ def _compose_kernel(
     pid_bh = tl.program_id(0)
     compose_row(MASK, BOUNDS, KEPT + pid_bh.to(tl.int64) * middle,
                 OUT + pid_bh.to(tl.int64) * slots, (pid_bh // Hkv).to(tl.int64), Tq, middle,
-                slots, sink, local, stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND,
-                TQ_P2, BLOCK_W, SLOT_BLOCK)
+                slots, sink, local, stride_mb, stride_mt, stride_ml, mask_min, KEPT, MASK_KIND,
+                TQ_P2, BLOCK_W, SLOT_BLOCK, False)
 
 
 class Composition(NamedTuple):

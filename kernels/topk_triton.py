@@ -669,17 +669,17 @@ def _topk_kernel(
         parties = tl.full([], 1, tl.int32)
     groups = num_programs // parties
     c = pid % parties
-    if COMPOSE:  # the step's output of the slots that keep their picks, at once
+    if COMPOSE and HAS_ACTIVE:  # the output of the slots that keep their picks, at once
         # Counted from the last program: party 0 of each active slot (the first programs)
-        # has the slot's threshold to find while its other parties wait for it.
+        # has the slot's threshold to find while its other parties wait for it. compose_row
+        # reads the slot's flag itself, with its bounds and picks (one wait on memory).
         for s in range(num_programs - 1 - pid, BH, num_programs):
-            if tl.sum(tl.where(offs_bh == s, flags.to(tl.int32), 0), 0) == 0:
-                s64 = tl.full([], 0, tl.int64) + s  # the interpreter's loop index is an int
-                b_s = s64 // Hkv
-                compose_row(COMP_MASK, BOUNDS, OUT + b_s * stride_ob + (s64 % Hkv) * stride_oh,
-                            COMP_OUT + s64 * slots, b_s, Tq, width, slots, sink, local,
-                            stride_mb, stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2,
-                            BLOCK_W, SLOT_BLOCK)
+            s64 = tl.full([], 0, tl.int64) + s  # the interpreter's loop index is an int
+            b_s = s64 // Hkv
+            compose_row(COMP_MASK, BOUNDS, OUT + b_s * stride_ob + (s64 % Hkv) * stride_oh,
+                        COMP_OUT + s64 * slots, b_s, Tq, width, slots, sink, local,
+                        stride_mb, stride_mt, stride_ml, mask_min, ACTIVE + s64, MASK_KIND,
+                        TQ_P2, BLOCK_W, SLOT_BLOCK, True)
     _stamp(times_row, 1, TIMED)
     for j in range(pid // parties, n_active, groups):
         slot = tl.sum(tl.where(flags & (rank == j), offs_bh, 0), 0)
