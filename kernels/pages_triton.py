@@ -43,7 +43,9 @@ from .bounds_triton import (
     masked_scores,
     middle_range,
     row_bounds,
+    row_contiguous,
     rows_share_mask,
+    valid_in_row,
     valid_positions,
 )
 from .kpass_triton import (
@@ -175,31 +177,39 @@ def _page_scores_kernel(
     # Page blocks run along the grid's x axis (2^31 - 1 programs; y stops at 65535, which one
     # row of 16-page blocks passes at 1M pages: page_size 1 past a 1M-position cache).
     pid_bh = tl.program_id(1)
-    if tl.load(ACTIVE + pid_bh) == 0:  # a slot that reuses its set scores nothing
-        return
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
+    # Two waits on memory: the slot's flag, its row's bounds and the query rows together,
+    # then the summaries with the mask (where the row needs one). No early return for a
+    # slot that reuses its set: its later loads are predicated off instead, since the
+    # compiler may sink loads past a branch, and the flag and bounds would wait in turn.
+    live = tl.load(ACTIVE + pid_bh) != 0
+    lo, hi, _, _, _, _ = row_bounds(BOUNDS, b)
+    contiguous = row_contiguous(BOUNDS, b)
     mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_m = tl.arange(0, M_P2)
+    q, _, _ = load_q(Q, b, hkv, offs_m, G * Tq, G, Tq, stride_qb, stride_qh, stride_qt,
+                     stride_qd, offs_d, d_ok)
     first = tl.program_id(0) * BLOCK_P
     offs_p = first + tl.arange(0, BLOCK_P)
     p_ok = offs_p < pages
     # A page may be a candidate when it holds a retrievable position (valid, in the middle):
-    # the block's positions are contiguous, so the mask is read in one coalesced load.
+    # the block's positions are contiguous, so the mask is read in one coalesced load, and
+    # not at all for a contiguous row.
     pos = first * P + tl.arange(0, BLOCK_P * P)
-    inside = (pos < pages * P) & (pos >= mid_lo) & (pos < mid_hi)
-    valid = valid_positions(MASK, b, pos, inside, Tq, stride_mb, stride_mt, stride_ml,
-                            mask_min, MASK_KIND, TQ_P2)
+    inside = live & (pos < pages * P) & (pos >= mid_lo) & (pos < mid_hi)
+    valid = valid_in_row(MASK, b, pos, inside, lo, hi, contiguous, Tq, stride_mb, stride_mt,
+                         stride_ml, mask_min, MASK_KIND, TQ_P2)
     pickable = tl.max(tl.reshape(valid.to(tl.int32), [BLOCK_P, P]), 1) != 0
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    # The summaries of the pages that overlap the middle, read whatever the mask says.
+    overlaps = live & p_ok & (offs_p * P < mid_hi) & (offs_p * P + P > mid_lo)
     at = (b * stride_sb + hkv * stride_sh + offs_p[:, None].to(tl.int64) * stride_sp
           + offs_d[None, :] * stride_sd)
-    ld = pickable[:, None] & d_ok[None, :]
+    ld = (overlaps[:, None] & d_ok[None, :]) != 0  # as int1 (the interpreter needs it)
     low = tl.load(LOW + at, mask=ld, other=0.0).to(tl.float32)
     high = tl.load(HIGH + at, mask=ld, other=0.0).to(tl.float32)
-    offs_m = tl.arange(0, M_P2)
-    q, _, _ = load_q(Q, b, hkv, offs_m, G * Tq, G, Tq, stride_qb, stride_qh, stride_qt,
-                     stride_qd, offs_d, d_ok)
     q = q.to(tl.float32)
     # sum_rows sum_d max(q*min, q*max) = max . sum_rows(q+) + min . sum_rows(q-), as
     # ``pages.page_bounds``: two multiply-adds per summary element.
@@ -210,7 +220,8 @@ def _page_scores_kernel(
     # 0 where no position may be picked.
     bits = score.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits ^ _SIGN_BIT, ~bits)
-    tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p, tl.where(pickable, key, 0), mask=p_ok)
+    tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p, tl.where(pickable, key, 0),
+             mask=(p_ok & live) != 0)
 
 
 def page_keys(q, st: dict, operand, bounds, active, plan, length: int) -> torch.Tensor:
@@ -237,14 +248,20 @@ def page_keys(q, st: dict, operand, bounds, active, plan, length: int) -> torch.
 
 
 @triton.jit
-def _candidate_positions(PAGES, slot, group, n_pages, mid_lo, mid_hi,
-                         P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The ``group``-th block of BLOCK_N of a slot's candidates (the positions of its list of
-    pages, in list order: several pages per block when P < BLOCK_N, part of one otherwise):
-    their positions, their columns in the candidate scratch, and which may be picked."""
+def _candidate_pages(PAGES, slot, group, n_pages, P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The page of each column of the ``group``-th block of BLOCK_N of a slot's candidates
+    (the positions of its list of pages, in list order: several pages per block when
+    P < BLOCK_N, part of one otherwise); -1 past the list."""
     col = group * BLOCK_N + tl.arange(0, BLOCK_N)  # column among the n_pages * P candidates
     entry = col // P
-    page = tl.load(PAGES + slot * n_pages + entry, mask=entry < n_pages, other=-1)
+    return tl.load(PAGES + slot * n_pages + entry, mask=entry < n_pages, other=-1)
+
+
+@triton.jit
+def _candidate_positions(page, group, mid_lo, mid_hi, P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ``group``-th block's positions (``page``: ``_candidate_pages``), their columns in
+    the candidate scratch, and which may be picked."""
+    col = group * BLOCK_N + tl.arange(0, BLOCK_N)
     pos = page * P + col % P
     ok = (page >= 0) & (pos >= mid_lo) & (pos < mid_hi)
     return pos, col, ok
@@ -271,12 +288,14 @@ def _candidate_lse_kernel(
 ):
     slot = tl.program_id(0)
     split = tl.program_id(1)
-    if tl.load(ACTIVE + slot) == 0:
-        return
     b = (slot // Hkv).to(tl.int64)
     hkv = (slot % Hkv).to(tl.int64)
     M = G * Tq
     width = n_pages * P
+    # The slot's flag, its row's bounds, the query rows and the first block's pages are
+    # loaded together (one wait on memory). A slot that reuses its set loops over nothing
+    # rather than returning early: the compiler may sink loads past a branch.
+    live = tl.load(ACTIVE + slot) != 0
     lo, hi, _, sink_end, local_start, _ = row_bounds(BOUNDS, b)
     mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
     offs_m = tl.arange(0, BLOCK_M)
@@ -288,17 +307,22 @@ def _candidate_lse_kernel(
     mask_rows = mask_row_ptrs(MASK + b * stride_mb, tpos * stride_mt, SHARED_ROWS)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for group in range(split, tl.cdiv(width, BLOCK_N), num_splits):
-        pos, col, ok = _candidate_positions(PAGES, slot, group, n_pages, mid_lo, mid_hi, P,
-                                            BLOCK_N)
+    groups = tl.where(live, tl.cdiv(width, BLOCK_N), 0)
+    # Each block's pages are loaded one iteration ahead, so its key rows' gather does not
+    # wait on them.
+    page_next = _candidate_pages(PAGES, slot, split, n_pages, P, BLOCK_N)
+    for group in range(split, groups, num_splits):
+        page = page_next
+        page_next = _candidate_pages(PAGES, slot, group + num_splits, n_pages, P, BLOCK_N)
+        pos, col, ok = _candidate_positions(page, group, mid_lo, mid_hi, P, BLOCK_N)
         s = _tile(q, k_base, mask_rows, pos, ok, m_ok, offs_d, d_ok, stride_kl, stride_kd,
                   stride_ml, qk_scale_log2, mask_min, MASK_KIND, DOT_F32)
         tl.store(SCORES + (slot.to(tl.int64) * M + offs_m)[:, None] * width + col[None, :], s,
                  mask=m_ok[:, None] & (col < width)[None, :])
         m_i, l_i = lse_update(m_i, l_i, s)
     if split == 0:  # the sink and local windows are read too: the softmax is over both
-        sink_hi = tl.minimum(sink_end, hi)
-        loc_lo = tl.maximum(local_start, lo)
+        sink_hi = tl.where(live, tl.minimum(sink_end, hi), lo)
+        loc_lo = tl.where(live, tl.maximum(local_start, lo), hi)
         n_sink = tl.cdiv(tl.maximum(sink_hi - lo, 0), BLOCK_N)
         n_local = tl.cdiv(tl.maximum(hi - loc_lo, 0), BLOCK_N)
         for i in range(0, n_sink + n_local):  # the sink blocks, then the local window's
@@ -310,7 +334,8 @@ def _candidate_lse_kernel(
                       stride_ml, qk_scale_log2, mask_min, MASK_KIND, DOT_F32)
             m_i, l_i = lse_update(m_i, l_i, s)
     lse = lse_final(m_i, l_i)
-    tl.store(LSE_PART + (slot.to(tl.int64) * BLOCK_M + offs_m) * num_splits + split, lse)
+    tl.store(LSE_PART + (slot.to(tl.int64) * BLOCK_M + offs_m) * num_splits + split, lse,
+             mask=((offs_m >= 0) & live) != 0)
 
 
 @triton.jit
@@ -326,23 +351,37 @@ def _candidate_keys_kernel(
 ):
     slot = tl.program_id(0)
     split = tl.program_id(1)
-    if tl.load(ACTIVE + slot) == 0:
-        return
     b = (slot // Hkv).to(tl.int64)
     hkv = (slot % Hkv).to(tl.int64)
     M = G * Tq
     width = n_pages * P
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
+    # As in _candidate_lse_kernel: the flag, the bounds and the first block's pages and
+    # scores together; a slot that reuses its set loops over nothing.
+    live = tl.load(ACTIVE + slot) != 0
     lse = row_lse(LSE_PART, slot.to(tl.int64) * BLOCK_M + offs_m, num_splits, num_splits,
                   m_ok, BLOCK_M, SPLIT_CHUNK)
     mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
     score_rows = SCORES + (slot.to(tl.int64) * M + offs_m)[:, None] * width
-    for group in range(split, tl.cdiv(width, BLOCK_N), num_splits):
-        pos, col, ok = _candidate_positions(PAGES, slot, group, n_pages, mid_lo, mid_hi, P,
-                                            BLOCK_N)
-        s = tl.load(score_rows + col[None, :], mask=m_ok[:, None] & ok[None, :],
-                    other=float("-inf"))
+    groups = tl.where(live, tl.cdiv(width, BLOCK_N), 0)
+    # A block's pages and scores are loaded one iteration ahead. Its scores are read
+    # whatever its pages hold (a column that may not be picked scored -inf, and the key
+    # below is 0 for it anyway), so neither load waits on the other.
+    page_next = _candidate_pages(PAGES, slot, split, n_pages, P, BLOCK_N)
+    col_next = split * BLOCK_N + tl.arange(0, BLOCK_N)
+    s_next = tl.load(score_rows + col_next[None, :],
+                     mask=(live & m_ok[:, None] & (col_next < width)[None, :]) != 0,
+                     other=float("-inf"))
+    for group in range(split, groups, num_splits):
+        page = page_next
+        s = s_next
+        page_next = _candidate_pages(PAGES, slot, group + num_splits, n_pages, P, BLOCK_N)
+        col_next = (group + num_splits) * BLOCK_N + tl.arange(0, BLOCK_N)
+        s_next = tl.load(score_rows + col_next[None, :],
+                         mask=m_ok[:, None] & (col_next < width)[None, :], other=float("-inf"))
+        pos, col, ok = _candidate_positions(page, group, mid_lo, mid_hi, P, BLOCK_N)
+        s = tl.where(ok[None, :], s, float("-inf"))
         mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
         allowed = ok & (tl.max(s, 0) > float("-inf"))
         key = tl.where(allowed, mass.to(tl.int32, bitcast=True) + 1, 0)
@@ -357,13 +396,13 @@ def _candidate_keys_kernel(
                             stride_qd, offs_d, d_ok)
         k_base = K + b * stride_kb + hkv * stride_kh
         mask_rows = mask_row_ptrs(MASK + b * stride_mb, tpos * stride_mt, SHARED_ROWS)
-        w = run_mass(q, k_base, lo, tl.minimum(sink_end, hi), lse, mask_rows, m_ok, offs_d, d_ok,
-                     stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
-                     MASK_KIND, DOT_F32)
-        w += run_mass(q, k_base, tl.maximum(local_start, lo), hi, lse, mask_rows, m_ok, offs_d,
-                      d_ok, stride_kl, stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N,
-                      MASK_KIND, DOT_F32)
-        tl.store(WMASS + slot, w)
+        sink_hi = tl.where(live, tl.minimum(sink_end, hi), lo)  # empty runs: no slot of its
+        loc_lo = tl.where(live, tl.maximum(local_start, lo), hi)  # own (its lse is unset)
+        w = run_mass(q, k_base, lo, sink_hi, lse, mask_rows, m_ok, offs_d, d_ok, stride_kl,
+                     stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N, MASK_KIND, DOT_F32)
+        w += run_mass(q, k_base, loc_lo, hi, lse, mask_rows, m_ok, offs_d, d_ok, stride_kl,
+                      stride_kd, stride_ml, qk_scale_log2, mask_min, BLOCK_N, MASK_KIND, DOT_F32)
+        tl.store(WMASS + slot, w, mask=live)
 
 
 def candidate_keys(q, k, operand, bounds, scale, pages_list, active, page_size: int) -> Keys:

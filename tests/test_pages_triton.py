@@ -173,8 +173,9 @@ def _spread(found, L):
     return full.scatter_(-1, torch.where((pos >= 0) & (pos < L), pos, L), found.keys)[..., :L]
 
 
-@pytest.mark.parametrize("Tq", [1, 2])
-def test_candidate_keys_kernel_matches_the_reference_mass(Tq):
+@pytest.mark.parametrize("Tq,reusing", [(1, False), (2, False), (1, True)],
+                         ids=["one-query", "two-queries", "some-slots-reuse"])
+def test_candidate_keys_kernel_matches_the_reference_mass(Tq, reusing):
     q, k, mask = _inputs(Tq=Tq, seed=2)
     B, Hkv, L, D = k.shape
     scale = D ** -0.5
@@ -183,13 +184,18 @@ def test_candidate_keys_kernel_matches_the_reference_mass(Tq):
     pages.build_summaries(st, k, view.valid, PLAN)
     operand, bounds = _operand_bounds(PLAN, q, k, mask)
     active = torch.ones(B * Hkv, dtype=torch.int32, device=DEVICE)
+    if reusing:  # slots that reuse their set: nothing of theirs is written
+        active[1::2] = 0
+    on = active.bool().reshape(B, Hkv)
     found = two_stage_keys(q, k, operand, bounds, scale, st, active, PLAN)
     mass, candidates = pages.two_stage_mass(PLAN, view, st, retrieval_region(PLAN, view))
-    keys = _spread(found, L)
+    # The rows of reusing slots are left unwritten (whatever the buffers held).
+    keys = _spread(found._replace(keys=torch.where(on[..., None], found.keys, 0),
+                                  positions=torch.where(on[..., None], found.positions, -1)), L)
     picked = keys > 0
-    assert torch.equal(picked, candidates)
+    assert torch.equal(picked[on], candidates[on])
     got = (keys - 1).view(torch.float32)
-    assert rel_err(got[picked], mass[picked]) < 1e-5
+    assert rel_err(got[picked & on[..., None]], mass[picked & on[..., None]]) < 1e-5
     windows = view.windows(PLAN)[:, None, :]
     read = candidates | windows
     bias = view.row_bias[:, None, None]
@@ -197,7 +203,8 @@ def test_candidate_keys_kernel_matches_the_reference_mass(Tq):
     logits = torch.einsum("bhgtd,bhld->bhgtl", qg, k.float()) * scale + bias
     probs = torch.softmax(logits.masked_fill(~read[:, :, None, None, :], float("-inf")), -1)
     window_mass = (probs * windows[:, :, None, None, :]).sum(dim=(2, 3, 4))
-    assert rel_err(found.window_mass, window_mass) < 1e-5
+    assert rel_err(found.window_mass[on], window_mass[on]) < 1e-5
+    assert (found.window_mass[~on] == 0).all()
 
 
 PRHS_PAGES = SelectPlan(policy="prhs", layer=2, budget=24, sink=2, local=4, tau=0.9, num_layers=4,
