@@ -24,7 +24,9 @@
 #                                    # e.g. from `git archive`) and of this one, side by side
 #                                    # on this machine -> $OUT/profile_base_NAME.json, profile_new.json
 #                                    # (BASE="dir1 dir2": several revisions; AB_VARIANTS=
-#                                    # "nopdl:PRHS_PDL=0": this tree under other environments)
+#                                    # "nopdl:PRHS_PDL=0": this tree under other environments;
+#                                    # AB_ARGS: more profile_step.py options, e.g. "--retrieval
+#                                    # pages"; AB_TAG: a suffix of the JSON names)
 #   scripts/gpu_bench.sh pages       # two-stage retrieval: its kernel tests, then the PrHS step
 #                                    # with exact and two-stage retrieval, and Quest's step
 #                                    # -> $OUT/latency_pages.json
@@ -115,8 +117,8 @@ for stage in "$@"; do
         name=$(basename "$base" | tr -c 'A-Za-z0-9_\n-' '_')
         python -m pip install -q --no-deps --no-build-isolation --target "/tmp/prhs_$name" "$ROOT/$base" 2>&1 | grep -v "as the 'root' user" | tail -3
         echo "$base:"
-        PYTHONPATH="/tmp/prhs_$name" python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --quiet \
-          --out "$OUT/profile_base_$name.json" 2>&1 | grep "step in"
+        PYTHONPATH="/tmp/prhs_$name" python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" ${AB_ARGS:-} --quiet \
+          --out "$OUT/profile_base_$name${AB_TAG:-}.json" 2>&1 | grep "step in"
       done
       # AB_VARIANTS="name:VAR=value,VAR=value ...": this tree again under those environment
       # variables (e.g. nopdl:PRHS_PDL=0) -> $OUT/profile_variant_NAME.json
@@ -124,12 +126,12 @@ for stage in "$@"; do
         vname=${variant%%:*}
         echo "this tree with ${variant#*:}:"
         env $(echo "${variant#*:}" | tr ',' ' ') python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" \
-          --quiet --out "$OUT/profile_variant_$vname.json" 2>&1 | grep "step in"
+          ${AB_ARGS:-} --quiet --out "$OUT/profile_variant_$vname${AB_TAG:-}.json" 2>&1 | grep "step in"
       done
       echo "this tree:"
-      python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" --out "$OUT/profile_new.json" \
-        2>&1 | grep -v -i "warn" > "$OUT/profile_new.txt"
-      grep "step in" "$OUT/profile_new.txt"
+      python "$ROOT/scripts/profile_step.py" --configs "$CONFIGS" ${AB_ARGS:-} \
+        --out "$OUT/profile_new${AB_TAG:-}.json" 2>&1 | grep -v -i "warn" > "$OUT/profile_new${AB_TAG:-}.txt"
+      grep "step in" "$OUT/profile_new${AB_TAG:-}.txt"
       ;;
     pages)
       python -m pytest -q -x -p no:cacheprovider "$ROOT/tests/test_pages_triton.py" 2>&1 | tee "$OUT/pytest_pages.txt" | tail -8 || exit 1
