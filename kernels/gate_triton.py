@@ -89,7 +89,27 @@ def _gate_inputs(b, K, POS, FINGERPRINT, AGE, KEY_NORM, Tq, L,
 
 
 @triton.jit
-def _gate_row(b, hi, count, fits, pos, old, fingerprint, k_next, age, key_norm,
+def _gate_queries(b, Q, ANCHOR, Tq, stride_qb, stride_qh, stride_qt, stride_qd,
+                  HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HQ_P2: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """The newest query row of every query head of batch row ``b`` and its anchor (fp32
+    ``[HQ_P2, BLOCK_D]`` tiles, zeros past the heads and the head dimension). The program
+    that writes the row's bounds issues these right after drawing the row's last ticket,
+    with the chunks' stats: after the bounds' stores they would wait on memory once more
+    (the compiler cannot move a load above a store it cannot tell apart from it)."""
+    offs_q = tl.arange(0, HQ_P2)
+    offs_d = tl.arange(0, BLOCK_D)
+    qd_ok = (offs_q < HKV * G)[:, None] & (offs_d < D)[None, :]
+    query = tl.load(Q + b * stride_qb + offs_q[:, None].to(tl.int64) * stride_qh
+                    + (Tq - 1) * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=qd_ok, other=0.0).to(tl.float32)
+    anchor = tl.load(ANCHOR + (b * (HKV * G) + offs_q[:, None]) * D + offs_d[None, :],
+                     mask=qd_ok, other=0.0)
+    return query, anchor
+
+
+@triton.jit
+def _gate_row(b, hi, count, fits, pos, old, fingerprint, k_next, age, key_norm, query, anchor,
               Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS,
               FLAGS, SCRATCH, Tq, L, tau, max_reuse, n_slots, scratch_width,
               stride_qb, stride_qh, stride_qt, stride_qd,
@@ -97,7 +117,7 @@ def _gate_row(b, hi, count, fits, pos, old, fingerprint, k_next, age, key_norm,
               HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HKV_P2: tl.constexpr,
               HQ_P2: tl.constexpr, BLOCK_D: tl.constexpr, SCR_BLOCK: tl.constexpr):
     """The gate of batch row ``b`` (every KV head) once its bounds are known, from what
-    ``_gate_inputs`` loaded (module docstring)."""
+    ``_gate_inputs`` and ``_gate_queries`` loaded (module docstring)."""
     newest = tl.where(count > 0, hi - 1, -1).to(tl.int64)
     fits = fits != 0
     offs_d = tl.arange(0, BLOCK_D)
@@ -131,11 +151,7 @@ def _gate_row(b, hi, count, fits, pos, old, fingerprint, k_next, age, key_norm,
     offs_q = tl.arange(0, HQ_P2)
     q_ok = offs_q < HKV * G
     qd_ok = q_ok[:, None] & d_ok[None, :]
-    query = tl.load(Q + b * stride_qb + offs_q[:, None].to(tl.int64) * stride_qh
-                    + (Tq - 1) * stride_qt + offs_d[None, :] * stride_qd,
-                    mask=qd_ok, other=0.0).to(tl.float32)
     anchor_ptrs = ANCHOR + (b * (HKV * G) + offs_q[:, None]) * D + offs_d[None, :]
-    anchor = tl.load(anchor_ptrs, mask=qd_ok, other=0.0)
     q_norm = tl.maximum(tl.sqrt(tl.sum(query * query, 1)), 1e-8)
     a_norm = tl.maximum(tl.sqrt(tl.sum(anchor * anchor, 1)), 1e-8)
     cosine = tl.sum(query * anchor, 1) / (q_norm * a_norm)
@@ -207,6 +223,8 @@ def _bounds_gate_kernel(
         last = chunk_stats_last(MASK, STATS, TICKETS, b, tl.program_id(1), Tq, L, C, stride_mb,
                                 stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2, CHUNK, SUB)
     if last:
+        query, anchor = _gate_queries(b, Q, ANCHOR, Tq, stride_qb, stride_qh, stride_qt,
+                                      stride_qd, HKV, G, D, HQ_P2, BLOCK_D)
         hi, count, fits = write_row_bounds(MASK, STATS, BOUNDS, b, Tq, L, C, sink, local,
                                            budget, min_context, psaw_frac, stride_mb,
                                            stride_mt, stride_ml, mask_min, MASK_KIND, TQ_P2,
@@ -215,8 +233,8 @@ def _bounds_gate_kernel(
             pos, old, fingerprint, k_next, age, key_norm = _gate_inputs(
                 b, K, POS, FINGERPRINT, AGE, KEY_NORM, Tq, L, stride_kb, stride_kh,
                 stride_kl, stride_kd, HKV, D, HKV_P2, BLOCK_D)
-        _gate_row(b, hi, count, fits, pos, old, fingerprint, k_next, age, key_norm,
-                  Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS, FLAGS,
+        _gate_row(b, hi, count, fits, pos, old, fingerprint, k_next, age, key_norm, query,
+                  anchor, Q, K, POS, FINGERPRINT, AGE, ANCHOR, KEY_NORM, COUNTERS, FLAGS,
                   SCRATCH, Tq, L, tau, max_reuse, n_slots, scratch_width,
                   stride_qb, stride_qh, stride_qt, stride_qd,
                   stride_kb, stride_kh, stride_kl, stride_kd,
