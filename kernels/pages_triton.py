@@ -65,6 +65,12 @@ __all__ = ["PagesKernelUnavailable", "candidate_keys", "maintain_summaries_trito
            "page_positions", "quest_pages", "two_stage_bytes", "two_stage_keys"]
 
 _SUB = 16  # keys loaded per iteration of the summaries kernel
+
+# Kernel configuration; module-level so that ``scripts/pages_sweep.py`` can sweep it (README,
+# "Kernel configurations"). ``pages_per_program``: the page-bound kernel's pages per program
+# (at most 2048 positions' mask in registers); ``candidate_splits``: programs per slot of
+# the candidate kernels.
+CONFIG = {"pages_per_program": 64, "page_warps": 4, "candidate_splits": 16, "candidate_warps": 4}
 _SIGN_BIT = tl.constexpr(-(2 ** 31))
 
 # Set when one of the page kernels failed to compile on this machine: the steps that use page
@@ -236,13 +242,13 @@ def page_keys(q, st: dict, operand, bounds, active, plan, length: int) -> torch.
     if mask_t is None:
         mask_t = bounds
     out = torch.empty((B, Hkv, pages), dtype=torch.int32, device=q.device)
-    block_p = max(2, min(64, 2048 // plan.page_size))  # pages per program (their positions' mask in registers)
+    block_p = max(2, min(CONFIG["pages_per_program"], 2048 // plan.page_size))
     _launch(_page_scores_kernel, (triton.cdiv(pages, block_p), B * Hkv),
             q, mask_t, bounds, low, high, active, out, Hkv, Hq // Hkv, Tq, pages,
             *q.stride(), *ms, mask_min, *low.stride(),
             D=D, P=plan.page_size, BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(D)),
             M_P2=triton.next_power_of_2((Hq // Hkv) * Tq), MASK_KIND=kind, TQ_P2=triton.next_power_of_2(Tq),
-            num_warps=4,
+            num_warps=CONFIG["page_warps"],
     )
     return out
 
@@ -419,7 +425,7 @@ def candidate_keys(q, k, operand, bounds, scale, pages_list, active, page_size: 
     block_m = max(16, triton.next_power_of_2(M))
     block_n = max(16, min(64, page_size * max(1, 64 // page_size)))
     width = n_pages * page_size
-    num_splits = max(1, min(16, triton.cdiv(width, block_n)))
+    num_splits = max(1, min(CONFIG["candidate_splits"], triton.cdiv(width, block_n)))
     mask_t, kind, ms, mask_min = operand
     if mask_t is None:
         mask_t = bounds
@@ -431,7 +437,7 @@ def candidate_keys(q, k, operand, bounds, scale, pages_list, active, page_size: 
     window_mass = torch.zeros((B, Hkv), dtype=torch.float32, device=q.device)
     common = dict(D=D, P=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(D)), MASK_KIND=kind, DOT_F32=dot_f32(q),
-                  SHARED_ROWS=rows_share_mask(operand, Tq), num_warps=4)
+                  SHARED_ROWS=rows_share_mask(operand, Tq), num_warps=CONFIG["candidate_warps"])
     qk = float(scale) * LOG2E
     _launch(_candidate_lse_kernel, (B * Hkv, num_splits),
             q, k, mask_t, bounds, pages_list, active, lse_part, scores, qk, mask_min, Hkv,

@@ -15,6 +15,7 @@
 #                                    # (TOPK_PROBE_ARGS="--shapes 1 --variants 3" or
 #                                    # '--only "guess+dilate, 16 warps"': fewer)
 #   scripts/gpu_bench.sh sweep       # the select engine's K pass and top-k configurations -> $OUT/engine_sweep.json
+#   scripts/gpu_bench.sh pages_sweep # two-stage retrieval's page-bound and candidate kernels' configurations -> $OUT/pages_sweep.json
 #   scripts/gpu_bench.sh compare     # prhs-bench compare: every policy on the evaluation model
 #   scripts/gpu_bench.sh probe       # the CUDA-graphs probe alone
 #   scripts/gpu_bench.sh prefill     # block-sparse PSAW prefill: CUDA tests + prhs-bench prefill
@@ -90,6 +91,9 @@ for stage in "$@"; do
     sweep)
       python "$ROOT/scripts/engine_sweep.py" --out "$OUT/engine_sweep.json" 2>&1 | grep -v "engine sweep:"
       ;;
+    pages_sweep)
+      python "$ROOT/scripts/pages_sweep.py" --out "$OUT/pages_sweep.json" 2>&1 | grep -v "pages sweep:"
+      ;;
     compare)
       prhs-bench compare --model "$ROOT/models/substrate" --examples 2 --workers 4 --out "$OUT/compare_h200.json" 2>&1 | tail -60
       ;;
@@ -140,6 +144,6 @@ for stage in "$@"; do
       python "$ROOT/scripts/profile_step.py" --batch 16 --context 131072 --budget 2048 --rate 1 --retrieval pages 2>&1 | grep -v Warn | tee "$OUT/profile_pages_b16_128k_r1.txt" | grep -E "kernels|graph|_kernel"
       ;;
     *)
-      echo "unknown stage $stage (tests, topk, kernels, engine, attend_sweep, topk_probe, profile, profile_grid, ab, sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
+      echo "unknown stage $stage (tests, topk, kernels, engine, attend_sweep, topk_probe, profile, profile_grid, ab, sweep, pages_sweep, compare, probe, prefill, latency, throughput, pages)"; exit 2;;
   esac
 done

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; a GPU runs the script")
-@pytest.mark.parametrize("script", ["topk_probe.py", "engine_sweep.py"])
+@pytest.mark.parametrize("script", ["topk_probe.py", "engine_sweep.py", "pages_sweep.py"])
 def test_kernel_script_smoke(script, tmp_path):
     out = tmp_path / "out.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -24,7 +24,8 @@ def test_kernel_script_smoke(script, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert rows and all("error" not in r for r in rows)
-    assert all(r.get("same_picks") is not False for r in rows)
+    assert all(r.get("same_picks") is not False and r.get("same_keys") is not False
+               for r in rows)
 
 
 def test_topk_sass_counts_every_phase_of_the_compiled_kernel(tmp_path):
