@@ -244,25 +244,30 @@ def row_lse(LSE_PART, row, lse_width, num_splits, row_ok, BLOCK_M: tl.constexpr,
             SPLIT_CHUNK: tl.constexpr):
     """[BLOCK_M] log-sum-exp (log2 domain) of each query row over the whole valid region,
     from pass 1's per-split partials; 0 for a row with nothing allowed (its scores are all
-    -inf, so subtracting 0 makes every exp2 exactly 0: it adds no mass, and no NaN)."""
-    # Accumulate elementwise and reduce after each loop: Triton 3.6's thread-locality pass
+    -inf, so subtracting 0 makes every exp2 exactly 0: it adds no mass, and no NaN). One
+    pass over the partials, ``SPLIT_CHUNK`` of them per load: each element of the tile keeps
+    a running max and sum (an online log-sum-exp), merged after the loop. The partials were
+    written by another launch, so each load waits on L2: one pass, not a pass for the max
+    and another for the sum, halves those waits where a slot has hundreds of splits (one
+    retrieving slot shares the whole K pass)."""
+    # Accumulate elementwise and reduce after the loop: Triton 3.6's thread-locality pass
     # fails to compile a reduction carried through the loop here.
     offs_s = tl.arange(0, SPLIT_CHUNK)
     mx_t = tl.full([BLOCK_M, SPLIT_CHUNK], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        part = tl.load(LSE_PART + row[:, None] * lse_width + s0 + offs_s[None, :],
-                       mask=(((s0 + offs_s[None, :]) < num_splits) & row_ok[:, None]) != 0,
-                       other=float("-inf"))
-        mx_t = tl.maximum(mx_t, part)
-    mx = tl.max(mx_t, 1)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     acc_t = tl.zeros([BLOCK_M, SPLIT_CHUNK], tl.float32)
     for s0 in range(0, num_splits, SPLIT_CHUNK):
         part = tl.load(LSE_PART + row[:, None] * lse_width + s0 + offs_s[None, :],
                        mask=(((s0 + offs_s[None, :]) < num_splits) & row_ok[:, None]) != 0,
                        other=float("-inf"))
-        acc_t += tl.exp2(part - mx_safe[:, None])
-    acc = tl.sum(acc_t, 1)
+        mx_new = tl.maximum(mx_t, part)
+        # While an element has seen only -inf its max is -inf: subtracting 0 instead keeps
+        # exp2(-inf - -inf) = NaN out, and its sum stays exactly 0.
+        mx_safe_t = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+        acc_t = acc_t * tl.exp2(mx_t - mx_safe_t) + tl.exp2(part - mx_safe_t)
+        mx_t = mx_new
+    mx = tl.max(mx_t, 1)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    acc = tl.sum(acc_t * tl.exp2(mx_t - mx_safe[:, None]), 1)
     return tl.where(acc > 0.0, mx_safe + tl.log2(tl.where(acc > 0.0, acc, 1.0)), 0.0)
 
 

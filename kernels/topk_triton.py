@@ -59,10 +59,9 @@ import triton.language as tl
 from .retrieve_triton import _window_mass, block_keys
 from .bounds_triton import BLOCK_W, middle_range, row_bounds, row_contiguous
 from .compose_triton import SLOT_BLOCK, Composition, compose_row, compose_windows
-from .kpass_triton import SPLIT_CHUNK, num_sms, row_lse, splits_per_active
+from .kpass_triton import num_sms, row_lse, splits_per_active
 from .pdl import launch_options, wait_for_inputs
 
-_SPLIT_CHUNK = tl.constexpr(SPLIT_CHUNK)  # a jit function reads module globals only as constexprs
 
 __all__ = ["SCRATCH_WIDTH", "TIMELINE_PHASES", "TIMELINE_STAMPS", "timeline_buffer", "topk_picks"]
 
@@ -644,7 +643,7 @@ def _topk_kernel(
     MULTI: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BH: tl.constexpr, C_P2: tl.constexpr,
     CAND_P2: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr, MAP: tl.constexpr,
     WHOLE: tl.constexpr, PENDING: tl.constexpr, WANT_WMASS: tl.constexpr,
-    ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr,
+    ROWS_P2: tl.constexpr, M_PAD: tl.constexpr, KEY_BLOCK: tl.constexpr, LSE_CHUNK: tl.constexpr,
     COMPOSE: tl.constexpr, MASK_KIND: tl.constexpr, TQ_P2: tl.constexpr,
     BLOCK_W: tl.constexpr, SLOT_BLOCK: tl.constexpr, HAS_DROPPED: tl.constexpr,
     tags_from_share, TIMED: tl.constexpr, PDL: tl.constexpr,
@@ -718,7 +717,7 @@ def _topk_kernel(
             if HAS_ACTIVE:  # the pass over K shared its programs among the active slots
                 splits_of = splits_per_active(BH, lse_splits, n_active)
             lse = row_lse(LSE_PART, slot.to(tl.int64) * M_PAD + offs_r, lse_width, splits_of,
-                          r_ok, ROWS_P2, _SPLIT_CHUNK)
+                          r_ok, ROWS_P2, LSE_CHUNK)
             score_rows = SCORES + (slot.to(tl.int64) * rows + offs_r)[:, None] * L
             n_mine = _form_keys(score_rows, key_row, start, end, lse, r_ok, g_first, tmp_row,
                                 cand_width, HAS_GUESS, KEY_BLOCK)
@@ -970,7 +969,11 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         R_P2=r_p2, MAP=positions is not None,
         WHOLE=whole_row or positions is not None, PENDING=pending is not None,
         WANT_WMASS=want_wmass, ROWS_P2=rows_p2, M_PAD=pending.m_pad if pending is not None else 1,
-        KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)), COMPOSE=compose is not None,
+        KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)),
+        # The K pass's partials merged per load as a slot's keys are formed: one retrieving
+        # slot has hundreds of splits (the whole K pass's programs), so wide loads mean few
+        # waits on L2; at most 1024 per load, as the rows' tile grows.
+        LSE_CHUNK=max(16, min(64, 1024 // rows_p2)), COMPOSE=compose is not None,
         MASK_KIND=comp_kind, TQ_P2=triton.next_power_of_2(q_len), BLOCK_W=BLOCK_W,
         SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None,
         tags_from_share=CONFIG["tags_from_share"], TIMED=timeline is not None,

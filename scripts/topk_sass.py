@@ -54,7 +54,7 @@ def _launch_constants(variant: str) -> dict:
     const = dict(HAS_ACTIVE=True, HAS_CAPS=False, DILATE=True, HAS_GUESS=True, MULTI=True,
                  BLOCK=2048, BLOCK_BH=8, C_P2=256, CAND_P2=4096, M_P2=1024, R_P2=4,
                  MAP=False, WHOLE=False, PENDING=True, WANT_WMASS=True, ROWS_P2=4, M_PAD=16,
-                 KEY_BLOCK=1024, COMPOSE=True, MASK_KIND=0, TQ_P2=1, BLOCK_W=1024,
+                 KEY_BLOCK=1024, LSE_CHUNK=64, COMPOSE=True, MASK_KIND=0, TQ_P2=1, BLOCK_W=1024,
                  SLOT_BLOCK=2048, HAS_DROPPED=True, TIMED=True, PDL=1)
     const.update(VARIANTS[variant])
     return const
