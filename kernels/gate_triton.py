@@ -49,8 +49,8 @@ __all__ = ["GateState", "bounds_and_gate", "prhs_gate_reference"]
 # Every program of a row loads the gate's inputs before its chunk of the mask while the
 # launch has at most this many programs per SM; in larger launches only the program that
 # writes the row's bounds loads them, after: the early loads of every chunk's program then
-# cost more than they hide (README, the eleventh run: faster at 16-256 programs, slower at
-# 1024).
+# cost more than they hide (docs/gpu_runs.md, the eleventh run: faster at 16-256 programs,
+# slower at 1024).
 EARLY_LOADS_PER_SM = 4
 
 # The counters' entries (select_reference.COUNTER_NAMES), as the kernel's constants.
