@@ -972,7 +972,8 @@ def topk_picks(keys, bounds, k: int, *, out=None, active=None, caps=None, dilati
         KEY_BLOCK=max(16, min(1024, 4096 // rows_p2)),
         # The K pass's partials merged per load as a slot's keys are formed: one retrieving
         # slot has hundreds of splits (the whole K pass's programs), so wide loads mean few
-        # waits on L2; at most 1024 per load, as the rows' tile grows.
+        # waits on L2; fewer as the rows' tile grows (1024 values per load, at least 16
+        # partials).
         LSE_CHUNK=max(16, min(64, 1024 // rows_p2)), COMPOSE=compose is not None,
         MASK_KIND=comp_kind, TQ_P2=triton.next_power_of_2(q_len), BLOCK_W=BLOCK_W,
         SLOT_BLOCK=SLOT_BLOCK, HAS_DROPPED=dropped is not None,
