@@ -301,8 +301,8 @@ def _candidate_lse_kernel(
     # The slot's flag, its row's bounds and the query rows are loaded together (one wait
     # on memory). A slot that reuses its set loops over nothing rather than returning
     # early: the compiler may sink loads past a branch. (Loading each block's pages one
-    # iteration ahead, as the keys kernel does, made this kernel slower: 113 -> 122 us at
-    # B=16, 128K on an H100, README.)
+    # iteration ahead, as the keys kernel does, measured slower here: README, the twelfth
+    # run.)
     live = tl.load(ACTIVE + slot) != 0
     lo, hi, _, sink_end, local_start, _ = row_bounds(BOUNDS, b)
     mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
