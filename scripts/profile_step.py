@@ -8,8 +8,11 @@
 
 Prints the kernels of one step in launch order with their GPU time (torch.profiler, after a
 warm-up; no CUDA graph, so the gaps between kernels are launch overhead that a graph would
-shrink but not remove), the totals, and the step's median time replayed in a CUDA graph
-(net of the state restore the benchmark runs before each step). ``--glue-options``: Inductor
+shrink but not remove; with programmatic dependent launch off, ``PRHS_PDL=0``, since with it
+a kernel's programs start while the kernel before still runs and wait there, and its time
+would include that wait), the totals, and the step's median time replayed in a CUDA graph
+(net of the state restore the benchmark runs before each step), under the environment's
+``PRHS_PDL`` setting. ``--glue-options``: Inductor
 options for the select engine's compiled glue (``GLUE_INDUCTOR_OPTIONS``); ``--attend-config``
 and ``--topk-config``: entries of those kernels' ``CONFIG``. ``--configs``
 profiles several (batch, context, rate) steps in one process (the glue compiles once);
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 
 def main() -> int:
@@ -89,10 +93,22 @@ def _profile(torch, args, B: int, L: int, rate: float) -> dict:
     rate = step.set_rate(rate)
     for _ in range(5):
         step.call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step.call()
+    # The kernel table with PDL off (each kernel's own time); the CUDA-graph time below with
+    # the environment's setting. The launches read PRHS_PDL each time (kernels/pdl.py).
+    setting = os.environ.get("PRHS_PDL")
+    os.environ["PRHS_PDL"] = "0"
+    try:
+        for _ in range(2):  # the kernels' variants without PDL compile here
+            step.call()
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step.call()
+            torch.cuda.synchronize()
+    finally:
+        if setting is None:
+            del os.environ["PRHS_PDL"]
+        else:
+            os.environ["PRHS_PDL"] = setting
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     if not args.quiet:
         print(f"B={B} L={L} budget={args.budget} retrieval={args.retrieval} rate {rate}: "
@@ -107,6 +123,7 @@ def _profile(torch, args, B: int, L: int, rate: float) -> dict:
     del q, k, v, step
     torch.cuda.empty_cache()
     return {"batch": B, "context": L, "rate": rate, "step_us": net_us,
+            "pdl": os.environ.get("PRHS_PDL", "1"), "kernels_pdl": "0",
             "kernels": [[e.name, e.device_time] for e in kernels]}
 
 
