@@ -43,7 +43,6 @@ from .bounds_triton import (
     masked_scores,
     middle_range,
     row_bounds,
-    row_contiguous,
     rows_share_mask,
     valid_in_row,
     valid_positions,
@@ -185,14 +184,17 @@ def _page_scores_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
-    # Two waits on memory: the slot's flag, its row's bounds and the query rows together,
-    # then the summaries with the mask (where the row needs one). No early return for a
-    # slot that reuses its set: its later loads are predicated off instead, since the
-    # compiler may sink loads past a branch, and the flag and bounds would wait in turn.
-    live = tl.load(ACTIVE + pid_bh) != 0
+    # Two waits on memory: the slot's flag and its row's bounds together, then the query
+    # rows, the summaries and the mask (where the row needs one). A slot that reuses its
+    # set returns after the first. The branch reads every bound (each is >= 0, so that
+    # part always holds): else the compiler sinks their loads past it, behind the flag's.
+    retrieves = tl.load(ACTIVE + pid_bh)
     lo, hi, _, _, _, _ = row_bounds(BOUNDS, b)
-    contiguous = row_contiguous(BOUNDS, b)
+    contiguous_bound = tl.load(BOUNDS + b * 8 + 7)
     mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
+    if (retrieves == 0) & ((lo | hi | mid_lo | mid_hi | contiguous_bound) >= 0):
+        return
+    contiguous = contiguous_bound != 0
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     offs_m = tl.arange(0, M_P2)
@@ -205,12 +207,12 @@ def _page_scores_kernel(
     # the block's positions are contiguous, so the mask is read in one coalesced load, and
     # not at all for a contiguous row.
     pos = first * P + tl.arange(0, BLOCK_P * P)
-    inside = live & (pos < pages * P) & (pos >= mid_lo) & (pos < mid_hi)
+    inside = (pos < pages * P) & (pos >= mid_lo) & (pos < mid_hi)
     valid = valid_in_row(MASK, b, pos, inside, lo, hi, contiguous, Tq, stride_mb, stride_mt,
                          stride_ml, mask_min, MASK_KIND, TQ_P2)
     pickable = tl.max(tl.reshape(valid.to(tl.int32), [BLOCK_P, P]), 1) != 0
     # The summaries of the pages that overlap the middle, read whatever the mask says.
-    overlaps = live & p_ok & (offs_p * P < mid_hi) & (offs_p * P + P > mid_lo)
+    overlaps = p_ok & (offs_p * P < mid_hi) & (offs_p * P + P > mid_lo)
     at = (b * stride_sb + hkv * stride_sh + offs_p[:, None].to(tl.int64) * stride_sp
           + offs_d[None, :] * stride_sd)
     ld = (overlaps[:, None] & d_ok[None, :]) != 0  # as int1 (the interpreter needs it)
@@ -226,8 +228,7 @@ def _page_scores_kernel(
     # 0 where no position may be picked.
     bits = score.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits ^ _SIGN_BIT, ~bits)
-    tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p, tl.where(pickable, key, 0),
-             mask=(p_ok & live) != 0)
+    tl.store(OUT + pid_bh.to(tl.int64) * pages + offs_p, tl.where(pickable, key, 0), mask=p_ok)
 
 
 def page_keys(q, st: dict, operand, bounds, active, plan, length: int) -> torch.Tensor:
