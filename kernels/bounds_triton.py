@@ -35,7 +35,7 @@ from .tickets import tickets
 __all__ = ["BLOCK_W", "MASK_ADD", "MASK_BOOL", "MASK_NONE", "BoundsColumn", "bounds_launch",
            "chunk_stats_last", "compute_bounds", "write_row_bounds",
            "mask_load_ok", "mask_operand", "mask_row_ptrs", "masked_scores", "rows_share_mask",
-           "middle_range", "row_bounds", "row_contiguous", "select_bounds", "valid_in_row", "valid_positions", "write_valid_run"]
+           "middle_range", "row_bounds", "row_bounds_read", "row_contiguous", "select_bounds", "valid_in_row", "valid_positions", "write_valid_run"]
 
 MASK_NONE = 0
 MASK_BOOL = 1
@@ -322,6 +322,17 @@ def row_bounds(BOUNDS, b):
     bnd = BOUNDS + b * 8
     return (tl.load(bnd + 0), tl.load(bnd + 1), tl.load(bnd + 2), tl.load(bnd + 3),
             tl.load(bnd + 4), tl.load(bnd + 5) != 0)
+
+
+@triton.jit
+def row_bounds_read(BOUNDS, b):
+    """True, once every entry of batch row ``b``'s bounds is loaded (each is >= 0). A branch
+    that tests it needs those loads, so the compiler issues them before the branch instead
+    of sinking them into it, behind the loads its condition waits on: a program that loads
+    a slot's flag with its bounds then waits on memory once, not twice."""
+    bnd = BOUNDS + b * 8
+    return (tl.load(bnd + 0) | tl.load(bnd + 1) | tl.load(bnd + 2) | tl.load(bnd + 3)
+            | tl.load(bnd + 4) | tl.load(bnd + 5) | tl.load(bnd + 6) | tl.load(bnd + 7)) >= 0
 
 
 @triton.jit

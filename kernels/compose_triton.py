@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .plan import SelectPlan
-from .bounds_triton import BLOCK_W, row_bounds, row_contiguous, valid_in_row, write_valid_run
+from .bounds_triton import BLOCK_W, row_bounds, row_bounds_read, row_contiguous, valid_in_row, write_valid_run
 
 __all__ = ["Composition", "SLOT_BLOCK", "compose", "compose_row", "compose_windows", "composition"]
 
@@ -43,11 +43,7 @@ def compose_row(MASK, BOUNDS, kept_row, out_row, b, Tq, middle, slots, sink, loc
     retrieves = tl.full([], 0, tl.int32)
     if HAS_RETRIEVES:
         retrieves = tl.load(RETRIEVES)
-    # The branch reads every bound (each is >= 0, so this part always holds): else the
-    # compiler sinks their loads into it, behind the flag's, and the program waits twice.
-    loaded = (lo | hi | count | sink_end | local_start | tl.load(BOUNDS + b * 8 + 5)
-              | tl.load(BOUNDS + b * 8 + 7)) >= 0
-    if (retrieves == 0) & loaded:
+    if (retrieves == 0) & row_bounds_read(BOUNDS, b):  # the bounds load before the branch
         sink = tl.full([], 0, tl.int32) + sink  # runtime ints equal to 1 arrive as constexprs
         # Picks stored at a retrieval stay while they lie between the sinks and the local
         # window (the window slides over the newest of them) and are still valid positions.

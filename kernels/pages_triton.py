@@ -43,6 +43,8 @@ from .bounds_triton import (
     masked_scores,
     middle_range,
     row_bounds,
+    row_bounds_read,
+    row_contiguous,
     rows_share_mask,
     valid_in_row,
     valid_positions,
@@ -186,15 +188,13 @@ def _page_scores_kernel(
     hkv = (pid_bh % Hkv).to(tl.int64)
     # Two waits on memory: the slot's flag and its row's bounds together, then the query
     # rows, the summaries and the mask (where the row needs one). A slot that reuses its
-    # set returns after the first. The branch reads every bound (each is >= 0, so that
-    # part always holds): else the compiler sinks their loads past it, behind the flag's.
+    # set returns after the first (``row_bounds_read``: the bounds load before the branch).
     retrieves = tl.load(ACTIVE + pid_bh)
     lo, hi, _, _, _, _ = row_bounds(BOUNDS, b)
-    contiguous_bound = tl.load(BOUNDS + b * 8 + 7)
+    contiguous = row_contiguous(BOUNDS, b)
     mid_lo, mid_hi = middle_range(BOUNDS + b * 8)
-    if (retrieves == 0) & ((lo | hi | mid_lo | mid_hi | contiguous_bound) >= 0):
+    if (retrieves == 0) & row_bounds_read(BOUNDS, b):
         return
-    contiguous = contiguous_bound != 0
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     offs_m = tl.arange(0, M_P2)
